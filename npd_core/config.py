@@ -1,0 +1,233 @@
+"""Run configuration: one pydantic model per section; every field has a description and a range.
+
+The CLI only fills this in. ``load_config`` turns any validation problem into one line that names
+the file, the field and the fix; relative paths are resolved against the config file's folder.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from npd_core.errors import ConfigError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelsConfig(Section):
+    teacher: str | None = Field(None, description="HF checkpoint dir of the teacher; none = toy world")
+    student: str | None = Field(None, description="HF checkpoint dir of the student; none = toy world")
+    bf16: bool = Field(True, description="bf16 autocast for forward passes on CPU/GPU")
+
+
+class DataConfig(Section):
+    prompts: str | None = Field(None, description="train prompts JSONL (prompt, id?, answer?)")
+    eval_prompts: str | None = Field(None, description="held-out prompts JSONL; none = toy world")
+    chat_template: Literal["auto", "none"] = Field(
+        "auto", description="format prompts with the tokenizer's chat template when it has one"
+    )
+    stop: list[str] = Field(default_factory=list, description="extra stop strings (EOS always stops)")
+    prompts_per_round: int = Field(768, ge=1, le=10_000_000, description="prompts sampled per round")
+    eval_size: int | None = Field(None, ge=1, description="held-out prompts evaluated; none = all")
+
+
+class GenerateConfig(Section):
+    backend: Literal["hf", "vllm", "auto"] = Field("hf", description="generation/scoring engine")
+    n_per_prompt: int = Field(1, ge=1, le=64, description="samples per prompt")
+    temperature: float = Field(1.0, ge=0.0, le=5.0, description="sampling temperature; 0 = greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
+    max_new_tokens: int = Field(48, ge=1, le=32768, description="response length cap")
+    batch_size: int = Field(256, ge=1, le=65536, description="sequences decoded together")
+
+
+class ScoreConfig(Section):
+    top_k: int = Field(16, ge=1, le=1024, description="teacher log-probs kept per position")
+    rest_mass: bool = Field(False, description="match the mass outside the top-k as one extra bin")
+    batch_tokens: int = Field(16384, ge=64, description="tokens per packed scoring forward")
+
+
+class FilterConfig(Section):
+    enabled: bool = Field(True, description="Δ-IFD filter on; off keeps every well-formed sample")
+    q_low: float = Field(0.05, ge=0.0, le=1.0, description="lower quantile of the kept Δ-IFD band")
+    q_high: float = Field(0.90, ge=0.0, le=1.0, description="upper quantile of the kept band")
+    abs_low: float | None = Field(None, description="absolute lower Δ-IFD bound (overrides q_low)")
+    abs_high: float | None = Field(None, description="absolute upper Δ-IFD bound (overrides q_high)")
+    drop_unfinished: bool = Field(True, description="drop samples truncated without EOS")
+
+    @model_validator(mode="after")
+    def _band(self) -> FilterConfig:
+        if self.q_low >= self.q_high:
+            raise ValueError(f"q_low ({self.q_low}) must be < q_high ({self.q_high})")
+        if self.abs_low is not None and self.abs_high is not None and self.abs_low >= self.abs_high:
+            raise ValueError(f"abs_low ({self.abs_low}) must be < abs_high ({self.abs_high})")
+        return self
+
+
+class PackConfig(Section):
+    max_seq_len: int = Field(256, ge=8, le=1_048_576, description="tokens per packed row")
+    mode: Literal["bfd", "greedy"] = Field("bfd", description="best-fit-decreasing or streaming")
+    overlong: Literal["truncate", "drop"] = Field("truncate", description="sample > max_seq_len")
+
+
+class TrainConfig(Section):
+    loss: Literal["forward_kl", "reverse_kl", "jsd", "ce"] = Field(
+        "forward_kl", description="forward KL on teacher top-k (default), reverse KL, GKD JSD(β), "
+        "or hard-label CE on the teacher's argmax"
+    )
+    beta: float = Field(0.5, ge=0.0, le=1.0, description="JSD β (0 = forward KL, 1 = reverse KL)")
+    sft_weight: float = Field(0.0, ge=0.0, le=10.0, description="weight of CE on sampled tokens")
+    lr: float = Field(2e-3, gt=0.0, le=1.0, description="peak AdamW learning rate")
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="cosine floor ÷ peak")
+    warmup_steps: int = Field(10, ge=0, description="linear warmup steps at the start of the run")
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="AdamW weight decay")
+    grad_clip: float = Field(1.0, gt=0.0, description="max global grad norm")
+    steps_per_round: int = Field(40, ge=1, le=10_000_000, description="optimizer steps per round")
+    epochs_per_round: float = Field(1.0, gt=0.0, le=100.0, description="passes over D_r at most")
+    rows_per_step: int = Field(16, ge=1, description="packed rows per optimizer step")
+    teacher_targets: Literal["stored"] = Field(
+        "stored", description="teacher targets read from the store (online: not implemented)"
+    )
+
+
+class EvalConfig(Section):
+    max_new_tokens: int | None = Field(None, ge=1, description="none = generate.max_new_tokens")
+    batch_size: int = Field(512, ge=1, description="sequences decoded together (greedy)")
+
+
+class NPDConfig(Section):
+    """The whole run. Rounds, staleness and seed at top level; one section per stage."""
+
+    name: str = Field("npd", description="run name shown in Prefect and MLflow")
+    rounds: int = Field(4, ge=1, le=100_000, description="distillation rounds")
+    staleness: int = Field(1, ge=0, le=16, description="D_r generated by θ_{r−staleness}")
+    overlap: bool = Field(True, description="run producing D_{r+1} while training on D_r")
+    seed: int = Field(0, ge=0, description="seeds sampling, packing order and shuffles")
+    threads: int = Field(0, ge=0, le=1024, description="torch threads per stage; 0 = auto")
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    score: ScoreConfig = Field(default_factory=ScoreConfig)
+    filter: FilterConfig = Field(default_factory=FilterConfig)
+    pack: PackConfig = Field(default_factory=PackConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    def digest(self) -> str:
+        """Short content hash of the resolved config (cache keys, provenance)."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def stage_threads(self, concurrent: bool) -> int:
+        """Threads for one stage: split the cores when two stages overlap."""
+        import os
+
+        if self.threads:
+            return self.threads
+        cores = os.cpu_count() or 1
+        return max(1, cores // 2) if concurrent else cores
+
+
+PATH_FIELDS = (("models", "teacher"), ("models", "student"), ("data", "prompts"),
+               ("data", "eval_prompts"))
+
+
+def _field_names(model: type[BaseModel], loc: tuple) -> list[str]:
+    for part in loc[:-1]:
+        ann = model.model_fields.get(str(part))
+        if ann is None or not isinstance(ann.annotation, type):
+            return []
+        model = ann.annotation
+    return list(model.model_fields)
+
+
+def _one_line(err: ValidationError, source: str) -> str:
+    e = err.errors()[0]
+    loc = tuple(e["loc"])
+    field = ".".join(str(p) for p in loc) or "(top level)"
+    if e["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(str(loc[-1]), _field_names(NPDConfig, loc), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else "; remove it"
+        return f"{source}: unknown key '{field}'{hint}"
+    value = e.get("input")
+    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    return f"{source}: field '{field}': {e['msg']}{shown}; fix it in the config"
+
+
+def build_config(data: dict[str, Any], source: str = "config", base: Path | None = None) -> NPDConfig:
+    """Validate a mapping into an ``NPDConfig``; relative paths resolve against ``base``."""
+    try:
+        cfg = NPDConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_one_line(err, source)) from None
+    if base is not None:
+        for sec, key in PATH_FIELDS:
+            section = getattr(cfg, sec)
+            value = getattr(section, key)
+            if value and not Path(value).expanduser().is_absolute():
+                setattr(section, key, str((base / value).resolve()))
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> NPDConfig:
+    """Read YAML (or nothing, for the defaults), apply ``overrides`` (nested dict), validate."""
+    data: dict[str, Any] = {}
+    base = None
+    source = "config"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found; create one with `npd config init {p}`")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise ConfigError(f"{p}: not UTF-8 text; save the config as UTF-8 YAML") from None
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{p}:{where} invalid YAML ({getattr(err, 'problem', err)})") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: top level must be a mapping of sections, got {type(loaded).__name__}")
+        data = loaded
+        base = p.resolve().parent
+    if overrides:
+        data = _merge(data, overrides)
+    return build_config(data, source, base)
+
+
+def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def commented_yaml(cfg: NPDConfig | None = None) -> str:
+    """The config as YAML with each field's description as a comment (``npd config init``)."""
+    cfg = cfg or NPDConfig()
+    lines = ["# npd config: every key is optional; omitted keys take these defaults."]
+
+    def emit(model: BaseModel, indent: int) -> None:
+        for name, field in type(model).model_fields.items():
+            value = getattr(model, name)
+            pad = " " * indent
+            if isinstance(value, BaseModel):
+                lines.append(f"{pad}{name}:")
+                emit(value, indent + 2)
+                continue
+            dumped = yaml.safe_dump(value, default_flow_style=True).strip()
+            dumped = dumped.removesuffix("\n...").removesuffix("...").strip()
+            lines.append(f"{pad}{name}: {dumped}  # {field.description}")
+
+    emit(cfg, 0)
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,118 @@
+"""Loading, formatting and checkpointing HF causal LMs.
+
+A checkpoint is a plain HF directory (``save_pretrained`` of model and tokenizer) plus
+``trainer_state.pt`` (optimizer, step, RNG) so a round can be resumed exactly. It is written to a
+hidden temp directory and renamed into place, so readers never see half a checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import uuid
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.utils import logging as hf_logging
+
+from npd_core.errors import ModelError
+
+TRAINER_STATE = "trainer_state.pt"
+hf_logging.disable_progress_bar()  # our own progress bars; HF's per-load bars are noise
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    p = Path(path)
+    if not (p / "tokenizer_config.json").is_file() and not (p / "tokenizer.json").is_file():
+        raise ModelError(f"{p}: no tokenizer found (tokenizer.json); point to an HF model directory")
+    tok = AutoTokenizer.from_pretrained(p)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(path: str | Path) -> PreTrainedModel:
+    """Load an HF causal LM in float32 (autocast does the bf16 compute) on CPU/GPU."""
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise ModelError(f"{p}: not an HF checkpoint (no config.json); give a save_pretrained dir")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32)
+    except (ValueError, OSError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelError(f"{p}: cannot load as a causal LM ({first})") from None
+    return model.to(device())
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast(enabled: bool) -> AbstractContextManager:
+    """bf16 autocast on the current device (a no-op context when disabled)."""
+    if not enabled:
+        return nullcontext()
+    return torch.autocast(device().type, dtype=torch.bfloat16)
+
+
+def start_token_id(tok: Any) -> int:
+    """The token that precedes a response scored without its prompt (BOS, else EOS)."""
+    return tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+
+
+def format_prompts(tok: Any, prompts: list[str], chat_template: str) -> list[list[int]]:
+    """Token ids of each prompt, through the chat template when asked for and present."""
+    if chat_template == "auto" and getattr(tok, "chat_template", None):
+        return [
+            list(tok.apply_chat_template([{"role": "user", "content": p}],
+                                         add_generation_prompt=True, tokenize=True))
+            for p in prompts
+        ]
+    return [tok(p, add_special_tokens=True)["input_ids"] for p in prompts]
+
+
+def rng_state() -> dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state()}
+
+
+def save_checkpoint(
+    model: PreTrainedModel, tok: Any, path: Path, trainer_state: dict[str, Any] | None = None
+) -> Path:
+    """Write model + tokenizer (+ optimizer/RNG state) to ``path`` atomically (temp + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if trainer_state is not None:
+            torch.save(trainer_state, tmp / TRAINER_STATE)
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if path.exists():
+            trash = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+            path.rename(trash)
+            tmp.rename(path)
+            shutil.rmtree(trash)
+        else:
+            tmp.rename(path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return path
+
+
+def load_trainer_state(path: Path) -> dict[str, Any] | None:
+    f = Path(path) / TRAINER_STATE
+    return torch.load(f, weights_only=False) if f.is_file() else None
+
+
+def n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,82 @@
+"""One Prefect task per stage. Each is the decorator plus one call into ``npd_core.stages``,
+then MLflow logging of what the stage produced.
+
+Results are small dicts (digests, seconds, metrics) persisted under the output directory, and
+every task has a cache key built from its inputs: run id, round, stage, config digest and the
+digests of the upstream stages. A retried flow run therefore finds the stages that completed
+as ``Cached`` and reruns from the one that failed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import task
+from prefect.context import TaskRunContext
+from prefect.runtime import flow_run, task_run
+
+from npd_core import stages
+from npd_core.stages import RunSpec
+from tasks import progress, tracking
+
+
+def _prov() -> dict[str, str]:
+    return {"flow_run_id": str(flow_run.get_id() or ""), "task_run_id": str(task_run.get_id() or "")}
+
+
+def stage_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    """run id / round / stage / config digest / upstream digests."""
+    spec: RunSpec = parameters["spec"]
+    up = parameters.get("upstream") or {}
+    ups = "-".join(str(u.get("digest", "")) for u in (up if isinstance(up, list) else [up]) if u)
+    return (f"{spec.run_id}/r{parameters['r']}/{context.task.name}/{spec.cfg.digest()}/"
+            f"{ups or 'root'}")
+
+
+STAGE = dict(cache_key_fn=stage_key, persist_result=True, result_serializer="json")
+
+
+@task(name="generate", task_run_name="r{r}-generate", retries=1, retry_delay_seconds=1, **STAGE)
+def generate(spec: RunSpec, r: int, upstream: dict | None = None) -> dict:
+    """Student snapshot samples the round's prompts (flaky on real servers: one retry)."""
+    cfg = spec.cfg
+    n = cfg.data.prompts_per_round * cfg.generate.n_per_prompt
+    res = stages.generate_stage(spec, r, _prov(), progress.bar("generate", r, n))
+    return res.to_dict()
+
+
+@task(name="score", task_run_name="r{r}-score", retries=1, retry_delay_seconds=1, **STAGE)
+def score(spec: RunSpec, r: int, upstream: dict) -> dict:
+    total = upstream["metrics"]["generated_tokens"] * 2
+    return stages.score_stage(spec, r, _prov(), progress.bar("score", r, total)).to_dict()
+
+
+@task(name="filter", task_run_name="r{r}-filter", **STAGE)
+def filter_(spec: RunSpec, r: int, upstream: dict) -> dict:
+    return stages.filter_stage(spec, r, _prov()).to_dict()
+
+
+@task(name="pack", task_run_name="r{r}-pack", **STAGE)
+def pack(spec: RunSpec, r: int, upstream: dict) -> dict:
+    return stages.pack_stage(spec, r, _prov()).to_dict()
+
+
+@task(name="train", task_run_name="r{r}-train", **STAGE)
+def train(spec: RunSpec, r: int, upstream: list[dict], mlflow_run: str) -> dict:
+    """θ_{r−1} → θ_r; per-step loss/lr/tokens-per-s go to the round's MLflow run."""
+    cfg = spec.cfg
+    bar = progress.bar("train", r, cfg.train.steps_per_round)
+    res = stages.train_stage(spec, r, _prov(), on_step=(lambda _: bar(1)) if bar else None)
+    child = tracking.round_run(spec.root, mlflow_run, spec.run_id, r)
+    tracking.log_steps(spec.root, child, res.metrics["log"])
+    tracking.log_steps(spec.root, mlflow_run, res.metrics["log"])
+    tracking.log_artifact(spec.root, child, spec.checkpoint(r), f"checkpoint/round={r}")
+    return res.to_dict()
+
+
+@task(name="evaluate", task_run_name="r{r}-evaluate", **STAGE)
+def evaluate(spec: RunSpec, r: int, upstream: dict | None = None) -> dict:
+    with open(spec.eval_prompts, encoding="utf-8") as f:
+        n = sum(1 for line in f if line.strip())
+    n = min(n, spec.cfg.data.eval_size or n)
+    return stages.evaluate_stage(spec, r, _prov(), progress.bar("evaluate", r, n)).to_dict()

@@ -1,0 +1,123 @@
+"""MLflow bookkeeping of a run: one parent run per NPD run, one nested run per round.
+
+``MlflowClient`` with explicit run ids (not the fluent API), because stages of two rounds log
+from two threads at once and the fluent "active run" is thread-local state.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import tempfile
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+
+EXPERIMENT = "npd"
+
+
+def tracking_uri(out: str | Path) -> str:
+    """``MLFLOW_TRACKING_URI`` when set, else sqlite in the output directory."""
+    import os
+
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(out).resolve() / 'mlflow.db'}"
+
+
+def client(out: str | Path) -> MlflowClient:
+    return MlflowClient(tracking_uri=tracking_uri(out))
+
+
+def _experiment(c: MlflowClient, out: str | Path) -> str:
+    exp = c.get_experiment_by_name(EXPERIMENT)
+    if exp is not None:
+        return exp.experiment_id
+    art = (Path(out).resolve() / "mlartifacts").as_uri()
+    return c.create_experiment(EXPERIMENT, artifact_location=art)
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{key}."))
+        else:
+            out[key] = str(v)[:6000]
+    return out
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def start_run(out: str, run_id: str, name: str, config: dict[str, Any]) -> str:
+    """Create the parent MLflow run: params = full config, tags = commit and versions."""
+    c = client(out)
+    exp = _experiment(c, out)
+    tags = {"npd.run_id": run_id, "git_commit": _git_commit(), "mlflow.runName": name}
+    for pkg in ("npd", "torch", "transformers", "prefect", "mlflow", "duckdb"):
+        tags[f"version.{pkg}"] = version(pkg)
+    run = c.create_run(exp, tags=tags, run_name=name)
+    params = [Param(k, v) for k, v in sorted(_flatten(config).items())]
+    for i in range(0, len(params), 100):
+        c.log_batch(run.info.run_id, params=params[i : i + 100])
+    with tempfile.TemporaryDirectory() as d:
+        import yaml
+
+        p = Path(d) / "config.yaml"
+        p.write_text(yaml.safe_dump(config, sort_keys=False))
+        c.log_artifact(run.info.run_id, str(p))
+    return run.info.run_id
+
+
+def round_run(out: str, parent: str, run_id: str, r: int) -> str:
+    """The nested run of round ``r`` (created once; found again by tag on a retry)."""
+    c = client(out)
+    exp = c.get_run(parent).info.experiment_id
+    found = c.search_runs([exp], f"tags.mlflow.parentRunId = '{parent}' and tags.npd.round = '{r}'")
+    if found:
+        return found[0].info.run_id
+    run = c.create_run(exp, run_name=f"round {r}",
+                       tags={"mlflow.parentRunId": parent, "npd.round": str(r), "npd.run_id": run_id})
+    return run.info.run_id
+
+
+def log_metrics(out: str, run: str, values: dict[str, float], step: int = 0) -> None:
+    import time
+
+    now = int(time.time() * 1000)
+    ms = [Metric(k, float(v), now, step) for k, v in values.items()
+          if isinstance(v, int | float) and v == v]
+    for i in range(0, len(ms), 500):
+        client(out).log_batch(run, metrics=ms[i : i + 500])
+
+
+def log_steps(out: str, run: str, log: list[dict[str, Any]]) -> None:
+    """Per-optimizer-step loss, lr and tokens/s, batched into few calls."""
+    import time
+
+    now = int(time.time() * 1000)
+    ms = [Metric(k, float(e[k]), now, int(e["step"])) for e in log
+          for k in ("loss", "lr", "tokens_per_s")]
+    for i in range(0, len(ms), 900):
+        client(out).log_batch(run, metrics=ms[i : i + 900])
+
+
+def log_artifact(out: str, run: str, path: str | Path, subdir: str | None = None) -> None:
+    p = Path(path)
+    c = client(out)
+    if p.is_dir():
+        c.log_artifacts(run, str(p), subdir)
+    else:
+        c.log_artifact(run, str(p), subdir)
+
+
+def end_run(out: str, run: str, status: str = "FINISHED") -> None:
+    client(out).set_terminated(run, status=status)
+
