@@ -1,0 +1,261 @@
+"""The ``npd`` command (typer + rich). It only fills in the config and calls the flows.
+
+Everything for humans goes to stderr; with ``--json`` stdout holds exactly one JSON object.
+User errors print one ``error:`` line and exit non-zero (2 for usage/config); ``--debug``
+shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+import time
+import uuid
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from npd_core.errors import ConfigError, NPDError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Near-Policy Distillation as a scheduled Prefect pipeline.")
+config_app = typer.Typer(no_args_is_help=True, help="Write or inspect a config file.")
+app.add_typer(config_app, name="config")
+err = Console(stderr=True)
+DEBUG = {"on": False}
+
+OutOpt = Annotated[Path, typer.Option("--out", help="output directory (store, MLflow, checkpoints)")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")]
+
+
+@app.callback()
+def _main(debug: Annotated[bool, typer.Option("--debug", help="show tracebacks")] = False) -> None:
+    DEBUG["on"] = debug
+
+
+def prefect_env(out: Path, verbose: bool = False) -> None:
+    """Settings Prefect reads at import: results under the output dir, offline, quiet."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(out.resolve() / "prefect-results")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
+    os.environ.setdefault("PREFECT_LOGGING_LOGGERS_MLFLOW_LEVEL", "WARNING")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def new_run_id() -> str:
+    return f"{datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+
+
+class Bars:
+    """rich progress bars on stderr, fed by the stages through ``tasks.progress``."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.progress = Progress(TextColumn("{task.description:<14}"), BarColumn(),
+                                 TextColumn("{task.completed}/{task.total}"),
+                                 TimeElapsedColumn(), console=err, disable=not enabled,
+                                 transient=False)
+
+    def __call__(self, stage: str, r: int, total: int):
+        task = self.progress.add_task(f"r{r} {stage}", total=total)
+        return lambda n: self.progress.advance(task, n)
+
+
+def _union_seconds(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of [start, end] intervals (overlapping stages counted once)."""
+    total, cur_s, cur_e = 0.0, None, None
+    for s, e in sorted(intervals):
+        if cur_e is None or s > cur_e:
+            if cur_e is not None:
+                total += cur_e - cur_s
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    if cur_e is not None:
+        total += cur_e - cur_s
+    return total
+
+
+def run_flow(spec_kwargs: dict[str, Any], out: Path, show: bool) -> dict[str, Any]:
+    """Run the distill flow and return the run summary (the ``--json`` object)."""
+    prefect_env(out)
+    from flows.distill import distill_flow
+    from npd_core.stages import RunSpec
+    from tasks import progress
+    from tasks.tracking import tracking_uri
+
+    spec = RunSpec(**spec_kwargs)
+    bars = Bars(show)
+    progress.reporter = bars
+    t0 = time.time()
+    with bars.progress:
+        res = distill_flow(spec)
+    wall = time.time() - t0
+    intervals = [(s, e) for _, _, s, e in res["stage_intervals"]]
+    rounds_wall = res["flow_wall_s"] - res["open_s"]
+    startup = res["flow_started"] - t0 + res["open_s"]
+    overhead = rounds_wall - _union_seconds(intervals)
+    return {
+        "run_id": spec.run_id, "start_score": res["start_score"], "final_score": res["final_score"],
+        "gain_points": res["final_score"] - res["start_score"], "rounds": res["rounds"],
+        "db": str((out / "npd.duckdb").resolve()), "mlflow_uri": tracking_uri(out),
+        "mlflow_run_id": res["mlflow_run_id"], "wall_s": round(wall, 2),
+        "rounds_wall_s": round(rounds_wall, 2), "startup_s": round(startup, 2),
+        "overhead_s": round(overhead, 2),
+        "overhead_fraction": round(overhead / max(rounds_wall, 1e-9), 4),
+    }
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    t = Table(title=f"npd run {summary['run_id']}", title_justify="left")
+    for col in ("round", "generated", "kept", "train tok", "loss", "score", "seconds"):
+        t.add_column(col, justify="right")
+    t.add_row("0", "", "", "", "", f"{summary['start_score']:.1f}", "")
+    for r in summary["rounds"]:
+        t.add_row(str(r["round"]), str(r["n_generated"]), str(r["n_kept"]), str(r["train_tokens"]),
+                  f"{r['mean_loss']:.4f}", f"{r['score']:.1f}",
+                  f"{sum(r['stage_seconds'].values()):.1f}")
+    err.print(t)
+    err.print(f"score {summary['start_score']:.1f} → {summary['final_score']:.1f} "
+              f"({summary['gain_points']:+.1f} points) in {summary['wall_s']:.0f} s; "
+              f"orchestration overhead {summary['overhead_s']:.1f} s "
+              f"({100 * summary['overhead_fraction']:.1f}% of rounds), startup {summary['startup_s']:.1f} s")
+    err.print(f"query:  npd sql \"select round, count(*), avg(delta_ifd) from samples group by round\""
+              f" --db {summary['db']}")
+    err.print(f"MLflow: mlflow ui --backend-store-uri {summary['mlflow_uri']}")
+
+
+def emit(summary: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(summary, default=str) + "\n")
+    else:
+        print_summary(summary)
+
+
+@app.command()
+def demo(
+    out: OutOpt = Path("npd-out"),
+    rounds: Annotated[int | None, typer.Option(help="distillation rounds (default: config)")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="YAML overriding defaults")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Build (or reuse) the toy world and distill its student for a few rounds."""
+    from npd_core.config import load_config
+    from npd_core.store import Store
+    from npd_core.toy import build_toy_world
+
+    overrides = {"rounds": rounds} if rounds is not None else None
+    cfg = load_config(config, overrides)
+    Store(out)
+    world = build_toy_world(out / "toy", log=lambda m: err.print(m))
+    err.print(f"toy world: teacher {world.teacher_score:.1f}, student {world.student_score:.1f} "
+              f"held-out exact match ({world.root})")
+    spec = dict(root=str(out), run_id=new_run_id(), config=cfg.model_dump(mode="json"),
+                teacher=cfg.models.teacher or str(world.teacher),
+                student=cfg.models.student or str(world.student),
+                train_prompts=cfg.data.prompts or str(world.train_prompts),
+                eval_prompts=cfg.data.eval_prompts or str(world.eval_prompts))
+    err.print(f"run {spec['run_id']}: {cfg.rounds} rounds, staleness {cfg.staleness}")
+    emit(run_flow(spec, out, show=True), as_json)
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Argument(help="run config YAML")],
+    out: OutOpt = Path("npd-out"),
+    as_json: JsonOpt = False,
+) -> None:
+    """Distill any HF teacher/student pair on a prompts JSONL, as the config says."""
+    from npd_core.config import load_config
+    from npd_core.data import read_prompts
+    from npd_core.store import Store
+
+    cfg = load_config(config)
+    for sec, key in (("models", "teacher"), ("models", "student"), ("data", "prompts"),
+                     ("data", "eval_prompts")):
+        if not getattr(getattr(cfg, sec), key):
+            raise ConfigError(f"{config}: field '{sec}.{key}' is required by `npd run`; set it")
+    read_prompts(cfg.data.prompts)
+    read_prompts(cfg.data.eval_prompts)
+    Store(out)
+    spec = dict(root=str(out), run_id=new_run_id(), config=cfg.model_dump(mode="json"),
+                teacher=cfg.models.teacher, student=cfg.models.student,
+                train_prompts=cfg.data.prompts, eval_prompts=cfg.data.eval_prompts)
+    err.print(f"run {spec['run_id']}: {cfg.rounds} rounds, staleness {cfg.staleness}")
+    emit(run_flow(spec, out, show=True), as_json)
+
+
+@app.command()
+def sql(
+    query: Annotated[str, typer.Argument(help="a read-only SQL query over the store's views")],
+    db: Annotated[Path, typer.Option(help="DuckDB file")] = Path("npd-out/npd.duckdb"),
+    as_json: JsonOpt = False,
+    as_csv: Annotated[bool, typer.Option("--csv", help="CSV with a header on stdout")] = False,
+) -> None:
+    """Query samples, scores, filtered, rounds, runs, prompts, checkpoints, evals."""
+    from npd_core.store import query as run_query
+
+    table = run_query(db, query)
+    rows = table.to_pylist()
+    if as_json:
+        sys.stdout.write(json.dumps(rows, default=str) + "\n")
+    elif as_csv:
+        w = csv.writer(sys.stdout)
+        w.writerow(table.column_names)
+        for r in rows:
+            w.writerow([r[c] for c in table.column_names])
+    else:
+        t = Table()
+        for c in table.column_names:
+            t.add_column(c, overflow="fold")
+        for r in rows:
+            t.add_row(*[_cell(r[c]) for c in table.column_names])
+        Console().print(t)
+
+
+def _cell(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    s = "" if v is None else str(v)
+    return s if len(s) <= 80 else s[:77] + "..."
+
+
+@config_app.command("init")
+def config_init(path: Annotated[Path, typer.Argument(help="where to write the config")]) -> None:
+    """Write a commented default config."""
+    from npd_core.config import commented_yaml
+
+    if path.exists():
+        raise ConfigError(f"{path}: already exists; choose another path or delete it first")
+    path.write_text(commented_yaml(), encoding="utf-8")
+    err.print(f"wrote {path}")
+
+
+@config_app.command("show")
+def config_show(config: Annotated[Path, typer.Argument(help="config YAML")]) -> None:
+    """Print the resolved config (defaults filled in, paths made absolute)."""
+    import yaml
+
+    from npd_core.config import load_config
+
+    sys.stdout.write(yaml.safe_dump(load_config(config).model_dump(mode="json"), sort_keys=False))
+
+
+def main() -> None:
+    """Console entry point: one ``error:`` line per user error, tracebacks only with --debug."""
+    try:
+        app()
+    except NPDError as e:
+        if DEBUG["on"]:
+            raise
+        err.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        err.print("error: interrupted; the stage in progress left nothing visible, retry the run")
+        sys.exit(130)
