@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import threading
 import uuid
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -24,6 +25,9 @@ from npd_core.errors import ModelError
 
 TRAINER_STATE = "trainer_state.pt"
 hf_logging.disable_progress_bar()  # our own progress bars; HF's per-load bars are noise
+# from_pretrained builds the model on the meta device through process-global state: two stages
+# loading at once in two threads (overlapping rounds) corrupt each other's load. One at a time.
+_LOAD_LOCK = threading.Lock()
 
 
 def load_tokenizer(path: str | Path) -> Any:
@@ -42,7 +46,8 @@ def load_model(path: str | Path) -> PreTrainedModel:
     if not (p / "config.json").is_file():
         raise ModelError(f"{p}: not an HF checkpoint (no config.json); give a save_pretrained dir")
     try:
-        model = AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32)
+        with _LOAD_LOCK:
+            model = AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32)
     except (ValueError, OSError, KeyError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelError(f"{p}: cannot load as a causal LM ({first})") from None
@@ -89,8 +94,9 @@ def save_checkpoint(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+        with _LOAD_LOCK:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
         if trainer_state is not None:
             torch.save(trainer_state, tmp / TRAINER_STATE)
         for f in tmp.iterdir():
