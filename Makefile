@@ -1,0 +1,27 @@
+# Two entry points for a fresh machine: `make demo` and `make test` (each sets up .venv first).
+# torch==2.13.0 is installed first and on its own: an unpinned torch pulls a multi-GB CUDA build.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test lint
+
+$(BIN)/npd: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(BIN)/npd
+
+setup: $(BIN)/npd
+
+demo: setup
+	$(BIN)/npd demo $(ARGS)
+
+# pytest exits 5 when it collected no test: that is a failure here, not a pass.
+test: setup
+	@$(BIN)/python -m pytest $(ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; exit 1; fi; exit $$rc
+
+lint: setup
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -1,0 +1,116 @@
+"""The npd command as a user runs it: config files, sql output modes, refusals, a live run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from flows.cli import app
+from npd_core.stages import RunSpec
+from npd_core.store import Store, table_from_rows
+
+runner = CliRunner()
+NPD = [sys.executable, "-c", "from flows.cli import main; main()"]
+
+
+def test_config_init_then_show_roundtrip(tmp_path):
+    p = tmp_path / "c.yaml"
+    assert runner.invoke(app, ["config", "init", str(p)]).exit_code == 0
+    text = p.read_text()
+    assert "# distillation rounds" in text and "q_low: 0.05" in text
+    shown = runner.invoke(app, ["config", "show", str(p)])
+    assert shown.exit_code == 0
+    assert yaml.safe_load(shown.stdout)["filter"]["q_high"] == 0.9
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([*NPD, *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [("rounds: -1\n", "rounds"), ("filter: {q_low: 0.9, q_high: 0.5}\n", "q_low"),
+     ("trian: {}\n", "did you mean 'train'"), ("score: {top_k: 0}\n", "score.top_k"),
+     ("rounds: [\n", "invalid YAML")],
+)
+def test_bad_config_is_one_line_exit_2(tmp_path, content, needle):
+    p = tmp_path / "bad.yaml"
+    p.write_text(content)
+    r = _cli("config", "show", str(p))
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0]
+    assert str(p) in lines[0] and "Traceback" not in r.stderr
+
+
+def _store_with_samples(root: Path) -> Path:
+    store = Store(root)
+    rows = [dict(run_id="r", round=1, prompt_id=f"p{i}", sample_idx=0, prompt="q", response="a",
+                 prompt_token_ids=[1], response_token_ids=[2, 3], generator_checkpoint="c",
+                 backend="hf", temperature=1.0, top_p=1.0, seed=0, teacher="t", prompt_tokens=1,
+                 response_tokens=2, finished=True, created_at=__import__("datetime").datetime.now(
+                     __import__("datetime").UTC)) for i in range(3)]
+    store.write_stage("r", 1, "generate", {"samples": table_from_rows("samples", rows)})
+    return store.db_path
+
+
+def test_sql_json_csv_and_refusals(tmp_path):
+    db = _store_with_samples(tmp_path)
+    r = runner.invoke(app, ["sql", "select prompt_id, response_tokens from samples order by 1",
+                            "--db", str(db), "--json"])
+    assert r.exit_code == 0
+    assert json.loads(r.stdout) == [{"prompt_id": f"p{i}", "response_tokens": 2} for i in range(3)]
+    r = runner.invoke(app, ["sql", "select count(*) as n from samples", "--db", str(db), "--csv"])
+    assert r.stdout.splitlines() == ["n", "3"]
+    for query, needle in [("delete from samples", "read-only"), ("select * from nope", "samples"),
+                          ("selec 1", "syntax")]:
+        res = _cli("sql", query, "--db", str(db))
+        assert res.returncode != 0 and res.stderr.startswith("error:"), res.stderr
+        assert needle in res.stderr.lower() and len(res.stderr.strip().splitlines()) == 1
+    res = _cli("sql", "select 1", "--db", str(tmp_path / "missing.duckdb"))
+    assert res.returncode != 0 and "missing.duckdb" in res.stderr
+
+
+@pytest.mark.slow
+def test_sql_answers_while_a_run_writes(tmp_path, tiny_world):
+    """A real `npd run` in a subprocess; `npd sql` keeps answering while it writes."""
+    cfg = {"rounds": 2, "models": {"teacher": str(tiny_world.teacher),
+                                   "student": str(tiny_world.student)},
+           "data": {"prompts": str(tiny_world.train_prompts),
+                    "eval_prompts": str(tiny_world.eval_prompts), "prompts_per_round": 64},
+           "generate": {"max_new_tokens": 32}, "train": {"steps_per_round": 4, "rows_per_step": 4},
+           "pack": {"max_seq_len": 128}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "out"
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
+    proc = subprocess.Popen([*NPD, "run", str(tmp_path / "run.yaml"), "--out", str(out), "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    answers = []
+    while proc.poll() is None:
+        if (out / "npd.duckdb").exists():
+            r = _cli("sql", "select count(*) as n from samples", "--db", str(out / "npd.duckdb"),
+                     "--json")
+            assert r.returncode == 0, r.stderr
+            answers.append(json.loads(r.stdout)[0]["n"])
+        time.sleep(0.5)
+    stdout, stderr = proc.communicate()
+    assert proc.returncode == 0, stderr[-2000:]
+    summary = json.loads(stdout)  # stdout holds exactly one JSON object
+    assert summary["rounds"][-1]["round"] == 2 and summary["db"].endswith("npd.duckdb")
+    assert len(answers) >= 3 and answers == sorted(answers)
+    final = _cli("sql", "select count(*) as n from samples", "--db", summary["db"], "--json")
+    assert json.loads(final.stdout)[0]["n"] == 128
+
+
+def test_runspec_checkpoint_layout(tmp_path):
+    spec = RunSpec(str(tmp_path), "x", {}, "t", "s0", "a", "b")
+    assert spec.checkpoint(0) == "s0"
+    assert spec.checkpoint(2).endswith(os.path.join("runs", "x", "checkpoints", "round=2"))
