@@ -24,14 +24,20 @@ from rich.table import Table
 
 from npd_core.errors import ConfigError, NPDError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Near-Policy Distillation as a scheduled Prefect pipeline.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Near-Policy Distillation as a scheduled Prefect pipeline.",
+)
 config_app = typer.Typer(no_args_is_help=True, help="Write or inspect a config file.")
 app.add_typer(config_app, name="config")
 err = Console(stderr=True)
 DEBUG = {"on": False}
 
-OutOpt = Annotated[Path, typer.Option("--out", help="output directory (store, MLflow, checkpoints)")]
+OutOpt = Annotated[
+    Path, typer.Option("--out", help="output directory (store, MLflow, checkpoints)")
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")]
 
 
@@ -57,10 +63,15 @@ class Bars:
     """rich progress bars on stderr, fed by the stages through ``tasks.progress``."""
 
     def __init__(self, enabled: bool) -> None:
-        self.progress = Progress(TextColumn("{task.description:<14}"), BarColumn(),
-                                 TextColumn("{task.completed}/{task.total}"),
-                                 TimeElapsedColumn(), console=err, disable=not enabled,
-                                 transient=False)
+        self.progress = Progress(
+            TextColumn("{task.description:<14}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TimeElapsedColumn(),
+            console=err,
+            disable=not enabled,
+            transient=False,
+        )
 
     def __call__(self, stage: str, r: int, total: int):
         task = self.progress.add_task(f"r{r} {stage}", total=total)
@@ -102,11 +113,17 @@ def run_flow(spec_kwargs: dict[str, Any], out: Path, show: bool) -> dict[str, An
     startup = res["flow_started"] - t0 + res["open_s"]
     overhead = rounds_wall - _union_seconds(intervals)
     return {
-        "run_id": spec.run_id, "start_score": res["start_score"], "final_score": res["final_score"],
-        "gain_points": res["final_score"] - res["start_score"], "rounds": res["rounds"],
-        "db": str((out / "npd.duckdb").resolve()), "mlflow_uri": tracking_uri(out),
-        "mlflow_run_id": res["mlflow_run_id"], "wall_s": round(wall, 2),
-        "rounds_wall_s": round(rounds_wall, 2), "startup_s": round(startup, 2),
+        "run_id": spec.run_id,
+        "start_score": res["start_score"],
+        "final_score": res["final_score"],
+        "gain_points": res["final_score"] - res["start_score"],
+        "rounds": res["rounds"],
+        "db": str((out / "npd.duckdb").resolve()),
+        "mlflow_uri": tracking_uri(out),
+        "mlflow_run_id": res["mlflow_run_id"],
+        "wall_s": round(wall, 2),
+        "rounds_wall_s": round(rounds_wall, 2),
+        "startup_s": round(startup, 2),
         "overhead_s": round(overhead, 2),
         "overhead_fraction": round(overhead / max(rounds_wall, 1e-9), 4),
     }
@@ -118,16 +135,27 @@ def print_summary(summary: dict[str, Any]) -> None:
         t.add_column(col, justify="right")
     t.add_row("0", "", "", "", "", f"{summary['start_score']:.1f}", "")
     for r in summary["rounds"]:
-        t.add_row(str(r["round"]), str(r["n_generated"]), str(r["n_kept"]), str(r["train_tokens"]),
-                  f"{r['mean_loss']:.4f}", f"{r['score']:.1f}",
-                  f"{sum(r['stage_seconds'].values()):.1f}")
+        t.add_row(
+            str(r["round"]),
+            str(r["n_generated"]),
+            str(r["n_kept"]),
+            str(r["train_tokens"]),
+            f"{r['mean_loss']:.4f}",
+            f"{r['score']:.1f}",
+            f"{sum(r['stage_seconds'].values()):.1f}",
+        )
     err.print(t)
-    err.print(f"score {summary['start_score']:.1f} → {summary['final_score']:.1f} "
-              f"({summary['gain_points']:+.1f} points) in {summary['wall_s']:.0f} s; "
-              f"orchestration overhead {summary['overhead_s']:.1f} s "
-              f"({100 * summary['overhead_fraction']:.1f}% of rounds), startup {summary['startup_s']:.1f} s")
-    err.print(f"query:  npd sql \"select round, count(*), avg(delta_ifd) from samples group by round\""
-              f" --db {summary['db']}")
+    err.print(
+        f"score {summary['start_score']:.1f} → {summary['final_score']:.1f} "
+        f"({summary['gain_points']:+.1f} points) in {summary['wall_s']:.0f} s; "
+        f"orchestration overhead {summary['overhead_s']:.1f} s "
+        f"({100 * summary['overhead_fraction']:.1f}% of rounds), "
+        f"startup {summary['startup_s']:.1f} s"
+    )
+    err.print(
+        f'query:  npd sql "select round, count(*), avg(delta_ifd) from samples group by round"'
+        f" --db {summary['db']}"
+    )
     err.print(f"MLflow: mlflow ui --backend-store-uri {summary['mlflow_uri']}")
 
 
@@ -141,8 +169,12 @@ def emit(summary: dict[str, Any], as_json: bool) -> None:
 @app.command()
 def demo(
     out: OutOpt = Path("npd-out"),
-    rounds: Annotated[int | None, typer.Option(help="distillation rounds (default: config)")] = None,
-    config: Annotated[Path | None, typer.Option("--config", help="YAML overriding defaults")] = None,
+    rounds: Annotated[
+        int | None, typer.Option(help="distillation rounds (default: config)")
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="YAML overriding defaults")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Build (or reuse) the toy world and distill its student for a few rounds."""
@@ -154,13 +186,19 @@ def demo(
     cfg = load_config(config, overrides)
     Store(out)
     world = build_toy_world(out / "toy", log=lambda m: err.print(m))
-    err.print(f"toy world: teacher {world.teacher_score:.1f}, student {world.student_score:.1f} "
-              f"held-out exact match ({world.root})")
-    spec = dict(root=str(out), run_id=new_run_id(), config=cfg.model_dump(mode="json"),
-                teacher=cfg.models.teacher or str(world.teacher),
-                student=cfg.models.student or str(world.student),
-                train_prompts=cfg.data.prompts or str(world.train_prompts),
-                eval_prompts=cfg.data.eval_prompts or str(world.eval_prompts))
+    err.print(
+        f"toy world: teacher {world.teacher_score:.1f}, student {world.student_score:.1f} "
+        f"held-out exact match ({world.root})"
+    )
+    spec = dict(
+        root=str(out),
+        run_id=new_run_id(),
+        config=cfg.model_dump(mode="json"),
+        teacher=cfg.models.teacher or str(world.teacher),
+        student=cfg.models.student or str(world.student),
+        train_prompts=cfg.data.prompts or str(world.train_prompts),
+        eval_prompts=cfg.data.eval_prompts or str(world.eval_prompts),
+    )
     err.print(f"run {spec['run_id']}: {cfg.rounds} rounds, staleness {cfg.staleness}")
     emit(run_flow(spec, out, show=True), as_json)
 
@@ -177,16 +215,26 @@ def run(
     from npd_core.store import Store
 
     cfg = load_config(config)
-    for sec, key in (("models", "teacher"), ("models", "student"), ("data", "prompts"),
-                     ("data", "eval_prompts")):
+    for sec, key in (
+        ("models", "teacher"),
+        ("models", "student"),
+        ("data", "prompts"),
+        ("data", "eval_prompts"),
+    ):
         if not getattr(getattr(cfg, sec), key):
             raise ConfigError(f"{config}: field '{sec}.{key}' is required by `npd run`; set it")
     read_prompts(cfg.data.prompts)
     read_prompts(cfg.data.eval_prompts)
     Store(out)
-    spec = dict(root=str(out), run_id=new_run_id(), config=cfg.model_dump(mode="json"),
-                teacher=cfg.models.teacher, student=cfg.models.student,
-                train_prompts=cfg.data.prompts, eval_prompts=cfg.data.eval_prompts)
+    spec = dict(
+        root=str(out),
+        run_id=new_run_id(),
+        config=cfg.model_dump(mode="json"),
+        teacher=cfg.models.teacher,
+        student=cfg.models.student,
+        train_prompts=cfg.data.prompts,
+        eval_prompts=cfg.data.eval_prompts,
+    )
     err.print(f"run {spec['run_id']}: {cfg.rounds} rounds, staleness {cfg.staleness}")
     emit(run_flow(spec, out, show=True), as_json)
 

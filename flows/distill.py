@@ -34,8 +34,12 @@ def _produce(
     return {"generate": gen, "score": sc, "filter": fl, "pack": pk}
 
 
-@flow(name="npd-distill", flow_run_name="{spec.run_id}", log_prints=True,
-      task_runner=ThreadPoolTaskRunner(max_workers=4))
+@flow(
+    name="npd-distill",
+    flow_run_name="{spec.run_id}",
+    log_prints=True,
+    task_runner=ThreadPoolTaskRunner(max_workers=4),
+)
 def distill_flow(spec: RunSpec) -> dict[str, Any]:
     """Run every round of one NPD run; returns the per-round summaries and timings."""
     cfg = spec.cfg
@@ -66,8 +70,9 @@ def distill_flow(spec: RunSpec) -> dict[str, Any]:
     produce_ready(0)
     for r in range(1, cfg.rounds + 1):
         upstream = [produced[r]["pack"], trains[r - 1]] if trains[r - 1] else [produced[r]["pack"]]
-        trains[r] = done(t.train.submit(spec, r, upstream=upstream, mlflow_run=mlf,
-                                        wait_for=[evals[r - 1]]))
+        trains[r] = done(
+            t.train.submit(spec, r, upstream=upstream, mlflow_run=mlf, wait_for=[evals[r - 1]])
+        )
         if not strict:
             produce_ready(r)
         evals[r] = done(t.evaluate.submit(spec, r, upstream=trains[r]))
@@ -82,7 +87,16 @@ def distill_flow(spec: RunSpec) -> dict[str, Any]:
     all_results += [evals[r].result() for r in range(1, cfg.rounds + 1)]
     start, final = evals[0].result()["metrics"]["score"], summaries[-1]["score"]
     run_tasks.close_run(spec, mlf, start, final)
-    return {"run_id": spec.run_id, "mlflow_run_id": mlf, "start_score": start,
-            "final_score": final, "rounds": summaries, "flow_started": t0, "open_s": t_open,
-            "flow_wall_s": time.time() - t0, "stage_intervals": [
-                (x["stage"], x["round"], x["started"], x["ended"]) for x in all_results]}
+    return {
+        "run_id": spec.run_id,
+        "mlflow_run_id": mlf,
+        "start_score": start,
+        "final_score": final,
+        "rounds": summaries,
+        "flow_started": t0,
+        "open_s": t_open,
+        "flow_wall_s": time.time() - t0,
+        "stage_intervals": [
+            (x["stage"], x["round"], x["started"], x["ended"]) for x in all_results
+        ],
+    }

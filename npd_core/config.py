@@ -23,8 +23,12 @@ class Section(BaseModel):
 
 
 class ModelsConfig(Section):
-    teacher: str | None = Field(None, description="HF checkpoint dir of the teacher; none = toy world")
-    student: str | None = Field(None, description="HF checkpoint dir of the student; none = toy world")
+    teacher: str | None = Field(
+        None, description="HF checkpoint dir of the teacher; none = toy world"
+    )
+    student: str | None = Field(
+        None, description="HF checkpoint dir of the student; none = toy world"
+    )
     bf16: bool = Field(True, description="bf16 autocast for forward passes on CPU/GPU")
 
 
@@ -34,13 +38,17 @@ class DataConfig(Section):
     chat_template: Literal["auto", "none"] = Field(
         "auto", description="format prompts with the tokenizer's chat template when it has one"
     )
-    stop: list[str] = Field(default_factory=list, description="extra stop strings (EOS always stops)")
-    prompts_per_round: int = Field(768, ge=1, le=10_000_000, description="prompts sampled per round")
+    stop: list[str] = Field(
+        default_factory=list, description="extra stop strings (EOS always stops)"
+    )
+    prompts_per_round: int = Field(
+        768, ge=1, le=10_000_000, description="prompts sampled per round"
+    )
     eval_size: int | None = Field(None, ge=1, description="held-out prompts evaluated; none = all")
 
 
 class GenerateConfig(Section):
-    backend: Literal["hf", "vllm", "auto"] = Field("hf", description="generation/scoring engine")
+    backend: Literal["hf"] = Field("hf", description="generation/scoring engine (HF transformers)")
     n_per_prompt: int = Field(1, ge=1, le=64, description="samples per prompt")
     temperature: float = Field(1.0, ge=0.0, le=5.0, description="sampling temperature; 0 = greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
@@ -50,7 +58,6 @@ class GenerateConfig(Section):
 
 class ScoreConfig(Section):
     top_k: int = Field(16, ge=1, le=1024, description="teacher log-probs kept per position")
-    rest_mass: bool = Field(False, description="match the mass outside the top-k as one extra bin")
     batch_tokens: int = Field(16384, ge=64, description="tokens per packed scoring forward")
 
 
@@ -59,7 +66,9 @@ class FilterConfig(Section):
     q_low: float = Field(0.05, ge=0.0, le=1.0, description="lower quantile of the kept Δ-IFD band")
     q_high: float = Field(0.90, ge=0.0, le=1.0, description="upper quantile of the kept band")
     abs_low: float | None = Field(None, description="absolute lower Δ-IFD bound (overrides q_low)")
-    abs_high: float | None = Field(None, description="absolute upper Δ-IFD bound (overrides q_high)")
+    abs_high: float | None = Field(
+        None, description="absolute upper Δ-IFD bound (overrides q_high)"
+    )
     drop_unfinished: bool = Field(True, description="drop samples truncated without EOS")
 
     @model_validator(mode="after")
@@ -79,11 +88,15 @@ class PackConfig(Section):
 
 class TrainConfig(Section):
     loss: Literal["forward_kl", "reverse_kl", "jsd", "ce"] = Field(
-        "forward_kl", description="forward KL on teacher top-k (default), reverse KL, GKD JSD(β), "
-        "or hard-label CE on the teacher's argmax"
+        "forward_kl",
+        description="forward KL on teacher top-k (default), reverse KL, GKD JSD(β), "
+        "or hard-label CE on the teacher's argmax",
     )
     beta: float = Field(0.5, ge=0.0, le=1.0, description="JSD β (0 = forward KL, 1 = reverse KL)")
     sft_weight: float = Field(0.0, ge=0.0, le=10.0, description="weight of CE on sampled tokens")
+    rest_mass: bool = Field(
+        False, description="forward KL: match the mass outside the teacher's top-k as one bin"
+    )
     lr: float = Field(2e-3, gt=0.0, le=1.0, description="peak AdamW learning rate")
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="cosine floor ÷ peak")
     warmup_steps: int = Field(10, ge=0, description="linear warmup steps at the start of the run")
@@ -92,9 +105,6 @@ class TrainConfig(Section):
     steps_per_round: int = Field(40, ge=1, le=10_000_000, description="optimizer steps per round")
     epochs_per_round: float = Field(1.0, gt=0.0, le=100.0, description="passes over D_r at most")
     rows_per_step: int = Field(16, ge=1, description="packed rows per optimizer step")
-    teacher_targets: Literal["stored"] = Field(
-        "stored", description="teacher targets read from the store (online: not implemented)"
-    )
 
 
 class EvalConfig(Section):
@@ -135,8 +145,12 @@ class NPDConfig(Section):
         return max(1, cores // 2) if concurrent else cores
 
 
-PATH_FIELDS = (("models", "teacher"), ("models", "student"), ("data", "prompts"),
-               ("data", "eval_prompts"))
+PATH_FIELDS = (
+    ("models", "teacher"),
+    ("models", "student"),
+    ("data", "prompts"),
+    ("data", "eval_prompts"),
+)
 
 
 def _field_names(model: type[BaseModel], loc: tuple) -> list[str]:
@@ -161,7 +175,9 @@ def _one_line(err: ValidationError, source: str) -> str:
     return f"{source}: field '{field}': {e['msg']}{shown}; fix it in the config"
 
 
-def build_config(data: dict[str, Any], source: str = "config", base: Path | None = None) -> NPDConfig:
+def build_config(
+    data: dict[str, Any], source: str = "config", base: Path | None = None
+) -> NPDConfig:
     """Validate a mapping into an ``NPDConfig``; relative paths resolve against ``base``."""
     try:
         cfg = NPDConfig.model_validate(data)
@@ -193,11 +209,15 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"{p}:{where} invalid YAML ({getattr(err, 'problem', err)})") from None
+            raise ConfigError(
+                f"{p}:{where} invalid YAML ({getattr(err, 'problem', err)})"
+            ) from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: top level must be a mapping of sections, got {type(loaded).__name__}")
+            raise ConfigError(
+                f"{p}: top level must be a mapping of sections, got {type(loaded).__name__}"
+            )
         data = loaded
         base = p.resolve().parent
     if overrides:

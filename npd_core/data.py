@@ -41,7 +41,9 @@ def read_prompts(path: str | Path) -> list[Prompt]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            raise DataError(f"{p}:{n}: malformed JSON ({err.msg}); one JSON object per line") from None
+            raise DataError(
+                f"{p}:{n}: malformed JSON ({err.msg}); one JSON object per line"
+            ) from None
         if not isinstance(row, dict):
             raise DataError(f"{p}:{n}: expected a JSON object with a 'prompt' field")
         prompt = row.get("prompt")
@@ -54,14 +56,16 @@ def read_prompts(path: str | Path) -> list[Prompt]:
             raise DataError(f"{p}:{n}: 'id' must be a string or integer")
         pid = str(pid)
         if pid in seen:
-            raise DataError(f"{p}:{n}: duplicate id {pid!r} (first on line {seen[pid]}); ids must be unique")
+            raise DataError(
+                f"{p}:{n}: duplicate id {pid!r} (first on line {seen[pid]}); ids must be unique"
+            )
         seen[pid] = n
         answer = row.get("answer")
         if answer is not None and not isinstance(answer, str):
             raise DataError(f"{p}:{n}: 'answer' must be a string")
         out.append(Prompt(pid, prompt, answer))
     if not out:
-        raise DataError(f"{p}: no prompts in file; add JSONL lines like {{\"prompt\": \"...\"}}")
+        raise DataError(f'{p}: no prompts in file; add JSONL lines like {{"prompt": "..."}}')
     return out
 
 

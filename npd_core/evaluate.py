@@ -24,19 +24,38 @@ def normalize(text: str) -> str:
 
 
 def greedy_responses(
-    model: PreTrainedModel, tok, prompt_ids: list[list[int]], *, max_new_tokens: int,
-    batch_size: int, bf16: bool, progress: Callable[[int], None] | None = None,
+    model: PreTrainedModel,
+    tok,
+    prompt_ids: list[list[int]],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    bf16: bool,
+    progress: Callable[[int], None] | None = None,
 ) -> list[list[int]]:
     """Greedy response token ids, EOS stripped."""
     eos = {tok.eos_token_id}
-    gens = generate(model, prompt_ids, n_per_prompt=1, max_new_tokens=max_new_tokens,
-                    eos_ids=eos, pad_id=tok.pad_token_id, temperature=0.0, top_p=1.0, seed=0,
-                    batch_size=batch_size, bf16=bf16, progress=progress)
+    gens = generate(
+        model,
+        prompt_ids,
+        n_per_prompt=1,
+        max_new_tokens=max_new_tokens,
+        eos_ids=eos,
+        pad_id=tok.pad_token_id,
+        temperature=0.0,
+        top_p=1.0,
+        seed=0,
+        batch_size=batch_size,
+        bf16=bf16,
+        progress=progress,
+    )
     return [[t for t in g[0].token_ids if t not in eos] for g in gens]
 
 
 def exact_match(responses: list[str], answers: list[str]) -> EvalResult:
-    correct = np.array([normalize(r) == normalize(a) for r, a in zip(responses, answers,
-                                                                     strict=True)])
-    return EvalResult(100.0 * float(correct.mean()) if len(correct) else 0.0, "exact_match",
-                      correct, responses)
+    correct = np.array(
+        [normalize(r) == normalize(a) for r, a in zip(responses, answers, strict=True)]
+    )
+    return EvalResult(
+        100.0 * float(correct.mean()) if len(correct) else 0.0, "exact_match", correct, responses
+    )

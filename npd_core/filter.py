@@ -40,8 +40,11 @@ def filter_band(
     low, high = float("nan"), float("nan")
     if cfg.enabled and live.any():
         low = cfg.abs_low if cfg.abs_low is not None else float(np.quantile(delta[live], cfg.q_low))
-        high = (cfg.abs_high if cfg.abs_high is not None
-                else float(np.quantile(delta[live], cfg.q_high)))
+        high = (
+            cfg.abs_high
+            if cfg.abs_high is not None
+            else float(np.quantile(delta[live], cfg.q_high))
+        )
         for i in np.flatnonzero(live):
             if delta[i] < low:
                 reasons[i] = "below_band"

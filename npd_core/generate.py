@@ -59,8 +59,8 @@ def sample_batch(
     ids = torch.full((B, L), pad_id, dtype=torch.long)
     mask = torch.zeros((B, L), dtype=torch.long)
     for i, p in enumerate(prompts):
-        ids[i, L - len(p):] = torch.tensor(p)
-        mask[i, L - len(p):] = 1
+        ids[i, L - len(p) :] = torch.tensor(p)
+        mask[i, L - len(p) :] = 1
     ids, mask = ids.to(dev), mask.to(dev)
     eos = torch.tensor(sorted(eos_ids), device=dev)
     cache = DynamicCache(config=model.config)
@@ -71,8 +71,17 @@ def sample_batch(
     step_ids, pos = ids, (mask.cumsum(-1) - 1).clamp_min(0)
     for t in range(max_new_tokens):
         with autocast(bf16):
-            logits = model(input_ids=step_ids, attention_mask=mask, position_ids=pos,
-                           past_key_values=cache, use_cache=True).logits[:, -1].float()  # (B, V)
+            logits = (
+                model(
+                    input_ids=step_ids,
+                    attention_mask=mask,
+                    position_ids=pos,
+                    past_key_values=cache,
+                    use_cache=True,
+                )
+                .logits[:, -1]
+                .float()
+            )  # (B, V)
         logp = torch.log_softmax(logits, -1)
         if temperature == 0:
             nxt = logits.argmax(-1)
@@ -93,8 +102,10 @@ def sample_batch(
         pos = pos[:, -1:] + 1
         mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=dev)], dim=1)
     out, lengths, done, logps = out.cpu(), lengths.cpu(), done.cpu(), logps.cpu()
-    return [Generation(out[i, : lengths[i]].tolist(), logps[i, : lengths[i]].tolist(),
-                       bool(done[i])) for i in range(B)]
+    return [
+        Generation(out[i, : lengths[i]].tolist(), logps[i, : lengths[i]].tolist(), bool(done[i]))
+        for i in range(B)
+    ]
 
 
 def generate(
@@ -124,9 +135,15 @@ def generate(
     for s in range(0, len(jobs), batch_size):
         chunk = jobs[s : s + batch_size]
         res = sample_batch(
-            model, [prompts[i] for i, _ in chunk], max_new_tokens=max_new_tokens,
-            eos_ids=eos_ids, pad_id=pad_id, temperature=temperature, top_p=top_p,
-            generator=gen, bf16=bf16,
+            model,
+            [prompts[i] for i, _ in chunk],
+            max_new_tokens=max_new_tokens,
+            eos_ids=eos_ids,
+            pad_id=pad_id,
+            temperature=temperature,
+            top_p=top_p,
+            generator=gen,
+            bf16=bf16,
         )
         for (i, k), g in zip(chunk, res, strict=True):
             out[i][k] = g

@@ -33,7 +33,9 @@ _LOAD_LOCK = threading.Lock()
 def load_tokenizer(path: str | Path) -> Any:
     p = Path(path)
     if not (p / "tokenizer_config.json").is_file() and not (p / "tokenizer.json").is_file():
-        raise ModelError(f"{p}: no tokenizer found (tokenizer.json); point to an HF model directory")
+        raise ModelError(
+            f"{p}: no tokenizer found (tokenizer.json); point to an HF model directory"
+        )
     tok = AutoTokenizer.from_pretrained(p)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -74,16 +76,22 @@ def format_prompts(tok: Any, prompts: list[str], chat_template: str) -> list[lis
     """Token ids of each prompt, through the chat template when asked for and present."""
     if chat_template == "auto" and getattr(tok, "chat_template", None):
         return [
-            list(tok.apply_chat_template([{"role": "user", "content": p}],
-                                         add_generation_prompt=True, tokenize=True))
+            list(
+                tok.apply_chat_template(
+                    [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True
+                )
+            )
             for p in prompts
         ]
     return [tok(p, add_special_tokens=True)["input_ids"] for p in prompts]
 
 
 def rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(),
-            "torch": torch.get_rng_state()}
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
 
 
 def save_checkpoint(

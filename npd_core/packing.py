@@ -46,7 +46,9 @@ class PackedBatch:
     labels: torch.Tensor  # (B, T) long, IGNORE_INDEX where no loss
     position_ids: torch.Tensor  # (B, T) long, restart at 0 per sequence
     seq_ids: torch.Tensor  # (B, T) long, which sample (batch-local) a position belongs to; -1 = pad
-    target_index: torch.Tensor  # (B, T) long, index into the flat response-position table; -1 = none
+    target_index: (
+        torch.Tensor
+    )  # (B, T) long, index into the flat response-position table; -1 = none
     cu_seqlens: list[list[int]]  # per row: cumulative lengths of the real sequences
     sample_index: list[list[int]]  # per row: the indices of the samples it holds, in order
 

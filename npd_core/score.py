@@ -61,8 +61,9 @@ def score(
         chunk = rows[s : s + rows_per_fwd]
         b = collate(samples, chunk, pad_id=0, row_len=row_len, target_offsets=offsets[:-1].tolist())
         with autocast(bf16):
-            logits = model(input_ids=b.input_ids.to(dev), position_ids=b.position_ids.to(dev),
-                           use_cache=False).logits  # (B, T, V)
+            logits = model(
+                input_ids=b.input_ids.to(dev), position_ids=b.position_ids.to(dev), use_cache=False
+            ).logits  # (B, T, V)
         at = b.labels != IGNORE_INDEX  # (B, T)
         logp = torch.log_softmax(logits[at.to(dev)].float(), -1).cpu()  # (M, V)
         idx = b.target_index[at]  # (M,) flat response positions
@@ -73,8 +74,8 @@ def score(
         if progress:
             progress(int(sum(len(samples[j]) for row in chunk for j in row)))
     sums = torch.zeros(2 * n, dtype=torch.float64).index_add_(
-        0, torch.repeat_interleave(torch.arange(2 * n), torch.as_tensor(resp_len)),
-        tok_lp.double())
+        0, torch.repeat_interleave(torch.arange(2 * n), torch.as_tensor(resp_len)), tok_lp.double()
+    )
     topk_ids = topk_lp = None
     if top_k:
         topk_ids = [tk_ids[offsets[i] : offsets[i + 1]].numpy() for i in range(n)]

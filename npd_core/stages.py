@@ -126,38 +126,68 @@ def _prompts_of(path: str) -> list[Prompt]:
 
 
 # ---------------------------------------------------------------- generate
-def generate_stage(spec: RunSpec, r: int, prov: dict[str, str], progress: Progress = None) -> StageResult:
+def generate_stage(
+    spec: RunSpec, r: int, prov: dict[str, str], progress: Progress = None
+) -> StageResult:
     """θ_{g(r)} samples ``n_per_prompt`` responses for the round's prompts."""
     cfg = spec.cfg
     _threads(cfg)
 
     def body() -> tuple[str, dict[str, Any]]:
-        prompts = round_prompts(_prompts_of(spec.train_prompts), cfg.data.prompts_per_round,
-                                cfg.seed, r)
+        prompts = round_prompts(
+            _prompts_of(spec.train_prompts), cfg.data.prompts_per_round, cfg.seed, r
+        )
         ckpt = spec.checkpoint(generator_round(r, cfg.staleness))
         tok = load_tokenizer(ckpt)
         model = load_model(ckpt)
         ids = format_prompts(tok, [p.prompt for p in prompts], cfg.data.chat_template)
         seed = cfg.seed * 1_000_003 + r
         g = cfg.generate
-        gens = generate(model, ids, n_per_prompt=g.n_per_prompt, max_new_tokens=g.max_new_tokens,
-                        eos_ids={tok.eos_token_id}, pad_id=tok.pad_token_id,
-                        temperature=g.temperature, top_p=g.top_p, seed=seed,
-                        batch_size=g.batch_size, bf16=cfg.models.bf16, progress=progress)
+        gens = generate(
+            model,
+            ids,
+            n_per_prompt=g.n_per_prompt,
+            max_new_tokens=g.max_new_tokens,
+            eos_ids={tok.eos_token_id},
+            pad_id=tok.pad_token_id,
+            temperature=g.temperature,
+            top_p=g.top_p,
+            seed=seed,
+            batch_size=g.batch_size,
+            bf16=cfg.models.bf16,
+            progress=progress,
+        )
         now = _now()
         rows = []
         for p, pid, outs in zip(prompts, ids, gens, strict=True):
             for k, gen in enumerate(outs):
-                gen, text = apply_stop_strings(gen, lambda t: tok.decode(t, skip_special_tokens=True),
-                                               cfg.data.stop)
-                rows.append(dict(
-                    run_id=spec.run_id, round=r, prompt_id=p.id, sample_idx=k, prompt=p.prompt,
-                    response=text, prompt_token_ids=pid, response_token_ids=gen.token_ids,
-                    generator_checkpoint=_rel(spec.root, ckpt), backend="hf",
-                    temperature=g.temperature, top_p=g.top_p, seed=seed,
-                    teacher=_rel(spec.root, spec.teacher), prompt_tokens=len(pid),
-                    response_tokens=len(gen.token_ids), finished=gen.finished,
-                    sample_logprob_sum=gen.logprob_sum, created_at=now, **prov))
+                gen, text = apply_stop_strings(
+                    gen, lambda t: tok.decode(t, skip_special_tokens=True), cfg.data.stop
+                )
+                rows.append(
+                    dict(
+                        run_id=spec.run_id,
+                        round=r,
+                        prompt_id=p.id,
+                        sample_idx=k,
+                        prompt=p.prompt,
+                        response=text,
+                        prompt_token_ids=pid,
+                        response_token_ids=gen.token_ids,
+                        generator_checkpoint=_rel(spec.root, ckpt),
+                        backend="hf",
+                        temperature=g.temperature,
+                        top_p=g.top_p,
+                        seed=seed,
+                        teacher=_rel(spec.root, spec.teacher),
+                        prompt_tokens=len(pid),
+                        response_tokens=len(gen.token_ids),
+                        finished=gen.finished,
+                        sample_logprob_sum=gen.logprob_sum,
+                        created_at=now,
+                        **prov,
+                    )
+                )
         table = table_from_rows("samples", rows)
         spec.store.write_stage(spec.run_id, r, "generate", {"samples": table})
         n_tok = int(sum(x["response_tokens"] for x in rows))
@@ -167,7 +197,9 @@ def generate_stage(spec: RunSpec, r: int, prov: dict[str, str], progress: Progre
 
 
 # ---------------------------------------------------------------- score
-def score_stage(spec: RunSpec, r: int, prov: dict[str, str], progress: Progress = None) -> StageResult:
+def score_stage(
+    spec: RunSpec, r: int, prov: dict[str, str], progress: Progress = None
+) -> StageResult:
     """Teacher top-k targets; conditional and response-only log-likelihoods of both models."""
     cfg = spec.cfg
     _threads(cfg)
@@ -179,26 +211,48 @@ def score_stage(spec: RunSpec, r: int, prov: dict[str, str], progress: Progress 
         tok = load_tokenizer(spec.teacher)
         kw = dict(batch_tokens=cfg.score.batch_tokens, bf16=cfg.models.bf16)
         teacher = load_model(spec.teacher)
-        t = score(teacher, prompts, resps, start_id=start_token_id(tok), top_k=cfg.score.top_k,
-                  progress=progress, **kw)
+        t = score(
+            teacher,
+            prompts,
+            resps,
+            start_id=start_token_id(tok),
+            top_k=cfg.score.top_k,
+            progress=progress,
+            **kw,
+        )
         del teacher
         student_dir = spec.checkpoint(generator_round(r, cfg.staleness))
         student = load_model(student_dir)
-        st = score(student, prompts, resps, start_id=start_token_id(load_tokenizer(student_dir)),
-                   top_k=None, **kw)
+        st = score(
+            student,
+            prompts,
+            resps,
+            start_id=start_token_id(load_tokenizer(student_dir)),
+            top_k=None,
+            **kw,
+        )
         n = np.array([len(x) for x in resps])
         ifd_t = log_ifd(t.cond_logprob_sum, t.resp_logprob_sum, n)
         ifd_s = log_ifd(st.cond_logprob_sum, st.resp_logprob_sum, n)
         now = _now()
         keys = s.select(["run_id", "round", "prompt_id", "sample_idx"]).to_pylist()
-        rows = [dict(**key, teacher_logprob_sum=t.cond_logprob_sum[i],
-                     student_logprob_sum=st.cond_logprob_sum[i],
-                     teacher_resp_logprob_sum=t.resp_logprob_sum[i],
-                     student_resp_logprob_sum=st.resp_logprob_sum[i],
-                     ifd_teacher=ifd_t[i], ifd_student=ifd_s[i],
-                     delta_ifd=delta_ifd(ifd_t, ifd_s)[i],
-                     topk_ids=t.topk_ids[i].tolist(), topk_logprobs=t.topk_logprobs[i].tolist(),
-                     created_at=now, **prov) for i, key in enumerate(keys)]
+        rows = [
+            dict(
+                **key,
+                teacher_logprob_sum=t.cond_logprob_sum[i],
+                student_logprob_sum=st.cond_logprob_sum[i],
+                teacher_resp_logprob_sum=t.resp_logprob_sum[i],
+                student_resp_logprob_sum=st.resp_logprob_sum[i],
+                ifd_teacher=ifd_t[i],
+                ifd_student=ifd_s[i],
+                delta_ifd=delta_ifd(ifd_t, ifd_s)[i],
+                topk_ids=t.topk_ids[i].tolist(),
+                topk_logprobs=t.topk_logprobs[i].tolist(),
+                created_at=now,
+                **prov,
+            )
+            for i, key in enumerate(keys)
+        ]
         table = table_from_rows("scores", rows)
         spec.store.write_stage(spec.run_id, r, "score", {"scores": table})
         return _table_digest(table), {"scored_tokens": int(2 * n.sum() + sum(map(len, prompts)))}
@@ -216,12 +270,20 @@ def filter_stage(spec: RunSpec, r: int, prov: dict[str, str]) -> StageResult:
         s = store.read_stage(spec.run_id, r, "generate", "samples")
         sc = store.read_stage(spec.run_id, r, "score", "scores")
         delta = sc.column("delta_ifd").to_numpy(zero_copy_only=False)
-        res = filter_band(delta, s.column("response_tokens").to_numpy(),
-                          s.column("finished").to_numpy(zero_copy_only=False), cfg.filter)
+        res = filter_band(
+            delta,
+            s.column("response_tokens").to_numpy(),
+            s.column("finished").to_numpy(zero_copy_only=False),
+            cfg.filter,
+        )
         now = _now()
         keys = s.select(["run_id", "round", "prompt_id", "sample_idx"]).to_pylist()
-        rows = [dict(**key, kept=bool(res.kept[i]), filter_reason=res.reasons[i],
-                     created_at=now, **prov) for i, key in enumerate(keys)]
+        rows = [
+            dict(
+                **key, kept=bool(res.kept[i]), filter_reason=res.reasons[i], created_at=now, **prov
+            )
+            for i, key in enumerate(keys)
+        ]
         table = table_from_rows("filter", rows)
         store.write_stage(spec.run_id, r, "filter", {"filter": table})
         finite = delta[np.isfinite(delta)]
@@ -231,9 +293,15 @@ def filter_stage(spec: RunSpec, r: int, prov: dict[str, str]) -> StageResult:
             if x:
                 reasons[x] = reasons.get(x, 0) + 1
         return _table_digest(table), {
-            "n_kept": int(res.kept.sum()), "kept_fraction": float(res.kept.mean()),
-            "band_low": res.low, "band_high": res.high, "delta_ifd_q05": q[0],
-            "delta_ifd_q50": q[1], "delta_ifd_q95": q[2], "drop_reasons": reasons}
+            "n_kept": int(res.kept.sum()),
+            "kept_fraction": float(res.kept.mean()),
+            "band_low": res.low,
+            "band_high": res.high,
+            "delta_ifd_q05": q[0],
+            "delta_ifd_q50": q[1],
+            "delta_ifd_q95": q[2],
+            "drop_reasons": reasons,
+        }
 
     return _timed("filter", r, body)
 
@@ -246,8 +314,14 @@ def _kept_samples(spec: RunSpec, r: int) -> tuple[list[Sample], list[dict], Targ
     sc = store.read_stage(spec.run_id, r, "score", "scores")
     mask = f.column("kept")
     s, sc = s.filter(mask), sc.filter(mask)
-    samples = [Sample(p, y) for p, y in zip(s.column("prompt_token_ids").to_pylist(),
-                                            s.column("response_token_ids").to_pylist(), strict=True)]
+    samples = [
+        Sample(p, y)
+        for p, y in zip(
+            s.column("prompt_token_ids").to_pylist(),
+            s.column("response_token_ids").to_pylist(),
+            strict=True,
+        )
+    ]
     keys = s.select(["prompt_id", "sample_idx"]).to_pylist()
     if not samples:
         return samples, keys, None
@@ -275,15 +349,29 @@ def pack_stage(spec: RunSpec, r: int, prov: dict[str, str]) -> StageResult:
     def body() -> tuple[str, dict[str, Any]]:
         samples, keys, _ = _kept_samples(spec, r)
         kept, index, rows = packed_rows(samples, cfg.pack, seed=cfg.seed * 7919 + r)
-        out = [dict(run_id=spec.run_id, round=r, row=b, slot=j, prompt_id=keys[index[i]]["prompt_id"],
-                    sample_idx=keys[index[i]]["sample_idx"], length=len(kept[i]))
-               for b, row in enumerate(rows) for j, i in enumerate(row)]
+        out = [
+            dict(
+                run_id=spec.run_id,
+                round=r,
+                row=b,
+                slot=j,
+                prompt_id=keys[index[i]]["prompt_id"],
+                sample_idx=keys[index[i]]["sample_idx"],
+                length=len(kept[i]),
+            )
+            for b, row in enumerate(rows)
+            for j, i in enumerate(row)
+        ]
         table = table_from_rows("pack", out)
         spec.store.write_stage(spec.run_id, r, "pack", {"pack": table})
         tokens = sum(len(s) for s in kept)
         fill = tokens / max(1, len(rows) * cfg.pack.max_seq_len)
-        return _table_digest(table), {"rows": len(rows), "packed_tokens": tokens,
-                                      "fill_ratio": fill, "dropped_overlong": len(samples) - len(kept)}
+        return _table_digest(table), {
+            "rows": len(rows),
+            "packed_tokens": tokens,
+            "fill_ratio": fill,
+            "dropped_overlong": len(samples) - len(kept),
+        }
 
     return _timed("pack", r, body)
 
@@ -318,27 +406,65 @@ def train_stage(
             rows[x["row"]].append(where[(x["prompt_id"], x["sample_idx"])])
         torch.manual_seed(cfg.seed * 31 + r)
         total = cfg.rounds * cfg.train.steps_per_round
-        stats = train_round(model, opt, samples, targets, rows, cfg.train, cfg.pack,
-                            start_step=start_step, total_steps=total, seed=cfg.seed * 131 + r,
-                            pad_id=tok.pad_token_id, bf16=cfg.models.bf16, on_step=on_step)
+        stats = train_round(
+            model,
+            opt,
+            samples,
+            targets,
+            rows,
+            cfg.train,
+            cfg.pack,
+            start_step=start_step,
+            total_steps=total,
+            seed=cfg.seed * 131 + r,
+            pad_id=tok.pad_token_id,
+            bf16=cfg.models.bf16,
+            on_step=on_step,
+        )
         step = start_step + stats.steps
         dst = Path(spec.checkpoint(r))
-        save_checkpoint(model, tok, dst, {"optimizer": opt.state_dict(), "step": step,
-                                          "round": r, "rng": rng_state(), "config": cfg.model_dump(mode="json")})
-        row = dict(run_id=spec.run_id, round=r, path=_rel(spec.root, str(dst)), step=step,
-                   train_tokens=stats.train_tokens, score=None, is_best=False, created_at=_now())
-        spec.store.write_stage(spec.run_id, r, "train", {"checkpoints": table_from_rows("checkpoints", [row])})
+        save_checkpoint(
+            model,
+            tok,
+            dst,
+            {
+                "optimizer": opt.state_dict(),
+                "step": step,
+                "round": r,
+                "rng": rng_state(),
+                "config": cfg.model_dump(mode="json"),
+            },
+        )
+        row = dict(
+            run_id=spec.run_id,
+            round=r,
+            path=_rel(spec.root, str(dst)),
+            step=step,
+            train_tokens=stats.train_tokens,
+            score=None,
+            is_best=False,
+            created_at=_now(),
+        )
+        spec.store.write_stage(
+            spec.run_id, r, "train", {"checkpoints": table_from_rows("checkpoints", [row])}
+        )
         digest = _digest(r, step, stats.mean_loss, [x.loss for x in stats.log])
-        return digest, {"steps": stats.steps, "train_tokens": stats.train_tokens,
-                        "loss_tokens": stats.loss_tokens, "mean_loss": stats.mean_loss,
-                        "fill_ratio": stats.fill_ratio,
-                        "log": [asdict(x) for x in stats.log]}
+        return digest, {
+            "steps": stats.steps,
+            "train_tokens": stats.train_tokens,
+            "loss_tokens": stats.loss_tokens,
+            "mean_loss": stats.mean_loss,
+            "fill_ratio": stats.fill_ratio,
+            "log": [asdict(x) for x in stats.log],
+        }
 
     return _timed("train", r, body)
 
 
 # ---------------------------------------------------------------- evaluate
-def evaluate_stage(spec: RunSpec, k: int, prov: dict[str, str], progress: Progress = None) -> StageResult:
+def evaluate_stage(
+    spec: RunSpec, k: int, prov: dict[str, str], progress: Progress = None
+) -> StageResult:
     """Held-out score of θ_k: greedy exact match against ``answer``, else the teacher's mean
     log-likelihood per token of the greedy answers."""
     cfg = spec.cfg
@@ -352,9 +478,15 @@ def evaluate_stage(spec: RunSpec, k: int, prov: dict[str, str], progress: Progre
         tok = load_tokenizer(ckpt)
         model = load_model(ckpt)
         ids = format_prompts(tok, [p.prompt for p in prompts], cfg.data.chat_template)
-        resp = greedy_responses(model, tok, ids, max_new_tokens=cfg.eval.max_new_tokens
-                                or cfg.generate.max_new_tokens, batch_size=cfg.eval.batch_size,
-                                bf16=cfg.models.bf16, progress=progress)
+        resp = greedy_responses(
+            model,
+            tok,
+            ids,
+            max_new_tokens=cfg.eval.max_new_tokens or cfg.generate.max_new_tokens,
+            batch_size=cfg.eval.batch_size,
+            bf16=cfg.models.bf16,
+            progress=progress,
+        )
         texts = [tok.decode(x, skip_special_tokens=True) for x in resp]
         if all(p.answer is not None for p in prompts):
             res = exact_match(texts, [p.answer for p in prompts])
@@ -362,13 +494,30 @@ def evaluate_stage(spec: RunSpec, k: int, prov: dict[str, str], progress: Progre
         else:
             teacher = load_model(spec.teacher)
             eos = [tok.eos_token_id]
-            sc = score(teacher, ids, [x + eos for x in resp], start_id=start_token_id(tok),
-                       top_k=None, batch_tokens=cfg.score.batch_tokens, bf16=cfg.models.bf16)
+            sc = score(
+                teacher,
+                ids,
+                [x + eos for x in resp],
+                start_id=start_token_id(tok),
+                top_k=None,
+                batch_tokens=cfg.score.batch_tokens,
+                bf16=cfg.models.bf16,
+            )
             n = sum(len(x) + 1 for x in resp)
             value, metric = float(sc.cond_logprob_sum.sum() / n), "teacher_loglik"
-        row = dict(run_id=spec.run_id, round=k, checkpoint=_rel(spec.root, ckpt), metric=metric,
-                   score=value, n=len(prompts), created_at=_now(), flow_run_id=prov.get("flow_run_id"))
-        spec.store.write_stage(spec.run_id, k, "evaluate", {"evals": table_from_rows("evals", [row])})
+        row = dict(
+            run_id=spec.run_id,
+            round=k,
+            checkpoint=_rel(spec.root, ckpt),
+            metric=metric,
+            score=value,
+            n=len(prompts),
+            created_at=_now(),
+            flow_run_id=prov.get("flow_run_id"),
+        )
+        spec.store.write_stage(
+            spec.run_id, k, "evaluate", {"evals": table_from_rows("evals", [row])}
+        )
         return _digest(k, value), {"score": value, "metric": metric}
 
     return _timed("evaluate", k, body)

@@ -62,8 +62,15 @@ class ToySpec:
     @classmethod
     def tiny(cls) -> ToySpec:
         """Seconds to build; for tests of the pipeline, not of the method."""
-        return cls(n_train=128, n_eval=64, n_fit=512, teacher=ModelSpec(128, 2, 2, 256, 30, 3e-3),
-                   student=ModelSpec(64, 1, 1, 128, 10, 3e-3), rows_per_step=8, max_seq_len=128)
+        return cls(
+            n_train=128,
+            n_eval=64,
+            n_fit=512,
+            teacher=ModelSpec(128, 2, 2, 256, 30, 3e-3),
+            student=ModelSpec(64, 1, 1, 128, 10, 3e-3),
+            rows_per_step=8,
+            max_seq_len=128,
+        )
 
 
 @dataclass
@@ -80,43 +87,70 @@ class ToyWorld:
 
 def _model(spec: ModelSpec, tok) -> Qwen2ForCausalLM:
     cfg = Qwen2Config(
-        vocab_size=len(tok), hidden_size=spec.hidden, num_hidden_layers=spec.layers,
-        num_attention_heads=spec.heads, num_key_value_heads=spec.heads,
-        intermediate_size=spec.intermediate, max_position_embeddings=512,
-        tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        vocab_size=len(tok),
+        hidden_size=spec.hidden,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        num_key_value_heads=spec.heads,
+        intermediate_size=spec.intermediate,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
     return Qwen2ForCausalLM(cfg)
 
 
 def _samples(tok, prompts: list[Prompt]) -> list[Sample]:
-    return [Sample(tok(p.prompt)["input_ids"], tok(p.answer)["input_ids"] + [tok.eos_token_id])
-            for p in prompts]
+    return [
+        Sample(tok(p.prompt)["input_ids"], tok(p.answer)["input_ids"] + [tok.eos_token_id])
+        for p in prompts
+    ]
 
 
 def score_exact(model, tok, prompts: list[Prompt], max_new_tokens: int = 64) -> float:
     ids = [tok(p.prompt)["input_ids"] for p in prompts]
-    resp = greedy_responses(model, tok, ids, max_new_tokens=max_new_tokens, batch_size=512,
-                            bf16=True)
+    resp = greedy_responses(
+        model, tok, ids, max_new_tokens=max_new_tokens, batch_size=512, bf16=True
+    )
     texts = [tok.decode(r, skip_special_tokens=True) for r in resp]
     return exact_match(texts, [p.answer for p in prompts]).score
 
 
 def fit(model, tok, prompts: list[Prompt], spec: ModelSpec, toy: ToySpec) -> None:
     """Plain SFT on true answers, packed (the same trainer the pipeline uses, with CE)."""
-    cfg = TrainConfig(loss="ce", lr=spec.lr, warmup_steps=max(1, spec.train_steps // 20),
-                      steps_per_round=spec.train_steps, epochs_per_round=100.0,
-                      rows_per_step=toy.rows_per_step, min_lr_ratio=0.05)
+    cfg = TrainConfig(
+        loss="ce",
+        lr=spec.lr,
+        warmup_steps=max(1, spec.train_steps // 20),
+        steps_per_round=spec.train_steps,
+        epochs_per_round=100.0,
+        rows_per_step=toy.rows_per_step,
+        min_lr_ratio=0.05,
+    )
     pack = PackConfig(max_seq_len=toy.max_seq_len)
     samples, _, rows = packed_rows(_samples(tok, prompts), pack, toy.seed)
     opt = make_optimizer(model, cfg)
     torch.manual_seed(toy.seed)
-    train_round(model, opt, samples, None, rows, cfg, pack, start_step=0,
-                total_steps=spec.train_steps, seed=toy.seed, pad_id=tok.pad_token_id)
+    train_round(
+        model,
+        opt,
+        samples,
+        None,
+        rows,
+        cfg,
+        pack,
+        start_step=0,
+        total_steps=spec.train_steps,
+        seed=toy.seed,
+        pad_id=tok.pad_token_id,
+    )
 
 
-def build_toy_world(cache: str | Path, spec: ToySpec | None = None,
-                    log: Callable[[str], None] = print) -> ToyWorld:
+def build_toy_world(
+    cache: str | Path, spec: ToySpec | None = None, log: Callable[[str], None] = print
+) -> ToyWorld:
     """Build (or load from the cache) the toy world described by ``spec``."""
     spec = spec or ToySpec()
     root = Path(cache) / f"toy-{spec.digest()}"
@@ -138,14 +172,19 @@ def build_toy_world(cache: str | Path, spec: ToySpec | None = None,
             torch.manual_seed(spec.seed + (name == "student"))
             model = _model(ms, tok)
             t1 = time.time()
-            log(f"toy world: training {name} ({n_params(model) / 1e6:.2f} M params, "
-                f"{ms.train_steps} steps)")
+            log(
+                f"toy world: training {name} ({n_params(model) / 1e6:.2f} M params, "
+                f"{ms.train_steps} steps)"
+            )
             fit(model, tok, fit_set + train if name == "teacher" else fit_set, ms, spec)
             score = score_exact(model, tok, held)
             log(f"toy world: {name} held-out exact match {score:.1f} ({time.time() - t1:.0f} s)")
             save_checkpoint(model, tok, tmp / name)
-            meta[name] = {"params": n_params(model), "score": score,
-                          "train_s": round(time.time() - t1, 1)}
+            meta[name] = {
+                "params": n_params(model),
+                "score": score,
+                "train_s": round(time.time() - t1, 1),
+            }
         meta["build_s"] = round(time.time() - t0, 1)
         (tmp / WORLD_FILE).write_text(json.dumps(meta, indent=2))
         if root.exists():
@@ -159,6 +198,13 @@ def build_toy_world(cache: str | Path, spec: ToySpec | None = None,
 
 def _load(root: Path) -> ToyWorld:
     meta = json.loads((root / WORLD_FILE).read_text())
-    return ToyWorld(root, root / "teacher", root / "student", root / "train.jsonl",
-                    root / "eval.jsonl", meta["teacher"]["score"], meta["student"]["score"], meta)
-
+    return ToyWorld(
+        root,
+        root / "teacher",
+        root / "student",
+        root / "train.jsonl",
+        root / "eval.jsonl",
+        meta["teacher"]["score"],
+        meta["student"]["score"],
+        meta,
+    )

@@ -36,8 +36,11 @@ class Targets:
     def from_lists(cls, ids: list[np.ndarray], logprobs: list[np.ndarray]) -> Targets:
         lens = [len(a) for a in ids]
         offsets = np.concatenate([[0], np.cumsum(lens)])[:-1].astype(int).tolist()
-        return cls(torch.from_numpy(np.concatenate(ids)).long(),
-                   torch.from_numpy(np.concatenate(logprobs)).float(), offsets)
+        return cls(
+            torch.from_numpy(np.concatenate(ids)).long(),
+            torch.from_numpy(np.concatenate(logprobs)).float(),
+            offsets,
+        )
 
     def subset(self, index: list[int]) -> Targets:
         """The targets of samples ``index`` (same table, re-pointed offsets)."""
@@ -74,8 +77,9 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
 
 
 def make_optimizer(model: PreTrainedModel, cfg: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                             betas=(0.9, 0.95))
+    return torch.optim.AdamW(
+        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95)
+    )
 
 
 def per_token_loss(
@@ -95,7 +99,7 @@ def per_token_loss(
     tk_ids = targets.topk_ids[idx].to(logits.device)  # (M, k)
     tk_lp = targets.topk_logprobs[idx].to(logits.device)  # (M, k)
     if cfg.loss == "forward_kl":
-        out = losses.forward_kl_topk(z, tk_ids, tk_lp)
+        out = losses.forward_kl_topk(z, tk_ids, tk_lp, rest_mass=cfg.rest_mass)
     elif cfg.loss == "reverse_kl":
         out = losses.reverse_kl(z, tk_ids, tk_lp)
     elif cfg.loss == "jsd":
@@ -107,7 +111,9 @@ def per_token_loss(
     return out
 
 
-def packed_rows(samples: list[Sample], pack_cfg: PackConfig, seed: int) -> tuple[list[Sample], list[int], list[list[int]]]:
+def packed_rows(
+    samples: list[Sample], pack_cfg: PackConfig, seed: int
+) -> tuple[list[Sample], list[int], list[list[int]]]:
     """Apply the overlong policy and pack; returns kept samples, their source index, rows."""
     kept, index = fit_lengths(samples, pack_cfg.max_seq_len, pack_cfg.overlong)
     rows = pack([len(s) for s in kept], pack_cfg.max_seq_len, pack_cfg.mode, seed)
@@ -135,8 +141,9 @@ def train_round(
     stats = RoundStats()
     if not rows:
         return stats
-    n_steps = min(cfg.steps_per_round,
-                  math.ceil(cfg.epochs_per_round * len(rows) / cfg.rows_per_step))
+    n_steps = min(
+        cfg.steps_per_round, math.ceil(cfg.epochs_per_round * len(rows) / cfg.rows_per_step)
+    )
     rng = random.Random(seed)
     stream: list[int] = list(range(len(rows)))  # rows are already in a seeded order
     while len(stream) < n_steps * cfg.rows_per_step:  # later passes over D_r reshuffle
@@ -153,16 +160,26 @@ def train_round(
         for g in optimizer.param_groups:
             g["lr"] = lr
         step_rows = [rows[j] for j in stream[i * cfg.rows_per_step : (i + 1) * cfg.rows_per_step]]
-        batch = collate(samples, step_rows, pad_id, row_len=pack_cfg.max_seq_len,
-                        target_offsets=targets.offsets if targets is not None else None)
+        batch = collate(
+            samples,
+            step_rows,
+            pad_id,
+            row_len=pack_cfg.max_seq_len,
+            target_offsets=targets.offsets if targets is not None else None,
+        )
         with autocast(bf16):
-            logits = model(input_ids=batch.input_ids.to(dev),
-                           position_ids=batch.position_ids.to(dev), use_cache=False).logits
+            logits = model(
+                input_ids=batch.input_ids.to(dev),
+                position_ids=batch.position_ids.to(dev),
+                use_cache=False,
+            ).logits
         n_tok = batch.n_loss_tokens
         loss = losses.token_mean(per_token_loss(logits, batch, targets, cfg), n_tok)
         if not torch.isfinite(loss):
-            raise TrainingError(f"non-finite loss ({loss.item()}) at step {step}; round stopped, "
-                                "last good checkpoint kept; lower train.lr or check the targets")
+            raise TrainingError(
+                f"non-finite loss ({loss.item()}) at step {step}; round stopped, "
+                "last good checkpoint kept; lower train.lr or check the targets"
+            )
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()

@@ -20,10 +20,17 @@ from tasks import tracking
 
 def _runs_row(spec: RunSpec, **kw: Any) -> dict[str, Any]:
     cfg = spec.cfg
-    row = dict(run_id=spec.run_id, name=cfg.name, status="running",
-               config_json=json.dumps(spec.config, sort_keys=True), config_hash=cfg.digest(),
-               flow_run_id=str(flow_run.get_id() or ""), teacher=spec.teacher, student=spec.student,
-               created_at=datetime.now(UTC))
+    row = dict(
+        run_id=spec.run_id,
+        name=cfg.name,
+        status="running",
+        config_json=json.dumps(spec.config, sort_keys=True),
+        config_hash=cfg.digest(),
+        flow_run_id=str(flow_run.get_id() or ""),
+        teacher=spec.teacher,
+        student=spec.student,
+        created_at=datetime.now(UTC),
+    )
     row.update(kw)
     return row
 
@@ -33,9 +40,11 @@ def open_run(spec: RunSpec) -> str:
     """Write the ``runs`` and ``prompts`` rows and create the MLflow parent run."""
     store = Store(spec.root)
     mlf = tracking.start_run(spec.root, spec.run_id, spec.cfg.name, spec.config)
-    prompts = [dict(run_id=spec.run_id, prompt_id=p.id, prompt=p.prompt, answer=p.answer, split=split)
-               for split, path in (("train", spec.train_prompts), ("eval", spec.eval_prompts))
-               for p in read_prompts(path)]
+    prompts = [
+        dict(run_id=spec.run_id, prompt_id=p.id, prompt=p.prompt, answer=p.answer, split=split)
+        for split, path in (("train", spec.train_prompts), ("eval", spec.eval_prompts))
+        for p in read_prompts(path)
+    ]
     store.write_stage(spec.run_id, None, "run", {"prompts": table_from_rows("prompts", prompts)})
     store.write_run(_runs_row(spec, mlflow_run_id=mlf, mlflow_uri=tracking.tracking_uri(spec.root)))
     return mlf
@@ -48,39 +57,78 @@ def record_round(spec: RunSpec, r: int, results: dict[str, dict], mlflow_run: st
     m = {k: v["metrics"] for k, v in results.items()}
     seconds = {k: round(v["seconds"], 3) for k, v in results.items()}
     flt, trn, ev = m["filter"], m["train"], m["evaluate"]
-    row = dict(run_id=spec.run_id, round=r, n_generated=m["generate"]["n_generated"],
-               n_kept=flt["n_kept"], train_tokens=trn["train_tokens"], mean_loss=trn["mean_loss"],
-               score=ev["score"], kept_fraction=flt["kept_fraction"],
-               delta_ifd_q05=flt["delta_ifd_q05"], delta_ifd_q50=flt["delta_ifd_q50"],
-               delta_ifd_q95=flt["delta_ifd_q95"], stage_seconds_json=json.dumps(seconds),
-               flow_run_id=str(flow_run.get_id() or ""), created_at=datetime.now(UTC))
+    row = dict(
+        run_id=spec.run_id,
+        round=r,
+        n_generated=m["generate"]["n_generated"],
+        n_kept=flt["n_kept"],
+        train_tokens=trn["train_tokens"],
+        mean_loss=trn["mean_loss"],
+        score=ev["score"],
+        kept_fraction=flt["kept_fraction"],
+        delta_ifd_q05=flt["delta_ifd_q05"],
+        delta_ifd_q50=flt["delta_ifd_q50"],
+        delta_ifd_q95=flt["delta_ifd_q95"],
+        stage_seconds_json=json.dumps(seconds),
+        flow_run_id=str(flow_run.get_id() or ""),
+        created_at=datetime.now(UTC),
+    )
     store.write_stage(spec.run_id, r, "summary", {"rounds": table_from_rows("rounds", [row])})
     child = tracking.round_run(spec.root, mlflow_run, spec.run_id, r)
-    metrics = {"score": ev["score"], "kept_fraction": flt["kept_fraction"],
-               "n_kept": flt["n_kept"], "train_tokens": trn["train_tokens"],
-               "mean_loss": trn["mean_loss"], "fill_ratio": m["pack"]["fill_ratio"],
-               "delta_ifd_q05": flt["delta_ifd_q05"], "delta_ifd_q50": flt["delta_ifd_q50"],
-               "delta_ifd_q95": flt["delta_ifd_q95"],
-               **{f"seconds_{k}": v for k, v in seconds.items()}}
+    metrics = {
+        "score": ev["score"],
+        "kept_fraction": flt["kept_fraction"],
+        "n_kept": flt["n_kept"],
+        "train_tokens": trn["train_tokens"],
+        "mean_loss": trn["mean_loss"],
+        "fill_ratio": m["pack"]["fill_ratio"],
+        "delta_ifd_q05": flt["delta_ifd_q05"],
+        "delta_ifd_q50": flt["delta_ifd_q50"],
+        "delta_ifd_q95": flt["delta_ifd_q95"],
+        **{f"seconds_{k}": v for k, v in seconds.items()},
+    }
     tracking.log_metrics(spec.root, child, metrics)
-    tracking.log_metrics(spec.root, mlflow_run, {f"round_{k}": v for k, v in metrics.items()}, step=r)
+    tracking.log_metrics(
+        spec.root, mlflow_run, {f"round_{k}": v for k, v in metrics.items()}, step=r
+    )
     delta = store.read_stage(spec.run_id, r, "score", "scores").column("delta_ifd").to_numpy()
     with tempfile.TemporaryDirectory() as d:
-        png = delta_ifd_histogram(delta, flt["band_low"], flt["band_high"],
-                                  f"{spec.run_id} round {r}: Δ-IFD", Path(d) / f"delta_ifd_r{r}.png")
+        png = delta_ifd_histogram(
+            delta,
+            flt["band_low"],
+            flt["band_high"],
+            f"{spec.run_id} round {r}: Δ-IFD",
+            Path(d) / f"delta_ifd_r{r}.png",
+        )
         tracking.log_artifact(spec.root, child, png, "plots")
         tracking.log_artifact(spec.root, mlflow_run, png, "plots")
-    return {"round": r, **{k: row[k] for k in ("n_generated", "n_kept", "train_tokens",
-                                               "mean_loss", "score")}, "stage_seconds": seconds}
+    return {
+        "round": r,
+        **{k: row[k] for k in ("n_generated", "n_kept", "train_tokens", "mean_loss", "score")},
+        "stage_seconds": seconds,
+    }
 
 
 @task(name="close-run", task_run_name="close-run")
-def close_run(spec: RunSpec, mlflow_run: str, start_score: float, final_score: float,
-              status: str = "completed") -> None:
-    spec.store.write_run(_runs_row(spec, status=status, mlflow_run_id=mlflow_run,
-                                   mlflow_uri=tracking.tracking_uri(spec.root),
-                                   start_score=start_score, final_score=final_score,
-                                   finished_at=datetime.now(UTC)))
-    tracking.log_metrics(spec.root, mlflow_run, {"start_score": start_score,
-                                                 "final_score": final_score})
+def close_run(
+    spec: RunSpec,
+    mlflow_run: str,
+    start_score: float,
+    final_score: float,
+    status: str = "completed",
+) -> None:
+    spec.store.write_run(
+        _runs_row(
+            spec,
+            status=status,
+            mlflow_run_id=mlflow_run,
+            mlflow_uri=tracking.tracking_uri(spec.root),
+            start_score=start_score,
+            final_score=final_score,
+            finished_at=datetime.now(UTC),
+        )
+    )
+    tracking.log_metrics(
+        spec.root, mlflow_run, {"start_score": start_score, "final_score": final_score}
+    )
     tracking.end_run(spec.root, mlflow_run, "FINISHED" if status == "completed" else "FAILED")

@@ -21,7 +21,10 @@ from tasks import progress, tracking
 
 
 def _prov() -> dict[str, str]:
-    return {"flow_run_id": str(flow_run.get_id() or ""), "task_run_id": str(task_run.get_id() or "")}
+    return {
+        "flow_run_id": str(flow_run.get_id() or ""),
+        "task_run_id": str(task_run.get_id() or ""),
+    }
 
 
 def stage_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
@@ -29,8 +32,9 @@ def stage_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     spec: RunSpec = parameters["spec"]
     up = parameters.get("upstream") or {}
     ups = "-".join(str(u.get("digest", "")) for u in (up if isinstance(up, list) else [up]) if u)
-    return (f"{spec.run_id}/r{parameters['r']}/{context.task.name}/{spec.cfg.digest()}/"
-            f"{ups or 'root'}")
+    return (
+        f"{spec.run_id}/r{parameters['r']}/{context.task.name}/{spec.cfg.digest()}/{ups or 'root'}"
+    )
 
 
 STAGE = dict(cache_key_fn=stage_key, persist_result=True, result_serializer="json")

@@ -50,8 +50,16 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 def _git_commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"],
+                capture_output=True,
+                text=True,
+                cwd=Path(__file__).parent,
+                timeout=5,
+            ).stdout.strip()
+            or "unknown"
+        )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
@@ -83,8 +91,11 @@ def round_run(out: str, parent: str, run_id: str, r: int) -> str:
     found = c.search_runs([exp], f"tags.mlflow.parentRunId = '{parent}' and tags.npd.round = '{r}'")
     if found:
         return found[0].info.run_id
-    run = c.create_run(exp, run_name=f"round {r}",
-                       tags={"mlflow.parentRunId": parent, "npd.round": str(r), "npd.run_id": run_id})
+    run = c.create_run(
+        exp,
+        run_name=f"round {r}",
+        tags={"mlflow.parentRunId": parent, "npd.round": str(r), "npd.run_id": run_id},
+    )
     return run.info.run_id
 
 
@@ -92,8 +103,11 @@ def log_metrics(out: str, run: str, values: dict[str, float], step: int = 0) -> 
     import time
 
     now = int(time.time() * 1000)
-    ms = [Metric(k, float(v), now, step) for k, v in values.items()
-          if isinstance(v, int | float) and v == v]
+    ms = [
+        Metric(k, float(v), now, step)
+        for k, v in values.items()
+        if isinstance(v, int | float) and v == v
+    ]
     for i in range(0, len(ms), 500):
         client(out).log_batch(run, metrics=ms[i : i + 500])
 
@@ -103,8 +117,11 @@ def log_steps(out: str, run: str, log: list[dict[str, Any]]) -> None:
     import time
 
     now = int(time.time() * 1000)
-    ms = [Metric(k, float(e[k]), now, int(e["step"])) for e in log
-          for k in ("loss", "lr", "tokens_per_s")]
+    ms = [
+        Metric(k, float(e[k]), now, int(e["step"]))
+        for e in log
+        for k in ("loss", "lr", "tokens_per_s")
+    ]
     for i in range(0, len(ms), 900):
         client(out).log_batch(run, metrics=ms[i : i + 900])
 
@@ -120,4 +137,3 @@ def log_artifact(out: str, run: str, path: str | Path, subdir: str | None = None
 
 def end_run(out: str, run: str, status: str = "FINISHED") -> None:
     client(out).set_terminated(run, status=status)
-

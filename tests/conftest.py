@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory):
-    """A toy world small enough to build in seconds (its models are not good; tests check plumbing)."""
+    """A toy world that builds in seconds (its models are poor: tests check the plumbing)."""
     from npd_core.toy import ToySpec, build_toy_world
 
     return build_toy_world(tmp_path_factory.mktemp("toy"), ToySpec.tiny(), log=lambda m: None)

@@ -37,9 +37,13 @@ def _cli(*args, cwd=None):
 
 @pytest.mark.parametrize(
     ("content", "needle"),
-    [("rounds: -1\n", "rounds"), ("filter: {q_low: 0.9, q_high: 0.5}\n", "q_low"),
-     ("trian: {}\n", "did you mean 'train'"), ("score: {top_k: 0}\n", "score.top_k"),
-     ("rounds: [\n", "invalid YAML")],
+    [
+        ("rounds: -1\n", "rounds"),
+        ("filter: {q_low: 0.9, q_high: 0.5}\n", "q_low"),
+        ("trian: {}\n", "did you mean 'train'"),
+        ("score: {top_k: 0}\n", "score.top_k"),
+        ("rounds: [\n", "invalid YAML"),
+    ],
 )
 def test_bad_config_is_one_line_exit_2(tmp_path, content, needle):
     p = tmp_path / "bad.yaml"
@@ -53,25 +57,54 @@ def test_bad_config_is_one_line_exit_2(tmp_path, content, needle):
 
 def _store_with_samples(root: Path) -> Path:
     store = Store(root)
-    rows = [dict(run_id="r", round=1, prompt_id=f"p{i}", sample_idx=0, prompt="q", response="a",
-                 prompt_token_ids=[1], response_token_ids=[2, 3], generator_checkpoint="c",
-                 backend="hf", temperature=1.0, top_p=1.0, seed=0, teacher="t", prompt_tokens=1,
-                 response_tokens=2, finished=True, created_at=__import__("datetime").datetime.now(
-                     __import__("datetime").UTC)) for i in range(3)]
+    rows = [
+        dict(
+            run_id="r",
+            round=1,
+            prompt_id=f"p{i}",
+            sample_idx=0,
+            prompt="q",
+            response="a",
+            prompt_token_ids=[1],
+            response_token_ids=[2, 3],
+            generator_checkpoint="c",
+            backend="hf",
+            temperature=1.0,
+            top_p=1.0,
+            seed=0,
+            teacher="t",
+            prompt_tokens=1,
+            response_tokens=2,
+            finished=True,
+            created_at=__import__("datetime").datetime.now(__import__("datetime").UTC),
+        )
+        for i in range(3)
+    ]
     store.write_stage("r", 1, "generate", {"samples": table_from_rows("samples", rows)})
     return store.db_path
 
 
 def test_sql_json_csv_and_refusals(tmp_path):
     db = _store_with_samples(tmp_path)
-    r = runner.invoke(app, ["sql", "select prompt_id, response_tokens from samples order by 1",
-                            "--db", str(db), "--json"])
+    r = runner.invoke(
+        app,
+        [
+            "sql",
+            "select prompt_id, response_tokens from samples order by 1",
+            "--db",
+            str(db),
+            "--json",
+        ],
+    )
     assert r.exit_code == 0
     assert json.loads(r.stdout) == [{"prompt_id": f"p{i}", "response_tokens": 2} for i in range(3)]
     r = runner.invoke(app, ["sql", "select count(*) as n from samples", "--db", str(db), "--csv"])
     assert r.stdout.splitlines() == ["n", "3"]
-    for query, needle in [("delete from samples", "read-only"), ("select * from nope", "samples"),
-                          ("selec 1", "syntax")]:
+    for query, needle in [
+        ("delete from samples", "read-only"),
+        ("select * from nope", "samples"),
+        ("selec 1", "syntax"),
+    ]:
         res = _cli("sql", query, "--db", str(db))
         assert res.returncode != 0 and res.stderr.startswith("error:"), res.stderr
         assert needle in res.stderr.lower() and len(res.stderr.strip().splitlines()) == 1
@@ -82,22 +115,38 @@ def test_sql_json_csv_and_refusals(tmp_path):
 @pytest.mark.slow
 def test_sql_answers_while_a_run_writes(tmp_path, tiny_world):
     """A real `npd run` in a subprocess; `npd sql` keeps answering while it writes."""
-    cfg = {"rounds": 2, "models": {"teacher": str(tiny_world.teacher),
-                                   "student": str(tiny_world.student)},
-           "data": {"prompts": str(tiny_world.train_prompts),
-                    "eval_prompts": str(tiny_world.eval_prompts), "prompts_per_round": 64},
-           "generate": {"max_new_tokens": 32}, "train": {"steps_per_round": 4, "rows_per_step": 4},
-           "pack": {"max_seq_len": 128}}
+    cfg = {
+        "rounds": 2,
+        "models": {"teacher": str(tiny_world.teacher), "student": str(tiny_world.student)},
+        "data": {
+            "prompts": str(tiny_world.train_prompts),
+            "eval_prompts": str(tiny_world.eval_prompts),
+            "prompts_per_round": 64,
+        },
+        "generate": {"max_new_tokens": 32},
+        "train": {"steps_per_round": 4, "rows_per_step": 4},
+        "pack": {"max_seq_len": 128},
+    }
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
     out = tmp_path / "out"
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
-    proc = subprocess.Popen([*NPD, "run", str(tmp_path / "run.yaml"), "--out", str(out), "--json"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [*NPD, "run", str(tmp_path / "run.yaml"), "--out", str(out), "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     answers = []
     while proc.poll() is None:
         if (out / "npd.duckdb").exists():
-            r = _cli("sql", "select count(*) as n from samples", "--db", str(out / "npd.duckdb"),
-                     "--json")
+            r = _cli(
+                "sql",
+                "select count(*) as n from samples",
+                "--db",
+                str(out / "npd.duckdb"),
+                "--json",
+            )
             assert r.returncode == 0, r.stderr
             answers.append(json.loads(r.stdout)[0]["n"])
         time.sleep(0.5)

@@ -13,9 +13,14 @@ from npd_core.config import NPDConfig
 from npd_core.stages import RunSpec
 from npd_core.store import Store, query
 
-CFG = dict(rounds=2, data={"prompts_per_round": 48, "eval_size": 32},
-           generate={"max_new_tokens": 32}, train={"steps_per_round": 3, "rows_per_step": 4, "epochs_per_round": 10},
-           pack={"max_seq_len": 128}, eval={"batch_size": 64})
+CFG = dict(
+    rounds=2,
+    data={"prompts_per_round": 48, "eval_size": 32},
+    generate={"max_new_tokens": 32},
+    train={"steps_per_round": 3, "rows_per_step": 4, "epochs_per_round": 10},
+    pack={"max_seq_len": 128},
+    eval={"batch_size": 64},
+)
 
 
 def _run(tmp_path, world, run_id, **over):
@@ -23,8 +28,15 @@ def _run(tmp_path, world, run_id, **over):
 
     cfg = NPDConfig.model_validate({**CFG, **over})
     Store(tmp_path)
-    spec = RunSpec(str(tmp_path), run_id, cfg.model_dump(mode="json"), str(world.teacher),
-                   str(world.student), str(world.train_prompts), str(world.eval_prompts))
+    spec = RunSpec(
+        str(tmp_path),
+        run_id,
+        cfg.model_dump(mode="json"),
+        str(world.teacher),
+        str(world.student),
+        str(world.train_prompts),
+        str(world.eval_prompts),
+    )
     return spec, distill_flow(spec)
 
 
@@ -33,24 +45,31 @@ def test_two_rounds_store_mlflow_checkpoint(tmp_path, tiny_world, prefect_server
     spec, res = _run(tmp_path, tiny_world, "e2e")
     db = tmp_path / "npd.duckdb"
     # every round's samples are in DuckDB with their provenance
-    rows = query(db, "select round, count(*) n, count(distinct flow_run_id) f, "
-                     "min(task_run_id) t, min(backend) b, min(generator_checkpoint) g "
-                     "from samples group by round order by round").to_pylist()
+    rows = query(
+        db,
+        "select round, count(*) n, count(distinct flow_run_id) f, "
+        "min(task_run_id) t, min(backend) b, min(generator_checkpoint) g "
+        "from samples group by round order by round",
+    ).to_pylist()
     assert [r["round"] for r in rows] == [1, 2]
     assert all(r["n"] == 48 and r["f"] == 1 and r["t"] and r["b"] == "hf" for r in rows)
     # staleness 1: D_1 and D_2 both come from θ_0, the initial student
     assert rows[0]["g"] == rows[1]["g"] == str(tiny_world.student.resolve())
-    counts = query(db, "select (select count(*) from samples where delta_ifd is null) nulls, "
-                       "(select count(*) from filtered) kept, "
-                       "(select count(*) from samples where not kept and filter_reason is null) bad, "
-                       "(select count(*) from rounds) rounds, (select count(*) from evals) evals, "
-                       "(select count(*) from checkpoints) ckpts, "
-                       "(select status from runs) status").to_pylist()[0]
+    counts = query(
+        db,
+        "select (select count(*) from samples where delta_ifd is null) nulls, "
+        "(select count(*) from filtered) kept, "
+        "(select count(*) from samples where not kept and filter_reason is null) bad, "
+        "(select count(*) from rounds) rounds, (select count(*) from evals) evals, "
+        "(select count(*) from checkpoints) ckpts, "
+        "(select status from runs) status",
+    ).to_pylist()[0]
     assert counts["nulls"] == 0 and counts["bad"] == 0 and counts["kept"] > 0
     assert counts["rounds"] == 2 and counts["evals"] == 3 and counts["ckpts"] == 2
     assert counts["status"] == "completed"
     assert [r["score"] for r in res["rounds"]] == query(
-        db, "select score from evals where round > 0 order by round").column("score").to_pylist()
+        db, "select score from evals where round > 0 order by round"
+    ).column("score").to_pylist()
     # the saved checkpoint loads with plain transformers and holds the optimizer state
     ckpt = tmp_path / query(db, "select path from checkpoints where round = 2").column(0)[0].as_py()
     model = AutoModelForCausalLM.from_pretrained(ckpt)
@@ -64,22 +83,28 @@ def test_two_rounds_store_mlflow_checkpoint(tmp_path, tiny_world, prefect_server
     parent = c.get_run(res["mlflow_run_id"])
     assert parent.data.params["rounds"] == "2" and parent.data.tags["git_commit"]
     assert parent.data.metrics["final_score"] == res["final_score"]
-    children = c.search_runs([parent.info.experiment_id],
-                             f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    children = c.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
     assert sorted(r.data.tags["npd.round"] for r in children) == ["1", "2"]
     child = next(r for r in children if r.data.tags["npd.round"] == "2")
     names = {a.path for a in c.list_artifacts(child.info.run_id)}
     assert {"plots", "checkpoint"} <= names
-    assert [a.path for a in c.list_artifacts(child.info.run_id, "plots")] == ["plots/delta_ifd_r2.png"]
+    assert [a.path for a in c.list_artifacts(child.info.run_id, "plots")] == [
+        "plots/delta_ifd_r2.png"
+    ]
     assert len(c.get_metric_history(child.info.run_id, "loss")) == 3
     assert "config.yaml" in {a.path for a in c.list_artifacts(parent.info.run_id)}
-    stage_s = json.loads(query(db, "select stage_seconds_json from rounds where round = 1")
-                         .column(0)[0].as_py())
+    stage_s = json.loads(
+        query(db, "select stage_seconds_json from rounds where round = 1").column(0)[0].as_py()
+    )
     assert set(stage_s) == {"generate", "score", "filter", "pack", "train", "evaluate"}
 
 
-SAMPLE_COLS = ("round, prompt_id, sample_idx, response, response_token_ids, finished, "
-               "sample_logprob_sum, delta_ifd, kept, filter_reason, teacher_logprob_sum")
+SAMPLE_COLS = (
+    "round, prompt_id, sample_idx, response, response_token_ids, finished, "
+    "sample_logprob_sum, delta_ifd, kept, filter_reason, teacher_logprob_sum"
+)
 
 
 @pytest.mark.slow

@@ -35,6 +35,10 @@ def test_absolute_bounds_and_disabled():
 
 
 def test_keep_unfinished_when_asked():
-    res = filter_band(np.zeros(3), np.ones(3, int), np.zeros(3, bool),
-                      FilterConfig(drop_unfinished=False, q_low=0.0, q_high=1.0))
+    res = filter_band(
+        np.zeros(3),
+        np.ones(3, int),
+        np.zeros(3, bool),
+        FilterConfig(drop_unfinished=False, q_low=0.0, q_high=1.0),
+    )
     assert res.kept.all()

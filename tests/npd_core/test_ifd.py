@@ -52,7 +52,9 @@ def test_score_matches_known_logits():
         assert math.isclose(s.resp_logprob_sum[i], float(resp), abs_tol=1e-5)
         # bigram: only the first response token's context differs between the two views
         expected = (float(logp[start, y[0]]) - float(logp[p[-1], y[0]])) / len(y)
-        got = log_ifd(s.cond_logprob_sum[i : i + 1], s.resp_logprob_sum[i : i + 1], np.array([len(y)]))
+        got = log_ifd(
+            s.cond_logprob_sum[i : i + 1], s.resp_logprob_sum[i : i + 1], np.array([len(y)])
+        )
         assert math.isclose(got[0], expected, abs_tol=1e-5)
         # top-k targets at each response position come from the conditional context
         ctx = [p[-1]] + y[:-1]
