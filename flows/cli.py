@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from flows.bench import bench_app
 from npd_core.errors import ConfigError, NPDError
 
 app = typer.Typer(
@@ -32,6 +33,7 @@ app = typer.Typer(
 )
 config_app = typer.Typer(no_args_is_help=True, help="Write or inspect a config file.")
 app.add_typer(config_app, name="config")
+app.add_typer(bench_app, name="bench")
 err = Console(stderr=True)
 DEBUG = {"on": False}
 
@@ -46,12 +48,14 @@ def _main(debug: Annotated[bool, typer.Option("--debug", help="show tracebacks")
     DEBUG["on"] = debug
 
 
-def prefect_env(out: Path, verbose: bool = False) -> None:
-    """Settings Prefect reads at import: results under the output dir, offline, quiet."""
+def prefect_env(out: Path) -> None:
+    """Settings Prefect reads at import: results under the output dir, offline, and its console
+    handler quiet (our progress bars and one-line errors are the console; every log still goes
+    to the Prefect API and shows in the UI). ``--debug`` lets Prefect's console through."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(out.resolve() / "prefect-results")
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
-    os.environ.setdefault("PREFECT_LOGGING_LOGGERS_MLFLOW_LEVEL", "WARNING")
+    if not DEBUG["on"]:
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
@@ -179,6 +183,7 @@ def demo(
 ) -> None:
     """Build (or reuse) the toy world and distill its student for a few rounds."""
     from npd_core.config import load_config
+    from npd_core.preflight import check_run
     from npd_core.store import Store
     from npd_core.toy import build_toy_world
 
@@ -199,6 +204,7 @@ def demo(
         train_prompts=cfg.data.prompts or str(world.train_prompts),
         eval_prompts=cfg.data.eval_prompts or str(world.eval_prompts),
     )
+    check_run(cfg, *(spec[k] for k in ("teacher", "student", "train_prompts", "eval_prompts")))
     err.print(f"run {spec['run_id']}: {cfg.rounds} rounds, staleness {cfg.staleness}")
     emit(run_flow(spec, out, show=True), as_json)
 

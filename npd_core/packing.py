@@ -7,8 +7,10 @@ samples into full rows instead of padding them. Example with ``max_seq_len = 8``
     input_ids     p1  p2  r1  r2  q1  s1  s2  PAD
     labels        -   r1  r2  -   s1  s2  -   -      (label at t = token t+1 of the same sequence)
     position_ids  0   1   2   3   0   1   2   0
-    seq_ids       0   0   0   0   1   1   1   2      (padding is a segment of its own)
+    seq_ids       0   0   0   0   1   1   1   -1     (the sample's index; -1 = padding)
     cu_seqlens    [0, 4, 7]
+
+Padding positions restart at 0 too, so the padding tail is a segment of its own.
 
 Labels are pre-shifted so that a row never predicts across a boundary, prompt positions carry
 ``IGNORE_INDEX``, and position ids restart at each sequence, which is what lets transformers build a
@@ -45,7 +47,7 @@ class PackedBatch:
     input_ids: torch.Tensor  # (B, T) long
     labels: torch.Tensor  # (B, T) long, IGNORE_INDEX where no loss
     position_ids: torch.Tensor  # (B, T) long, restart at 0 per sequence
-    seq_ids: torch.Tensor  # (B, T) long, which sample (batch-local) a position belongs to; -1 = pad
+    seq_ids: torch.Tensor  # (B, T) long, index into ``samples`` of the position's sample; -1 = pad
     target_index: (
         torch.Tensor
     )  # (B, T) long, index into the flat response-position table; -1 = none
@@ -118,7 +120,7 @@ def greedy_stream(lengths: list[int], capacity: int) -> list[list[int]]:
     for i, n in enumerate(lengths):
         if n > capacity:
             raise ValueError(f"item {i} of length {n} exceeds capacity {capacity}")
-        if used + n > capacity:
+        if not bins or used + n > capacity:
             bins.append([])
             used = 0
         bins[-1].append(i)
@@ -169,6 +171,10 @@ def collate(
             s = samples[i]
             ids = s.prompt_ids + s.response_ids
             n, p, r = len(ids), len(s.prompt_ids), len(s.response_ids)
+            if p == 0 and r:
+                # its first response token has no context; its label would land in the
+                # previous sequence (or wrap to the row's end)
+                raise ValueError(f"sample {i} has an empty prompt: prepend a start token (BOS)")
             input_ids[b, t : t + n] = torch.tensor(ids)
             position_ids[b, t : t + n] = torch.arange(n)
             seq_ids[b, t : t + n] = i

@@ -48,10 +48,10 @@ class ModelSpec:
 class ToySpec:
     n_train: int = 4000  # distillation prompts
     n_eval: int = 1000  # held-out prompts
-    n_fit: int = 60000  # extra examples the teacher and warm start learn from (disjoint)
-    teacher: ModelSpec = ModelSpec(256, 4, 4, 768, 600, 2e-3)
-    student: ModelSpec = ModelSpec(128, 2, 2, 384, 60, 2e-3)
-    rows_per_step: int = 32
+    n_fit: int = 30000  # extra examples the teacher and warm start learn from (disjoint)
+    teacher: ModelSpec = ModelSpec(256, 4, 4, 768, 300, 2e-3)
+    student: ModelSpec = ModelSpec(64, 2, 1, 128, 60, 3e-3)
+    rows_per_step: int = 16
     max_seq_len: int = 256
     seed: int = 0
     task: str = field(default_factory=lambda: toy_task.__doc__.splitlines()[0])
@@ -109,7 +109,9 @@ def _samples(tok, prompts: list[Prompt]) -> list[Sample]:
     ]
 
 
-def score_exact(model, tok, prompts: list[Prompt], max_new_tokens: int = 64) -> float:
+def score_exact(
+    model, tok, prompts: list[Prompt], max_new_tokens: int = toy_task.MAX_NEW_TOKENS
+) -> float:
     ids = [tok(p.prompt)["input_ids"] for p in prompts]
     resp = greedy_responses(
         model, tok, ids, max_new_tokens=max_new_tokens, batch_size=512, bf16=True

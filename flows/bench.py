@@ -1,0 +1,137 @@
+"""``npd bench …``: benchmarks of the method itself (no Prefect, no output directory).
+
+``npd bench packing`` runs :func:`npd_core.bench_packing.run_bench` (the same function as
+``python -m npd_core.bench_packing``), prints one JSON object on stdout with ``--json`` (a table on
+stderr otherwise) and, when ``MLFLOW_TRACKING_URI`` is set, logs the figures to MLflow
+(experiment ``npd-bench``, one run per call).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmark the method itself (no Prefect).")
+err = Console(stderr=True)
+EXPERIMENT = "npd-bench"
+
+
+@bench_app.command("packing")
+def packing(
+    as_json: Annotated[
+        bool, typer.Option("--json", help="print one JSON object on stdout")
+    ] = False,
+    n_samples: Annotated[int, typer.Option(help="samples in the length mix", min=8)] = 2048,
+    lengths: Annotated[
+        Path | None, typer.Option(help="file of prompt/response length pairs (default: synthetic)")
+    ] = None,
+    median_len: Annotated[float, typer.Option(help="synthetic: median sample length")] = 60.0,
+    p99_len: Annotated[
+        float, typer.Option(help="synthetic: 99th-percentile sample length")
+    ] = 400.0,
+    max_seq_len: Annotated[
+        int | None, typer.Option(help="packed row length; default 2 × p99 sample length")
+    ] = None,
+    rows_per_step: Annotated[int, typer.Option(help="packed rows per optimizer step", min=1)] = 4,
+    model_size: Annotated[str, typer.Option(help="student: tiny (0.2 M), small, 100m")] = "tiny",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, …")] = "auto",
+    attention: Annotated[
+        str, typer.Option(help="packed: auto (fastest exact), sdpa, eager, sdpa_varlen, …")
+    ] = "auto",
+    padded_attention: Annotated[str, typer.Option(help="padded baseline: auto, sdpa, …")] = "auto",
+    bf16: Annotated[
+        bool | None, typer.Option("--bf16/--no-bf16", help="default: on for CUDA, off for CPU")
+    ] = None,
+    sft_weight: Annotated[float, typer.Option(help="weight of the sft (CE) mix", min=0)] = 0.0,
+    mega_batch_mult: Annotated[int, typer.Option(help="padded grouping; 0 = Trainer's rule")] = 0,
+    threads: Annotated[
+        int | None, typer.Option(help="CPU intra-op threads (default 1; 0 = torch's default)")
+    ] = None,
+    peak_tflops: Annotated[float | None, typer.Option(help="for MFU; CUDA: looked up")] = None,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile both students")] = False,
+    seed: Annotated[int, typer.Option(help="seeds lengths, tokens, init and packing")] = 0,
+) -> None:
+    """Packed vs padded (length-grouped) training of the same student on the same samples."""
+    from npd_core.bench_packing import read_lengths, run_bench
+
+    knobs: dict[str, Any] = dict(
+        n_samples=n_samples, median_len=median_len, p99_len=p99_len, max_seq_len=max_seq_len,
+        rows_per_step=rows_per_step, model_size=model_size, device=device, attention=attention,
+        padded_attention=padded_attention, bf16=bf16, sft_weight=sft_weight,
+        mega_batch_mult=mega_batch_mult, threads=threads, peak_tflops=peak_tflops,
+        compile=compile, seed=seed,
+    )  # fmt: skip
+    pairs = read_lengths(lengths) if lengths else None
+    res = run_bench(
+        lengths=pairs, log=lambda m: err.print(m, markup=False, highlight=False), **knobs
+    )
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        run_id = log_to_mlflow(res, {**knobs, "lengths": str(lengths) if lengths else "synthetic"})
+        err.print(f"MLflow run {run_id} ({os.environ['MLFLOW_TRACKING_URI']})")
+    if as_json:
+        sys.stdout.write(json.dumps(res) + "\n")
+    else:
+        print_table(res)
+
+
+def print_table(res: dict[str, Any]) -> None:
+    t = Table(title="npd bench packing", title_justify="left")
+    t.add_column("figure")
+    t.add_column("value", justify="right")
+    for k, v in res.items():
+        t.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
+    err.print(t)
+
+
+def log_to_mlflow(res: dict[str, Any], knobs: dict[str, Any]) -> str:
+    """One run in experiment ``npd-bench``: params = knobs, metrics = numeric figures,
+    tags = the text figures and the git commit; the whole result as ``bench_packing.json``."""
+    from mlflow.entities import Metric, Param
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient()
+    exp = c.get_experiment_by_name(EXPERIMENT)
+    exp_id = exp.experiment_id if exp else c.create_experiment(EXPERIMENT)
+    tags = {"mlflow.runName": "packing", "git_commit": _git_commit()}
+    tags.update({f"bench.{k}": str(v) for k, v in res.items() if isinstance(v, str)})
+    run = c.create_run(exp_id, tags=tags)
+    rid = run.info.run_id
+    flat = _flatten(res)
+    ts = int(run.info.start_time)
+    c.log_batch(
+        rid,
+        metrics=[Metric(k, float(v), ts, 0) for k, v in flat.items()
+                 if isinstance(v, int | float) and not isinstance(v, bool)],
+        params=[Param(k, str(v)) for k, v in knobs.items()],
+    )  # fmt: skip
+    c.log_dict(rid, res, "bench_packing.json")
+    c.set_terminated(rid)
+    return rid
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        elif v is not None:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _git_commit() -> str:
+    try:
+        cwd = Path(__file__).parent
+        r = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=cwd,
+                           timeout=5)  # fmt: skip
+        return r.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
