@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import sys
 import time
@@ -57,6 +58,8 @@ def prefect_env(out: Path) -> None:
     if not DEBUG["on"]:
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if not DEBUG["on"]:
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # no "creating tables" chatter
 
 
 def new_run_id() -> str:
@@ -182,8 +185,8 @@ def demo(
     as_json: JsonOpt = False,
 ) -> None:
     """Build (or reuse) the toy world and distill its student for a few rounds."""
+    from flows.spec import resolve_spec
     from npd_core.config import load_config
-    from npd_core.preflight import check_run
     from npd_core.store import Store
     from npd_core.toy import build_toy_world
 
@@ -195,16 +198,7 @@ def demo(
         f"toy world: teacher {world.teacher_score:.1f}, student {world.student_score:.1f} "
         f"held-out exact match ({world.root})"
     )
-    spec = dict(
-        root=str(out),
-        run_id=new_run_id(),
-        config=cfg.model_dump(mode="json"),
-        teacher=cfg.models.teacher or str(world.teacher),
-        student=cfg.models.student or str(world.student),
-        train_prompts=cfg.data.prompts or str(world.train_prompts),
-        eval_prompts=cfg.data.eval_prompts or str(world.eval_prompts),
-    )
-    check_run(cfg, *(spec[k] for k in ("teacher", "student", "train_prompts", "eval_prompts")))
+    spec = resolve_spec(cfg, out, new_run_id(), world)
     err.print(f"run {spec['run_id']}: {cfg.rounds} rounds, staleness {cfg.staleness}")
     emit(run_flow(spec, out, show=True), as_json)
 
@@ -216,9 +210,8 @@ def run(
     as_json: JsonOpt = False,
 ) -> None:
     """Distill any HF teacher/student pair on a prompts JSONL, as the config says."""
+    from flows.spec import resolve_spec
     from npd_core.config import load_config
-    from npd_core.data import read_prompts
-    from npd_core.store import Store
 
     cfg = load_config(config)
     for sec, key in (
@@ -229,18 +222,7 @@ def run(
     ):
         if not getattr(getattr(cfg, sec), key):
             raise ConfigError(f"{config}: field '{sec}.{key}' is required by `npd run`; set it")
-    read_prompts(cfg.data.prompts)
-    read_prompts(cfg.data.eval_prompts)
-    Store(out)
-    spec = dict(
-        root=str(out),
-        run_id=new_run_id(),
-        config=cfg.model_dump(mode="json"),
-        teacher=cfg.models.teacher,
-        student=cfg.models.student,
-        train_prompts=cfg.data.prompts,
-        eval_prompts=cfg.data.eval_prompts,
-    )
+    spec = resolve_spec(cfg, out, new_run_id())
     err.print(f"run {spec['run_id']}: {cfg.rounds} rounds, staleness {cfg.staleness}")
     emit(run_flow(spec, out, show=True), as_json)
 
@@ -313,3 +295,26 @@ def main() -> None:
     except KeyboardInterrupt:
         err.print("error: interrupted; the stage in progress left nothing visible, retry the run")
         sys.exit(130)
+
+
+@app.command()
+def serve(
+    config: Annotated[
+        Path | None, typer.Argument(help="run config YAML (default: toy world)")
+    ] = None,
+    out: OutOpt = Path("npd-out"),
+    cron: Annotated[str, typer.Option(help="schedule, cron syntax (local time)")] = "0 2 * * *",
+    name: Annotated[str, typer.Option(help="deployment name")] = "nightly",
+) -> None:
+    """Serve the scheduled distill flow from this process (Prefect ``serve``): runs on the cron
+    schedule and picks up runs started or retried from the Prefect UI. Ctrl-C stops it."""
+    from npd_core.config import load_config
+
+    if config is not None:
+        load_config(config)  # fail now, not at 2 a.m.
+    prefect_env(out)
+    from flows.distill import scheduled_flow
+
+    params = {"config": str(config.resolve()) if config else None, "out": str(out.resolve())}
+    err.print(f"serving npd-scheduled/{name} on '{cron}' with {params}; Ctrl-C to stop")
+    scheduled_flow.serve(name=name, cron=cron, parameters=params)

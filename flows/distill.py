@@ -11,6 +11,7 @@ and checkpoints.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 from prefect import flow
@@ -100,3 +101,25 @@ def distill_flow(spec: RunSpec) -> dict[str, Any]:
             (x["stage"], x["round"], x["started"], x["ended"]) for x in all_results
         ],
     }
+
+
+@flow(name="npd-scheduled", log_prints=True)
+def scheduled_flow(config: str | None = None, out: str = "npd-out") -> dict[str, Any]:
+    """The deployable entry point: one NPD run from a config path (toy world where the config
+    names no models). The run id derives from this flow run's id, so a retry of the same flow
+    run (the UI's Retry button) hits the same cache keys and resumes at the failed stage."""
+    from prefect.runtime import flow_run
+
+    from flows.spec import resolve_spec
+    from npd_core.config import load_config
+    from npd_core.store import Store
+    from npd_core.toy import build_toy_world
+
+    cfg = load_config(config)
+    root = Path(out)
+    Store(root)
+    world = None
+    if not (cfg.models.teacher and cfg.models.student and cfg.data.prompts):
+        world = build_toy_world(root / "toy", log=print)
+    run_id = f"sched-{str(flow_run.get_id())[:8]}"
+    return distill_flow(RunSpec(**resolve_spec(cfg, root, run_id, world)))

@@ -72,7 +72,7 @@ def score(
             v, i = logp.topk(k, dim=-1)
             tk_lp[idx], tk_ids[idx] = v, i.to(torch.int32)
         if progress:
-            progress(int(sum(len(samples[j]) for row in chunk for j in row)))
+            progress(sum(len(row) for row in chunk))  # sequences scored (2 per sample)
     sums = torch.zeros(2 * n, dtype=torch.float64).index_add_(
         0, torch.repeat_interleave(torch.arange(2 * n), torch.as_tensor(resp_len)), tok_lp.double()
     )

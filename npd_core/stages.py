@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from npd_core.attention import for_training
 from npd_core.config import NPDConfig
 from npd_core.data import Prompt, round_prompts
 from npd_core.evaluate import exact_match, greedy_responses
@@ -406,21 +407,22 @@ def train_stage(
             rows[x["row"]].append(where[(x["prompt_id"], x["sample_idx"])])
         torch.manual_seed(cfg.seed * 31 + r)
         total = cfg.rounds * cfg.train.steps_per_round
-        stats = train_round(
-            model,
-            opt,
-            samples,
-            targets,
-            rows,
-            cfg.train,
-            cfg.pack,
-            start_step=start_step,
-            total_steps=total,
-            seed=cfg.seed * 131 + r,
-            pad_id=tok.pad_token_id,
-            bf16=cfg.models.bf16,
-            on_step=on_step,
-        )
+        with for_training(model):
+            stats = train_round(
+                model,
+                opt,
+                samples,
+                targets,
+                rows,
+                cfg.train,
+                cfg.pack,
+                start_step=start_step,
+                total_steps=total,
+                seed=cfg.seed * 131 + r,
+                pad_id=tok.pad_token_id,
+                bf16=cfg.models.bf16,
+                on_step=on_step,
+            )
         step = start_step + stats.steps
         dst = Path(spec.checkpoint(r))
         save_checkpoint(

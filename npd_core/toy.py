@@ -22,6 +22,7 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from npd_core import toy_task
+from npd_core.attention import for_training
 from npd_core.config import PackConfig, TrainConfig
 from npd_core.data import Prompt, write_prompts
 from npd_core.evaluate import exact_match, greedy_responses
@@ -50,7 +51,7 @@ class ToySpec:
     n_eval: int = 1000  # held-out prompts
     n_fit: int = 30000  # extra examples the teacher and warm start learn from (disjoint)
     teacher: ModelSpec = ModelSpec(256, 4, 4, 768, 300, 2e-3)
-    student: ModelSpec = ModelSpec(64, 2, 1, 128, 60, 3e-3)
+    student: ModelSpec = ModelSpec(64, 2, 1, 128, 700, 3e-3)
     rows_per_step: int = 16
     max_seq_len: int = 256
     seed: int = 0
@@ -135,19 +136,20 @@ def fit(model, tok, prompts: list[Prompt], spec: ModelSpec, toy: ToySpec) -> Non
     samples, _, rows = packed_rows(_samples(tok, prompts), pack, toy.seed)
     opt = make_optimizer(model, cfg)
     torch.manual_seed(toy.seed)
-    train_round(
-        model,
-        opt,
-        samples,
-        None,
-        rows,
-        cfg,
-        pack,
-        start_step=0,
-        total_steps=spec.train_steps,
-        seed=toy.seed,
-        pad_id=tok.pad_token_id,
-    )
+    with for_training(model):
+        train_round(
+            model,
+            opt,
+            samples,
+            None,
+            rows,
+            cfg,
+            pack,
+            start_step=0,
+            total_steps=spec.train_steps,
+            seed=toy.seed,
+            pad_id=tok.pad_token_id,
+        )
 
 
 def build_toy_world(

@@ -51,7 +51,7 @@ def generate(spec: RunSpec, r: int, upstream: dict | None = None) -> dict:
 
 @task(name="score", task_run_name="r{r}-score", retries=1, retry_delay_seconds=1, **STAGE)
 def score(spec: RunSpec, r: int, upstream: dict) -> dict:
-    total = upstream["metrics"]["generated_tokens"] * 2
+    total = upstream["metrics"]["n_generated"] * 2  # two views per sample
     return stages.score_stage(spec, r, _prov(), progress.bar("score", r, total)).to_dict()
 
 

@@ -68,6 +68,10 @@ def start_run(out: str, run_id: str, name: str, config: dict[str, Any]) -> str:
     """Create the parent MLflow run: params = full config, tags = commit and versions."""
     c = client(out)
     exp = _experiment(c, out)
+    query = f"tags.`npd.run_id` = '{run_id}' and attributes.run_name = '{name}'"
+    found = c.search_runs([exp], query)
+    if found:  # a retried flow run continues its MLflow run
+        return found[0].info.run_id
     tags = {"npd.run_id": run_id, "git_commit": _git_commit(), "mlflow.runName": name}
     for pkg in ("npd", "torch", "transformers", "prefect", "mlflow", "duckdb"):
         tags[f"version.{pkg}"] = version(pkg)

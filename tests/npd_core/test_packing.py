@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from npd_core import bench_packing
+from npd_core import attention, bench_packing
 from npd_core.config import TrainConfig
 from npd_core.losses import token_mean
 from npd_core.packing import (
@@ -45,7 +45,7 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-ATTENTIONS = ["sdpa", "eager", bench_packing.register_varlen_attention()]
+ATTENTIONS = ["sdpa", "eager", attention.register_varlen_attention()]
 LOSSES = {
     "forward_kl": TrainConfig(loss="forward_kl"),
     "ce": TrainConfig(loss="ce"),
@@ -354,5 +354,5 @@ def test_varlen_attention_equals_sdpa_with_a_block_diagonal_mask_under_gqa():
     want = torch.nn.functional.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, enable_gqa=True
     ).transpose(1, 2)  # (B, T, H, D)
-    got, _ = bench_packing.sdpa_varlen_attention(None, q, k, v, None, position_ids=pos)
+    got, _ = attention.sdpa_varlen_attention(None, q, k, v, None, position_ids=pos)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)

@@ -1,0 +1,62 @@
+"""Checks before a run: bad models, tokenizers and prompts fail with one line, nothing written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from npd_core.config import NPDConfig
+from npd_core.errors import ConfigError, DataError, ModelError
+from npd_core.preflight import check_run
+
+
+def _args(w):
+    return [str(w.teacher), str(w.student), str(w.train_prompts), str(w.eval_prompts)]
+
+
+def test_valid_world_passes(tiny_world):
+    train, held = check_run(NPDConfig(), *_args(tiny_world))
+    assert len(train) == 128 and len(held) == 64
+
+
+def test_missing_and_non_hf_checkpoint(tiny_world, tmp_path):
+    a = _args(tiny_world)
+    with pytest.raises(ModelError, match="models.teacher: .*does not exist"):
+        check_run(NPDConfig(), str(tmp_path / "gone"), *a[1:])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="models.student: .*no config.json"):
+        check_run(NPDConfig(), a[0], str(tmp_path / "empty"), *a[2:])
+
+
+def test_unknown_architecture(tiny_world, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_world.student, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["model_type"] = "no_such_arch"
+    (bad / "config.json").write_text(json.dumps(cfg))
+    a = _args(tiny_world)
+    with pytest.raises(ModelError, match="models.student: .*config.json"):
+        check_run(NPDConfig(), a[0], str(bad), *a[2:])
+
+
+def test_vocab_mismatch(tiny_world, tmp_path):
+    bad = tmp_path / "other"
+    shutil.copytree(tiny_world.student, bad)
+    tok = json.loads((bad / "tokenizer.json").read_text())
+    tok["model"]["vocab"]["#"] = len(tok["model"]["vocab"])
+    (bad / "tokenizer.json").write_text(json.dumps(tok))
+    a = _args(tiny_world)
+    with pytest.raises(ModelError, match="different vocabularies"):
+        check_run(NPDConfig(), a[0], str(bad), *a[2:])
+
+
+def test_prompt_too_long_for_context_and_rows(tiny_world, tmp_path):
+    a = _args(tiny_world)
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"id": "big", "prompt": "1," * 300 + "=", "answer": "1"}) + "\n")
+    with pytest.raises(DataError, match="prompt 'big' has 601 tokens"):
+        check_run(NPDConfig(), *a[:2], str(long), a[3])
+    with pytest.raises(ConfigError, match="pack.max_seq_len=16"):
+        check_run(NPDConfig(pack={"max_seq_len": 16}), *a)
