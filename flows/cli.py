@@ -318,3 +318,52 @@ def serve(
     params = {"config": str(config.resolve()) if config else None, "out": str(out.resolve())}
     err.print(f"serving npd-scheduled/{name} on '{cron}' with {params}; Ctrl-C to stop")
     scheduled_flow.serve(name=name, cron=cron, parameters=params)
+
+
+@app.command()
+def status(
+    run_id: Annotated[str | None, typer.Argument(help="a run id; default: every run")] = None,
+    out: OutOpt = Path("npd-out"),
+    as_json: JsonOpt = False,
+) -> None:
+    """Runs with their rounds (scores, kept fractions, stage seconds) from the store."""
+    from npd_core.errors import StoreError
+    from npd_core.store import query
+
+    db = out / "npd.duckdb"
+    runs = query(db, STATUS_RUNS_SQL).to_pylist()
+    if run_id is not None:
+        runs = [r for r in runs if r["run_id"] == run_id]
+        if not runs:
+            raise StoreError(f"{db}: no run {run_id!r}; `npd status --out {out}` lists the runs")
+    rounds = query(db, STATUS_ROUNDS_SQL).to_pylist()
+    for r in runs:
+        r["rounds"] = [x for x in rounds if x["run_id"] == r["run_id"]]
+    if as_json:
+        sys.stdout.write(json.dumps(runs, default=str) + "\n")
+        return
+    for r in runs:
+        t = Table(title=f"{r['run_id']}  {r['status']}  ({r['name']})", title_justify="left")
+        for col in ("round", "score", "kept", "loss", "seconds"):
+            t.add_column(col, justify="right")
+        for x in r["rounds"]:
+            secs = sum(json.loads(x["stage_seconds_json"]).values())
+            t.add_row(
+                str(x["round"]),
+                f"{x['score']:.1f}",
+                f"{x['kept_fraction']:.2f}",
+                f"{x['mean_loss']:.4f}",
+                f"{secs:.1f}",
+            )
+        Console().print(t)
+
+
+STATUS_RUNS_SQL = """
+SELECT run_id, name, status, start_score, final_score, created_at, finished_at, flow_run_id,
+       mlflow_run_id
+FROM runs ORDER BY created_at
+"""
+STATUS_ROUNDS_SQL = """
+SELECT run_id, round, score, kept_fraction, mean_loss, stage_seconds_json
+FROM rounds ORDER BY run_id, round
+"""

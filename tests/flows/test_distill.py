@@ -99,6 +99,16 @@ def test_two_rounds_store_mlflow_checkpoint(tmp_path, tiny_world, prefect_server
         query(db, "select stage_seconds_json from rounds where round = 1").column(0)[0].as_py()
     )
     assert set(stage_s) == {"generate", "score", "filter", "pack", "train", "evaluate"}
+    # npd status reads the same store
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    shown = CliRunner().invoke(app, ["status", "e2e", "--out", str(tmp_path), "--json"])
+    (run,) = json.loads(shown.stdout)
+    assert run["status"] == "completed" and [x["round"] for x in run["rounds"]] == [1, 2]
+    missing = CliRunner().invoke(app, ["status", "nope", "--out", str(tmp_path)])
+    assert missing.exit_code != 0 and "no run 'nope'" in str(missing.exception)
 
 
 SAMPLE_COLS = (
