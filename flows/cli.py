@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import os
 import sys
 import time
@@ -59,7 +58,7 @@ def prefect_env(out: Path) -> None:
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if not DEBUG["on"]:
-        logging.getLogger("mlflow").setLevel(logging.WARNING)  # no "creating tables" chatter
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # no "creating tables" chatter
 
 
 def new_run_id() -> str:

@@ -14,15 +14,6 @@ from npd_core import losses
 V = 11
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread (on a busy 2-core box a second thread only waits)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def case(n: int = 5, k: int = 4, seed: int = 0, vocab: int = V):
     g = torch.Generator().manual_seed(seed)
     z = 3 * torch.randn(n, vocab, generator=g)  # (N, V) student logits

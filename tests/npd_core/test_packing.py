@@ -36,15 +36,6 @@ from npd_core.train import Targets, per_token_loss
 VOCAB, PAD, K = 48, 0, 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread (on a busy 2-core box a second thread only waits)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 ATTENTIONS = ["sdpa", "eager", attention.register_varlen_attention()]
 LOSSES = {
     "forward_kl": TrainConfig(loss="forward_kl"),
