@@ -10,6 +10,10 @@ class NPDError(Exception):
 
     exit_code = 1
 
+    def __init__(self, message: str) -> None:
+        # one line, whatever a wrapped library message contained
+        super().__init__(" ".join(str(message).split()))
+
 
 class ConfigError(NPDError):
     """Bad config file, key or value."""
