@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import sys
 import time
@@ -165,9 +166,27 @@ def print_summary(summary: dict[str, Any]) -> None:
     err.print(f"MLflow: mlflow ui --backend-store-uri {summary['mlflow_uri']}")
 
 
+def _finite(x: Any) -> Any:
+    """NaN/inf → null, so ``--json`` output is strict JSON (a round that kept no sample has no
+    mean loss)."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_finite(v) for v in x]
+    return x
+
+
 def emit(summary: dict[str, Any], as_json: bool) -> None:
+    for r in summary["rounds"]:
+        if r["n_kept"] == 0:
+            err.print(
+                f"warning: round {r['round']} kept no sample (see filter_reason in "
+                "`samples`); it trained nothing and the run went on"
+            )
     if as_json:
-        sys.stdout.write(json.dumps(summary, default=str) + "\n")
+        sys.stdout.write(json.dumps(_finite(summary), default=str, allow_nan=False) + "\n")
     else:
         print_summary(summary)
 
