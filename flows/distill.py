@@ -35,6 +35,16 @@ def _produce(
     return {"generate": gen, "score": sc, "filter": fl, "pack": pk}
 
 
+def _raise_first_failure(futures: list[PrefectFuture]) -> None:
+    """Re-raise the stage's own error: tasks downstream of a failure stay Pending, and asking
+    them for a result would only say so."""
+    for f in futures:
+        f.wait()
+    for f in sorted(futures, key=lambda f: f.state.timestamp):
+        if f.state.is_failed() or f.state.is_crashed():
+            f.result()
+
+
 @flow(
     name="npd-distill",
     flow_run_name="{spec.run_id}",
@@ -82,6 +92,14 @@ def distill_flow(spec: RunSpec) -> dict[str, Any]:
         rounds.append(run_tasks.record_round.submit(spec, r, stage_results, mlf))
         if strict:
             produce_ready(r)
+    everything = [
+        evals[0],
+        *(f for p in produced.values() for f in p.values()),
+        *(trains[r] for r in range(1, cfg.rounds + 1)),
+        *evals.values(),
+        *rounds,
+    ]
+    _raise_first_failure(everything)
     summaries = [f.result() for f in rounds]
     all_results = [evals[0].result()] + [f.result() for p in produced.values() for f in p.values()]
     all_results += [trains[r].result() for r in range(1, cfg.rounds + 1)]

@@ -18,6 +18,7 @@ from prefect.runtime import flow_run, task_run
 from npd_core import stages
 from npd_core.stages import RunSpec
 from tasks import progress, tracking
+from tasks.faults import InjectedFault, maybe_fail
 
 
 def _prov() -> dict[str, str]:
@@ -37,37 +38,48 @@ def stage_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     )
 
 
+def not_injected(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry flaky failures, not the ones NPD_FAIL_AT injects (those rehearse a flow retry)."""
+    return not isinstance(state.result(raise_on_failure=False), InjectedFault)
+
+
 STAGE = dict(cache_key_fn=stage_key, persist_result=True, result_serializer="json")
+FLAKY = dict(retries=1, retry_delay_seconds=1, retry_condition_fn=not_injected)
 
 
-@task(name="generate", task_run_name="r{r}-generate", retries=1, retry_delay_seconds=1, **STAGE)
+@task(name="generate", task_run_name="r{r}-generate", **FLAKY, **STAGE)
 def generate(spec: RunSpec, r: int, upstream: dict | None = None) -> dict:
     """Student snapshot samples the round's prompts (flaky on real servers: one retry)."""
+    maybe_fail(spec, "generate", r)
     cfg = spec.cfg
     n = cfg.data.prompts_per_round * cfg.generate.n_per_prompt
     res = stages.generate_stage(spec, r, _prov(), progress.bar("generate", r, n))
     return res.to_dict()
 
 
-@task(name="score", task_run_name="r{r}-score", retries=1, retry_delay_seconds=1, **STAGE)
+@task(name="score", task_run_name="r{r}-score", **FLAKY, **STAGE)
 def score(spec: RunSpec, r: int, upstream: dict) -> dict:
+    maybe_fail(spec, "score", r)
     total = upstream["metrics"]["n_generated"] * 2  # two views per sample
     return stages.score_stage(spec, r, _prov(), progress.bar("score", r, total)).to_dict()
 
 
 @task(name="filter", task_run_name="r{r}-filter", **STAGE)
 def filter_(spec: RunSpec, r: int, upstream: dict) -> dict:
+    maybe_fail(spec, "filter", r)
     return stages.filter_stage(spec, r, _prov()).to_dict()
 
 
 @task(name="pack", task_run_name="r{r}-pack", **STAGE)
 def pack(spec: RunSpec, r: int, upstream: dict) -> dict:
+    maybe_fail(spec, "pack", r)
     return stages.pack_stage(spec, r, _prov()).to_dict()
 
 
 @task(name="train", task_run_name="r{r}-train", **STAGE)
 def train(spec: RunSpec, r: int, upstream: list[dict], mlflow_run: str) -> dict:
     """θ_{r−1} → θ_r; per-step loss/lr/tokens-per-s go to the round's MLflow run."""
+    maybe_fail(spec, "train", r)
     cfg = spec.cfg
     bar = progress.bar("train", r, cfg.train.steps_per_round)
     res = stages.train_stage(spec, r, _prov(), on_step=(lambda _: bar(1)) if bar else None)
@@ -80,6 +92,7 @@ def train(spec: RunSpec, r: int, upstream: list[dict], mlflow_run: str) -> dict:
 
 @task(name="evaluate", task_run_name="r{r}-evaluate", **STAGE)
 def evaluate(spec: RunSpec, r: int, upstream: dict | None = None) -> dict:
+    maybe_fail(spec, "evaluate", r)
     with open(spec.eval_prompts, encoding="utf-8") as f:
         n = sum(1 for line in f if line.strip())
     n = min(n, spec.cfg.data.eval_size or n)

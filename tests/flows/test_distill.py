@@ -129,3 +129,22 @@ def test_overlap_equals_strict_order(tmp_path, tiny_world, prefect_server):
         wa = load_file(f"{a.checkpoint(r)}/model.safetensors")
         wb = load_file(f"{b.checkpoint(r)}/model.safetensors")
         assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.parametrize("stage", ["generate", "train"])
+def test_injected_failure_then_rerun_resumes_from_cache(
+    tmp_path, tiny_world, prefect_server, monkeypatch, stage
+):
+    """NPD_FAIL_AT fails round 2 once; the same run again finds round 1 cached, ends complete."""
+    monkeypatch.setenv("NPD_FAIL_AT", f"{stage}:2")
+    with pytest.raises(Exception, match="injected failure"):
+        _run(tmp_path, tiny_world, f"fail-{stage}")
+    db = tmp_path / "npd.duckdb"
+    q = "select round, min(created_at) t, count(*) n from samples group by round order by round"
+    before = query(db, q).to_pylist()
+    spec, res = _run(tmp_path, tiny_world, f"fail-{stage}")  # what `npd retry` does
+    after = query(db, q).to_pylist()
+    assert after[0] == before[0]  # round 1's samples were not regenerated (cached stage)
+    assert [r["n"] for r in after] == [48, 48] and res["rounds"][-1]["round"] == 2
+    status = query(db, "select status from runs").column(0).to_pylist()
+    assert status == ["completed"]

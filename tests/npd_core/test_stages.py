@@ -18,11 +18,23 @@ PROV = {"flow_run_id": "f", "task_run_id": "t"}
 
 def _spec(tmp_path, world, **cfg) -> RunSpec:
     Store(tmp_path)
-    base = dict(rounds=1, data={"prompts_per_round": 16}, generate={"max_new_tokens": 24},
-                train={"steps_per_round": 2, "rows_per_step": 2}, pack={"max_seq_len": 128})
+    base = dict(
+        rounds=1,
+        data={"prompts_per_round": 16},
+        generate={"max_new_tokens": 24},
+        train={"steps_per_round": 2, "rows_per_step": 2},
+        pack={"max_seq_len": 128},
+    )
     c = NPDConfig.model_validate({**base, **cfg})
-    return RunSpec(str(tmp_path), "r", c.model_dump(mode="json"), str(world.teacher),
-                   str(world.student), str(world.train_prompts), str(world.eval_prompts))
+    return RunSpec(
+        str(tmp_path),
+        "r",
+        c.model_dump(mode="json"),
+        str(world.teacher),
+        str(world.student),
+        str(world.train_prompts),
+        str(world.eval_prompts),
+    )
 
 
 def test_stage_rerun_is_idempotent(tmp_path, tiny_world):
