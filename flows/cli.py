@@ -313,6 +313,18 @@ def main() -> None:
     except KeyboardInterrupt:
         err.print("error: interrupted; the stage in progress left nothing visible, retry the run")
         sys.exit(130)
+    except Exception as e:  # a failed stage: still one line; the run is retriable
+        if DEBUG["on"]:
+            raise
+        msg = " ".join(str(e).split()) or type(e).__name__
+        err.print(
+            f"error: {type(e).__name__}: {msg} (`npd retry RUN_ID` resumes at the failed "
+            "stage; `npd --debug` shows the traceback)",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+        sys.exit(1)
 
 
 @app.command()
@@ -336,6 +348,23 @@ def serve(
     params = {"config": str(config.resolve()) if config else None, "out": str(out.resolve())}
     err.print(f"serving npd-scheduled/{name} on '{cron}' with {params}; Ctrl-C to stop")
     scheduled_flow.serve(name=name, cron=cron, parameters=params)
+
+
+@app.command()
+def retry(
+    run_id: Annotated[str, typer.Argument(help="the run to resume")],
+    out: OutOpt = Path("npd-out"),
+    as_json: JsonOpt = False,
+) -> None:
+    """Run a failed (or killed) run again: finished stages come back Cached from their persisted
+    results, the failed stage and everything after it run."""
+    from dataclasses import asdict
+
+    from npd_core.stages import RunSpec
+
+    spec = RunSpec.load(out, run_id)
+    err.print(f"retrying run {run_id} in {out}")
+    emit(run_flow(asdict(spec), out, show=True), as_json)
 
 
 @app.command()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -26,6 +27,7 @@ import torch
 from npd_core.attention import for_training
 from npd_core.config import NPDConfig
 from npd_core.data import Prompt, round_prompts
+from npd_core.errors import StoreError
 from npd_core.evaluate import exact_match, greedy_responses
 from npd_core.filter import filter_band
 from npd_core.generate import apply_stop_strings, generate
@@ -66,6 +68,25 @@ class RunSpec:
     @property
     def store(self) -> Store:
         return Store(self.root, create=False)
+
+    def save(self) -> Path:
+        """Write ``runs/<run_id>/run/spec.json`` (temp + rename) so the run can be retried."""
+        path = Path(self.root) / "runs" / self.run_id / "run" / "spec.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=1, sort_keys=True))
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, root: str | Path, run_id: str) -> RunSpec:
+        path = Path(root) / "runs" / run_id / "run" / "spec.json"
+        if not path.is_file():
+            raise StoreError(
+                f"{Path(root) / 'npd.duckdb'}: no run {run_id!r} to retry; "
+                f"`npd status --out {root}` lists the runs"
+            )
+        return cls(**{**json.loads(path.read_text()), "root": str(root)})
 
     def checkpoint(self, k: int) -> str:
         """Directory of θ_k (θ_0 is the initial student, not copied)."""

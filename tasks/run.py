@@ -39,6 +39,7 @@ def _runs_row(spec: RunSpec, **kw: Any) -> dict[str, Any]:
 def open_run(spec: RunSpec) -> str:
     """Write the ``runs`` and ``prompts`` rows and create the MLflow parent run."""
     store = Store(spec.root)
+    spec.save()
     mlf = tracking.start_run(spec.root, spec.run_id, spec.cfg.name, spec.config)
     prompts = [
         dict(run_id=spec.run_id, prompt_id=p.id, prompt=p.prompt, answer=p.answer, split=split)

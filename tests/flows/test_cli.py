@@ -163,3 +163,50 @@ def test_runspec_checkpoint_layout(tmp_path):
     spec = RunSpec(str(tmp_path), "x", {}, "t", "s0", "a", "b")
     assert spec.checkpoint(0) == "s0"
     assert spec.checkpoint(2).endswith(os.path.join("runs", "x", "checkpoints", "round=2"))
+
+
+@pytest.mark.slow
+def test_failed_run_then_npd_retry(tmp_path, tiny_world):
+    """`npd run` fails in round 2 (injected); `npd retry RUN_ID` finishes it from the cache."""
+    cfg = {
+        "rounds": 2,
+        "models": {"teacher": str(tiny_world.teacher), "student": str(tiny_world.student)},
+        "data": {
+            "prompts": str(tiny_world.train_prompts),
+            "eval_prompts": str(tiny_world.eval_prompts),
+            "prompts_per_round": 32,
+        },
+        "generate": {"max_new_tokens": 24},
+        "train": {"steps_per_round": 2, "rows_per_step": 2},
+        "pack": {"max_seq_len": 128},
+    }
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "out"
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "NPD_FAIL_AT": "score:2"}
+    run = subprocess.run(
+        [*NPD, "run", str(tmp_path / "run.yaml"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert run.returncode != 0
+    assert run.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "injected failure in score of round 2" in run.stderr and "Traceback" not in run.stderr
+    db = str(out / "npd.duckdb")
+    run_id = json.loads(_cli("sql", "select run_id from runs", "--db", db, "--json").stdout)[0]
+    q = "select round, min(created_at)::varchar t from samples group by round order by round"
+    before = json.loads(_cli("sql", q, "--db", db, "--json").stdout)
+    retry = subprocess.run(
+        [*NPD, "retry", run_id["run_id"], "--out", str(out), "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert retry.returncode == 0, retry.stderr[-2000:]
+    assert json.loads(retry.stdout)["rounds"][-1]["round"] == 2
+    after = json.loads(_cli("sql", q, "--db", db, "--json").stdout)
+    assert after[:2] == before[:2]  # rounds 1 and 2 generated once: cached, not regenerated
+    missing = _cli("retry", "nope", "--out", str(out))
+    assert missing.returncode != 0 and "no run 'nope'" in missing.stderr
