@@ -112,22 +112,27 @@ def test_sql_json_csv_and_refusals(tmp_path):
     assert res.returncode != 0 and "missing.duckdb" in res.stderr
 
 
-@pytest.mark.slow
-def test_sql_answers_while_a_run_writes(tmp_path, tiny_world):
-    """A real `npd run` in a subprocess; `npd sql` keeps answering while it writes."""
+def _write_run_config(tmp_path, world, prompts_per_round: int, steps: int) -> None:
+    """tmp_path/run.yaml: a 2-round `npd run` on the tiny world."""
     cfg = {
         "rounds": 2,
-        "models": {"teacher": str(tiny_world.teacher), "student": str(tiny_world.student)},
+        "models": {"teacher": str(world.teacher), "student": str(world.student)},
         "data": {
-            "prompts": str(tiny_world.train_prompts),
-            "eval_prompts": str(tiny_world.eval_prompts),
-            "prompts_per_round": 64,
+            "prompts": str(world.train_prompts),
+            "eval_prompts": str(world.eval_prompts),
+            "prompts_per_round": prompts_per_round,
         },
         "generate": {"max_new_tokens": 32},
-        "train": {"steps_per_round": 4, "rows_per_step": 4},
+        "train": {"steps_per_round": steps, "rows_per_step": steps},
         "pack": {"max_seq_len": 128},
     }
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+
+
+@pytest.mark.slow
+def test_sql_answers_while_a_run_writes(tmp_path, tiny_world):
+    """A real `npd run` in a subprocess; `npd sql` keeps answering while it writes."""
+    _write_run_config(tmp_path, tiny_world, prompts_per_round=64, steps=4)
     out = tmp_path / "out"
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
     proc = subprocess.Popen(
@@ -168,19 +173,7 @@ def test_runspec_checkpoint_layout(tmp_path):
 @pytest.mark.slow
 def test_failed_run_then_npd_retry(tmp_path, tiny_world):
     """`npd run` fails in round 2 (injected); `npd retry RUN_ID` finishes it from the cache."""
-    cfg = {
-        "rounds": 2,
-        "models": {"teacher": str(tiny_world.teacher), "student": str(tiny_world.student)},
-        "data": {
-            "prompts": str(tiny_world.train_prompts),
-            "eval_prompts": str(tiny_world.eval_prompts),
-            "prompts_per_round": 32,
-        },
-        "generate": {"max_new_tokens": 24},
-        "train": {"steps_per_round": 2, "rows_per_step": 2},
-        "pack": {"max_seq_len": 128},
-    }
-    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    _write_run_config(tmp_path, tiny_world, prompts_per_round=32, steps=2)
     out = tmp_path / "out"
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "NPD_FAIL_AT": "score:2"}
     run = subprocess.run(
