@@ -205,18 +205,15 @@ def demo(
     """Build (or reuse) the toy world and distill its student for a few rounds."""
     from flows.spec import resolve_spec
     from npd_core.config import load_config
-    from npd_core.store import Store
-    from npd_core.toy import build_toy_world
 
     overrides = {"rounds": rounds} if rounds is not None else None
     cfg = load_config(config, overrides)
-    Store(out)
-    world = build_toy_world(out / "toy", log=lambda m: err.print(m))
-    err.print(
-        f"toy world: teacher {world.teacher_score:.1f}, student {world.student_score:.1f} "
-        f"held-out exact match ({world.root})"
-    )
-    spec = resolve_spec(cfg, out, new_run_id(), world)
+    spec, world = resolve_spec(cfg, out, new_run_id(), log=lambda m: err.print(m))
+    if world is not None:
+        err.print(
+            f"toy world: teacher {world.teacher_score:.1f}, student {world.student_score:.1f} "
+            f"held-out exact match ({world.root})"
+        )
     err.print(f"run {spec['run_id']}: {cfg.rounds} rounds, staleness {cfg.staleness}")
     emit(run_flow(spec, out, show=True), as_json)
 
@@ -240,7 +237,7 @@ def run(
     ):
         if not getattr(getattr(cfg, sec), key):
             raise ConfigError(f"{config}: field '{sec}.{key}' is required by `npd run`; set it")
-    spec = resolve_spec(cfg, out, new_run_id())
+    spec, _ = resolve_spec(cfg, out, new_run_id())
     err.print(f"run {spec['run_id']}: {cfg.rounds} rounds, staleness {cfg.staleness}")
     emit(run_flow(spec, out, show=True), as_json)
 

@@ -92,18 +92,14 @@ def distill_flow(spec: RunSpec) -> dict[str, Any]:
         rounds.append(run_tasks.record_round.submit(spec, r, stage_results, mlf))
         if strict:
             produce_ready(r)
-    everything = [
-        evals[0],
+    stage_futures = [
+        *evals.values(),
         *(f for p in produced.values() for f in p.values()),
         *(trains[r] for r in range(1, cfg.rounds + 1)),
-        *evals.values(),
-        *rounds,
     ]
-    _raise_first_failure(everything)
+    _raise_first_failure(stage_futures + rounds)
     summaries = [f.result() for f in rounds]
-    all_results = [evals[0].result()] + [f.result() for p in produced.values() for f in p.values()]
-    all_results += [trains[r].result() for r in range(1, cfg.rounds + 1)]
-    all_results += [evals[r].result() for r in range(1, cfg.rounds + 1)]
+    all_results = [f.result() for f in stage_futures]
     start, final = evals[0].result()["metrics"]["score"], summaries[-1]["score"]
     run_tasks.close_run(spec, mlf, start, final)
     return {
@@ -130,14 +126,7 @@ def scheduled_flow(config: str | None = None, out: str = "npd-out") -> dict[str,
 
     from flows.spec import resolve_spec
     from npd_core.config import load_config
-    from npd_core.store import Store
-    from npd_core.toy import build_toy_world
 
-    cfg = load_config(config)
-    root = Path(out)
-    Store(root)
-    world = None
-    if not (cfg.models.teacher and cfg.models.student and cfg.data.prompts):
-        world = build_toy_world(root / "toy", log=print)
     run_id = f"sched-{str(flow_run.get_id())[:8]}"
-    return distill_flow(RunSpec(**resolve_spec(cfg, root, run_id, world)))
+    spec, _ = resolve_spec(load_config(config), Path(out), run_id)
+    return distill_flow(RunSpec(**spec))

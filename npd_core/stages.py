@@ -69,9 +69,14 @@ class RunSpec:
     def store(self) -> Store:
         return Store(self.root, create=False)
 
+    @staticmethod
+    def path(root: str | Path, run_id: str) -> Path:
+        """Where a run's spec is kept: ``runs/<run_id>/run/spec.json``."""
+        return Path(root) / "runs" / run_id / "run" / "spec.json"
+
     def save(self) -> Path:
-        """Write ``runs/<run_id>/run/spec.json`` (temp + rename) so the run can be retried."""
-        path = Path(self.root) / "runs" / self.run_id / "run" / "spec.json"
+        """Write the spec (temp + rename) so the run can be retried."""
+        path = self.path(self.root, self.run_id)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(asdict(self), indent=1, sort_keys=True))
@@ -80,7 +85,7 @@ class RunSpec:
 
     @classmethod
     def load(cls, root: str | Path, run_id: str) -> RunSpec:
-        path = Path(root) / "runs" / run_id / "run" / "spec.json"
+        path = cls.path(root, run_id)
         if not path.is_file():
             raise StoreError(
                 f"{Path(root) / 'npd.duckdb'}: no run {run_id!r} to retry; "
@@ -256,6 +261,7 @@ def score_stage(
         n = np.array([len(x) for x in resps])
         ifd_t = log_ifd(t.cond_logprob_sum, t.resp_logprob_sum, n)
         ifd_s = log_ifd(st.cond_logprob_sum, st.resp_logprob_sum, n)
+        delta = delta_ifd(ifd_t, ifd_s)
         now = _now()
         keys = s.select(["run_id", "round", "prompt_id", "sample_idx"]).to_pylist()
         rows = [
@@ -267,7 +273,7 @@ def score_stage(
                 student_resp_logprob_sum=st.resp_logprob_sum[i],
                 ifd_teacher=ifd_t[i],
                 ifd_student=ifd_s[i],
-                delta_ifd=delta_ifd(ifd_t, ifd_s)[i],
+                delta_ifd=delta[i],
                 topk_ids=t.topk_ids[i].tolist(),
                 topk_logprobs=t.topk_logprobs[i].tolist(),
                 created_at=now,
