@@ -111,6 +111,42 @@ def per_token_loss(
     return out
 
 
+def optimizer_step(
+    model: PreTrainedModel,
+    optimizer: torch.optim.Optimizer,
+    batch: PackedBatch,
+    targets: Targets | None,
+    cfg: TrainConfig,
+    *,
+    lr: float,
+    step: int,
+    bf16: bool = True,
+) -> torch.Tensor:
+    """One update on ``batch`` (packed or padded rows): set lr → forward → per-token loss →
+    backward → clip → step → zero_grad. Shared by the NPD learner and the baselines, so every
+    method takes exactly the same step. Returns the (detached) step loss."""
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    dev = next(model.parameters()).device
+    with autocast(bf16):
+        logits = model(
+            input_ids=batch.input_ids.to(dev),
+            position_ids=batch.position_ids.to(dev),
+            use_cache=False,
+        ).logits  # (B, T, V)
+    loss = losses.token_mean(per_token_loss(logits, batch, targets, cfg), batch.n_loss_tokens)
+    if not torch.isfinite(loss):
+        raise TrainingError(
+            f"non-finite loss ({loss.item()}) at step {step}; round stopped, "
+            "last good checkpoint kept; lower train.lr or check the targets"
+        )
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
 def packed_rows(
     samples: list[Sample], pack_cfg: PackConfig, seed: int
 ) -> tuple[list[Sample], list[int], list[list[int]]]:
@@ -150,15 +186,12 @@ def train_round(
         perm = list(range(len(rows)))
         rng.shuffle(perm)
         stream += perm
-    dev = next(model.parameters()).device
     model.train()
     loss_sum, real, capacity = 0.0, 0, 0
     for i in range(n_steps):
         t0 = time.perf_counter()
         step = start_step + i
         lr = lr_at(step, cfg, total_steps)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
         step_rows = [rows[j] for j in stream[i * cfg.rows_per_step : (i + 1) * cfg.rows_per_step]]
         batch = collate(
             samples,
@@ -167,23 +200,8 @@ def train_round(
             row_len=pack_cfg.max_seq_len,
             target_offsets=targets.offsets if targets is not None else None,
         )
-        with autocast(bf16):
-            logits = model(
-                input_ids=batch.input_ids.to(dev),
-                position_ids=batch.position_ids.to(dev),
-                use_cache=False,
-            ).logits
+        loss = optimizer_step(model, optimizer, batch, targets, cfg, lr=lr, step=step, bf16=bf16)
         n_tok = batch.n_loss_tokens
-        loss = losses.token_mean(per_token_loss(logits, batch, targets, cfg), n_tok)
-        if not torch.isfinite(loss):
-            raise TrainingError(
-                f"non-finite loss ({loss.item()}) at step {step}; round stopped, "
-                "last good checkpoint kept; lower train.lr or check the targets"
-            )
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
         loss_sum += loss.item() * n_tok
         stats.loss_tokens += n_tok
