@@ -33,7 +33,11 @@ class ModelsConfig(Section):
 
 
 class DataConfig(Section):
-    prompts: str | None = Field(None, description="train prompts JSONL (prompt, id?, answer?)")
+    prompts: str | None = Field(
+        None,
+        description="train prompts JSONL (prompt, id?, answer?), or a glob of them "
+        "(files read in sorted order; ids unique across files)",
+    )
     eval_prompts: str | None = Field(None, description="held-out prompts JSONL; none = toy world")
     chat_template: Literal["auto", "none"] = Field(
         "auto", description="format prompts with the tokenizer's chat template when it has one"
@@ -110,6 +114,42 @@ class TrainConfig(Section):
 class EvalConfig(Section):
     max_new_tokens: int | None = Field(None, ge=1, description="none = generate.max_new_tokens")
     batch_size: int = Field(512, ge=1, description="sequences decoded together (greedy)")
+    regression_margin: float = Field(
+        3.0,
+        ge=0.0,
+        description="`npd status` flags a round scoring more than this below the best earlier "
+        "round (score units: points)",
+    )
+
+
+class ScheduleConfig(Section):
+    pin_student: bool = Field(
+        False,
+        description="scheduled runs start from models.student; false = from the best checkpoint "
+        "of the deployment's last completed run (models.student only seeds the first)",
+    )
+    skip_used_prompts: bool = Field(
+        False, description="drop train prompts whose id an earlier run in this --out generated from"
+    )
+
+
+class OrchestrationConfig(Section):
+    generate_pool: str | None = Field(
+        None,
+        description="work pool of deployment npd-produce/<pool> (generate → pack); "
+        "none = in-process tasks",
+    )
+    train_pool: str | None = Field(
+        None,
+        description="work pool of deployment npd-consume/<pool> (train → evaluate); "
+        "none = in-process tasks",
+    )
+
+    @model_validator(mode="after")
+    def _both(self) -> OrchestrationConfig:
+        if (self.generate_pool is None) != (self.train_pool is None):
+            raise ValueError("set both generate_pool and train_pool, or neither")
+        return self
 
 
 class NPDConfig(Section):
@@ -129,6 +169,8 @@ class NPDConfig(Section):
     pack: PackConfig = Field(default_factory=PackConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
 
     def digest(self) -> str:
         """Short content hash of the resolved config (cache keys, provenance)."""
