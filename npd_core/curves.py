@@ -1,0 +1,178 @@
+"""Arithmetic of the headline benchmark: held-out score vs training wall clock, pure functions.
+
+A *curve* is a list of ``(wall_s, score)`` points, ``wall_s`` ascending, the first point the
+warm-start student at 0 s. ``wall_s`` is the variant's training clock: evaluation time is not in
+it. Decisions, stated once here and in the README:
+
+- **Between checkpoints the score is interpolated linearly**; after a curve's last point it stays
+  at its last score. "First reaches s" is the first time the interpolated curve is ≥ s: inside
+  the segment that first crosses s, at the linear crossing point. Checkpoints are seconds apart
+  for the baselines and a round apart for NPD; linear interpolation keeps the coarser grid from
+  being charged a whole interval.
+- **Mean curve over seeds**: every seed's curve interpolated on the union of all their times,
+  then averaged. Its last value is the mean of the seeds' final scores.
+- **Speedup** = (time for ``onpolicy``'s mean curve to reach its own final mean score) ÷ (time
+  for ``npd``'s mean curve to first reach that score). Undefined (``None`` with a reason) when
+  npd never reaches it, or when onpolicy ends no higher than it started (nothing to reach).
+- **Intervals (95%)**: a mean over seeds gets a Student-t interval; a difference of two means a
+  Welch t-interval; the speedup, a ratio of crossing times, a percentile bootstrap over seeds
+  (each method's seeds resampled independently). With one seed there is no interval (``None``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats
+
+Curve = list[tuple[float, float]]
+
+
+def time_to_reach(curve: Curve, target: float) -> float | None:
+    """First wall time at which the linearly interpolated ``curve`` is ≥ ``target``; None if never.
+
+    >>> time_to_reach([(0, 10), (10, 30), (20, 50)], 40)
+    15.0
+    """
+    (t_prev, s_prev), *rest = curve
+    if s_prev >= target:
+        return float(t_prev)
+    for t, s in rest:
+        if s >= target:
+            return float(t_prev + (t - t_prev) * (target - s_prev) / (s - s_prev))
+        t_prev, s_prev = t, s
+    return None
+
+
+def at_times(curve: Curve, times: Sequence[float]) -> np.ndarray:
+    """The curve's score at ``times``: linear between points, constant beyond either end."""
+    t, s = np.array(curve, dtype=float).T
+    return np.interp(np.asarray(times, dtype=float), t, s)
+
+
+def mean_curve(curves: Sequence[Curve]) -> Curve:
+    """Pointwise mean of the seeds' curves on the union of their checkpoint times."""
+    times = sorted({t for c in curves for t, _ in c})
+    mean = np.mean([at_times(c, times) for c in curves], axis=0)
+    return [(float(t), float(s)) for t, s in zip(times, mean, strict=True)]
+
+
+def truncate(curve: Curve, budget_s: float) -> Curve:
+    """The points within the budget (the warm start always stays)."""
+    return [curve[0]] + [p for p in curve[1:] if p[0] <= budget_s]
+
+
+@dataclass
+class Speedup:
+    value: float | None  # onpolicy_s ÷ npd_s; None when undefined (see reason)
+    target: float  # onpolicy's final mean score
+    onpolicy_s: float | None
+    npd_s: float | None
+    reason: str | None = None
+
+
+def speedup(onpolicy: Sequence[Curve], npd: Sequence[Curve]) -> Speedup:
+    """Speedup of npd over onpolicy to onpolicy's final mean score (module docstring)."""
+    on, nd = mean_curve(onpolicy), mean_curve(npd)
+    target = on[-1][1]
+    t_on, t_npd = time_to_reach(on, target), time_to_reach(nd, target)
+    if not t_on:  # reached at 0 s: onpolicy ended no higher than it started
+        return Speedup(
+            None, target, t_on, t_npd, "onpolicy's final score is not above its start score"
+        )
+    if t_npd is None:
+        best = max(s for _, s in nd)
+        return Speedup(
+            None, target, t_on, None, f"npd never reached {target:.2f} (its best: {best:.2f})"
+        )
+    if t_npd == 0:
+        return Speedup(None, target, t_on, 0.0, "npd's start score is already at the target")
+    return Speedup(t_on / t_npd, target, t_on, t_npd)
+
+
+def bootstrap_ci(
+    groups: Sequence[Sequence[Curve]],
+    statistic: Callable[..., float | None],
+    n_resamples: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float] | None:
+    """Percentile 95% interval of ``statistic(*groups)``, each group's seeds resampled
+    independently with replacement. Resamples where the statistic is undefined are dropped;
+    None with fewer than two seeds in a group or no defined resample."""
+    if any(len(g) < 2 for g in groups):
+        return None
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(n_resamples):
+        picks = [[g[i] for i in rng.integers(0, len(g), len(g))] for g in groups]
+        v = statistic(*picks)
+        if v is not None:
+            values.append(v)
+    if not values:
+        return None
+    lo, hi = np.percentile(values, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def speedup_ci(
+    onpolicy: Sequence[Curve], npd: Sequence[Curve], n_resamples: int = 2000, seed: int = 0
+) -> tuple[float, float] | None:
+    """Bootstrap interval of the speedup; a resample where npd never gets there counts as 0."""
+
+    def stat(on: Sequence[Curve], nd: Sequence[Curve]) -> float | None:
+        s = speedup(on, nd)
+        if s.value is None and s.onpolicy_s and s.npd_s is None:
+            return 0.0
+        return s.value
+
+    return bootstrap_ci([onpolicy, npd], stat, n_resamples, seed)
+
+
+def mean_ci(values: Sequence[float]) -> tuple[float, float] | None:
+    """Student-t 95% interval of the mean; None for fewer than two values."""
+    x = np.asarray(values, dtype=float)
+    if len(x) < 2:
+        return None
+    half = stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x))
+    return float(x.mean() - half), float(x.mean() + half)
+
+
+def diff_ci(a: Sequence[float], b: Sequence[float]) -> tuple[float, float] | None:
+    """Welch 95% interval of mean(a) − mean(b); None when either has fewer than two values."""
+    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if len(x) < 2 or len(y) < 2:
+        return None
+    d = x.mean() - y.mean()
+    vx, vy = x.var(ddof=1) / len(x), y.var(ddof=1) / len(y)
+    se = np.sqrt(vx + vy)
+    if se == 0:
+        return float(d), float(d)
+    df = (vx + vy) ** 2 / (vx**2 / (len(x) - 1) + vy**2 / (len(y) - 1))
+    half = stats.t.ppf(0.975, df) * se
+    return float(d - half), float(d + half)
+
+
+def paused_clock(intervals: Sequence[tuple[float, float, bool]]) -> Callable[[float], float]:
+    """A training clock from stage intervals ``(start, end, is_evaluation)`` (absolute times).
+
+    ``clock(T)`` = time since the first stage started, minus the time before ``T`` during which
+    evaluation was the only thing running: the clock pauses while evaluating. Evaluation that
+    overlaps another stage is not subtracted (that stage's work is real time), so this never
+    credits a variant with more than the paused-clock baselines get.
+    """
+    t0 = min(s for s, _, _ in intervals)
+    edges = sorted({x for s, e, _ in intervals for x in (s, e)})
+    paused = []
+    for a, b in zip(edges[:-1], edges[1:], strict=True):
+        mid = (a + b) / 2
+        running = [ev for s, e, ev in intervals if s <= mid < e]
+        if running and all(running):
+            paused.append((a, b))
+
+    def clock(t: float) -> float:
+        off = sum(max(0.0, min(b, t) - a) for a, b in paused)
+        return t - t0 - off
+
+    return clock
