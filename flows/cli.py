@@ -16,7 +16,7 @@ import time
 import uuid
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -24,7 +24,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from flows.bench import bench_app
-from npd_core.errors import ConfigError, NPDError
+from npd_core.errors import ConfigError, NPDError, StoreUsageError, TrainingError, disk_full
 
 app = typer.Typer(
     add_completion=False,
@@ -37,6 +37,7 @@ app.add_typer(config_app, name="config")
 app.add_typer(bench_app, name="bench")
 err = Console(stderr=True)
 DEBUG = {"on": False}
+RUN: dict[str, str] = {}  # the run this command started or resumed (for the resume hint)
 
 OutOpt = Annotated[
     Path, typer.Option("--out", help="output directory (store, MLflow, checkpoints)")
@@ -109,6 +110,7 @@ def run_flow(spec_kwargs: dict[str, Any], out: Path, show: bool) -> dict[str, An
     from tasks.tracking import tracking_uri
 
     spec = RunSpec(**spec_kwargs)
+    RUN.update(run_id=spec.run_id, out=str(out))
     bars = Bars(show)
     progress.reporter = bars
     t0 = time.time()
@@ -181,9 +183,13 @@ def _finite(x: Any) -> Any:
 def emit(summary: dict[str, Any], as_json: bool) -> None:
     for r in summary["rounds"]:
         if r["n_kept"] == 0:
+            reasons = ", ".join(f"{k}: {n}" for k, n in sorted(r["drop_reasons"].items()))
             err.print(
-                f"warning: round {r['round']} kept no sample (see filter_reason in "
-                "`samples`); it trained nothing and the run went on"
+                f"warning: round {r['round']} kept none of its {r['n_generated']} samples "
+                f"({reasons}; filter_reason in `samples`); training skipped it, the run went on",
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
             )
     if as_json:
         sys.stdout.write(json.dumps(_finite(summary), default=str, allow_nan=False) + "\n")
@@ -298,30 +304,42 @@ def config_show(config: Annotated[Path, typer.Argument(help="config YAML")]) -> 
     sys.stdout.write(yaml.safe_dump(load_config(config).model_dump(mode="json"), sort_keys=False))
 
 
+def _resume_hint() -> str:
+    """How to resume the run this command started, once it is saved (else nothing)."""
+    from npd_core.stages import RunSpec
+
+    if not RUN or not RunSpec.path(RUN["out"], RUN["run_id"]).is_file():
+        return ""
+    return f"; `npd retry {RUN['run_id']} --out {RUN['out']}` resumes at the failed stage"
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    err.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+    sys.exit(code)
+
+
 def main() -> None:
     """Console entry point: one ``error:`` line per user error, tracebacks only with --debug."""
     try:
         app()
+    except SystemExit as e:
+        if e.code != 130:  # typer turns Ctrl-C into a silent exit 130
+            raise
+        _fail(
+            "interrupted; finished stages are kept, the one in progress is not (a stage is "
+            f"visible whole or not at all){_resume_hint() or '; nothing to resume'}",
+            130,
+        )
     except NPDError as e:
         if DEBUG["on"]:
             raise
-        err.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
-        sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        err.print("error: interrupted; the stage in progress left nothing visible, retry the run")
-        sys.exit(130)
+        _fail(f"{e}{'' if isinstance(e, TrainingError) else _resume_hint()}", e.exit_code)
     except Exception as e:  # a failed stage: still one line; the run is retriable
         if DEBUG["on"]:
             raise
-        msg = " ".join(str(e).split()) or type(e).__name__
-        err.print(
-            f"error: {type(e).__name__}: {msg} (`npd retry RUN_ID` resumes at the failed "
-            "stage; `npd --debug` shows the traceback)",
-            markup=False,
-            highlight=False,
-            soft_wrap=True,
-        )
-        sys.exit(1)
+        full = disk_full(e, getattr(e, "filename", None) or RUN.get("out") or ".")
+        msg = str(full) if full else f"{type(e).__name__}: {' '.join(str(e).split())}"
+        _fail(f"{msg}{_resume_hint()} (`npd --debug` shows the traceback)", 1)
 
 
 @app.command()
@@ -371,7 +389,6 @@ def status(
     as_json: JsonOpt = False,
 ) -> None:
     """Runs with their rounds (scores, kept fractions, stage seconds) from the store."""
-    from npd_core.errors import StoreError
     from npd_core.store import query
 
     db = out / "npd.duckdb"
@@ -379,7 +396,9 @@ def status(
     if run_id is not None:
         runs = [r for r in runs if r["run_id"] == run_id]
         if not runs:
-            raise StoreError(f"{db}: no run {run_id!r}; `npd status --out {out}` lists the runs")
+            raise StoreUsageError(
+                f"{db}: no run {run_id!r}; `npd status --out {out}` lists the runs"
+            )
     rounds = query(db, STATUS_ROUNDS_SQL).to_pylist()
     for r in runs:
         r["rounds"] = [x for x in rounds if x["run_id"] == r["run_id"]]

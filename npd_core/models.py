@@ -21,7 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
-from npd_core.errors import ModelError
+from npd_core.errors import ModelError, disk_full
 
 TRAINER_STATE = "trainer_state.pt"
 hf_logging.disable_progress_bar()  # our own progress bars; HF's per-load bars are noise
@@ -117,6 +117,12 @@ def save_checkpoint(
             shutil.rmtree(trash)
         else:
             tmp.rename(path)
+    except Exception as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        full = disk_full(exc, path)
+        if full is not None:
+            raise full from None
+        raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

@@ -13,7 +13,8 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,7 +28,7 @@ import torch
 from npd_core.attention import for_training
 from npd_core.config import NPDConfig
 from npd_core.data import Prompt, round_prompts
-from npd_core.errors import StoreError
+from npd_core.errors import StoreUsageError, TrainingError
 from npd_core.evaluate import exact_match, greedy_responses
 from npd_core.filter import filter_band
 from npd_core.generate import apply_stop_strings, generate
@@ -78,7 +79,7 @@ class RunSpec:
         """Write the spec (temp + rename) so the run can be retried."""
         path = self.path(self.root, self.run_id)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
+        tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(json.dumps(asdict(self), indent=1, sort_keys=True))
         os.replace(tmp, path)
         return path
@@ -87,7 +88,7 @@ class RunSpec:
     def load(cls, root: str | Path, run_id: str) -> RunSpec:
         path = cls.path(root, run_id)
         if not path.is_file():
-            raise StoreError(
+            raise StoreUsageError(
                 f"{Path(root) / 'npd.duckdb'}: no run {run_id!r} to retry; "
                 f"`npd status --out {root}` lists the runs"
             )
@@ -434,7 +435,7 @@ def train_stage(
             rows[x["row"]].append(where[(x["prompt_id"], x["sample_idx"])])
         torch.manual_seed(cfg.seed * 31 + r)
         total = cfg.rounds * cfg.train.steps_per_round
-        with for_training(model):
+        with for_training(model), _stopped_round(r, src):
             stats = train_round(
                 model,
                 opt,
@@ -488,6 +489,15 @@ def train_stage(
         }
 
     return _timed("train", r, body)
+
+
+@contextmanager
+def _stopped_round(r: int, last_good: str) -> Iterator[None]:
+    """Name the checkpoint a failed round leaves in charge (θ_r is only written after the loop)."""
+    try:
+        yield
+    except TrainingError as exc:
+        raise TrainingError(f"round {r}: {exc} (last good checkpoint: {last_good})") from None
 
 
 # ---------------------------------------------------------------- evaluate

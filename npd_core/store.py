@@ -29,6 +29,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -37,7 +38,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from npd_core.errors import StoreError
+from npd_core.errors import StoreError, StoreUsageError, disk_full
 
 SCHEMA_VERSION = 1
 MARKER_NAME = "npd-store.json"
@@ -423,7 +424,9 @@ class Store:
         self.db_path = self.root / DB_NAME
         self.marker_path = self.root / MARKER_NAME
         if self.root.exists() and not self.root.is_dir():
-            raise StoreError(f"{self.root} is a file, not a directory; choose an output directory")
+            raise StoreUsageError(
+                f"{self.root} is a file, not a directory; choose an output directory"
+            )
         if create:
             self._open_or_create()
         else:
@@ -433,7 +436,7 @@ class Store:
 
     def _open_existing(self) -> None:
         if not self.marker_path.is_file():
-            raise StoreError(
+            raise StoreUsageError(
                 f"no npd store at {self.root} (missing {MARKER_NAME}); "
                 "check the path or run `npd demo`/`npd run` first"
             )
@@ -443,17 +446,27 @@ class Store:
         self._db_version()
 
     def _open_or_create(self) -> None:
+        try:
+            self._create()
+        except OSError as exc:  # read-only disk, no permission, a file on the path, full disk
+            raise StoreError(
+                f"cannot write to output directory {self.root} ({exc.strerror or exc}); "
+                "choose a writable --out or fix its permissions"
+            ) from None
+
+    def _create(self) -> None:
         if self.marker_path.is_file():
             marker_version = self._marker_version()
         else:
             if self.root.is_dir() and any(self.root.iterdir()):
-                raise StoreError(
+                raise StoreUsageError(
                     f"{self.root} is not an npd output directory (no {MARKER_NAME}) and is not "
                     "empty; choose an empty or npd output directory"
                 )
             self.root.mkdir(parents=True, exist_ok=True)
             self._write_marker()  # first, so an interrupted create can be resumed
             marker_version = SCHEMA_VERSION
+        tempfile.TemporaryFile(dir=self.root).close()  # writable? (an old store may not be)
         stale = self._db_version() != SCHEMA_VERSION
         self._write_placeholders(force=stale)
         if stale:
@@ -472,7 +485,7 @@ class Store:
                 "if this folder holds only npd output"
             ) from None
         if project != "npd":
-            raise StoreError(f"{self.marker_path} names project {project!r}, not 'npd'")
+            raise StoreUsageError(f"{self.marker_path} names project {project!r}, not 'npd'")
         if version > SCHEMA_VERSION:
             raise _newer_error(self.marker_path, version)
         return version
@@ -484,7 +497,9 @@ class Store:
         try:
             with duckdb.connect(str(self.db_path), read_only=True) as con:
                 row = con.execute(SCHEMA_VERSION_SQL).fetchone()
-        except duckdb.Error:
+        except duckdb.Error as exc:
+            if _is_locked(exc):
+                raise _locked_error(self.db_path, exc) from None
             return None  # only views live there, so rewriting it loses nothing
         version = int(row[0]) if row else None
         if version is not None and version > SCHEMA_VERSION:
@@ -579,8 +594,11 @@ class Store:
             else:
                 os.rename(tmp, final)
             _fsync_path(final.parent)
-        except BaseException:
+        except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
+            full = disk_full(exc, final)
+            if full is not None:
+                raise full from None
             raise
         return final
 
@@ -626,14 +644,24 @@ def connect(db_path: Path | str, read_only: bool = True) -> duckdb.DuckDBPyConne
     """
     db_path = Path(db_path)
     if not db_path.is_file():
-        raise StoreError(f"no npd database at {db_path}; run `npd demo` or `npd run` first")
+        raise StoreUsageError(
+            f"no npd database at {db_path}; check --db/--out or run `npd demo`/`npd run` first"
+        )
     root = str(db_path.resolve().parent)
     if "," in root:
         raise StoreError(
             f"output directory {root} contains ',', which DuckDB's file_search_path cannot hold; "
             "rename or move it"
         )
-    con = duckdb.connect(str(db_path), read_only=read_only)
+    try:
+        con = duckdb.connect(str(db_path), read_only=read_only)
+    except duckdb.IOException as exc:
+        if _is_locked(exc):
+            raise _locked_error(db_path, exc) from None
+        raise StoreUsageError(
+            f"{db_path}: DuckDB cannot open it ({_first_line(exc)}); give the npd.duckdb of an "
+            "npd output directory"
+        ) from None
     try:
         con.execute(SET_FILE_SEARCH_PATH_SQL, [root])
         con.execute(SET_UTC_SQL)
@@ -649,12 +677,12 @@ def query(db_path: Path | str, sql: str, params: list | None = None) -> pa.Table
         try:
             statements = con.extract_statements(sql)
         except duckdb.Error as exc:
-            raise StoreError(f"npd sql: {_condense(exc)}") from None
+            raise StoreUsageError(f"npd sql: {_condense(exc)}") from None
         if not statements:
-            raise StoreError("npd sql: empty query; try SELECT * FROM runs")
+            raise StoreUsageError("npd sql: empty query; try SELECT * FROM runs")
         for statement in statements:
             if statement.type not in READ_STATEMENTS:
-                raise StoreError(
+                raise StoreUsageError(
                     f"npd sql is read-only: {statement.type.name} statements are refused; "
                     "use SELECT over the views"
                 )
@@ -664,18 +692,32 @@ def query(db_path: Path | str, sql: str, params: list | None = None) -> pa.Table
             message = _first_line(exc)
             if "does not exist" in message:
                 views = ", ".join(row[0] for row in con.execute(LIST_VIEWS_SQL).fetchall())
-                raise StoreError(f"npd sql: {message} Views: {views}") from None
-            raise StoreError(f"npd sql: {_condense(exc)}") from None
+                raise StoreUsageError(f"npd sql: {message} Views: {views}") from None
+            raise StoreUsageError(f"npd sql: {_condense(exc)}") from None
         except duckdb.Error as exc:
             message = _condense(exc)
             if "read-only" in message:
-                raise StoreError(f"npd sql is read-only: {message}") from None
-            raise StoreError(f"npd sql: {message}") from None
+                raise StoreUsageError(f"npd sql is read-only: {message}") from None
+            raise StoreUsageError(f"npd sql: {message}") from None
 
 
 # --------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------
+
+
+def _is_locked(exc: duckdb.Error) -> bool:
+    return isinstance(exc, duckdb.IOException) and "Could not set lock" in str(exc)
+
+
+def _locked_error(db_path: Path | str, exc: duckdb.Error) -> StoreError:
+    """DuckDB lets one process write a database file, or many read it, never both."""
+    holder = re.search(r"\(PID \d+\)", str(exc))
+    return StoreError(
+        f"{db_path} is locked by another program {holder.group(0) if holder else ''} that opened "
+        "it for writing; close it (open the store read-only: duckdb -readonly, "
+        "read_only=True) and run the command again"
+    )
 
 
 def _newer_error(path: Path, version: int) -> StoreError:

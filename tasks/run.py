@@ -106,6 +106,7 @@ def record_round(spec: RunSpec, r: int, results: dict[str, dict], mlflow_run: st
     return {
         "round": r,
         **{k: row[k] for k in ("n_generated", "n_kept", "train_tokens", "mean_loss", "score")},
+        "drop_reasons": flt["drop_reasons"],
         "stage_seconds": seconds,
     }
 
