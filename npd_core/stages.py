@@ -61,6 +61,9 @@ class RunSpec:
     student: str  # θ_0 checkpoint dir
     train_prompts: str  # JSONL
     eval_prompts: str  # JSONL
+    deployment: str | None = None  # lineage of scheduled runs ("<flow>/<deployment>")
+    parent_run_id: str | None = None  # the run whose checkpoint ``student`` is
+    parent_round: int | None = None
 
     @property
     def cfg(self) -> NPDConfig:
@@ -471,8 +474,6 @@ def train_stage(
             path=_rel(spec.root, str(dst)),
             step=step,
             train_tokens=stats.train_tokens,
-            score=None,
-            is_best=False,
             created_at=_now(),
         )
         spec.store.write_stage(

@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 
 from npd_core.errors import StoreError, StoreUsageError, disk_full
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: derived best/regressed checkpoints, run lineage columns
 MARKER_NAME = "npd-store.json"
 DB_NAME = "npd.duckdb"
 EMPTY_DIR = ".npd/empty"
@@ -133,6 +133,9 @@ RUNS_SCHEMA = pa.schema(
         _opt("mlflow_uri", pa.string()),
         _opt("teacher", pa.string()),
         _opt("student", pa.string()),
+        _opt("deployment", pa.string()),  # lineage of scheduled runs: "<flow>/<deployment>"
+        _opt("parent_run_id", pa.string()),  # the run whose checkpoint is this run's θ_0
+        _opt("parent_round", pa.int32()),
         _opt("start_score", pa.float64()),
         _opt("final_score", pa.float64()),
         _req("created_at", _TS),
@@ -174,11 +177,12 @@ CHECKPOINTS_SCHEMA = pa.schema(
         _req("path", pa.string()),  # relative to the output directory
         _req("step", pa.int64()),
         _req("train_tokens", pa.int64()),
-        _opt("score", pa.float64()),
-        _req("is_best", pa.bool_()),
         _req("created_at", _TS),
     ]
 )
+# Columns the checkpoints view derives from evals and the run's config (never stored, so a later
+# evaluation or a better round never rewrites a train shard).
+CHECKPOINT_DERIVED = ("metric", "score", "best_before", "is_best", "regressed")
 
 EVALS_SCHEMA = pa.schema(
     [
@@ -243,7 +247,7 @@ CREATE OR REPLACE VIEW store_meta AS SELECT CAST({SCHEMA_VERSION} AS INTEGER) AS
 RUNS_VIEW_SQL = """
 CREATE OR REPLACE VIEW runs AS
 SELECT * FROM read_parquet(['.npd/empty/runs.parquet', 'runs/*/run/runs.parquet'],
-                           hive_partitioning = false, allow_empty = true)
+                           hive_partitioning = false, allow_empty = true, union_by_name = true)
 """
 PROMPTS_VIEW_SQL = """
 CREATE OR REPLACE VIEW prompts AS
@@ -255,16 +259,40 @@ CREATE OR REPLACE VIEW rounds AS
 SELECT * FROM read_parquet(['.npd/empty/rounds.parquet', 'runs/*/round=*/summary/rounds.parquet'],
                            hive_partitioning = false, allow_empty = true)
 """
-CHECKPOINTS_VIEW_SQL = """
-CREATE OR REPLACE VIEW checkpoints AS
-SELECT * FROM read_parquet(['.npd/empty/checkpoints.parquet',
-                            'runs/*/round=*/train/checkpoints.parquet'],
-                           hive_partitioning = false, allow_empty = true)
-"""
 EVALS_VIEW_SQL = """
 CREATE OR REPLACE VIEW evals AS
 SELECT * FROM read_parquet(['.npd/empty/evals.parquet', 'runs/*/round=*/evaluate/evals.parquet'],
                            hive_partitioning = false, allow_empty = true)
+"""
+# Every evaluated checkpoint of a run, θ_0 (round 0, the run's starting student) included, with
+# its score. is_best: the run's highest score (ties: the later round). best_before: the best
+# score of the earlier rounds; regressed: more than the run's eval.regression_margin below it.
+# union_by_name: shards of schema 1 still carry the score/is_best placeholders they had then.
+CHECKPOINTS_VIEW_SQL = """
+CREATE OR REPLACE VIEW checkpoints AS
+WITH trained AS (
+    SELECT run_id, round, path, step, train_tokens, created_at
+    FROM read_parquet(['.npd/empty/checkpoints.parquet',
+                       'runs/*/round=*/train/checkpoints.parquet'],
+                      hive_partitioning = false, allow_empty = true, union_by_name = true)
+), scored AS (
+    SELECT coalesce(t.run_id, e.run_id) AS run_id, coalesce(t.round, e.round) AS round,
+           coalesce(t.path, e.checkpoint) AS path, coalesce(t.step, 0) AS step,
+           coalesce(t.train_tokens, 0) AS train_tokens,
+           coalesce(t.created_at, e.created_at) AS created_at, e.metric, e.score
+    FROM trained AS t FULL OUTER JOIN evals AS e ON t.run_id = e.run_id AND t.round = e.round
+), ranked AS (
+    SELECT *,
+           max(score) OVER (PARTITION BY run_id ORDER BY round
+                            ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS best_before,
+           score IS NOT NULL AND row_number() OVER (
+               PARTITION BY run_id ORDER BY score DESC NULLS LAST, round DESC) = 1 AS is_best
+    FROM scored
+)
+SELECT k.*,
+       k.score < k.best_before - TRY_CAST(
+           json_extract_string(r.config_json, '$.eval.regression_margin') AS DOUBLE) AS regressed
+FROM ranked AS k LEFT JOIN runs AS r ON r.run_id = k.run_id
 """
 SCORES_VIEW_SQL = """
 CREATE OR REPLACE VIEW scores AS
@@ -297,8 +325,8 @@ VIEW_SQL = (
     RUNS_VIEW_SQL,
     PROMPTS_VIEW_SQL,
     ROUNDS_VIEW_SQL,
-    CHECKPOINTS_VIEW_SQL,
     EVALS_VIEW_SQL,
+    CHECKPOINTS_VIEW_SQL,
     SCORES_VIEW_SQL,
     SAMPLES_VIEW_SQL,
     FILTERED_VIEW_SQL,
@@ -308,8 +336,8 @@ VIEWS = (
     "runs",
     "prompts",
     "rounds",
-    "checkpoints",
     "evals",
+    "checkpoints",
     "scores",
     "samples",
     "filtered",

@@ -65,7 +65,7 @@ def test_two_rounds_store_mlflow_checkpoint(tmp_path, tiny_world, prefect_server
         "(select status from runs) status",
     ).to_pylist()[0]
     assert counts["nulls"] == 0 and counts["bad"] == 0 and counts["kept"] > 0
-    assert counts["rounds"] == 2 and counts["evals"] == 3 and counts["ckpts"] == 2
+    assert counts["rounds"] == 2 and counts["evals"] == 3 and counts["ckpts"] == 3  # θ_0 too
     assert counts["status"] == "completed"
     assert [r["score"] for r in res["rounds"]] == query(
         db, "select score from evals where round > 0 order by round"

@@ -15,6 +15,7 @@ import pytest
 from npd_core import store as store_mod
 from npd_core.errors import StoreError
 from npd_core.store import (
+    CHECKPOINT_DERIVED,
     SCHEMA_VERSION,
     SCHEMAS,
     SCORE_COLUMNS,
@@ -94,14 +95,16 @@ def hidden_entries(root: Path) -> list[str]:
 def test_new_store_has_empty_typed_views(tmp_path: Path) -> None:
     store = Store(tmp_path / "out")
     assert json.loads((tmp_path / "out" / "npd-store.json").read_text()) == {
-        "schema_version": 1,
+        "schema_version": SCHEMA_VERSION,
         "project": "npd",
     }
     for name in ("runs", "prompts", "rounds", "checkpoints", "evals", "scores"):
         result = store.query(f"SELECT * FROM {name}")
         assert result.num_rows == 0
-        assert result.schema.names == SCHEMAS[name].names
-        assert result.schema.types == SCHEMAS[name].types
+        stored = result.select(SCHEMAS[name].names).schema
+        assert stored.names == SCHEMAS[name].names and stored.types == SCHEMAS[name].types
+        derived = CHECKPOINT_DERIVED if name == "checkpoints" else ()
+        assert result.schema.names == [*SCHEMAS[name].names, *derived]
     result = store.query("SELECT * FROM samples")
     assert result.num_rows == 0
     joined = [*SCHEMAS["samples"].names, *SCORE_COLUMNS, "kept", "filter_reason"]
