@@ -29,6 +29,9 @@ def _runs_row(spec: RunSpec, **kw: Any) -> dict[str, Any]:
         flow_run_id=str(flow_run.get_id() or ""),
         teacher=spec.teacher,
         student=spec.student,
+        deployment=spec.deployment,
+        parent_run_id=spec.parent_run_id,
+        parent_round=spec.parent_round,
         created_at=datetime.now(UTC),
     )
     row.update(kw)
