@@ -388,7 +388,8 @@ def status(
     out: OutOpt = Path("npd-out"),
     as_json: JsonOpt = False,
 ) -> None:
-    """Runs with their rounds (scores, kept fractions, stage seconds) from the store."""
+    """Runs with their rounds (scores, kept fractions, stage seconds) from the store; marks each
+    run's best checkpoint and flags rounds that regressed (eval.regression_margin)."""
     from npd_core.store import query
 
     db = out / "npd.duckdb"
@@ -402,23 +403,34 @@ def status(
     rounds = query(db, STATUS_ROUNDS_SQL).to_pylist()
     for r in runs:
         r["rounds"] = [x for x in rounds if x["run_id"] == r["run_id"]]
+        best = [x for x in r["rounds"] if x["is_best"]]
+        r["best_round"] = best[0]["round"] if best else None
+        r["regressed_rounds"] = [x["round"] for x in r["rounds"] if x["regressed"]]
     if as_json:
         sys.stdout.write(json.dumps(runs, default=str) + "\n")
         return
     for r in runs:
         t = Table(title=f"{r['run_id']}  {r['status']}  ({r['name']})", title_justify="left")
-        for col in ("round", "score", "kept", "loss", "seconds"):
+        for col in ("round", "score", "kept", "loss", "seconds", "best / flag"):
             t.add_column(col, justify="right")
         for x in r["rounds"]:
-            secs = sum(json.loads(x["stage_seconds_json"]).values())
+            secs = x["stage_seconds_json"] and sum(json.loads(x["stage_seconds_json"]).values())
+            flag = "best" if x["is_best"] else ""
+            if x["regressed"]:
+                flag = f"[red]regressed {x['score'] - x['best_before']:+.1f}[/red]"
             t.add_row(
                 str(x["round"]),
-                f"{x['score']:.1f}",
-                f"{x['kept_fraction']:.2f}",
-                f"{x['mean_loss']:.4f}",
-                f"{secs:.1f}",
+                _fmt(x["score"], ".1f"),
+                _fmt(x["kept_fraction"], ".2f"),
+                _fmt(x["mean_loss"], ".4f"),
+                _fmt(secs, ".1f"),
+                flag,
             )
         Console().print(t)
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "" if v is None else format(v, spec)
 
 
 STATUS_RUNS_SQL = """
@@ -427,6 +439,8 @@ SELECT run_id, name, status, start_score, final_score, created_at, finished_at, 
 FROM runs ORDER BY created_at
 """
 STATUS_ROUNDS_SQL = """
-SELECT run_id, round, score, kept_fraction, mean_loss, stage_seconds_json
-FROM rounds ORDER BY run_id, round
+SELECT c.run_id, c.round, c.score, r.kept_fraction, r.mean_loss, r.stage_seconds_json,
+       c.is_best, c.best_before, c.regressed
+FROM checkpoints AS c LEFT JOIN rounds AS r ON r.run_id = c.run_id AND r.round = c.round
+ORDER BY c.run_id, c.round
 """

@@ -121,12 +121,33 @@ def distill_flow(spec: RunSpec) -> dict[str, Any]:
 def scheduled_flow(config: str | None = None, out: str = "npd-out") -> dict[str, Any]:
     """The deployable entry point: one NPD run from a config path (toy world where the config
     names no models). The run id derives from this flow run's id, so a retry of the same flow
-    run (the UI's Retry button) hits the same cache keys and resumes at the failed stage."""
-    from prefect.runtime import flow_run
+    run (the UI's Retry button) reuses the spec it saved, hits the same cache keys and resumes
+    at the failed stage.
+
+    Nightly continuation: θ_0 is the best checkpoint of the last completed run of the same
+    deployment (of any direct call, outside a deployment), unless ``schedule.pin_student``;
+    ``runs.parent_run_id``/``parent_round`` record where it came from."""
+    from prefect.runtime import deployment, flow_run
 
     from flows.spec import resolve_spec
     from npd_core.config import load_config
+    from npd_core.lineage import last_best
 
     run_id = f"sched-{str(flow_run.get_id())[:8]}"
-    spec, _ = resolve_spec(load_config(config), Path(out), run_id)
+    if RunSpec.path(out, run_id).is_file():
+        return distill_flow(RunSpec.load(out, run_id))
+    cfg = load_config(config)
+    lineage = flow_run.get_flow_name() or "npd-scheduled"
+    if deployment.get_id():
+        lineage += f"/{deployment.name}"
+    parent = None if cfg.schedule.pin_student else last_best(out, lineage)
+    if parent is not None:
+        cfg.models.student = str(parent.path)
+        print(f"θ_0 = best of {parent.run_id}: round {parent.round} ({parent.score:.4g})")
+    spec, _ = resolve_spec(cfg, Path(out), run_id)
+    spec.update(
+        deployment=lineage,
+        parent_run_id=parent.run_id if parent else None,
+        parent_round=parent.round if parent else None,
+    )
     return distill_flow(RunSpec(**spec))

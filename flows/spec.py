@@ -3,12 +3,17 @@ and every input is checked before anything is written for the run."""
 
 from __future__ import annotations
 
+import glob
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from npd_core.config import NPDConfig
+from npd_core.data import Prompt, write_prompts
+from npd_core.errors import DataError
+from npd_core.lineage import used_prompt_ids
 from npd_core.preflight import check_run
+from npd_core.stages import RunSpec
 from npd_core.store import Store
 from npd_core.toy import ToyWorld, build_toy_world
 
@@ -27,7 +32,32 @@ def resolve_spec(
         Store(out)
         world = build_toy_world(out / "toy", log=log)
         paths = {k: v or str(getattr(world, k)) for k, v in paths.items()}
-    check_run(cfg, *paths.values())
+    prompts, _ = check_run(cfg, *paths.values())
     Store(out)
+    if cfg.schedule.skip_used_prompts or glob.has_magic(paths["train_prompts"]):
+        frozen = _freeze_prompts(prompts, cfg, paths["train_prompts"], out, run_id)
+        paths["train_prompts"] = str(frozen)
     spec = dict(root=str(out), run_id=run_id, config=cfg.model_dump(mode="json"), **paths)
     return spec, world
+
+
+def _freeze_prompts(
+    prompts: list[Prompt], cfg: NPDConfig, source: str, out: Path, run_id: str
+) -> Path:
+    """The run's own copy of its train prompts (the glob's files as of now, minus the ids
+    earlier runs used when ``schedule.skip_used_prompts``), so a retry sees the same prompts
+    however the folder grows."""
+    if cfg.schedule.skip_used_prompts:
+        used = used_prompt_ids(out, except_run=run_id)
+        prompts = [p for p in prompts if p.id not in used]
+        if not prompts:
+            raise DataError(
+                f"data.prompts: every prompt of {source} was used by an earlier run in "
+                f"{out}; add new prompt files or set schedule.skip_used_prompts: false"
+            )
+    path = RunSpec.path(out, run_id).with_name("train_prompts.jsonl")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".jsonl.tmp")
+    write_prompts(tmp, prompts)
+    tmp.replace(path)
+    return path

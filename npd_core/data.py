@@ -6,6 +6,7 @@ round 5 costs a night; the whole file is validated before a run starts.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import random
@@ -66,6 +67,28 @@ def read_prompts(path: str | Path) -> list[Prompt]:
         out.append(Prompt(pid, prompt, answer))
     if not out:
         raise DataError(f'{p}: no prompts in file; add JSONL lines like {{"prompt": "..."}}')
+    return out
+
+
+def read_prompt_glob(pattern: str | Path) -> list[Prompt]:
+    """Read a prompts file, or every file a glob matches, concatenated in sorted path order
+    (nightly runs point at a folder that grows a file a day). Ids must be unique across files."""
+    if not glob.has_magic(str(pattern)):
+        return read_prompts(pattern)
+    files = sorted(glob.glob(str(pattern), recursive=True))
+    if not files:
+        raise DataError(f"data.prompts: no file matches {pattern}; check the glob")
+    out: list[Prompt] = []
+    first: dict[str, str] = {}
+    for f in files:
+        for p in read_prompts(f):
+            if p.id in first:
+                raise DataError(
+                    f"{f}: duplicate id {p.id!r} (also in {first[p.id]}); "
+                    "ids must be unique across the files of data.prompts"
+                )
+            first[p.id] = f
+            out.append(p)
     return out
 
 

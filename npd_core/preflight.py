@@ -11,7 +11,7 @@ from transformers import AutoConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from npd_core.config import NPDConfig
-from npd_core.data import Prompt, read_prompts
+from npd_core.data import Prompt, read_prompt_glob, read_prompts
 from npd_core.errors import ConfigError, DataError, ModelError
 from npd_core.models import format_prompts, load_tokenizer
 
@@ -72,7 +72,7 @@ def check_run(
             f"different vocabularies ({len(tok_t)} vs {len(tok_s)} tokens); npd needs "
             "one shared tokenizer (no vocabulary mapping is configured)"
         )
-    prompts = read_prompts(train)
+    prompts = read_prompt_glob(train)
     evals = read_prompts(held_out)
     context = min(c.get("max_position_embeddings") or 1 << 30 for c in cfgs.values())
     for name, ps in (("data.prompts", prompts), ("data.eval_prompts", evals)):

@@ -106,7 +106,7 @@ def test_two_rounds_store_mlflow_checkpoint(tmp_path, tiny_world, prefect_server
 
     shown = CliRunner().invoke(app, ["status", "e2e", "--out", str(tmp_path), "--json"])
     (run,) = json.loads(shown.stdout)
-    assert run["status"] == "completed" and [x["round"] for x in run["rounds"]] == [1, 2]
+    assert run["status"] == "completed" and [x["round"] for x in run["rounds"]] == [0, 1, 2]
     missing = CliRunner().invoke(app, ["status", "nope", "--out", str(tmp_path)])
     assert missing.exit_code != 0 and "no run 'nope'" in str(missing.exception)
 
