@@ -18,6 +18,7 @@ from prefect import flow
 from prefect.futures import PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from npd_core import lease
 from npd_core.stages import RunSpec, generator_round
 from tasks import run as run_tasks
 from tasks import stages as t
@@ -52,7 +53,17 @@ def _raise_first_failure(futures: list[PrefectFuture]) -> None:
     task_runner=ThreadPoolTaskRunner(max_workers=4),
 )
 def distill_flow(spec: RunSpec) -> dict[str, Any]:
-    """Run every round of one NPD run; returns the per-round summaries and timings."""
+    """Run every round of one NPD run; returns the per-round summaries and timings.
+
+    The process holds the run's lease meanwhile (so ``npd status`` tells a killed run from a
+    running one, and a second process cannot resume it at the same time), and first sweeps
+    away the temp folders a killed process may have left."""
+    with lease.hold(spec.root, spec.run_id):
+        spec.store.sweep(spec.run_id)
+        return _rounds(spec)
+
+
+def _rounds(spec: RunSpec) -> dict[str, Any]:
     cfg = spec.cfg
     t0 = time.time()
     mlf = run_tasks.open_run(spec)

@@ -38,6 +38,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from npd_core.crashpoints import pause_point
 from npd_core.errors import StoreError, StoreUsageError, disk_full
 
 SCHEMA_VERSION = 2  # 2: derived best/regressed checkpoints, run lineage columns
@@ -354,6 +355,8 @@ READ_STATEMENTS = frozenset(
 )
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+# temp/trash names of atomic writes (here and in models.save_checkpoint): hidden, never read
+_LEFTOVER_RE = re.compile(r"^\..+\.(tmp|trash|old)-[0-9a-f]+$")
 _PARQUET_COMPRESSION = "zstd"
 
 
@@ -610,6 +613,7 @@ class Store:
             for name, table in prepared.items():
                 _write_parquet(tmp / f"{name}.parquet", table)
             _fsync_path(tmp)
+            pause_point(f"write:{stage}:{round}")
             if final.exists():
                 trash = final.parent / f".{stage}.trash-{uuid.uuid4().hex}"
                 os.rename(final, trash)
@@ -637,6 +641,18 @@ class Store:
             raise StoreError(f"runs row needs a string run_id, got {run_id!r}")
         folder = self.write_stage(run_id, None, RUN_SCOPE, {"runs": table_from_rows("runs", [row])})
         return folder / "runs.parquet"
+
+    def sweep(self, run_id: str) -> list[Path]:
+        """Remove the temp and trash folders that a killed writer left under ``runs/<run_id>``
+        (hidden, so no reader ever saw them). Only while no other process writes the run."""
+        _check_id("run_id", run_id)
+        left = [p for p in (self.root / "runs" / run_id).rglob(".*") if _LEFTOVER_RE.match(p.name)]
+        for p in left:
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+        return left
 
     # ---- reading --------------------------------------------------------------------------
 

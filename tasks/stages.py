@@ -9,6 +9,7 @@ as ``Cached`` and reruns from the one that failed.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 from prefect import task
@@ -16,9 +17,10 @@ from prefect.context import TaskRunContext
 from prefect.runtime import flow_run, task_run
 
 from npd_core import stages
+from npd_core.crashpoints import pause_point
 from npd_core.stages import RunSpec
 from tasks import progress, tracking
-from tasks.faults import InjectedFault, maybe_fail
+from tasks.faults import InjectedFault, enter_stage
 
 
 def _prov() -> dict[str, str]:
@@ -50,7 +52,7 @@ FLAKY = dict(retries=1, retry_delay_seconds=1, retry_condition_fn=not_injected)
 @task(name="generate", task_run_name="r{r}-generate", **FLAKY, **STAGE)
 def generate(spec: RunSpec, r: int, upstream: dict | None = None) -> dict:
     """Student snapshot samples the round's prompts (flaky on real servers: one retry)."""
-    maybe_fail(spec, "generate", r)
+    enter_stage(spec, "generate", r)
     cfg = spec.cfg
     n = cfg.data.prompts_per_round * cfg.generate.n_per_prompt
     res = stages.generate_stage(spec, r, _prov(), progress.bar("generate", r, n))
@@ -59,30 +61,37 @@ def generate(spec: RunSpec, r: int, upstream: dict | None = None) -> dict:
 
 @task(name="score", task_run_name="r{r}-score", **FLAKY, **STAGE)
 def score(spec: RunSpec, r: int, upstream: dict) -> dict:
-    maybe_fail(spec, "score", r)
+    enter_stage(spec, "score", r)
     total = upstream["metrics"]["n_generated"] * 2  # two views per sample
     return stages.score_stage(spec, r, _prov(), progress.bar("score", r, total)).to_dict()
 
 
 @task(name="filter", task_run_name="r{r}-filter", **STAGE)
 def filter_(spec: RunSpec, r: int, upstream: dict) -> dict:
-    maybe_fail(spec, "filter", r)
+    enter_stage(spec, "filter", r)
     return stages.filter_stage(spec, r, _prov()).to_dict()
 
 
 @task(name="pack", task_run_name="r{r}-pack", **STAGE)
 def pack(spec: RunSpec, r: int, upstream: dict) -> dict:
-    maybe_fail(spec, "pack", r)
+    enter_stage(spec, "pack", r)
     return stages.pack_stage(spec, r, _prov()).to_dict()
 
 
 @task(name="train", task_run_name="r{r}-train", **STAGE)
 def train(spec: RunSpec, r: int, upstream: list[dict], mlflow_run: str) -> dict:
     """θ_{r−1} → θ_r; per-step loss/lr/tokens-per-s go to the round's MLflow run."""
-    maybe_fail(spec, "train", r)
+    enter_stage(spec, "train", r)
     cfg = spec.cfg
     bar = progress.bar("train", r, cfg.train.steps_per_round)
-    res = stages.train_stage(spec, r, _prov(), on_step=(lambda _: bar(1)) if bar else None)
+    steps = itertools.count(1)
+
+    def on_step(_: object) -> None:
+        if bar:
+            bar(1)
+        pause_point(f"train:{r}:{next(steps)}")
+
+    res = stages.train_stage(spec, r, _prov(), on_step=on_step)
     child = tracking.round_run(spec.root, mlflow_run, spec.run_id, r)
     tracking.log_steps(spec.root, child, res.metrics["log"])
     tracking.log_steps(spec.root, mlflow_run, res.metrics["log"])
@@ -92,7 +101,7 @@ def train(spec: RunSpec, r: int, upstream: list[dict], mlflow_run: str) -> dict:
 
 @task(name="evaluate", task_run_name="r{r}-evaluate", **STAGE)
 def evaluate(spec: RunSpec, r: int, upstream: dict | None = None) -> dict:
-    maybe_fail(spec, "evaluate", r)
+    enter_stage(spec, "evaluate", r)
     with open(spec.eval_prompts, encoding="utf-8") as f:
         n = sum(1 for line in f if line.strip())
     n = min(n, spec.cfg.data.eval_size or n)

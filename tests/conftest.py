@@ -10,6 +10,9 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 import pytest  # noqa: E402
 
+# a real `prefect server start`, served deployments, resume checks (tests/resume_checks.py)
+pytest_plugins = ["resume_checks"]
+
 
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory):
