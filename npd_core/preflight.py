@@ -29,7 +29,7 @@ def _model_config(path: str, role: str) -> dict:
         cfg = AutoConfig.from_pretrained(p)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise ModelError(f"models.{role}: {f} is not valid JSON; re-save the checkpoint") from None
-    except (ValueError, KeyError, OSError) as e:
+    except Exception as e:  # transformers' own validators raise their own types
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ModelError(f"models.{role}: {f}: transformers cannot load this ({first})") from None
     if type(cfg) not in MODEL_FOR_CAUSAL_LM_MAPPING:

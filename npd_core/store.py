@@ -699,7 +699,7 @@ def connect(db_path: Path | str, read_only: bool = True) -> duckdb.DuckDBPyConne
         )
     try:
         con = duckdb.connect(str(db_path), read_only=read_only)
-    except duckdb.IOException as exc:
+    except duckdb.Error as exc:
         if _is_locked(exc):
             raise _locked_error(db_path, exc) from None
         raise StoreUsageError(
