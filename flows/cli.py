@@ -375,9 +375,12 @@ def retry(
     results, the failed stage and everything after it run."""
     from dataclasses import asdict
 
+    from npd_core import lease
+
     from npd_core.stages import RunSpec
 
     spec = RunSpec.load(out, run_id)
+    lease.ensure_free(out, run_id)  # a killed run is free; a live one is refused
     err.print(f"retrying run {run_id} in {out}")
     emit(run_flow(asdict(spec), out, show=True), as_json)
 
@@ -389,7 +392,10 @@ def status(
     as_json: JsonOpt = False,
 ) -> None:
     """Runs with their rounds (scores, kept fractions, stage seconds) from the store; marks each
-    run's best checkpoint and flags rounds that regressed (eval.regression_margin)."""
+    run's best checkpoint and flags rounds that regressed (eval.regression_margin). A run whose
+    process was killed shows as 'crashed' (its lease holder is gone), one that failed as
+    'failed'; `npd retry` resumes both."""
+    from npd_core import lease
     from npd_core.store import query
 
     db = out / "npd.duckdb"
@@ -402,6 +408,7 @@ def status(
             )
     rounds = query(db, STATUS_ROUNDS_SQL).to_pylist()
     for r in runs:
+        r["status"] = lease.run_status(out, r["run_id"], r["status"])  # killed: 'crashed'
         r["rounds"] = [x for x in rounds if x["run_id"] == r["run_id"]]
         best = [x for x in r["rounds"] if x["is_best"]]
         r["best_round"] = best[0]["round"] if best else None
@@ -410,7 +417,10 @@ def status(
         sys.stdout.write(json.dumps(runs, default=str) + "\n")
         return
     for r in runs:
-        t = Table(title=f"{r['run_id']}  {r['status']}  ({r['name']})", title_justify="left")
+        title = f"{r['run_id']}  {r['status']}  ({r['name']})"
+        if r["status"] in ("crashed", "failed"):
+            title += f"  — `npd retry {r['run_id']} --out {out}` resumes it"
+        t = Table(title=title, title_justify="left")
         for col in ("round", "score", "kept", "loss", "seconds", "best / flag"):
             t.add_column(col, justify="right")
         for x in r["rounds"]:
@@ -431,6 +441,28 @@ def status(
 
 def _fmt(v: float | None, spec: str) -> str:
     return "" if v is None else format(v, spec)
+
+
+@app.command()
+def export(
+    run_id: Annotated[str, typer.Argument(help="the run to export from")],
+    dest: Annotated[Path, typer.Argument(help="new or empty directory to write")],
+    round_: Annotated[
+        str, typer.Option("--round", help="'best' (highest held-out score) or a round number")
+    ] = "best",
+    out: OutOpt = Path("npd-out"),
+    as_json: JsonOpt = False,
+) -> None:
+    """Write a run's checkpoint as a plain HF model directory (weights, config, tokenizer) that
+    AutoModelForCausalLM/AutoTokenizer.from_pretrained load without npd."""
+    from flows.export import export_checkpoint, parse_round
+
+    info = export_checkpoint(out, run_id, parse_round(round_), dest)
+    if as_json:
+        sys.stdout.write(json.dumps(info) + "\n")
+        return
+    score = "" if info["score"] is None else f" ({info['metric']} {info['score']:.4g})"
+    err.print(f"exported {run_id} round {info['round']}{score} to {info['dir']}")
 
 
 STATUS_RUNS_SQL = """
