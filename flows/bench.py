@@ -1,4 +1,6 @@
-"""``npd bench …``: benchmarks of the method itself (no Prefect, no output directory).
+"""``npd bench …``: bare ``npd bench`` is the headline comparison (``flows.headline``: NPD vs
+onpolicy vs sft and the ablations, each a flow run, one MLflow parent run); the subcommands
+benchmark parts of the method itself (no Prefect, no output directory).
 
 ``npd bench packing`` runs :func:`npd_core.bench_packing.run_bench` (the same function as
 ``python -m npd_core.bench_packing``), prints one JSON object on stdout with ``--json`` (a table on
@@ -19,9 +21,56 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-bench_app = typer.Typer(no_args_is_help=True, help="Benchmark the method itself (no Prefect).")
+bench_app = typer.Typer(
+    help="npd bench: NPD vs onpolicy vs sft (+ ablations) on one wall-clock budget each; "
+    "subcommands benchmark parts of the method."
+)
 err = Console(stderr=True)
 EXPERIMENT = "npd-bench"
+
+
+@bench_app.callback(invoke_without_command=True)
+def headline(
+    ctx: typer.Context,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="print one JSON object on stdout")
+    ] = False,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="npd, sft, onpolicy; 1 seed; a quarter of the budget")
+    ] = False,
+    seeds: Annotated[
+        int | None, typer.Option(help="seeds of npd, sft, onpolicy (default 3; ablations 1)", min=1)
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", help="output directory")] = Path("npd-out"),
+    config: Annotated[
+        Path | None, typer.Option("--config", help="run config YAML (default: toy world)")
+    ] = None,
+    budget_s: Annotated[
+        float | None,
+        typer.Option("--budget-s", help="training seconds per variant (default 140)", min=1),
+    ] = None,
+    variants: Annotated[
+        str | None, typer.Option(help="comma-separated, e.g. npd,sft,onpolicy,no-filter")
+    ] = None,
+    peers: Annotated[str | None, typer.Option(help="external peers to add, e.g. trl")] = None,
+    toy: Annotated[str, typer.Option(hidden=True, help="tiny: the test world")] = "default",
+) -> None:
+    """The headline benchmark (when no subcommand is given)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from flows.headline import main
+
+    main(
+        as_json,
+        out=out,
+        config=config,
+        quick=quick,
+        seeds=seeds,
+        budget_s=budget_s,
+        names=[v.strip() for v in variants.split(",") if v.strip()] if variants else None,
+        peers=[p.strip() for p in peers.split(",") if p.strip()] if peers else [],
+        toy=toy,
+    )
 
 
 @bench_app.command("packing")

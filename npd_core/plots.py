@@ -27,3 +27,48 @@ def delta_ifd_histogram(delta: np.ndarray, low: float, high: float, title: str, 
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def bench_curves(curves: dict[str, list[tuple[float, float]]], report: dict, path: Path) -> Path:
+    """Held-out score vs training wall clock, one line per variant (mean over seeds), with the
+    speedup over onpolicy marked: onpolicy's final score as a level, the two crossing times."""
+    main = {"npd": ("#c44e52", 2.6), "onpolicy": ("#4c72b0", 2.0), "sft": ("#55a868", 2.0)}
+    fig, ax = plt.subplots(figsize=(8, 4.8), dpi=120)
+    for name, c in curves.items():
+        t, s = np.array(c, dtype=float).T
+        color, width = main.get(name, (None, 1.2))
+        style = "-" if name in main else "--"
+        ax.plot(t, s, style, color=color, lw=width, marker="o", ms=3, label=name)
+    keys = ("speedup_target_score", "onpolicy_s_to_target", "npd_s_to_target")
+    target, t_on, t_npd = (report.get(k) for k in keys)
+    sp = report.get("speedup_vs_onpolicy")
+    if target is not None:
+        ax.axhline(target, color="grey", lw=0.8, ls=":")
+        for x, color in ((t_on, main["onpolicy"][0]), (t_npd, main["npd"][0])):
+            if x is not None:
+                ax.axvline(x, color=color, lw=0.8, ls=":")
+        label = (
+            f"speedup {sp:.1f}× to onpolicy's final score"
+            if sp
+            else (f"no speedup: {report.get('speedup_reason')}")
+        )
+        ax.annotate(
+            label,
+            xy=(t_npd if t_npd is not None else 0, target),
+            xytext=(6, 6),
+            textcoords="offset points",
+            fontsize=9,
+        )
+    ax.set_xlabel("training wall clock, s (evaluation excluded)")
+    ax.set_ylabel("held-out score")
+    ax.set_title(
+        f"npd bench: {report.get('budget_s', 0):.0f} s per variant, "
+        f"held-out {report.get('held_out_size')}",
+        fontsize=10,
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,96 @@
+"""The baselines as Prefect flows: ``sft_flow`` and ``onpolicy_flow``.
+
+Both train on a wall-clock budget in segments, one per held-out checkpoint: segment k trains
+until the training clock reaches ``eval_at[k−1]`` and saves θ_k; the shared evaluate task scores
+θ_k while the clock is stopped. Each run has its store rows (``runs``, ``prompts``, ``evals``,
+``checkpoints``; for sft also the teacher's answers in ``samples``) and its own MLflow run,
+nested under ``mlflow_parent`` when one is given (the benchmark's).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from prefect import flow
+
+from npd_core.sft import DATA_ROUND, teacher_as_generator
+from npd_core.stages import RunSpec
+from tasks import baselines as b
+from tasks import run as run_tasks
+from tasks import stages as t
+
+Segment = Callable[[int, float, dict | None, str], dict]  # (k, until_s, previous, mlflow) → result
+
+
+def _train_and_evaluate(
+    spec: RunSpec, eval_at: list[float], mlflow_parent: str | None, segment: Segment,
+    before: Callable[[], dict] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Open the run, evaluate θ_0, then segment → evaluate → record per checkpoint; close."""
+    mlf = run_tasks.open_run(spec)
+    if mlflow_parent:
+        b.nest_run(spec.root, mlf, mlflow_parent)
+    data = before() if before else None
+    evals = [t.evaluate(spec, 0)]
+    segments: list[dict] = []
+    for k, until in enumerate(eval_at, start=1):
+        segments.append(segment(k, until, segments[-1] if segments else data, mlf))
+        evals.append(t.evaluate(spec, k, upstream=segments[-1]))
+        b.record_checkpoint(spec, k, segments[-1], evals[-1], mlf)
+    scores = [e["metrics"]["score"] for e in evals]
+    run_tasks.close_run(spec, mlf, scores[0], scores[-1])
+    last = segments[-1]["metrics"]
+    counters = last["counters"]
+    stage_s = {k.removesuffix("_s"): v for k, v in counters.items() if k.endswith("_s")}
+    stage_s["evaluate"] = sum(e["seconds"] for e in evals)
+    clocks = [0.0] + [x["metrics"]["clock_s"] for x in segments]
+    return {
+        "run_id": spec.run_id,
+        "mlflow_run_id": mlf,
+        "curve": [{"wall_s": w, "score": s} for w, s in zip(clocks, scores, strict=True)],
+        "wall_s": last["clock_s"],
+        "steps": last["step"],
+        "total_steps": last["total_steps"],
+        "train_tokens": int(counters.get("train_tokens", 0)),
+        "generated_tokens": int(counters.get("generated_tokens", 0)),
+        "stage_seconds": stage_s,
+        "data": data,
+    }
+
+
+@flow(name="npd-sft", flow_run_name="{spec.run_id}", log_prints=True)
+def sft_flow(
+    spec: RunSpec, eval_at: list[float], mlflow_parent: str | None = None
+) -> dict[str, Any]:
+    """Sequence-level KD: the teacher answers every training prompt once (on the clock), then
+    packed CE on its answers until the last checkpoint time. ``spec.config`` should come from
+    ``npd_core.sft.sft_config``."""
+
+    def teacher_answers() -> dict:
+        return t.generate(teacher_as_generator(spec), DATA_ROUND)
+
+    def segment(k: int, until: float, prev: dict | None, mlf: str) -> dict:
+        clock0 = prev["seconds"] if k == 1 else 0.0  # the teacher's generation is on the clock
+        return b.sft_train(spec, k, until, eval_at[-1], clock0, upstream=prev, mlflow_run=mlf)
+
+    res = _train_and_evaluate(spec, eval_at, mlflow_parent, segment, before=teacher_answers)
+    res["generated_tokens"] = res["data"]["metrics"]["generated_tokens"]
+    res["stage_seconds"]["generate"] = res["data"]["seconds"]
+    return res
+
+
+@flow(name="npd-onpolicy", flow_run_name="{spec.run_id}", log_prints=True)
+def onpolicy_flow(
+    spec: RunSpec, eval_at: list[float], prompts_per_step: int, mlflow_parent: str | None = None
+) -> dict[str, Any]:
+    """Synchronous on-policy distillation (GKD, λ = 1) until the last checkpoint time."""
+
+    def segment(k: int, until: float, prev: dict | None, mlf: str) -> dict:
+        return b.onpolicy_train(
+            spec, k, until, eval_at[-1], prompts_per_step, upstream=prev, mlflow_run=mlf
+        )
+
+    res = _train_and_evaluate(spec, eval_at, mlflow_parent, segment)
+    res["prompts_per_step"] = prompts_per_step
+    return res

@@ -1,0 +1,638 @@
+"""``npd bench``: NPD against its baselines and its own ablations, on one wall-clock budget each.
+
+Fairness rules (fixed here and in the README before any comparison is looked at):
+
+- every variant starts from the same warm-start student, with the same teacher, training prompts,
+  held-out prompts and generation backend (our batched KV-cache sampler);
+- every variant gets the same training clock, ``budget_s``; evaluation is off the clock (the
+  baselines stop their clock between segments; NPD's clock skips the time when evaluation was
+  the only stage running, see ``curves.paused_clock``); points past ``budget_s × (1 + SLACK)``
+  are dropped;
+- the held-out score is taken at fixed clock times for the baselines (``eval_at``) and at every
+  round boundary for NPD (a round is its natural checkpoint);
+- learning rate and batch size come from one grid, searched the same way for each method (a
+  short run per grid point, seed 0, best final score wins, ties to the grid's first point,
+  which is the config's own values); ablations use NPD's choice. Batch size means packed rows per
+  step for the packed methods and prompts per step for on-policy ones, the base value of the
+  latter being the sequences that fit the same token capacity (``rows × max_seq_len`` over
+  prompt + ``max_new_tokens``);
+- NPD's rounds are sized to the budget from a one-round probe run (its stage seconds), so its
+  cosine schedule ends where its budget does, as the baselines' does.
+
+A variant is a name plus a runner ``(ctx, seed, hyper) -> VariantResult``; ``PEERS`` maps a
+``--peers`` name to the module that provides one more (``npd bench --peers trl``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import platform
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from npd_core import curves as cv
+from npd_core.config import NPDConfig, load_config
+from npd_core.errors import ConfigError
+from npd_core.stages import RunSpec
+
+err = Console(stderr=True)
+
+DEFAULT_BUDGET_S = 140.0  # the one setting: training seconds per variant (sizes everything else)
+QUICK_FRACTION = 0.25  # --quick: a quarter of the budget, one seed, the three main variants
+SEARCH_FRACTION = 0.25  # each grid point's search run gets this share of the budget
+CHECKPOINTS = 8  # held-out evaluations per baseline run (NPD: one per round)
+SLACK = 0.05  # a checkpoint at most 5% past the budget still counts
+GRID = {"lr": (1.0, 0.5, 2.0), "batch": (1.0, 0.5)}  # multipliers of the config's values
+QUICK_GRID = {"lr": (1.0,), "batch": (1.0,)}
+MAIN = ("npd", "sft", "onpolicy")
+PEERS = {"trl": "flows.peers:trl_variant"}  # --peers name → "module:function" returning a Variant
+
+
+# ---------------------------------------------------------------- the variant interface
+@dataclass(frozen=True)
+class Hyper:
+    """One point of the grid, in each method's units."""
+
+    lr: float
+    rows_per_step: int  # packed rows per optimizer step (npd, sft)
+    prompts_per_step: int  # sampled prompts per optimizer step (onpolicy, on-policy peers)
+
+
+@dataclass
+class VariantResult:
+    """What a runner returns for one seed: the held-out curve on its training clock (evaluation
+    excluded), its token counts, seconds per stage and the settings it ran with."""
+
+    curve: list[dict[str, float]]  # [{"wall_s": …, "score": …}], first point θ_0 at 0 s
+    wall_s: float  # training clock at the end
+    train_tokens: int  # tokens through training forwards (padding excluded)
+    generated_tokens: int  # tokens sampled
+    stage_seconds: dict[str, float]  # by stage; "evaluate" is reported but off the clock
+    settings: dict[str, Any] = field(default_factory=dict)
+    run_id: str | None = None  # npd run id in the store (``npd status``)
+    mlflow_run_id: str | None = None
+
+
+@dataclass
+class BenchContext:
+    """Everything a runner needs; runners build their RunSpec with ``spec``."""
+
+    out: Path
+    bench_id: str
+    paths: dict[str, str]  # teacher, student, train_prompts, eval_prompts
+    config: dict[str, Any]  # base NPDConfig dump; variants override parts of it
+    budget_s: float
+    eval_at: list[float]  # clock times of the baselines' held-out checkpoints
+    mlflow_parent: str  # the bench's MLflow run: every variant's run nests under it
+    log: Callable[[str], None]
+    calibration: dict[str, float] = field(default_factory=dict)  # from the NPD probe
+    results: dict[str, list[VariantResult]] = field(default_factory=dict)  # done so far
+    tag: str = ""  # run-id infix: "" for the main runs, "search-…" for the grid search
+
+    def spec(self, name: str, seed: int, config: dict[str, Any]) -> RunSpec:
+        """A RunSpec of this bench's world for ``config`` (validated), with its own run id."""
+        cfg = NPDConfig.model_validate({**config, "seed": seed, "name": f"{name}-s{seed}"})
+        run_id = f"{self.bench_id}-{self.tag}{name}-s{seed}"
+        return RunSpec(str(self.out), run_id, cfg.model_dump(mode="json"), **self.paths)
+
+
+Runner = Callable[[BenchContext, int, Hyper], VariantResult]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A benchmark variant. ``method`` names whose searched hyperparameters it runs with
+    ("npd", "sft", "onpolicy"; a peer usually takes "onpolicy"'s); ``main`` variants run
+    ``--seeds`` seeds, the others one."""
+
+    name: str
+    method: str
+    run: Runner
+    main: bool = False
+
+
+# ---------------------------------------------------------------- runners
+def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def npd_rounds(cfg: NPDConfig, cal: dict[str, float], budget_s: float) -> int:
+    """Rounds that fit ``budget_s`` at the probe's speed: a round takes the longer of learning
+    and producing when they overlap (after the first producer, which nothing overlaps), their
+    sum when they do not."""
+    steps = min(
+        cfg.train.steps_per_round,
+        math.ceil(
+            cfg.train.epochs_per_round
+            * cal["rows_per_sample"]
+            * cfg.data.prompts_per_round
+            * cfg.generate.n_per_prompt
+            / cfg.train.rows_per_step
+        ),
+    )
+    learn = steps * cfg.train.rows_per_step * cal["train_s_per_row"]
+    produce = cfg.data.prompts_per_round * cfg.generate.n_per_prompt * cal["produce_s_per_sample"]
+    if cfg.staleness > 0 and cfg.overlap:
+        return max(1, int((budget_s - produce) / max(learn, produce) + 0.25))
+    return max(1, int(budget_s / (learn + produce) + 0.25))
+
+
+def run_npd(
+    ctx: BenchContext, seed: int, hyper: Hyper, name: str = "npd", overrides: dict | None = None
+) -> VariantResult:
+    """NPD (``overrides`` make an ablation) through ``distill_flow``, rounds sized to the budget."""
+    from flows.distill import distill_flow
+    from tasks.tracking import client
+
+    config = _merge(
+        ctx.config,
+        {"train": {"lr": hyper.lr, "rows_per_step": hyper.rows_per_step}, **(overrides or {})},
+    )
+    if "rounds" not in (overrides or {}):
+        config["rounds"] = npd_rounds(
+            NPDConfig.model_validate(config), ctx.calibration, ctx.budget_s
+        )
+    spec = ctx.spec(name, seed, config)
+    res = distill_flow(spec)
+    client(ctx.out).set_tag(res["mlflow_run_id"], "mlflow.parentRunId", ctx.mlflow_parent)
+    intervals = res["stage_intervals"]
+    clock = cv.paused_clock([(s, e, stage == "evaluate") for stage, _, s, e in intervals])
+    ends = {r: e for stage, r, _, e in intervals if stage == "train"}
+    curve = [{"wall_s": 0.0, "score": res["start_score"]}] + [
+        {"wall_s": clock(ends[x["round"]]), "score": x["score"]} for x in res["rounds"]
+    ]
+    stage_s: dict[str, float] = {}
+    for stage, _, s, e in intervals:
+        stage_s[stage] = stage_s.get(stage, 0.0) + e - s
+    generated = (
+        spec.store.query(
+            "SELECT coalesce(sum(response_tokens), 0) FROM samples WHERE run_id = ?", [spec.run_id]
+        )
+        .column(0)[0]
+        .as_py()
+    )
+    cfg = spec.cfg
+    return VariantResult(
+        curve=curve,
+        wall_s=clock(max(e for stage, _, _, e in intervals if stage != "evaluate")),
+        train_tokens=int(sum(x["train_tokens"] or 0 for x in res["rounds"])),
+        generated_tokens=int(generated),
+        stage_seconds=stage_s,
+        settings={
+            "rounds": cfg.rounds,
+            "steps_per_round": cfg.train.steps_per_round,
+            "staleness": cfg.staleness,
+            "filter": cfg.filter.enabled,
+            "prompts_per_round": cfg.data.prompts_per_round,
+        },
+        run_id=spec.run_id,
+        mlflow_run_id=res["mlflow_run_id"],
+    )
+
+
+def run_sft(ctx: BenchContext, seed: int, hyper: Hyper) -> VariantResult:
+    """Sequence-level KD through ``sft_flow``."""
+    from flows.baselines import sft_flow
+    from npd_core.sft import sft_config
+
+    config = _merge(ctx.config, {"train": {"lr": hyper.lr, "rows_per_step": hyper.rows_per_step}})
+    spec = ctx.spec("sft", seed, sft_config(config))
+    res = sft_flow(spec, ctx.eval_at, ctx.mlflow_parent)
+    return _baseline_result(spec, res, {"teacher_answers": "greedy, every training prompt"})
+
+
+def run_onpolicy(ctx: BenchContext, seed: int, hyper: Hyper) -> VariantResult:
+    """Synchronous on-policy distillation through ``onpolicy_flow``."""
+    from flows.baselines import onpolicy_flow
+
+    config = _merge(ctx.config, {"train": {"lr": hyper.lr}})
+    spec = ctx.spec("onpolicy", seed, config)
+    res = onpolicy_flow(spec, ctx.eval_at, hyper.prompts_per_step, ctx.mlflow_parent)
+    return _baseline_result(spec, res, {"prompts_per_step": hyper.prompts_per_step})
+
+
+def _baseline_result(spec: RunSpec, res: dict[str, Any], extra: dict[str, Any]) -> VariantResult:
+    return VariantResult(
+        curve=res["curve"],
+        wall_s=res["wall_s"],
+        train_tokens=res["train_tokens"],
+        generated_tokens=res["generated_tokens"],
+        stage_seconds=res["stage_seconds"],
+        settings={"optimizer_steps": res["steps"], "lr_horizon_steps": res["total_steps"], **extra},
+        run_id=spec.run_id,
+        mlflow_run_id=res["mlflow_run_id"],
+    )
+
+
+def variants(cfg: NPDConfig) -> dict[str, Variant]:
+    """The built-in variants: the three main ones, then NPD's ablations."""
+    s = cfg.train.steps_per_round
+    lo, hi = max(1, s // 2), 2 * s
+    ablations = {
+        "no-filter": {"filter": {"enabled": False}},
+        "staleness-0": {"staleness": 0},
+        "staleness-2": {"staleness": 2},
+        f"steps-{lo}": {"train": {"steps_per_round": lo}},
+        f"steps-{hi}": {"train": {"steps_per_round": hi}},
+    }
+    out = {
+        "npd": Variant("npd", "npd", run_npd, main=True),
+        "sft": Variant("sft", "sft", run_sft, main=True),
+        "onpolicy": Variant("onpolicy", "onpolicy", run_onpolicy, main=True),
+    }
+    for name, over in ablations.items():
+        out[name] = Variant(name, "npd", partial(run_npd, name=name, overrides=over))
+    return out
+
+
+def peer_variant(name: str) -> Variant:
+    """The ``--peers`` variant ``name`` from its module (an optional extra)."""
+    from npd_core.peers import require
+
+    require(name)
+    target = PEERS.get(name)
+    module, _, attr = (target or "").partition(":")
+    try:
+        return getattr(importlib.import_module(module), attr)()
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"--peers {name}: {target} cannot be loaded ({e})") from None
+
+
+# ---------------------------------------------------------------- search, calibration
+def base_hyper(cfg: NPDConfig, prompt_tokens: float) -> Hyper:
+    """The config's own values; on-policy prompts fill the packed rows' token capacity."""
+    per_row = cfg.pack.max_seq_len / (prompt_tokens + cfg.generate.max_new_tokens)
+    rows = cfg.train.rows_per_step
+    return Hyper(cfg.train.lr, rows, max(1, round(rows * per_row)))
+
+
+def grid_points(base: Hyper, grid: dict[str, tuple[float, ...]]) -> list[Hyper]:
+    """Every (lr, batch) multiplier pair, the base point first."""
+    return [
+        Hyper(
+            base.lr * a,
+            max(1, round(base.rows_per_step * b)),
+            max(1, round(base.prompts_per_step * b)),
+        )
+        for b in grid["batch"]
+        for a in grid["lr"]
+    ]
+
+
+def calibrate(ctx: BenchContext, hyper: Hyper) -> dict[str, float]:
+    """One NPD round (the probe): seconds per packed row trained and per sample produced."""
+    from flows.distill import distill_flow
+
+    config = _merge(
+        ctx.config,
+        {"rounds": 1, "train": {"lr": hyper.lr, "rows_per_step": hyper.rows_per_step}},
+    )
+    spec = replace(ctx, tag="").spec("probe", 0, config)
+    res = distill_flow(spec)
+    sec = res["rounds"][0]["stage_seconds"]
+    store = spec.store
+    step = (
+        store.query("SELECT max(step) FROM checkpoints WHERE run_id = ?", [spec.run_id])
+        .column(0)[0]
+        .as_py()
+    )
+    pack = store.read_stage(spec.run_id, 1, "pack", "pack")
+    rows = len(set(pack.column("row").to_pylist()))
+    n = res["rounds"][0]["n_generated"]
+    cfg = spec.cfg
+    return {
+        "train_s_per_row": sec["train"] / max(1, step * cfg.train.rows_per_step),
+        "produce_s_per_sample": sum(sec[s] for s in ("generate", "score", "filter", "pack")) / n,
+        "rows_per_sample": rows / n,
+        "probe_round_s": sum(v for k, v in sec.items() if k != "evaluate"),
+    }
+
+
+def search(
+    ctx: BenchContext, methods: dict[str, Variant], points: list[Hyper]
+) -> tuple[dict[str, Hyper], dict[str, list[dict[str, Any]]]]:
+    """Per method, a short run (seed 0) at every grid point; the best final score wins."""
+    chosen: dict[str, Hyper] = {}
+    scores: dict[str, list[dict[str, Any]]] = {}
+    budget = ctx.budget_s * SEARCH_FRACTION
+    for method, variant in methods.items():
+        if len(points) == 1:
+            chosen[method], scores[method] = points[0], []
+            continue
+        scores[method] = []
+        for i, h in enumerate(points):
+            sub = replace(ctx, budget_s=budget, eval_at=[budget], tag=f"search{i}-")
+            res = variant.run(sub, 0, h)
+            scores[method].append({**asdict(h), "score": res.curve[-1]["score"]})
+            ctx.log(
+                f"search {method} lr={h.lr:.3g} batch={_batch(method, h)}: "
+                f"{res.curve[-1]['score']:.2f}"
+            )
+        best = max(range(len(points)), key=lambda i: (scores[method][i]["score"], -i))
+        chosen[method] = points[best]
+    return chosen, scores
+
+
+def _batch(method: str, h: Hyper) -> int:
+    return h.rows_per_step if method in ("npd", "sft") else h.prompts_per_step
+
+
+# ---------------------------------------------------------------- aggregation
+def summarize(results: list[VariantResult], budget_s: float) -> dict[str, Any]:
+    """Means over seeds (curves on the union of their checkpoint times) with 95% intervals."""
+    curves = [
+        cv.truncate([(p["wall_s"], p["score"]) for p in r.curve], budget_s * (1 + SLACK))
+        for r in results
+    ]
+    finals = [c[-1][1] for c in curves]
+    stages = sorted({k for r in results for k in r.stage_seconds})
+    return {
+        "final_score": float(np.mean(finals)),
+        "final_score_ci95": cv.mean_ci(finals),
+        "final_scores": finals,
+        "wall_s": float(np.mean([c[-1][0] for c in curves])),
+        "train_tokens": float(np.mean([r.train_tokens for r in results])),
+        "generated_tokens": float(np.mean([r.generated_tokens for r in results])),
+        "stage_seconds": {
+            s: float(np.mean([r.stage_seconds.get(s, 0.0) for r in results])) for s in stages
+        },
+        "curve": [{"wall_s": t, "score": s} for t, s in cv.mean_curve(curves)],
+        "dropped_points": sum(len(r.curve) - len(c) for r, c in zip(results, curves, strict=True)),
+        "seeds": len(results),
+        "settings": [r.settings for r in results],
+        "run_ids": [r.run_id for r in results],
+        "mlflow_run_ids": [r.mlflow_run_id for r in results],
+    }
+
+
+def headline_numbers(table: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Speedup over onpolicy and the score differences, each with its 95% interval."""
+
+    def curves(name: str) -> list[cv.Curve]:
+        c = table[name]["seed_curves"]
+        return [[(p["wall_s"], p["score"]) for p in x] for x in c]
+
+    out: dict[str, Any] = {}
+    if "npd" in table and "onpolicy" in table:
+        s = cv.speedup(curves("onpolicy"), curves("npd"))
+        out.update(
+            speedup_vs_onpolicy=s.value,
+            speedup_reason=s.reason,
+            speedup_target_score=s.target,
+            onpolicy_s_to_target=s.onpolicy_s,
+            npd_s_to_target=s.npd_s,
+            speedup_ci95=cv.speedup_ci(curves("onpolicy"), curves("npd")),
+        )
+    else:
+        out.update(
+            speedup_vs_onpolicy=None,
+            speedup_ci95=None,
+            speedup_reason="needs both npd and onpolicy in --variants",
+        )
+    for other in ("sft", "onpolicy"):
+        key = f"npd_minus_{other}_points"
+        if "npd" in table and other in table:
+            a, b = table["npd"]["final_scores"], table[other]["final_scores"]
+            out[key] = float(np.mean(a) - np.mean(b))
+            out[f"{key}_ci95"] = cv.diff_ci(a, b)
+        else:
+            out[key], out[f"{key}_ci95"] = None, None
+    return out
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((x.split(":", 1)[1].strip() for x in f if x.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+# ---------------------------------------------------------------- the command
+def run_bench(
+    *,
+    out: Path,
+    config: Path | None,
+    quick: bool,
+    seeds: int | None,
+    budget_s: float | None,
+    names: list[str] | None,
+    peers: list[str],
+    toy: str,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """Run the benchmark and return its JSON object (also written to ``<out>/bench-<id>/``)."""
+    from flows.spec import resolve_spec
+    from npd_core.data import read_prompts
+    from npd_core.models import format_prompts, load_tokenizer
+    from npd_core.plots import bench_curves
+    from tasks import tracking
+
+    t_start = time.time()
+    cfg = load_config(config)
+    if toy == "tiny":  # tests: a world that builds in seconds
+        from npd_core.store import Store
+        from npd_core.toy import ToySpec, build_toy_world
+
+        Store(out)  # the world lives in the output directory, which must be a store first
+        w = build_toy_world(out / "toy", ToySpec.tiny(), log=log)
+        cfg.models.teacher, cfg.models.student = str(w.teacher), str(w.student)
+        cfg.data.prompts, cfg.data.eval_prompts = str(w.train_prompts), str(w.eval_prompts)
+    bench_id = f"bench-{datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:4]}"
+    spec, _ = resolve_spec(cfg, out, bench_id, log=log)
+    paths = {k: spec[k] for k in ("teacher", "student", "train_prompts", "eval_prompts")}
+    budget = (budget_s or DEFAULT_BUDGET_S) * (QUICK_FRACTION if quick else 1.0)
+    n_seeds = seeds or (1 if quick else 3)
+    known = variants(cfg)
+    chosen_names = names or (list(MAIN) if quick else list(known))
+    unknown = [n for n in chosen_names if n not in known]
+    if unknown:
+        raise ConfigError(
+            f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(known)}"
+        )
+    selected = [known[n] for n in chosen_names] + [peer_variant(p) for p in peers]
+    tok = load_tokenizer(paths["student"])
+    train = read_prompts(paths["train_prompts"])
+    ids = format_prompts(tok, [p.prompt for p in train], cfg.data.chat_template)
+    base = base_hyper(cfg, float(np.mean([len(x) for x in ids])))
+    grid = QUICK_GRID if quick else GRID
+    points = grid_points(base, grid)
+    n_eval = len(read_prompts(paths["eval_prompts"]))
+    held_out = min(n_eval, cfg.data.eval_size or n_eval)
+    knobs = {"budget_s": budget, "quick": quick, "seeds": n_seeds, "grid": json.dumps(grid)}
+    knobs["variants"] = ",".join(v.name for v in selected)
+    parent = tracking.start_run(
+        str(out), bench_id, "bench", {**knobs, "config": cfg.model_dump(mode="json")}
+    )
+    eval_at = [budget * k / CHECKPOINTS for k in range(1, CHECKPOINTS + 1)]
+    ctx = BenchContext(
+        out, bench_id, paths, cfg.model_dump(mode="json"), budget, eval_at, parent, log
+    )
+    log(f"bench {bench_id}: {len(selected)} variants, {budget:.0f} s each, grid of {len(points)}")
+    if any(v.method == "npd" for v in selected):
+        ctx.calibration = calibrate(ctx, base)
+        log(f"probe: one NPD round {ctx.calibration['probe_round_s']:.1f} s")
+    methods = {v.method: known.get(v.method, v) for v in selected}
+    chosen, search_scores = search(ctx, methods, points)
+    for v in selected:
+        ctx.results[v.name] = []
+        for seed in range(n_seeds if v.main else 1):
+            res = v.run(ctx, seed, chosen[v.method])
+            ctx.results[v.name].append(res)
+            log(
+                f"{v.name} seed {seed}: {res.curve[0]['score']:.2f} → "
+                f"{res.curve[-1]['score']:.2f} in {res.wall_s:.0f} s"
+            )
+    table = {}
+    for v in selected:
+        rows = ctx.results[v.name]
+        table[v.name] = {
+            **summarize(rows, budget),
+            "hyperparameters": asdict(chosen[v.method]),
+            "method": v.method,
+            "seed_curves": [r.curve for r in rows],
+        }
+    report: dict[str, Any] = {
+        "bench_id": bench_id,
+        "variants": table,
+        **headline_numbers(table),
+        "seeds": {v.name: len(ctx.results[v.name]) for v in selected},
+        "held_out_size": held_out,
+        "machine": machine(),
+        "grid": {
+            "multipliers": {k: list(v) for k, v in grid.items()},
+            "points": [asdict(h) for h in points],
+            "search_budget_s": budget * SEARCH_FRACTION if len(points) > 1 else None,
+            "chosen": {m: asdict(h) for m, h in chosen.items()},
+            "scores": search_scores,
+        },
+        "budget_s": budget,
+        "eval_at": ctx.eval_at,
+        "calibration": ctx.calibration,
+        "quick": quick,
+        "out": str(out.resolve()),
+        "mlflow_run_id": parent,
+        "mlflow_uri": tracking.tracking_uri(out),
+    }
+    folder = out / bench_id
+    folder.mkdir(parents=True, exist_ok=True)
+    png = bench_curves(
+        {n: [(p["wall_s"], p["score"]) for p in t["curve"]] for n, t in table.items()},
+        report,
+        folder / "bench.png",
+    )
+    report["plot"] = str(png.resolve())
+    report["wall_s"] = time.time() - t_start
+    (folder / "bench.json").write_text(json.dumps(_finite(report), indent=1))
+    tracking.log_artifact(str(out), parent, png)
+    tracking.log_artifact(str(out), parent, folder / "bench.json")
+    tracking.log_metrics(
+        str(out),
+        parent,
+        {k: v for k, v in report.items() if isinstance(v, float) and k != "budget_s"},
+    )
+    tracking.end_run(str(out), parent)
+    return _finite(report)
+
+
+def _finite(x: Any) -> Any:
+    """NaN/inf → null, tuples → lists: strict JSON."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_finite(v) for v in x]
+    return x
+
+
+def print_report(rep: dict[str, Any]) -> None:
+    """The rich table on stderr."""
+    t = Table(
+        title=f"npd bench {rep['bench_id']} ({rep['budget_s']:.0f} s per variant, "
+        f"held-out {rep['held_out_size']})",
+        title_justify="left",
+    )
+    for col in (
+        "variant",
+        "seeds",
+        "final score",
+        "95% CI",
+        "wall s",
+        "train tok",
+        "gen tok",
+        "lr",
+        "batch",
+        "seconds by stage",
+    ):
+        t.add_column(col, justify="left" if col in ("variant", "seconds by stage") else "right")
+    for name, v in rep["variants"].items():
+        ci = v["final_score_ci95"]
+        h = v["hyperparameters"]
+        t.add_row(
+            name,
+            str(v["seeds"]),
+            f"{v['final_score']:.2f}",
+            f"[{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "-",
+            f"{v['wall_s']:.0f}",
+            f"{v['train_tokens']:.3g}",
+            f"{v['generated_tokens']:.3g}",
+            f"{h['lr']:.3g}",
+            str(_batch(v["method"], Hyper(**h))),
+            " ".join(f"{k} {s:.0f}" for k, s in v["stage_seconds"].items()),
+        )
+    err.print(t)
+
+    def ci(key: str) -> str:
+        c = rep.get(f"{key}_ci95")
+        return f" (95% CI [{c[0]:.2f}, {c[1]:.2f}])" if c else ""
+
+    sp = rep["speedup_vs_onpolicy"]
+    err.print(
+        f"speedup vs onpolicy: {f'{sp:.2f}×' if sp is not None else 'n/a'}{ci('speedup')}"
+        + (f" — {rep['speedup_reason']}" if rep.get("speedup_reason") else "")
+    )
+    for key in ("npd_minus_sft_points", "npd_minus_onpolicy_points"):
+        if rep[key] is not None:
+            err.print(f"{key}: {rep[key]:+.2f}{ci(key)}")
+    err.print(f"plot: {rep['plot']}   MLflow: {rep['mlflow_uri']} (run {rep['mlflow_run_id']})")
+
+
+def main(as_json: bool, **kw: Any) -> None:
+    """``npd bench`` (the callback of ``bench_app``)."""
+    from flows.cli import prefect_env
+
+    prefect_env(kw["out"])
+    rep = run_bench(log=lambda m: err.print(m, markup=False, highlight=False), **kw)
+    if as_json:
+        sys.stdout.write(json.dumps(rep, allow_nan=False) + "\n")
+    else:
+        print_report(rep)
