@@ -52,7 +52,11 @@ class DataConfig(Section):
 
 
 class GenerateConfig(Section):
-    backend: Literal["hf"] = Field("hf", description="generation/scoring engine (HF transformers)")
+    backend: Literal["hf", "vllm", "auto"] = Field(
+        "hf",
+        description="generation engine: hf (transformers), vllm (the vllm extra: make vllm), "
+        "auto (vllm when installed, else hf)",
+    )
     n_per_prompt: int = Field(1, ge=1, le=64, description="samples per prompt")
     temperature: float = Field(1.0, ge=0.0, le=5.0, description="sampling temperature; 0 = greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
@@ -61,6 +65,9 @@ class GenerateConfig(Section):
 
 
 class ScoreConfig(Section):
+    backend: Literal["hf", "vllm", "auto"] | None = Field(
+        None, description="scoring engine (teacher and student); none = generate.backend"
+    )
     top_k: int = Field(16, ge=1, le=1024, description="teacher log-probs kept per position")
     batch_tokens: int = Field(16384, ge=64, description="tokens per packed scoring forward")
 

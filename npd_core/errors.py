@@ -73,3 +73,7 @@ def disk_full(exc: BaseException, path: str | Path) -> StoreError | None:
         f"{path}: no space left on device; nothing of it was kept; free space on that disk "
         "(df -h shows it) and run the command again"
     )
+
+
+class BackendError(NPDError):
+    """The generation/scoring engine (vLLM) could not start or failed while running."""

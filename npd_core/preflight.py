@@ -10,6 +10,7 @@ from pathlib import Path
 from transformers import AutoConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+from npd_core import vllm_backend
 from npd_core.config import NPDConfig
 from npd_core.data import Prompt, read_prompt_glob, read_prompts
 from npd_core.errors import ConfigError, DataError, ModelError
@@ -61,6 +62,8 @@ def check_run(
     cfg: NPDConfig, teacher: str, student: str, train: str, held_out: str
 ) -> tuple[list[Prompt], list[Prompt]]:
     """Validate models, tokenizers and prompt files against the config; returns the prompts."""
+    vllm_backend.resolve(cfg.generate.backend, "generate.backend")
+    vllm_backend.resolve(cfg.score.backend or "hf", "score.backend")
     cfgs = {}
     for role, path in (("teacher", teacher), ("student", student)):
         cfgs[role] = _model_config(path, role)

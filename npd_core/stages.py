@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from npd_core import vllm_backend
 from npd_core.attention import for_training
 from npd_core.config import NPDConfig
 from npd_core.data import Prompt, round_prompts
@@ -170,24 +171,33 @@ def generate_stage(
         )
         ckpt = spec.checkpoint(generator_round(r, cfg.staleness))
         tok = load_tokenizer(ckpt)
-        model = load_model(ckpt)
         ids = format_prompts(tok, [p.prompt for p in prompts], cfg.data.chat_template)
         seed = cfg.seed * 1_000_003 + r
         g = cfg.generate
-        gens = generate(
-            model,
-            ids,
+        backend = vllm_backend.resolve(g.backend, "generate.backend")
+        sampling = dict(
             n_per_prompt=g.n_per_prompt,
             max_new_tokens=g.max_new_tokens,
             eos_ids={tok.eos_token_id},
-            pad_id=tok.pad_token_id,
             temperature=g.temperature,
             top_p=g.top_p,
             seed=seed,
-            batch_size=g.batch_size,
-            bf16=cfg.models.bf16,
             progress=progress,
         )
+        engine: dict[str, float] = {}
+        if backend == "vllm":
+            opts = vllm_backend.EngineOptions.of(cfg)
+            gens, times = vllm_backend.generate(ckpt, ids, options=opts, **sampling)
+            engine = {"engine_start_s": times.start_s, "engine_refresh_s": times.refresh_s}
+        else:
+            gens = generate(
+                load_model(ckpt),
+                ids,
+                pad_id=tok.pad_token_id,
+                batch_size=g.batch_size,
+                bf16=cfg.models.bf16,
+                **sampling,
+            )
         now = _now()
         rows = []
         for p, pid, outs in zip(prompts, ids, gens, strict=True):
@@ -206,7 +216,7 @@ def generate_stage(
                         prompt_token_ids=pid,
                         response_token_ids=gen.token_ids,
                         generator_checkpoint=_rel(spec.root, ckpt),
-                        backend="hf",
+                        backend=backend,
                         temperature=g.temperature,
                         top_p=g.top_p,
                         seed=seed,
@@ -222,7 +232,12 @@ def generate_stage(
         table = table_from_rows("samples", rows)
         spec.store.write_stage(spec.run_id, r, "generate", {"samples": table})
         n_tok = int(sum(x["response_tokens"] for x in rows))
-        return _table_digest(table), {"n_generated": len(rows), "generated_tokens": n_tok}
+        return _table_digest(table), {
+            "n_generated": len(rows),
+            "generated_tokens": n_tok,
+            "backend": backend,
+            **engine,
+        }
 
     return _timed("generate", r, body)
 
@@ -239,29 +254,40 @@ def score_stage(
         s = spec.store.read_stage(spec.run_id, r, "generate", "samples")
         prompts = s.column("prompt_token_ids").to_pylist()
         resps = s.column("response_token_ids").to_pylist()
-        tok = load_tokenizer(spec.teacher)
-        kw = dict(batch_tokens=cfg.score.batch_tokens, bf16=cfg.models.bf16)
-        teacher = load_model(spec.teacher)
-        t = score(
-            teacher,
-            prompts,
-            resps,
-            start_id=start_token_id(tok),
-            top_k=cfg.score.top_k,
-            progress=progress,
-            **kw,
-        )
-        del teacher
+        field = "score.backend" if cfg.score.backend else "generate.backend"
+        backend = vllm_backend.resolve(cfg.score.backend or cfg.generate.backend, field)
+        engine: dict[str, float] = {}
+
+        def score_with(model_dir: str, role: str, top_k: int | None, prog: Progress) -> Any:
+            start_id = start_token_id(load_tokenizer(model_dir))
+            if backend == "hf":
+                return score(
+                    load_model(model_dir),
+                    prompts,
+                    resps,
+                    start_id=start_id,
+                    top_k=top_k,
+                    batch_tokens=cfg.score.batch_tokens,
+                    bf16=cfg.models.bf16,
+                    progress=prog,
+                )
+            res, times = vllm_backend.score(
+                model_dir,
+                role,
+                prompts,
+                resps,
+                start_id=start_id,
+                top_k=top_k,
+                options=vllm_backend.EngineOptions.of(cfg),
+                progress=prog,
+            )
+            engine[f"{role}_engine_start_s"] = times.start_s
+            engine[f"{role}_engine_refresh_s"] = times.refresh_s
+            return res
+
+        t = score_with(spec.teacher, "teacher", cfg.score.top_k, progress)
         student_dir = spec.checkpoint(generator_round(r, cfg.staleness))
-        student = load_model(student_dir)
-        st = score(
-            student,
-            prompts,
-            resps,
-            start_id=start_token_id(load_tokenizer(student_dir)),
-            top_k=None,
-            **kw,
-        )
+        st = score_with(student_dir, "student", None, None)
         n = np.array([len(x) for x in resps])
         ifd_t = log_ifd(t.cond_logprob_sum, t.resp_logprob_sum, n)
         ifd_s = log_ifd(st.cond_logprob_sum, st.resp_logprob_sum, n)
@@ -287,7 +313,11 @@ def score_stage(
         ]
         table = table_from_rows("scores", rows)
         spec.store.write_stage(spec.run_id, r, "score", {"scores": table})
-        return _table_digest(table), {"scored_tokens": int(2 * n.sum() + sum(map(len, prompts)))}
+        return _table_digest(table), {
+            "scored_tokens": int(2 * n.sum() + sum(map(len, prompts))),
+            "backend": backend,
+            **engine,
+        }
 
     return _timed("score", r, body)
 
