@@ -106,7 +106,8 @@ def save_checkpoint(
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
         if trainer_state is not None:
-            torch.save(trainer_state, tmp / TRAINER_STATE)
+            with open(tmp / TRAINER_STATE, "wb") as f:  # closed on a failed write (a path is not)
+                torch.save(trainer_state, f)
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -118,8 +119,8 @@ def save_checkpoint(
         else:
             tmp.rename(path)
     except Exception as exc:
+        full = disk_full(exc, path)  # before freeing the space
         shutil.rmtree(tmp, ignore_errors=True)
-        full = disk_full(exc, path)
         if full is not None:
             raise full from None
         raise

@@ -627,8 +627,8 @@ class Store:
                 os.rename(tmp, final)
             _fsync_path(final.parent)
         except BaseException as exc:
+            full = disk_full(exc, final)  # before freeing the space
             shutil.rmtree(tmp, ignore_errors=True)
-            full = disk_full(exc, final)
             if full is not None:
                 raise full from None
             raise
