@@ -10,8 +10,10 @@ config instead, so the comparison is of implementations, not of settings:
   teacher's top-k maps to β = 0 (identical when k ≥ vocabulary, as in the toy world: 15 tokens,
   k = 16), ``reverse_kl`` to β = 1, ``jsd`` to our β (same convention); ``ce`` has no TRL twin.
 - schedule: TRL's AdamW with our β₂ = 0.95, weight decay and grad clip; the learning rate of
-  every step is ours (``npd_core.train.lr_at``: linear warmup, cosine to ``min_lr_ratio × lr`` at
-  ``max_steps``), since neither of HF's cosine-with-floor schedules lands on the same steps.
+  every step is ours (``npd_core.train.lr_at``: linear warmup, cosine to ``min_lr_ratio × lr``),
+  since neither of HF's cosine-with-floor schedules lands on the same steps. Its horizon is
+  ``max_steps`` when given, else fixed as ``onpolicy`` fixes it (``npd_core.budget``): after
+  the calibration steps, the steps that fit the budget at the speed measured so far.
 - sampling: ``max_new_tokens``, ``temperature`` (TRL also divides the loss logits by it; ours is
   1.0, where that is a no-op), ``top_p``, no top-k; one completion per prompt, one update per
   generation batch (λ = 1, fully on-policy); bf16 as ``models.bf16``; no gradient checkpointing.
@@ -30,6 +32,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -40,6 +43,7 @@ from transformers import PreTrainedModel, TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 from trl import DistillationConfig, DistillationTrainer
 
+from npd_core.budget import CALIBRATION_STEPS, NO_HORIZON
 from npd_core.config import NPDConfig, TrainConfig
 from npd_core.data import Prompt
 from npd_core.errors import ConfigError
@@ -71,9 +75,10 @@ class PeerResult:
 
 
 def trl_args(
-    cfg: NPDConfig, *, prompts_per_step: int, max_steps: int, output_dir: str
+    cfg: NPDConfig, *, prompts_per_step: int, max_steps: int | None, output_dir: str
 ) -> tuple[DistillationConfig, dict[str, Any]]:
-    """TRL's config matching our on-policy settings; also returns the fields we set."""
+    """TRL's config matching our on-policy settings; also returns the fields we set.
+    ``max_steps=None``: no step cap (the clock stops training), horizon calibrated."""
     t, g = cfg.train, cfg.generate
     if t.loss == "ce":
         raise ConfigError(
@@ -92,7 +97,7 @@ def trl_args(
         optim="adamw_torch",
         adam_beta1=0.9,
         adam_beta2=0.95,
-        max_steps=max_steps,
+        max_steps=max_steps or NO_HORIZON,
         per_device_train_batch_size=prompts_per_step,
         gradient_accumulation_steps=1,
         max_completion_length=g.max_new_tokens,
@@ -118,18 +123,35 @@ def trl_args(
         lr_scheduler="npd_core.train.lr_at",
         warmup_steps=t.warmup_steps,
         min_lr_ratio=t.min_lr_ratio,
+        lr_horizon="max_steps" if max_steps else "calibrated as onpolicy's",
     )
     return args, {**settings, **schedule}
 
 
+@dataclass
+class _Schedule:
+    """Our lr schedule for TRL's LambdaLR; the horizon is fixed once, as ``onpolicy`` fixes it."""
+
+    cfg: TrainConfig
+    horizon: int | None = None
+
+    def factor(self, step: int) -> float:
+        return lr_at(step, self.cfg, self.horizon or NO_HORIZON) / self.cfg.lr
+
+
 class _Clock(TrainerCallback):
     """Training wall clock that stops while evaluating; evaluates at checkpoints, stops at the
-    budget."""
+    budget, fixes the lr horizon after the calibration steps."""
 
     def __init__(
-        self, budget_s: float, eval_at: list[float], evaluate: Callable[[], float]
+        self,
+        budget_s: float,
+        eval_at: list[float],
+        evaluate: Callable[[], float],
+        schedule: _Schedule,
     ) -> None:
         self.budget_s, self.eval_at, self.evaluate = budget_s, sorted(eval_at), evaluate
+        self.schedule = schedule
         self.curve: list[dict[str, float]] = []
         self.train_s = 0.0  # clock at the last pause
         self.eval_s = 0.0
@@ -149,8 +171,13 @@ class _Clock(TrainerCallback):
         self._resumed = time.perf_counter()
         self._point()  # the warm start, at 0 s
 
-    def on_step_end(self, args, state, control, **kw):
-        now = self.elapsed()
+    def on_step_end(self, args, state, control, optimizer=None, lr_scheduler=None, **kw):
+        now, step = self.elapsed(), state.global_step
+        sched = self.schedule
+        if sched.horizon is None and step >= max(sched.cfg.warmup_steps, CALIBRATION_STEPS):
+            sched.horizon = step + max(0, round((self.budget_s - now) / (now / step)))
+            for g, base in zip(optimizer.param_groups, lr_scheduler.base_lrs, strict=True):
+                g["lr"] = base * sched.factor(step)  # the next step's lr, under the horizon
         if now >= self.budget_s:
             control.should_training_stop = True
             return
@@ -166,7 +193,7 @@ class _Trainer(DistillationTrainer):
     """TRL's trainer with our learning-rate schedule; counts the completion tokens it samples and
     the time it spends sampling them."""
 
-    def __init__(self, *args: Any, schedule: TrainConfig, **kw: Any) -> None:
+    def __init__(self, *args: Any, schedule: _Schedule, **kw: Any) -> None:
         super().__init__(*args, **kw)
         self.schedule = schedule
         self.generated_tokens = 0
@@ -175,10 +202,7 @@ class _Trainer(DistillationTrainer):
 
     def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
         if self.lr_scheduler is None:
-            t = self.schedule
-            self.lr_scheduler = LambdaLR(
-                optimizer or self.optimizer, lambda s: lr_at(s, t, num_training_steps) / t.lr
-            )
+            self.lr_scheduler = LambdaLR(optimizer or self.optimizer, self.schedule.factor)
         return self.lr_scheduler
 
     def _generate(self, prompts: list):
@@ -214,19 +238,21 @@ def run_trl(
     train_prompts: list[Prompt],
     eval_prompts: list[Prompt],
     prompts_per_step: int,
-    max_steps: int,
+    max_steps: int | None,
     budget_s: float,
     eval_at: list[float],
     log: Callable[[str], None] = lambda m: None,
 ) -> PeerResult:
     """Train ``student`` towards ``teacher`` with TRL for ``budget_s`` training seconds (or
-    ``max_steps``, the schedule's horizon), scoring ``eval_prompts`` at the ``eval_at`` clock
-    times, at 0 and at the end."""
+    ``max_steps``, then also the schedule's horizon), scoring ``eval_prompts`` (the first
+    ``data.eval_size``) at the ``eval_at`` clock times, at 0 and at the end."""
     if any(p.answer is None for p in eval_prompts):
         raise ConfigError(
             "data.eval_prompts: --peers trl scores exact match; every held-out "
             "prompt needs an 'answer'"
         )
+    torch.set_num_threads(cfg.stage_threads(concurrent=False))  # as onpolicy: all cores
+    eval_prompts = eval_prompts[: cfg.data.eval_size] if cfg.data.eval_size else eval_prompts
     tok = load_tokenizer(student)
     tok.padding_side = "left"
     model, teacher_model = load_model(student), load_model(teacher)
@@ -235,7 +261,9 @@ def run_trl(
         rows: list[Any] = [[{"role": "user", "content": x}] for x in texts]
     else:
         rows = texts
-    clock = _Clock(budget_s, eval_at, lambda: heldout_score(model, tok, eval_prompts, cfg))
+    schedule = _Schedule(cfg.train, max_steps)
+    score = partial(heldout_score, model, tok, eval_prompts, cfg)
+    clock = _Clock(budget_s, eval_at, score, schedule)
     with tempfile.TemporaryDirectory(prefix="npd-trl-") as out:
         args, settings = trl_args(
             cfg, prompts_per_step=prompts_per_step, max_steps=max_steps, output_dir=out
@@ -247,11 +275,11 @@ def run_trl(
             train_dataset=Dataset.from_dict({"prompt": rows}),
             processing_class=tok,
             callbacks=[clock],
-            schedule=cfg.train,
+            schedule=schedule,
         )
         log(
             f"trl {trl.__version__}: DistillationTrainer β={args.beta}, lr {args.learning_rate}, "
-            f"{prompts_per_step} prompts/step, ≤{max_steps} steps, {budget_s:.0f} s budget"
+            f"{prompts_per_step} prompts/step, {budget_s:.0f} s budget"
         )
         trainer.train()
     wall = clock.curve[-1]["wall_s"]
@@ -266,5 +294,11 @@ def run_trl(
             "train": round(wall - trainer.generate_s, 3),
             "evaluate": round(clock.eval_s, 3),
         },
-        settings={"trl_version": trl.__version__, "trainer": "DistillationTrainer", **settings},
+        settings={
+            "trl_version": trl.__version__,
+            "trainer": "DistillationTrainer",
+            **settings,
+            "optimizer_steps": trainer.state.global_step,
+            "lr_horizon_steps": schedule.horizon,
+        },
     )

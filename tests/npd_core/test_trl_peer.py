@@ -38,7 +38,7 @@ def world_prompts(tiny_world):
 def test_trl_trains_a_few_steps_and_returns_a_curve(tiny_world, world_prompts):
     from npd_core.peers.trl_peer import run_trl
 
-    cfg = NPDConfig()
+    cfg = NPDConfig(threads=1)  # one thread on this shared 2-core box
     train, held = world_prompts
     kw = dict(
         teacher=str(tiny_world.teacher),
@@ -70,7 +70,7 @@ def test_trl_trains_a_few_steps_and_returns_a_curve(tiny_world, world_prompts):
 @needs_trl
 @pytest.mark.parametrize("loss,beta", [("forward_kl", 0.0), ("reverse_kl", 1.0), ("jsd", 0.3)])
 def test_trl_settings_match_ours(tiny_world, tmp_path, loss, beta):
-    from npd_core.peers.trl_peer import _Trainer, trl_args
+    from npd_core.peers.trl_peer import _Schedule, _Trainer, trl_args
 
     cfg = NPDConfig.model_validate(
         {"train": {"loss": loss, "beta": 0.3, "lr": 2e-3, "warmup_steps": 3, "weight_decay": 0.01}}
@@ -97,7 +97,7 @@ def test_trl_settings_match_ours(tiny_world, tmp_path, loss, beta):
         args=args,
         train_dataset=Dataset.from_dict({"prompt": ["12,34="]}),
         processing_class=load_tokenizer(tiny_world.student),
-        schedule=cfg.train,
+        schedule=_Schedule(cfg.train, 20),
     )
     trainer.create_optimizer_and_scheduler(num_training_steps=20)
     got = []
@@ -133,3 +133,30 @@ def test_trl_loss_equals_ours_when_top_k_covers_the_vocabulary(beta):
     }[beta]
     assert int(n) == 13
     assert theirs.item() == pytest.approx(losses.token_mean(ours, 13).item(), rel=1e-5)
+
+
+@pytest.mark.peers
+@needs_trl
+def test_lr_horizon_is_fixed_after_calibration_as_onpolicy_fixes_it():
+    """After max(warmup, 5) steps taking 10 s of a 30 s budget: 5 + 20 / 2 = 15 steps."""
+    import time
+
+    from transformers import TrainerControl, TrainerState
+
+    from npd_core.peers.trl_peer import _Clock, _Schedule
+
+    cfg = NPDConfig.model_validate({"train": {"warmup_steps": 2}})
+    sched = _Schedule(cfg.train)
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=cfg.train.lr)
+    lambda_lr = torch.optim.lr_scheduler.LambdaLR(opt, sched.factor)
+    clock = _Clock(30.0, [], lambda: 0.0, sched)
+    control = TrainerControl()
+    clock.train_s, clock._resumed = 10.0, time.perf_counter()
+    clock.on_step_end(None, TrainerState(global_step=4), control, opt, lambda_lr)
+    assert sched.horizon is None  # 4 < 5 calibration steps
+    clock.on_step_end(None, TrainerState(global_step=5), control, opt, lambda_lr)
+    assert sched.horizon == 15 and not control.should_training_stop
+    assert opt.param_groups[0]["lr"] == pytest.approx(lr_at(5, cfg.train, 15))
+    clock.train_s = 30.0
+    clock.on_step_end(None, TrainerState(global_step=6), control, opt, lambda_lr)
+    assert control.should_training_stop and sched.horizon == 15
