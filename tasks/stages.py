@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.context import TaskRunContext
 from prefect.runtime import flow_run, task_run
 
@@ -56,6 +56,7 @@ def generate(spec: RunSpec, r: int, upstream: dict | None = None) -> dict:
     cfg = spec.cfg
     n = cfg.data.prompts_per_round * cfg.generate.n_per_prompt
     res = stages.generate_stage(spec, r, _prov(), progress.bar("generate", r, n))
+    _log_engine(res)
     return res.to_dict()
 
 
@@ -63,7 +64,18 @@ def generate(spec: RunSpec, r: int, upstream: dict | None = None) -> dict:
 def score(spec: RunSpec, r: int, upstream: dict) -> dict:
     enter_stage(spec, "score", r)
     total = upstream["metrics"]["n_generated"] * 2  # two views per sample
-    return stages.score_stage(spec, r, _prov(), progress.bar("score", r, total)).to_dict()
+    res = stages.score_stage(spec, r, _prov(), progress.bar("score", r, total))
+    _log_engine(res)
+    return res.to_dict()
+
+
+def _log_engine(res: stages.StageResult) -> None:
+    """Say which engine ran the stage (``backend: auto`` decides at run time) and how long
+    vLLM took to start or to load the round's snapshot."""
+    m = res.metrics
+    times = ", ".join(f"{k} {v:.2f}" for k, v in m.items() if "engine" in k and v)
+    line = f"{res.stage} r{res.round}: backend {m['backend']}"
+    get_run_logger().info(f"{line} ({times})" if times else line)
 
 
 @task(name="filter", task_run_name="r{r}-filter", **STAGE)
