@@ -111,6 +111,8 @@ def record_round(spec: RunSpec, r: int, results: dict[str, dict], mlflow_run: st
         **{k: row[k] for k in ("n_generated", "n_kept", "train_tokens", "mean_loss", "score")},
         "drop_reasons": flt["drop_reasons"],
         "stage_seconds": seconds,
+        "backends": {k: m[k].get("backend", "hf") for k in ("generate", "score")},
+        "engine_refresh_s": m["generate"].get("engine_refresh_s"),
     }
 
 
