@@ -351,18 +351,23 @@ def serve(
     cron: Annotated[str, typer.Option(help="schedule, cron syntax (local time)")] = "0 2 * * *",
     name: Annotated[str, typer.Option(help="deployment name")] = "nightly",
 ) -> None:
-    """Serve the scheduled distill flow from this process (Prefect ``serve``): runs on the cron
-    schedule and picks up runs started or retried from the Prefect UI. Ctrl-C stops it."""
+    """Serve npd's deployments from this process (Prefect ``serve``): the scheduled distill
+    flow runs on the cron schedule, and runs started or retried from the Prefect UI are picked
+    up. Each run continues from the best checkpoint of the last one. Ctrl-C stops it."""
     from npd_core.config import load_config
 
     if config is not None:
         load_config(config)  # fail now, not at 2 a.m.
     prefect_env(out)
-    from flows.distill import scheduled_flow
+    from prefect import serve as prefect_serve
 
-    params = {"config": str(config.resolve()) if config else None, "out": str(out.resolve())}
-    err.print(f"serving npd-scheduled/{name} on '{cron}' with {params}; Ctrl-C to stop")
-    scheduled_flow.serve(name=name, cron=cron, parameters=params)
+    from flows.serve import deployments
+
+    items = deployments(config, out, cron, name)
+    for d in items:
+        err.print(f"serving {d.flow_name}/{d.name} on '{cron}' with {d.parameters}")
+    err.print("Ctrl-C to stop")
+    prefect_serve(*items)
 
 
 @app.command()
@@ -438,6 +443,20 @@ def status(
 
 def _fmt(v: float | None, spec: str) -> str:
     return "" if v is None else format(v, spec)
+
+
+@app.command()
+def ui(
+    out: OutOpt = Path("npd-out"),
+    port: Annotated[int, typer.Option(help="Prefect server port")] = 4200,
+    mlflow_port: Annotated[int, typer.Option(help="MLflow UI port")] = 5000,
+) -> None:
+    """Start a Prefect server and the MLflow UI over the output directory (its mlflow.db and
+    artifacts); prints both URLs; Ctrl-C stops both, child processes included."""
+    from flows.ui import serve_ui
+
+    out.mkdir(parents=True, exist_ok=True)
+    serve_ui(out, port, mlflow_port, say=lambda m: err.print(m, markup=False, highlight=False))
 
 
 @app.command()
