@@ -232,12 +232,13 @@ def build_config(
         cfg = NPDConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_one_line(err, source)) from None
-    if base is not None:
-        for sec, key in PATH_FIELDS:
-            section = getattr(cfg, sec)
-            value = getattr(section, key)
-            if value and not Path(value).expanduser().is_absolute():
-                setattr(section, key, str((base / value).resolve()))
+    for sec, key in PATH_FIELDS:
+        section = getattr(cfg, sec)
+        value = getattr(section, key)
+        if value and "\0" in value:  # the OS refuses such a path with a bare ValueError
+            raise ConfigError(f"{source}: field '{sec}.{key}': path contains a NUL byte; fix it")
+        if base is not None and value and not Path(value).expanduser().is_absolute():
+            setattr(section, key, str((base / value).resolve()))
     return cfg
 
 

@@ -167,6 +167,7 @@ CONFIG_CASES = {
     "q_low_ge_q_high": ("filter: {q_low: 0.9, q_high: 0.5}\n", ["filter", "q_low (0.9)"]),
     "top_k_zero": ("score: {top_k: 0}\n", ["bad.yaml", "score.top_k"]),
     "not_a_mapping": ("- rounds\n", ["bad.yaml", "mapping"]),
+    "nul_in_path": ('models: {teacher: "a\\0b"}\n', ["bad.yaml", "'models.teacher'", "NUL"]),
 }
 
 

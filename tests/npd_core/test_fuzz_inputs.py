@@ -1,17 +1,19 @@
-"""Random bytes as prompt files and random YAML as configs: a clean error or a valid result,
-never another exception (the CLI turns NPDError into one ``error:`` line)."""
+"""Random bytes and JSON objects as prompt files, random YAML as configs: a clean error or a
+valid result, never another exception (the CLI turns NPDError into one ``error:`` line)."""
 
 from __future__ import annotations
 
 import json
 
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from pydantic import BaseModel
 
 from npd_core.config import NPDConfig, load_config
 from npd_core.data import read_prompts
 from npd_core.errors import NPDError
+from npd_core.preflight import check_run
 
 FUZZ = settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
@@ -75,3 +77,46 @@ def test_random_text_as_config(tmp_path, text):
     p.write_text(text, encoding="utf-8")
     cfg = _clean(load_config, p)
     assert cfg is None or isinstance(cfg, NPDConfig)
+
+
+# every real section and key, plus near misses, so values reach the field validators
+KEYS = {
+    name: sorted(type(section).model_fields) + ["nope"]
+    for name, section in NPDConfig()
+    if isinstance(section, BaseModel)
+}
+sections = st.sampled_from(sorted(KEYS)).flatmap(
+    lambda name: st.tuples(
+        st.just(name), st.dictionaries(st.sampled_from(KEYS[name]), json_values, max_size=3)
+    )
+)
+
+
+@FUZZ
+@given(st.lists(sections, max_size=4).map(dict))
+@example({"models": {"teacher": "a\x00b"}})  # a NUL in a path was a bare ValueError
+def test_random_values_in_real_fields(tmp_path, data):
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(data))
+    cfg = _clean(load_config, p)
+    assert cfg is None or isinstance(cfg, NPDConfig)
+
+
+prompt_rows = st.one_of(
+    json_values,
+    st.fixed_dictionaries(
+        {"prompt": st.text(min_size=1, max_size=40)}, optional={"id": json_values}
+    ),
+)
+
+
+@settings(FUZZ, max_examples=25)
+@given(st.lists(prompt_rows, min_size=1, max_size=4))
+def test_random_prompts_through_preflight(tmp_path, tiny_world, rows):
+    """Any text, emoji or control characters included, gets through the real tokenizer and
+    the context checks as a clean error or as prompts."""
+    p = tmp_path / "p.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in rows))
+    w = tiny_world
+    out = _clean(check_run, NPDConfig(), str(w.teacher), str(w.student), str(p), str(p))
+    assert out is None or all(q.prompt.strip() for q in out[0])
