@@ -2,7 +2,8 @@
 onpolicy vs sft and the ablations, each a flow run, one MLflow parent run); the subcommands
 benchmark parts of the method itself (no Prefect, no output directory).
 
-``npd bench packing`` runs :func:`npd_core.bench_packing.run_bench` (the same function as
+``npd bench generate`` runs :func:`npd_core.bench_generate.run_bench` (HF vs vLLM generation and
+scoring). ``npd bench packing`` runs :func:`npd_core.bench_packing.run_bench` (the same function as
 ``python -m npd_core.bench_packing``), prints one JSON object on stdout with ``--json`` (a table on
 stderr otherwise) and, when ``MLFLOW_TRACKING_URI`` is set, logs the figures to MLflow
 (experiment ``npd-bench``, one run per call).
@@ -53,7 +54,6 @@ def headline(
         str | None, typer.Option(help="comma-separated, e.g. npd,sft,onpolicy,no-filter")
     ] = None,
     peers: Annotated[str | None, typer.Option(help="external peers to add, e.g. trl")] = None,
-    toy: Annotated[str, typer.Option(hidden=True, help="tiny: the test world")] = "default",
 ) -> None:
     """The headline benchmark (when no subcommand is given)."""
     if ctx.invoked_subcommand is not None:
@@ -69,7 +69,6 @@ def headline(
         budget_s=budget_s,
         names=[v.strip() for v in variants.split(",") if v.strip()] if variants else None,
         peers=[p.strip() for p in peers.split(",") if p.strip()] if peers else [],
-        toy=toy,
     )
 
 
@@ -131,8 +130,60 @@ def packing(
         print_table(res)
 
 
-def print_table(res: dict[str, Any]) -> None:
-    t = Table(title="npd bench packing", title_justify="left")
+@bench_app.command("generate")
+def generate(
+    as_json: Annotated[
+        bool, typer.Option("--json", help="print one JSON object on stdout")
+    ] = False,
+    model: Annotated[
+        Path | None, typer.Option(help="generating model (HF dir); default: the toy student")
+    ] = None,
+    teacher: Annotated[
+        Path | None, typer.Option(help="scoring model (HF dir); default: the toy teacher")
+    ] = None,
+    prompts: Annotated[
+        Path | None, typer.Option(help="prompts JSONL; default: the toy train prompts")
+    ] = None,
+    out: Annotated[
+        Path, typer.Option("--out", help="output directory holding the toy world cache")
+    ] = Path("npd-out"),
+    n_prompts: Annotated[int, typer.Option(help="prompts generated for", min=1)] = 512,
+    n_per_prompt: Annotated[int, typer.Option(help="samples per prompt", min=1)] = 1,
+    max_new_tokens: Annotated[int, typer.Option(help="response length cap", min=1)] = 48,
+    batch_size: Annotated[int, typer.Option(help="sequences decoded together", min=1)] = 256,
+    temperature: Annotated[float, typer.Option(help="sampling temperature", min=0)] = 1.0,
+    top_k: Annotated[int, typer.Option(help="teacher log-probs kept per position", min=1)] = 16,
+    threads: Annotated[int, typer.Option(help="CPU threads of each side", min=1)] = 1,
+    bf16: Annotated[
+        bool | None, typer.Option("--bf16/--no-bf16", help="default: on for CUDA, off for CPU")
+    ] = None,
+) -> None:
+    """HF (batched, KV cache) vs vLLM: generation and teacher scoring of the same prompts."""
+    from npd_core.bench_generate import run_bench
+
+    if not (model and teacher and prompts):
+        from npd_core.store import Store
+        from npd_core.toy import build_toy_world
+
+        Store(out)
+        world = build_toy_world(out / "toy", log=lambda m: err.print(m, markup=False))
+        model = model or world.student
+        teacher = teacher or world.teacher
+        prompts = prompts or world.train_prompts
+    res = run_bench(
+        model=str(model), teacher=str(teacher), prompts=str(prompts), n_prompts=n_prompts,
+        n_per_prompt=n_per_prompt, max_new_tokens=max_new_tokens, batch_size=batch_size,
+        temperature=temperature, top_k=top_k, threads=threads, bf16=bf16,
+        log=lambda m: err.print(m, markup=False, highlight=False),
+    )  # fmt: skip
+    if as_json:
+        sys.stdout.write(json.dumps(res) + "\n")
+    else:
+        print_table(res, "npd bench generate")
+
+
+def print_table(res: dict[str, Any], title: str = "npd bench packing") -> None:
+    t = Table(title=title, title_justify="left")
     t.add_column("figure")
     t.add_column("value", justify="right")
     for k, v in res.items():

@@ -105,8 +105,9 @@ class BenchContext:
 
     def spec(self, name: str, seed: int, config: dict[str, Any]) -> RunSpec:
         """A RunSpec of this bench's world for ``config`` (validated), with its own run id."""
-        cfg = NPDConfig.model_validate({**config, "seed": seed, "name": f"{name}-s{seed}"})
-        run_id = f"{self.bench_id}-{self.tag}{name}-s{seed}"
+        label = f"{self.tag}{name}-s{seed}"
+        cfg = NPDConfig.model_validate({**config, "seed": seed, "name": label})
+        run_id = f"{self.bench_id}-{label}"
         return RunSpec(str(self.out), run_id, cfg.model_dump(mode="json"), **self.paths)
 
 
@@ -159,7 +160,6 @@ def run_npd(
 ) -> VariantResult:
     """NPD (``overrides`` make an ablation) through ``distill_flow``, rounds sized to the budget."""
     from flows.distill import distill_flow
-    from tasks.tracking import client
 
     config = _merge(
         ctx.config,
@@ -171,7 +171,7 @@ def run_npd(
         )
     spec = ctx.spec(name, seed, config)
     res = distill_flow(spec)
-    client(ctx.out).set_tag(res["mlflow_run_id"], "mlflow.parentRunId", ctx.mlflow_parent)
+    _nest(ctx, res["mlflow_run_id"])
     intervals = res["stage_intervals"]
     clock = cv.paused_clock([(s, e, stage == "evaluate") for stage, _, s, e in intervals])
     ends = {r: e for stage, r, _, e in intervals if stage == "train"}
@@ -205,6 +205,13 @@ def run_npd(
         run_id=spec.run_id,
         mlflow_run_id=res["mlflow_run_id"],
     )
+
+
+def _nest(ctx: BenchContext, mlflow_run: str) -> None:
+    """Show an NPD run (its flow opens its own MLflow run) under the bench's parent run."""
+    from tasks.baselines import nest_run
+
+    nest_run.fn(str(ctx.out), mlflow_run, ctx.mlflow_parent)
 
 
 def run_sft(ctx: BenchContext, seed: int, hyper: Hyper) -> VariantResult:
@@ -304,8 +311,9 @@ def calibrate(ctx: BenchContext, hyper: Hyper) -> dict[str, float]:
         ctx.config,
         {"rounds": 1, "train": {"lr": hyper.lr, "rows_per_step": hyper.rows_per_step}},
     )
-    spec = replace(ctx, tag="").spec("probe", 0, config)
+    spec = ctx.spec("probe", 0, config)
     res = distill_flow(spec)
+    _nest(ctx, res["mlflow_run_id"])
     sec = res["rounds"][0]["stage_seconds"]
     store = spec.store
     step = (
@@ -446,7 +454,6 @@ def run_bench(
     budget_s: float | None,
     names: list[str] | None,
     peers: list[str],
-    toy: str,
     log: Callable[[str], None],
 ) -> dict[str, Any]:
     """Run the benchmark and return its JSON object (also written to ``<out>/bench-<id>/``)."""
@@ -458,19 +465,6 @@ def run_bench(
 
     t_start = time.time()
     cfg = load_config(config)
-    if toy == "tiny":  # tests: a world that builds in seconds
-        from npd_core.store import Store
-        from npd_core.toy import ToySpec, build_toy_world
-
-        Store(out)  # the world lives in the output directory, which must be a store first
-        w = build_toy_world(out / "toy", ToySpec.tiny(), log=log)
-        cfg.models.teacher, cfg.models.student = str(w.teacher), str(w.student)
-        cfg.data.prompts, cfg.data.eval_prompts = str(w.train_prompts), str(w.eval_prompts)
-    bench_id = f"bench-{datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:4]}"
-    spec, _ = resolve_spec(cfg, out, bench_id, log=log)
-    paths = {k: spec[k] for k in ("teacher", "student", "train_prompts", "eval_prompts")}
-    budget = (budget_s or DEFAULT_BUDGET_S) * (QUICK_FRACTION if quick else 1.0)
-    n_seeds = seeds or (1 if quick else 3)
     known = variants(cfg)
     chosen_names = names or (list(MAIN) if quick else list(known))
     unknown = [n for n in chosen_names if n not in known]
@@ -479,6 +473,11 @@ def run_bench(
             f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(known)}"
         )
     selected = [known[n] for n in chosen_names] + [peer_variant(p) for p in peers]
+    bench_id = f"bench-{datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:4]}"
+    spec, _ = resolve_spec(cfg, out, bench_id, log=log)
+    paths = {k: spec[k] for k in ("teacher", "student", "train_prompts", "eval_prompts")}
+    budget = (budget_s or DEFAULT_BUDGET_S) * (QUICK_FRACTION if quick else 1.0)
+    n_seeds = seeds or (1 if quick else 3)
     tok = load_tokenizer(paths["student"])
     train = read_prompts(paths["train_prompts"])
     ids = format_prompts(tok, [p.prompt for p in train], cfg.data.chat_template)

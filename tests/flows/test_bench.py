@@ -1,0 +1,213 @@
+"""The headline benchmark's variants on the tiny world under a real Prefect server: each runs
+briefly as its own flow run with its own MLflow run under the bench's parent; ``npd bench
+--quick --json`` prints every field (slow)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from flows.cli import app
+from flows.headline import BenchContext, Hyper, run_onpolicy, run_sft, variants
+from npd_core.config import NPDConfig
+from npd_core.data import read_prompts
+from npd_core.errors import ConfigError
+from npd_core.store import Store
+from tasks import tracking
+
+CFG = dict(
+    threads=1,
+    data={"prompts_per_round": 32, "eval_size": 16},
+    generate={"max_new_tokens": 24},
+    train={"steps_per_round": 2, "rows_per_step": 4, "epochs_per_round": 10, "warmup_steps": 1},
+    pack={"max_seq_len": 128},
+    eval={"batch_size": 64},
+)
+HYPER = Hyper(lr=3e-3, rows_per_step=4, prompts_per_step=8)
+ONE_ROUND = {"train_s_per_row": 1e3, "produce_s_per_sample": 1e3, "rows_per_sample": 0.2}
+
+
+def _paths(world) -> dict[str, str]:
+    keys = ("teacher", "student", "train_prompts", "eval_prompts")
+    return {k: str(getattr(world, k)) for k in keys}
+
+
+@pytest.fixture
+def ctx(tmp_path, tiny_world, prefect_server, monkeypatch) -> BenchContext:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    Store(tmp_path)
+    parent = tracking.start_run(str(tmp_path), "bench-t", "bench", {})
+    cfg = NPDConfig.model_validate(CFG).model_dump(mode="json")
+    return BenchContext(
+        tmp_path,
+        "bench-t",
+        _paths(tiny_world),
+        cfg,
+        2.0,
+        [1.0, 2.0],
+        parent,
+        lambda m: None,
+        calibration=dict(ONE_ROUND),
+    )
+
+
+def _children(ctx: BenchContext) -> dict[str, str]:
+    c = tracking.client(ctx.out)
+    exp = c.get_run(ctx.mlflow_parent).info.experiment_id
+    runs = c.search_runs([exp], f"tags.mlflow.parentRunId = '{ctx.mlflow_parent}'")
+    return {r.info.run_id: r.info.run_name for r in runs}
+
+
+def test_npd_and_each_ablation_run_one_round(ctx):
+    """One round each (the probe figures size every run to one round); the ablation's knob is
+    in its run's config, and on the same samples no-filter keeps more than npd."""
+    known = variants(NPDConfig.model_validate(CFG))
+    names = ["npd", "no-filter", "staleness-0", "staleness-2", "steps-1", "steps-4"]
+    assert [n for n in known if n not in ("sft", "onpolicy")] == names
+    res = {n: known[n].run(ctx, 0, HYPER) for n in names}
+    store = Store(ctx.out, create=False)
+    for n, r in res.items():
+        assert len(r.curve) == 2 and r.curve[1]["wall_s"] > 0, n
+        assert r.wall_s == pytest.approx(r.curve[1]["wall_s"])
+        assert r.settings["rounds"] == 1 and r.train_tokens > 0
+        assert {"generate", "score", "filter", "pack", "train", "evaluate"} <= set(r.stage_seconds)
+        produced = (
+            store.query("select sum(response_tokens) from samples where run_id = ?", [r.run_id])
+            .column(0)[0]
+            .as_py()
+        )
+        assert r.generated_tokens == produced > 0
+    settings = {n: r.settings for n, r in res.items()}
+    assert settings["no-filter"]["filter"] is False and settings["npd"]["filter"] is True
+    assert settings["staleness-0"]["staleness"] == 0 and settings["staleness-2"]["staleness"] == 2
+    assert settings["steps-1"]["steps_per_round"] == 1
+    q = "select run_id, step from checkpoints where round = 1"
+    steps = {x["run_id"]: x["step"] for x in store.query(q).to_pylist()}
+    assert steps[res["steps-1"].run_id] == 1 and steps[res["steps-4"].run_id] == 4
+    kept = {
+        x["run_id"]: x["n"]
+        for x in store.query("select run_id, count(*) n from filtered group by run_id").to_pylist()
+    }
+    assert kept[res["no-filter"].run_id] > kept[res["npd"].run_id]
+    assert sorted(_children(ctx).values()) == sorted(f"{n}-s0" for n in names)
+
+
+def test_sft_flow_stores_the_teachers_answers_and_trains_on_the_clock(ctx, tiny_world):
+    r = run_sft(ctx, 0, HYPER)
+    store = Store(ctx.out, create=False)
+    rows = store.query(
+        "select round, generator_checkpoint g, teacher, temperature t, count(*) n from samples "
+        "where run_id = ? group by all",
+        [r.run_id],
+    ).to_pylist()
+    n_train = len(read_prompts(tiny_world.train_prompts))
+    teacher = str(Path(tiny_world.teacher).resolve())
+    assert rows == [{"round": 0, "g": teacher, "teacher": teacher, "t": 0.0, "n": n_train}]
+    evals = (
+        store.query("select round from evals where run_id = ? order by round", [r.run_id])
+        .column(0)
+        .to_pylist()
+    )
+    assert evals == [0, 1, 2]
+    walls = [p["wall_s"] for p in r.curve]
+    assert walls[0] == 0 and walls == sorted(walls)
+    assert walls[1] >= r.stage_seconds["generate"]  # the teacher's answers are on the clock
+    assert 2.0 <= r.wall_s < 2.0 + 2.0 and r.settings["optimizer_steps"] >= 1
+    assert r.generated_tokens > 0 and r.train_tokens > 0
+    c = tracking.client(ctx.out)
+    assert len(c.get_metric_history(r.mlflow_run_id, "score")) == 2
+    assert list(_children(ctx).values()) == ["sft-s0"]
+
+
+def test_onpolicy_flow_samples_every_step_on_the_clock(ctx):
+    r = run_onpolicy(ctx, 0, HYPER)
+    assert [p["wall_s"] for p in r.curve][0] == 0 and len(r.curve) == 3
+    assert 2.0 <= r.wall_s < 4.0 and r.settings["prompts_per_step"] == 8
+    assert set(r.stage_seconds) == {"generate", "score", "train", "evaluate"}
+    steps = r.settings["optimizer_steps"]
+    assert steps >= 1 and r.generated_tokens >= steps * 8  # ≥ one token per sample
+    store = Store(ctx.out, create=False)
+    assert store.query("select count(*) from samples").column(0)[0].as_py() == 0  # in memory
+    assert list(_children(ctx).values()) == ["onpolicy-s0"]
+
+
+def test_unknown_variant_is_a_config_error(tmp_path):
+    res = CliRunner().invoke(app, ["bench", "--variants", "npd,nope", "--out", str(tmp_path)])
+    assert isinstance(res.exception, ConfigError) and res.exception.exit_code == 2
+    assert "unknown nope" in str(res.exception) and "no-filter" in str(res.exception)
+
+
+@pytest.mark.slow
+def test_bench_quick_json_has_every_field(tmp_path, tiny_world, prefect_server, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for key in ("PREFECT_RESULTS_LOCAL_STORAGE_PATH", "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"):
+        monkeypatch.setenv(key, os.environ.get(key, ""))  # prefect_env's changes are undone
+    cfg = tmp_path / "tiny.yaml"
+    models = {"teacher": str(tiny_world.teacher), "student": str(tiny_world.student)}
+    data = {
+        **CFG["data"],
+        "prompts": str(tiny_world.train_prompts),
+        "eval_prompts": str(tiny_world.eval_prompts),
+    }
+    cfg.write_text(yaml.safe_dump({**CFG, "models": models, "data": data}))
+    out = tmp_path / "out"
+    args = [
+        "bench",
+        "--quick",
+        "--json",
+        "--budget-s",
+        "8",
+        "--config",
+        str(cfg),
+        "--out",
+        str(out),
+    ]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.stdout)
+    assert set(rep["variants"]) == {"npd", "sft", "onpolicy"}
+    for v in rep["variants"].values():
+        for key in (
+            "final_score",
+            "final_score_ci95",
+            "wall_s",
+            "train_tokens",
+            "generated_tokens",
+            "stage_seconds",
+            "curve",
+            "hyperparameters",
+        ):
+            assert key in v
+        assert v["curve"][0] == {"wall_s": 0.0, "score": v["curve"][0]["score"]}
+        assert v["final_score"] == v["curve"][-1]["score"] and v["final_score_ci95"] is None
+        assert v["wall_s"] <= 2.0 * 1.05 and v["stage_seconds"]["train"] > 0
+    for key in (
+        "speedup_vs_onpolicy",
+        "speedup_ci95",
+        "npd_minus_sft_points",
+        "npd_minus_sft_points_ci95",
+        "npd_minus_onpolicy_points",
+        "npd_minus_onpolicy_points_ci95",
+    ):
+        assert key in rep
+    assert rep["speedup_vs_onpolicy"] is not None or rep["speedup_reason"]
+    assert rep["npd_minus_sft_points"] == pytest.approx(
+        rep["variants"]["npd"]["final_score"] - rep["variants"]["sft"]["final_score"]
+    )
+    assert rep["seeds"] == {"npd": 1, "sft": 1, "onpolicy": 1} and rep["held_out_size"] == 16
+    assert rep["machine"]["cores"] >= 1 and rep["budget_s"] == 2.0
+    assert rep["grid"]["chosen"]["onpolicy"] == rep["variants"]["onpolicy"]["hyperparameters"]
+    png = Path(rep["plot"])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    c = tracking.client(out)
+    parent = c.get_run(rep["mlflow_run_id"])
+    kids = c.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{rep['mlflow_run_id']}'"
+    )
+    assert sorted(k.info.run_name for k in kids) == ["npd-s0", "onpolicy-s0", "probe-s0", "sft-s0"]
+    assert {a.path for a in c.list_artifacts(rep["mlflow_run_id"])} >= {"bench.png", "bench.json"}
