@@ -436,6 +436,16 @@ def test_unknown_run_id(command, capfd, store):
 # ------------------------------------------------------------------------------ run time (slow)
 
 
+@pytest.fixture(scope="module")
+def prefect(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Environment of the subprocess runs: one Prefect home (its database is migrated once) and
+    room for a slow start of the ephemeral Prefect API on a busy machine."""
+    return {
+        "PREFECT_HOME": str(tmp_path_factory.mktemp("prefect")),
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+    }
+
+
 def _npd(*args, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(
         [*NPD, *map(str, args)],
@@ -462,12 +472,12 @@ def _no_partial_stage(out: Path) -> None:
 
 
 @pytest.mark.slow
-def test_every_sample_filtered_is_a_warning(tmp_path, tiny_world):
+def test_every_sample_filtered_is_a_warning(tmp_path, tiny_world, prefect):
     """The one run-time case that is not an error: the round is recorded with its reasons,
     training skips it, the run goes on, exit 0."""
     cfg = run_config(tmp_path, tiny_world, rounds=2, filter={"abs_low": 1000.0, "abs_high": 2000.0})
     out = tmp_path / "out"
-    r = _npd("run", cfg, "--out", out, "--json", env={"PREFECT_HOME": str(tmp_path / "pf")})
+    r = _npd("run", cfg, "--out", out, "--json", env=prefect)
     assert r.returncode == 0, r.stderr[-2000:]
     warnings = [line for line in r.stderr.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 2 and "round 1 kept none of its 16 samples" in warnings[0]
@@ -483,7 +493,7 @@ def test_every_sample_filtered_is_a_warning(tmp_path, tiny_world):
 
 
 @pytest.mark.slow
-def test_non_finite_loss_stops_the_round(tmp_path, tiny_world):
+def test_non_finite_loss_stops_the_round(tmp_path, tiny_world, prefect):
     """lr = 1 blows the student up within a few steps: the round stops with one line naming the
     last good checkpoint, no θ_1 is written."""
     cfg = run_config(
@@ -494,7 +504,7 @@ def test_non_finite_loss_stops_the_round(tmp_path, tiny_world):
         train={"lr": 1.0, "warmup_steps": 0, "steps_per_round": 40, "rows_per_step": 1},
     )
     out = tmp_path / "out"
-    r = _npd("run", cfg, "--out", out, env={"PREFECT_HOME": str(tmp_path / "pf")})
+    r = _npd("run", cfg, "--out", out, env=prefect)
     line = assert_one_error(r.returncode, r.stderr, ["round 1:", "non-finite loss"], 1)
     assert f"last good checkpoint: {tiny_world.student}" in line
     assert not list(out.glob("runs/*/checkpoints/round=1")) and not list(out.glob("runs/*/*/train"))
@@ -519,7 +529,7 @@ os.fsync = fsync
     [("/.generate.tmp-", "round=1/generate"), ("/.round=1.tmp-", "checkpoints/round=1")],
     ids=["shard", "checkpoint"],
 )
-def test_disk_full_while_writing(marker, target, tmp_path, tiny_world):
+def test_disk_full_while_writing(marker, target, tmp_path, tiny_world, prefect):
     """ENOSPC from the real write path (fsync of the file just written, where a full disk or
     quota shows on many filesystems); injected by a sitecustomize in the npd subprocess only."""
     (tmp_path / "site").mkdir()
@@ -527,7 +537,7 @@ def test_disk_full_while_writing(marker, target, tmp_path, tiny_world):
     env = {
         "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), os.getcwd()]),
         "NPD_TEST_FULL_AT": marker,
-        "PREFECT_HOME": str(tmp_path / "pf"),
+        **prefect,
     }
     out = tmp_path / "out"
     r = _npd("run", run_config(tmp_path, tiny_world), "--out", out, env=env)
@@ -538,7 +548,7 @@ def test_disk_full_while_writing(marker, target, tmp_path, tiny_world):
 
 
 @pytest.mark.slow
-def test_ctrl_c_mid_stage_then_retry(tmp_path, tiny_world):
+def test_ctrl_c_mid_stage_then_retry(tmp_path, tiny_world, prefect):
     """SIGINT while round 1 is being produced: exit 130, one line saying how to resume, no
     partial stage; `npd retry RUN_ID` then finishes the run."""
     cfg = run_config(
@@ -548,7 +558,7 @@ def test_ctrl_c_mid_stage_then_retry(tmp_path, tiny_world):
         data={"prompts_per_round": 128},
         train={"steps_per_round": 20, "rows_per_step": 4},
     )
-    out, env = tmp_path / "out", {**os.environ, "PREFECT_HOME": str(tmp_path / "pf")}
+    out, env = tmp_path / "out", {**os.environ, **prefect}
     proc = subprocess.Popen(
         [*NPD, "run", str(cfg), "--out", str(out)], stderr=subprocess.PIPE, text=True, env=env
     )
@@ -562,7 +572,7 @@ def test_ctrl_c_mid_stage_then_retry(tmp_path, tiny_world):
     line = assert_one_error(proc.returncode, err, ["interrupted"], 130)
     assert f"`npd retry {run_id} --out {out}`" in line
     _no_partial_stage(out)
-    done = _npd("retry", run_id, "--out", out, "--json", env={"PREFECT_HOME": env["PREFECT_HOME"]})
+    done = _npd("retry", run_id, "--out", out, "--json", env=prefect)
     assert done.returncode == 0, done.stderr[-2000:]
     assert [x["round"] for x in json.loads(done.stdout)["rounds"]] == [1, 2]
     assert len(_sql(out, "select * from samples")) == 2 * 128
