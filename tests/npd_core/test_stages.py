@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pyarrow as pa
+
 from npd_core.config import NPDConfig
 from npd_core.stages import (
     RunSpec,
@@ -61,3 +63,26 @@ def test_everything_filtered_trains_nothing_and_goes_on(tmp_path, tiny_world):
     assert tr.metrics["steps"] == 0 and tr.metrics["train_tokens"] == 0
     n = query(spec.store.db_path, "select count(*) from samples where filter_reason is null")
     assert n.column(0)[0].as_py() == 0
+
+
+def test_every_generation_empty_trains_nothing_and_goes_on(tmp_path, tiny_world):
+    """A student that answers nothing (EOS first, every time): score, filter, pack and train
+    still run; every row is dropped as 'empty' and the round trains nothing."""
+    spec = _spec(tmp_path, tiny_world)
+    generate_stage(spec, 1, PROV)
+    s = spec.store.read_stage("r", 1, "generate", "samples")
+    n = s.num_rows
+    empty = s.set_column(
+        s.schema.get_field_index("response_token_ids"),
+        "response_token_ids",
+        pa.array([[]] * n, pa.list_(pa.int32())),
+    )
+    for name, value in (("response", ""), ("response_tokens", 0), ("finished", True)):
+        i = empty.schema.get_field_index(name)
+        empty = empty.set_column(i, name, pa.array([value] * n, s.schema.field(name).type))
+    spec.store.write_stage("r", 1, "generate", {"samples": empty})
+    score_stage(spec, 1, PROV)
+    flt = filter_stage(spec, 1, PROV)
+    assert flt.metrics["n_kept"] == 0 and flt.metrics["drop_reasons"] == {"empty": n}
+    assert pack_stage(spec, 1, PROV).metrics["rows"] == 0
+    assert train_stage(spec, 1, PROV).metrics["steps"] == 0
