@@ -382,6 +382,7 @@ def summarize(results: list[VariantResult], budget_s: float) -> dict[str, Any]:
             s: float(np.mean([r.stage_seconds.get(s, 0.0) for r in results])) for s in stages
         },
         "curve": [{"wall_s": t, "score": s} for t, s in cv.mean_curve(curves)],
+        "seed_curves": [[{"wall_s": t, "score": s} for t, s in c] for c in curves],
         "dropped_points": sum(len(r.curve) - len(c) for r, c in zip(results, curves, strict=True)),
         "seeds": len(results),
         "settings": [r.settings for r in results],
@@ -517,7 +518,6 @@ def run_bench(
             **summarize(rows, budget),
             "hyperparameters": asdict(chosen[v.method]),
             "method": v.method,
-            "seed_curves": [r.curve for r in rows],
         }
     report: dict[str, Any] = {
         "bench_id": bench_id,
