@@ -165,10 +165,7 @@ def run_npd(
         ctx.config,
         {"train": {"lr": hyper.lr, "rows_per_step": hyper.rows_per_step}, **(overrides or {})},
     )
-    if "rounds" not in (overrides or {}):
-        config["rounds"] = npd_rounds(
-            NPDConfig.model_validate(config), ctx.calibration, ctx.budget_s
-        )
+    config["rounds"] = npd_rounds(NPDConfig.model_validate(config), ctx.calibration, ctx.budget_s)
     spec = ctx.spec(name, seed, config)
     res = distill_flow(spec)
     _nest(ctx, res["mlflow_run_id"])
