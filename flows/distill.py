@@ -18,6 +18,7 @@ from prefect import flow
 from prefect.futures import PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.remote import remote_rounds
 from npd_core import lease
 from npd_core.stages import RunSpec, generator_round
 from tasks import run as run_tasks
@@ -64,10 +65,32 @@ def distill_flow(spec: RunSpec) -> dict[str, Any]:
 
 
 def _rounds(spec: RunSpec) -> dict[str, Any]:
-    cfg = spec.cfg
     t0 = time.time()
     mlf = run_tasks.open_run(spec)
     t_open = time.time() - t0
+    on_pools = spec.cfg.orchestration.generate_pool is not None
+    stage_results, summaries = (remote_rounds if on_pools else _local_rounds)(spec, mlf)
+    start = next(x for x in stage_results if x["stage"] == "evaluate" and x["round"] == 0)
+    start, final = start["metrics"]["score"], summaries[-1]["score"]
+    run_tasks.close_run(spec, mlf, start, final)
+    return {
+        "run_id": spec.run_id,
+        "mlflow_run_id": mlf,
+        "start_score": start,
+        "final_score": final,
+        "rounds": summaries,
+        "flow_started": t0,
+        "open_s": t_open,
+        "flow_wall_s": time.time() - t0,
+        "stage_intervals": [
+            (x["stage"], x["round"], x["started"], x["ended"]) for x in stage_results
+        ],
+    }
+
+
+def _local_rounds(spec: RunSpec, mlf: str) -> tuple[list[dict], list[dict]]:
+    """Every round as tasks of this flow run; returns (all stage results, round summaries)."""
+    cfg = spec.cfg
     strict = not cfg.overlap
 
     def done(f: PrefectFuture) -> PrefectFuture:
@@ -109,23 +132,7 @@ def _rounds(spec: RunSpec) -> dict[str, Any]:
         *(trains[r] for r in range(1, cfg.rounds + 1)),
     ]
     _raise_first_failure(stage_futures + rounds)
-    summaries = [f.result() for f in rounds]
-    all_results = [f.result() for f in stage_futures]
-    start, final = evals[0].result()["metrics"]["score"], summaries[-1]["score"]
-    run_tasks.close_run(spec, mlf, start, final)
-    return {
-        "run_id": spec.run_id,
-        "mlflow_run_id": mlf,
-        "start_score": start,
-        "final_score": final,
-        "rounds": summaries,
-        "flow_started": t0,
-        "open_s": t_open,
-        "flow_wall_s": time.time() - t0,
-        "stage_intervals": [
-            (x["stage"], x["round"], x["started"], x["ended"]) for x in all_results
-        ],
-    }
+    return [f.result() for f in stage_futures], [f.result() for f in rounds]
 
 
 @flow(name="npd-scheduled", log_prints=True)
