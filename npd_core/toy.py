@@ -50,8 +50,8 @@ class ToySpec:
     n_train: int = 4000  # distillation prompts
     n_eval: int = 1000  # held-out prompts
     n_fit: int = 30000  # extra examples the teacher and warm start learn from (disjoint)
-    teacher: ModelSpec = ModelSpec(256, 4, 4, 768, 300, 2e-3)
-    student: ModelSpec = ModelSpec(64, 2, 1, 128, 700, 3e-3)
+    teacher: ModelSpec = ModelSpec(256, 4, 4, 768, 400, 2e-3)
+    student: ModelSpec = ModelSpec(64, 1, 1, 128, 150, 3e-3)
     rows_per_step: int = 16
     max_seq_len: int = 256
     seed: int = 0
@@ -105,7 +105,10 @@ def _model(spec: ModelSpec, tok) -> Qwen2ForCausalLM:
 
 def _samples(tok, prompts: list[Prompt]) -> list[Sample]:
     return [
-        Sample(tok(p.prompt)["input_ids"], tok(p.answer)["input_ids"] + [tok.eos_token_id])
+        Sample(
+            tok(p.prompt)["input_ids"],
+            tok(toy_task.response_text(p.answer))["input_ids"] + [tok.eos_token_id],
+        )
         for p in prompts
     ]
 
