@@ -83,9 +83,10 @@ def _result(flow_run_id: UUID) -> dict[str, dict]:
     return run.state.result()
 
 
-def remote_rounds(spec: RunSpec, mlflow_run: str) -> tuple[dict[int, dict], list[dict]]:
-    """Every round through the two deployments; returns (evaluate result per round, round
-    summaries). Producing D_{r+1} runs while round r trains whenever staleness ≥ 1."""
+def remote_rounds(spec: RunSpec, mlflow_run: str) -> tuple[list[dict], list[dict]]:
+    """Every round through the two deployments; returns (all stage results, round summaries),
+    as the in-process path does. Producing D_{r+1} runs while round r trains whenever
+    staleness ≥ 1."""
     cfg, args = spec.cfg, dict(spec=asdict(spec))
     gen_pool, train_pool = cfg.orchestration.generate_pool, cfg.orchestration.train_pool
     consumed = {0: _launch(CONSUME, train_pool, **args, r=0)}
@@ -118,4 +119,5 @@ def remote_rounds(spec: RunSpec, mlflow_run: str) -> tuple[dict[int, dict], list
             )
     if cfg.rounds not in done:
         finish(cfg.rounds)
-    return {k: v["evaluate"] for k, v in done.items()}, summaries
+    stage_results = [x for part in (*chains.values(), *done.values()) for x in part.values()]
+    return stage_results, summaries

@@ -3,10 +3,16 @@ served deployments, and the scale-out switch (producer/consumer chains on two wo
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -247,3 +253,280 @@ def test_nightly_runs_continue_from_the_best_and_skip_used_prompts(
         db, "select parent_run_id, student from runs where run_id = ?", [third["run_id"]]
     ).to_pylist()[0]
     assert run3 == {"parent_run_id": None, "student": str(tiny_world.student)}
+
+
+NPD = [sys.executable, "-c", "from flows.cli import main; main()"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _procs() -> dict[int, tuple[int, str, str]]:
+    """pid → (parent pid, state, start time) of every process, from /proc."""
+    out = {}
+    for d in Path("/proc").iterdir():
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        out[int(d.name)] = (int(fields[1]), fields[0], fields[19])
+    return out
+
+
+def _descendants(pid: int) -> dict[int, str]:
+    """pid → start time of every live descendant of ``pid``."""
+    procs, found, todo = _procs(), {}, [pid]
+    while todo:
+        parent = todo.pop()
+        for p, (ppid, state, started) in procs.items():
+            if ppid == parent and state != "Z":
+                found[p] = started
+                todo.append(p)
+    return found
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+def test_npd_ui_serves_both_and_ctrl_c_stops_every_process(tmp_path):
+    port, mlflow_port = _free_port(), _free_port()
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    ui = subprocess.Popen(
+        [
+            *NPD,
+            "ui",
+            "--out",
+            str(tmp_path / "out"),
+            "--port",
+            str(port),
+            "--mlflow-port",
+            str(mlflow_port),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        urls = (f"http://127.0.0.1:{port}/api/health", f"http://127.0.0.1:{mlflow_port}/health")
+        deadline = time.monotonic() + 400
+        while not all(_healthy(u) for u in urls):
+            assert ui.poll() is None, ui.stderr.read()
+            assert time.monotonic() < deadline, "npd ui: services not healthy in time"
+            time.sleep(1)
+        family = _descendants(ui.pid)
+        # prefect server + its API child, mlflow ui + its uvicorn worker(s), at least
+        assert len(family) >= 4, family
+        ui.send_signal(signal.SIGINT)
+        assert ui.wait(timeout=120) == 0
+    finally:
+        if ui.poll() is None:
+            ui.kill()
+    stderr = ui.stderr.read()
+    assert f"http://127.0.0.1:{port}" in stderr and f"http://127.0.0.1:{mlflow_port}" in stderr
+    assert "stopped prefect and mlflow" in stderr
+    procs = _procs()
+    survivors = {
+        p
+        for p, started in family.items()
+        if p in procs and procs[p][2] == started and procs[p][1] != "Z"
+    }
+    assert not survivors
+    assert (tmp_path / "out" / "mlflow.db").is_file()  # the MLflow store is the output dir's
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_serve_deploys_the_nightly_flow_with_its_cron_and_config(tmp_path):
+    from flows.serve import deployments
+
+    (tmp_path / "c.yaml").write_text("rounds: 2\n")
+    (d,) = deployments(tmp_path / "c.yaml", tmp_path / "out", "30 1 * * *")
+    assert (d.flow_name, d.name) == ("npd-scheduled", "nightly")
+    assert d.parameters == {"config": str(tmp_path / "c.yaml"), "out": str(tmp_path / "out")}
+    assert [s.schedule.cron for s in d.schedules] == ["30 1 * * *"]
+
+
+def test_prefect_yaml_validates_and_its_entrypoints_load():
+    """What `prefect deploy` checks first: the file's schema, then each entrypoint's flow and
+    the parameters it is given (the slow scale-out test deploys two entries for real)."""
+    from prefect.cli.deploy._models import PrefectYamlModel
+    from prefect.client.schemas.schedules import CronSchedule
+    from prefect.flows import load_flow_from_entrypoint
+
+    raw = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
+    model = PrefectYamlModel.model_validate(raw)
+    assert [d.name for d in model.deployments] == ["nightly", "npd-generate", "npd-train"]
+    flows = {}
+    for d in raw["deployments"]:
+        fl = load_flow_from_entrypoint(str(ROOT / d["entrypoint"]))
+        flows[d["name"]] = fl.name
+        assert set(d.get("parameters", {})) <= set(fl.parameters.properties)
+        assert d["work_pool"]["name"]
+    assert flows == {
+        "nightly": "npd-scheduled",
+        "npd-generate": "npd-produce",
+        "npd-train": "npd-consume",
+    }
+    (cron,) = raw["deployments"][0]["schedules"]
+    assert CronSchedule(cron=cron["cron"], timezone=cron["timezone"]).cron == "0 2 * * *"
+    # run_deployment("<flow>/<pool>") finds each remote chain on the pool it is named after
+    for d in raw["deployments"][1:]:
+        assert d["name"] == d["work_pool"]["name"]
+
+
+def _start(argv: list[str], env: dict, log: Path) -> subprocess.Popen:
+    with open(log, "ab") as f:
+        return subprocess.Popen(
+            argv, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True
+        )
+
+
+def _api(url: str, path: str, body: dict) -> list[dict]:
+    req = urllib.request.Request(
+        f"{url}{path}", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+@pytest.mark.slow
+def test_generation_and_training_on_two_work_pools(tmp_path, tiny_world):
+    """orchestration.generate_pool/train_pool: a real Prefect server, a process worker on each
+    pool, the two deployments from deployments/prefect.yaml, and `npd run`: the producer chains
+    run on one pool, the consumer chains on the other, and the samples, scores and checkpoint
+    scores equal those of the same config run in-process."""
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    out = tmp_path / "out"
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "PREFECT_API_URL": api,
+        "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(out / "prefect-results"),
+        "PREFECT_WORKER_QUERY_SECONDS": "2",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
+    env.pop("MLFLOW_TRACKING_URI", None)  # MLflow: each output directory's own sqlite store
+    py = [sys.executable, "-m", "prefect"]
+    procs = [
+        _start(
+            [*py, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env,
+            tmp_path / "server.log",
+        )
+    ]
+    try:
+        deadline = time.monotonic() + 600
+        while not _healthy(f"{api}/health"):
+            assert procs[0].poll() is None and time.monotonic() < deadline, "server did not start"
+            time.sleep(2)
+        for pool in ("npd-generate", "npd-train"):
+            subprocess.run(
+                [*py, "work-pool", "create", pool, "--type", "process"],
+                env=env,
+                cwd=ROOT,
+                check=True,
+                capture_output=True,
+                timeout=300,
+            )
+            procs.append(
+                _start(
+                    [*py, "worker", "start", "--pool", pool], env, tmp_path / f"worker-{pool}.log"
+                )
+            )
+        deploy = [
+            *py,
+            "--no-prompt",
+            "deploy",
+            "--prefect-file",
+            "deployments/prefect.yaml",
+            "--name",
+            "npd-generate",
+            "--name",
+            "npd-train",
+        ]
+        done = subprocess.run(
+            deploy, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        cfg = dict(
+            rounds=2,
+            models={"teacher": str(tiny_world.teacher), "student": str(tiny_world.student)},
+            data={
+                "prompts": str(tiny_world.train_prompts),
+                "eval_prompts": str(tiny_world.eval_prompts),
+                "prompts_per_round": 32,
+                "eval_size": 32,
+            },
+            generate={"max_new_tokens": 32},
+            train={"steps_per_round": 2, "rows_per_step": 4},
+            pack={"max_seq_len": 128},
+            eval={"batch_size": 64},
+        )
+        (tmp_path / "local.yaml").write_text(yaml.safe_dump(cfg))
+        pools = {"generate_pool": "npd-generate", "train_pool": "npd-train"}
+        (tmp_path / "pools.yaml").write_text(yaml.safe_dump({**cfg, "orchestration": pools}))
+        runs = {}
+        for name in ("pools", "local"):
+            res = subprocess.run(
+                [
+                    *NPD,
+                    "run",
+                    str(tmp_path / f"{name}.yaml"),
+                    "--out",
+                    str(tmp_path / name),
+                    "--json",
+                ],
+                env=env,
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=1200,
+            )
+            assert res.returncode == 0, res.stderr
+            runs[name] = json.loads(res.stdout)
+        chains = _api(
+            api, "/flow_runs/filter", {"flows": {"name": {"any_": ["npd-produce", "npd-consume"]}}}
+        )
+        flow_names = {f["id"]: f["name"] for f in _api(api, "/flows/filter", {})}
+    finally:
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in procs:
+            p.wait(timeout=60)
+    ran_on = sorted(
+        (flow_names[f["flow_id"]], f["work_pool_name"], f["state_type"]) for f in chains
+    )
+    assert (
+        ran_on
+        == [("npd-consume", "npd-train", "COMPLETED")] * 3
+        + [("npd-produce", "npd-generate", "COMPLETED")] * 2
+    )  # θ_0..θ_2 evaluated, D_1 and D_2 produced
+    assert [r["score"] for r in runs["pools"]["rounds"]] == [
+        r["score"] for r in runs["local"]["rounds"]
+    ]
+    q = (
+        "select round, prompt_id, sample_idx, response, delta_ifd, kept, filter_reason "
+        "from samples order by round, prompt_id, sample_idx"
+    )
+    a, b = (query(tmp_path / n / "npd.duckdb", q) for n in ("pools", "local"))
+    assert a.num_rows == 2 * 32 and a.equals(b)
+    # the producer chains wrote from their own flow runs (not the parent's)
+    parent = query(tmp_path / "pools" / "npd.duckdb", "select flow_run_id from runs").column(0)
+    writers = (
+        query(tmp_path / "pools" / "npd.duckdb", "select distinct flow_run_id from samples")
+        .column(0)
+        .to_pylist()
+    )
+    assert len(writers) == 2 and parent[0].as_py() not in writers
