@@ -184,8 +184,11 @@ def test_missing_config_file(capfd, store, tmp_path):
 
 
 def test_max_seq_len_below_longest_prompt(capfd, store, tmp_path, tiny_world):
-    cfg = run_config(tmp_path, tiny_world, pack={"max_seq_len": 16})
-    refused(capfd, store, ["run", cfg, "--out", store], ["pack.max_seq_len=16", "data."], 2)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"id": "long", "prompt": "1," * 20 + "="}) + "\n")  # 41 tokens
+    cfg = run_config(tmp_path, tiny_world, data={"prompts": str(prompts)}, pack={"max_seq_len": 16})
+    needles = ["pack.max_seq_len=16", "prompt 'long'", "data.prompts"]
+    refused(capfd, store, ["run", cfg, "--out", store], needles, 2)
 
 
 def test_relative_paths_resolve_against_the_config_folder(

@@ -58,5 +58,6 @@ def test_prompt_too_long_for_context_and_rows(tiny_world, tmp_path):
     long.write_text(json.dumps({"id": "big", "prompt": "1," * 300 + "=", "answer": "1"}) + "\n")
     with pytest.raises(DataError, match="prompt 'big' has 601 tokens"):
         check_run(NPDConfig(), *a[:2], str(long), a[3])
-    with pytest.raises(ConfigError, match="pack.max_seq_len=16"):
-        check_run(NPDConfig(pack={"max_seq_len": 16}), *a)
+    long.write_text(json.dumps({"id": "big", "prompt": "1," * 20 + "="}) + "\n")  # 41 tokens
+    with pytest.raises(ConfigError, match="pack.max_seq_len=16 .* prompt 'big'"):
+        check_run(NPDConfig(pack={"max_seq_len": 16}), *a[:2], str(long), a[3])
