@@ -380,9 +380,11 @@ def retry(
     results, the failed stage and everything after it run."""
     from dataclasses import asdict
 
+    from npd_core import lease
     from npd_core.stages import RunSpec
 
     spec = RunSpec.load(out, run_id)
+    lease.ensure_free(out, run_id)  # a killed run is free; a live one is refused
     err.print(f"retrying run {run_id} in {out}")
     emit(run_flow(asdict(spec), out, show=True), as_json)
 

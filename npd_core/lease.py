@@ -64,15 +64,20 @@ def run_status(root: str | Path, run_id: str, stored: str) -> str:
     return {"crashed": "crashed", "released": "failed"}.get(state(root, run_id) or "", stored)
 
 
-@contextmanager
-def hold(root: str | Path, run_id: str, heartbeat_s: float = HEARTBEAT_S) -> Iterator[Holder]:
-    """Hold the run's lease for the duration of the block (heartbeat in a daemon thread)."""
+def ensure_free(root: str | Path, run_id: str) -> None:
+    """Raise a one-line error when another live process holds the run."""
     other = read(root, run_id)
     if state(root, run_id) == "running" and other is not None and other.pid != os.getpid():
         raise StoreUsageError(
             f"{path(root, run_id)}: run {run_id!r} is still running (pid {other.pid} on "
             f"{other.host}); wait for it to end or stop that process, then retry"
         )
+
+
+@contextmanager
+def hold(root: str | Path, run_id: str, heartbeat_s: float = HEARTBEAT_S) -> Iterator[Holder]:
+    """Hold the run's lease for the duration of the block (heartbeat in a daemon thread)."""
+    ensure_free(root, run_id)
     me = Holder(socket.gethostname(), os.getpid(), _start_time(os.getpid()), time.time())
     _write(root, run_id, me)
     stop = threading.Event()

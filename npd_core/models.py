@@ -21,6 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
+from npd_core.crashpoints import pause_point
 from npd_core.errors import ModelError, disk_full
 
 TRAINER_STATE = "trainer_state.pt"
@@ -111,6 +112,7 @@ def save_checkpoint(
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+        pause_point(f"checkpoint:{path.name}")
         if path.exists():
             trash = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
             path.rename(trash)

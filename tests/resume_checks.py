@@ -9,18 +9,21 @@ Prefect REST API over HTTP, as the UI does.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import prefect
 import pyarrow as pa
 import pytest
 import torch
@@ -105,14 +108,26 @@ class PrefectAPI:
         return httpx.post(f"{self.api}{path}", json=body, timeout=30)
 
 
+# Server services these tests do not need (schedules, automations, maintenance): less CPU.
+IDLE_SERVICES = ("SCHEDULER", "FOREMAN", "TRIGGERS", "DB_VACUUM", "REPOSSESSOR", "EVENT_LOGGER")
+
+
 @pytest.fixture(scope="session")
-def prefect_api(tmp_path_factory) -> Iterator[PrefectAPI]:
+def prefect_api(request, tmp_path_factory) -> Iterator[PrefectAPI]:
     """``prefect server start`` on a free loopback port (its own PREFECT_HOME), shared by the
-    session; the whole process group is stopped at the end."""
+    session; the whole process group is stopped at the end.
+
+    A fresh server database runs every Prefect migration (minutes on a busy 2-core box), so the
+    first session keeps a migrated copy in pytest's cache and later sessions start from it."""
     home = tmp_path_factory.mktemp("prefect-server")
+    cache = getattr(request.config, "cache", None)
+    template = cache.mkdir(f"prefect-db-{prefect.__version__}") / "prefect.db" if cache else None
+    if template is not None and template.is_file():
+        shutil.copy(template, home / "prefect.db")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    env.update({f"PREFECT_SERVER_SERVICES_{s}_ENABLED": "false" for s in IDLE_SERVICES})
     log = open(home / "server.log", "w")  # noqa: SIM115 (closed below)
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "prefect"), "server", "start"]
@@ -124,7 +139,7 @@ def prefect_api(tmp_path_factory) -> Iterator[PrefectAPI]:
     )
     server = PrefectAPI(f"http://127.0.0.1:{port}", home)
     try:
-        deadline = time.time() + 180
+        deadline = time.time() + 900
         while True:
             try:
                 if server.get("/health").status_code == 200:
@@ -134,10 +149,20 @@ def prefect_api(tmp_path_factory) -> Iterator[PrefectAPI]:
             if proc.poll() is not None or time.time() > deadline:
                 raise RuntimeError(f"prefect server did not start: {(home / 'server.log')}")
             time.sleep(0.5)
+        if template is not None and not template.is_file():
+            _snapshot(home / "prefect.db", template)
         yield server
     finally:
         stop_group(proc)
         log.close()
+
+
+def _snapshot(db: Path, dest: Path) -> None:
+    """A consistent copy of a live SQLite database (WAL included), renamed into place."""
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    with closing(sqlite3.connect(db)) as src, closing(sqlite3.connect(tmp)) as dst:
+        src.backup(dst)
+    os.replace(tmp, dest)
 
 
 def npd_env(api: PrefectAPI, home: Path, **extra: str) -> dict[str, str]:
@@ -271,30 +296,22 @@ def retry_like_ui(api: PrefectAPI, flow_run_id: str) -> dict:
     return r.json()
 
 
-def task_runs(api: PrefectAPI, parent_flow_run_id: str) -> list[dict]:
-    """Task runs of the flow run's subflow runs (the distill flow), newest subflow last."""
-    subs = api.post(
-        "/flow_runs/filter",
-        {
-            "flow_runs": {"parent_flow_run_id": {"any_": [parent_flow_run_id]}},
-            "sort": "EXPECTED_START_TIME_ASC",
-        },
-    ).json()
-    out = []
-    for sub in subs:
-        runs = api.post(
-            "/task_runs/filter", {"flow_runs": {"id": {"any_": [sub["id"]]}}, "limit": 200}
-        ).json()
-        out += [dict(t, subflow=sub["id"]) for t in runs]
-    return out
+def subflow_runs(api: PrefectAPI, parent_flow_run_id: str) -> list[str]:
+    """Ids of the flow run's subflow runs (the distill flow), oldest first."""
+    body = {
+        "flow_runs": {"parent_flow_run_id": {"any_": [parent_flow_run_id]}},
+        "sort": "EXPECTED_START_TIME_ASC",
+    }
+    return [f["id"] for f in api.post("/flow_runs/filter", body).json()]
 
 
-def stage_states(runs: list[dict], subflow: str) -> dict[tuple[str, int], str]:
-    """(stage, round) → state name of the stage task runs of one subflow run."""
+def stage_states(api: PrefectAPI, flow_run_id: str) -> dict[tuple[str, int], str]:
+    """(stage, round) → state name of the stage task runs of one flow run."""
+    body = {"flow_runs": {"id": {"any_": [flow_run_id]}}, "limit": 200}
     found = {}
-    for t in runs:
+    for t in api.post("/task_runs/filter", body).json():
         head, _, stage = t["name"].partition("-")
-        if t["subflow"] == subflow and stage in STAGE_NAMES and head[1:].isdigit():
+        if stage in STAGE_NAMES and head[1:].isdigit():
             found[(stage, int(head[1:]))] = t["state"]["name"]
     return found
 

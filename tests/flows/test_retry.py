@@ -18,7 +18,7 @@ from resume_checks import (
     stage_counts,
     stage_states,
     start_run,
-    task_runs,
+    subflow_runs,
     wait_final,
     write_config,
 )
@@ -47,10 +47,9 @@ def test_ui_retry_resumes_at_failed_stage(stage, tmp_path, tiny_world, prefect_a
 
     # (a) what finished before the failure came back Cached and its body did not run again;
     # the failed stage and everything after it ran once more
-    runs = task_runs(prefect_api, run)
-    subflows = list(dict.fromkeys(t["subflow"] for t in runs))
+    subflows = subflow_runs(prefect_api, run)
     assert len(subflows) == 2  # the failed distill subflow run and the retried one
-    before, after = (stage_states(runs, s) for s in subflows)
+    before, after = (stage_states(prefect_api, s) for s in subflows)
     assert before[failed] == "Failed"
     done_first = {k for k, n in ran_first.items() if k != failed}
     assert {k for k, v in after.items() if v == "Cached"} == done_first
