@@ -7,8 +7,13 @@ lr 1e-6, β = 1 = reverse KL, 512 completion tokens); ``trl_args`` sets every on
 config instead, so the comparison is of implementations, not of settings:
 
 - loss: TRL offers generalized JSD(β) over the *full* vocabulary; our ``forward_kl`` on the
-  teacher's top-k maps to β = 0 (identical when k ≥ vocabulary, as in the toy world: 15 tokens,
-  k = 16), ``reverse_kl`` to β = 1, ``jsd`` to our β (same convention); ``ce`` has no TRL twin.
+  teacher's top-k maps to β = 0, the closest it offers (identical when k ≥ the vocabulary; the
+  toy world's 318 tokens are more than k = 16, where ours matches the renormalized top-16 and
+  TRL the full distribution), ``reverse_kl`` to β = 1, ``jsd`` to our β (same convention);
+  ``ce`` has no TRL twin.
+- precision: ``bf16`` as ``models.bf16``. TRL 1.16 samples under accelerate's bf16 autocast, but
+  its loss calls the backbones directly, past the autocast wrapper, so on fp32 weights the
+  teacher and student forwards of its train step run in fp32 whatever ``bf16`` says.
 - schedule: TRL's AdamW with our β₂ = 0.95, weight decay and grad clip; the learning rate of
   every step is ours (``npd_core.train.lr_at``: linear warmup, cosine to ``min_lr_ratio × lr``),
   since neither of HF's cosine-with-floor schedules lands on the same steps. Its horizon is
