@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -268,6 +269,8 @@ def _procs() -> dict[int, tuple[int, str, str]]:
     """pid → (parent pid, state, start time) of every process, from /proc."""
     out = {}
     for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
         try:
             fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
         except (OSError, IndexError):
@@ -315,23 +318,28 @@ def test_npd_ui_serves_both_and_ctrl_c_stops_every_process(tmp_path):
         text=True,
         env=env,
     )
+    lines = []
     try:
-        urls = (f"http://127.0.0.1:{port}/api/health", f"http://127.0.0.1:{mlflow_port}/health")
         deadline = time.monotonic() + 400
-        while not all(_healthy(u) for u in urls):
-            assert ui.poll() is None, ui.stderr.read()
-            assert time.monotonic() < deadline, "npd ui: services not healthy in time"
-            time.sleep(1)
+        while not lines or lines[-1] != "Ctrl-C stops both":  # printed once both answer
+            assert time.monotonic() < deadline, f"npd ui not ready: {lines}"
+            if select.select([ui.stderr], [], [], 1.0)[0]:
+                line = ui.stderr.readline()
+                assert line, f"npd ui exited: {lines}"
+                lines.append(line.strip())
+        assert _healthy(f"http://127.0.0.1:{port}/api/health")
+        assert _healthy(f"http://127.0.0.1:{mlflow_port}/health")
         family = _descendants(ui.pid)
-        # prefect server + its API child, mlflow ui + its uvicorn worker(s), at least
+        # prefect server + its API child, mlflow ui + its uvicorn worker, at least
         assert len(family) >= 4, family
         ui.send_signal(signal.SIGINT)
         assert ui.wait(timeout=120) == 0
     finally:
         if ui.poll() is None:
             ui.kill()
-    stderr = ui.stderr.read()
-    assert f"http://127.0.0.1:{port}" in stderr and f"http://127.0.0.1:{mlflow_port}" in stderr
+    stderr = "\n".join(lines) + ui.stderr.read()
+    assert f"prefect: http://127.0.0.1:{port}" in stderr
+    assert f"mlflow: http://127.0.0.1:{mlflow_port}" in stderr
     assert "stopped prefect and mlflow" in stderr
     procs = _procs()
     survivors = {
