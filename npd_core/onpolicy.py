@@ -17,7 +17,6 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
-from npd_core.attention import for_training
 from npd_core.budget import batch_indices, resume, save
 from npd_core.data import read_prompts
 from npd_core.generate import apply_stop_strings, generate
@@ -73,55 +72,55 @@ def onpolicy_segment(
         return tok.decode(ids, skip_special_tokens=True)
 
     lrn.start()
-    with for_training(teacher):  # the teacher only scores (no KV cache): varlen attention
-        while lrn.elapsed() < until_s:
-            t0 = time.perf_counter()
-            lr = lrn.lr(tc)  # 1. learning rate of this step
-            idx = batch_indices(len(prompts), prompts_per_step, lrn.step, cfg.seed)
-            gens = generate(  # 2. the current student answers the mini-batch
-                lrn.model,
-                [prompts[i] for i in idx],
-                n_per_prompt=g.n_per_prompt,
-                max_new_tokens=g.max_new_tokens,
-                eos_ids={tok.eos_token_id},
-                pad_id=tok.pad_token_id,
-                temperature=g.temperature,
-                top_p=g.top_p,
-                seed=cfg.seed * 1_000_003 + lrn.step,
-                batch_size=g.batch_size,
-                bf16=cfg.models.bf16,
-            )
-            samples = [
-                Sample(prompts[i], ids)
-                for i, outs in zip(idx, gens, strict=True)
-                for x in outs
-                if (ids := apply_stop_strings(x, text, cfg.data.stop)[0].token_ids)
-            ]
-            t1 = time.perf_counter()  # 3. the teacher scores them
-            offsets = np.cumsum([0] + [len(s.response_ids) for s in samples])[:-1].tolist()
-            rows = [[i] for i in range(len(samples))]  # one sample per row, padded to the longest
-            batch = collate(samples, rows, tok.pad_token_id, target_offsets=offsets)
-            targets = teacher_topk(teacher, batch, offsets, cfg.score.top_k, cfg.models.bf16)
-            t2 = time.perf_counter()
-            with for_training(lrn.model):  # 4. one step on NPD's per-token loss
-                lrn.model.train()
-                loss = optimizer_step(
-                    lrn.model,
-                    lrn.optimizer,
-                    batch,
-                    targets,
-                    tc,
-                    lr=lr,
-                    step=lrn.step,
-                    bf16=cfg.models.bf16,
-                )
-            t3 = time.perf_counter()
-            lrn.add(
-                generate_s=t1 - t0,
-                score_s=t2 - t1,
-                train_s=t3 - t2,
-                generated_tokens=sum(len(s.response_ids) for s in samples),
-                train_tokens=batch.n_real_tokens,
-            )
-            lrn.stepped(loss.item(), lr, batch.n_real_tokens, t3 - t0, budget_s, tc.warmup_steps)
+    # One sequence per row: plain SDPA over the padded batch (the per-sequence varlen attention
+    # NPD uses for packed rows would make two segments of every row here, and is slower).
+    while lrn.elapsed() < until_s:
+        t0 = time.perf_counter()
+        lr = lrn.lr(tc)  # 1. learning rate of this step
+        idx = batch_indices(len(prompts), prompts_per_step, lrn.step, cfg.seed)
+        gens = generate(  # 2. the current student answers the mini-batch
+            lrn.model,
+            [prompts[i] for i in idx],
+            n_per_prompt=g.n_per_prompt,
+            max_new_tokens=g.max_new_tokens,
+            eos_ids={tok.eos_token_id},
+            pad_id=tok.pad_token_id,
+            temperature=g.temperature,
+            top_p=g.top_p,
+            seed=cfg.seed * 1_000_003 + lrn.step,
+            batch_size=g.batch_size,
+            bf16=cfg.models.bf16,
+        )
+        samples = [
+            Sample(prompts[i], ids)
+            for i, outs in zip(idx, gens, strict=True)
+            for x in outs
+            if (ids := apply_stop_strings(x, text, cfg.data.stop)[0].token_ids)
+        ]
+        t1 = time.perf_counter()  # 3. the teacher scores them
+        offsets = np.cumsum([0] + [len(s.response_ids) for s in samples])[:-1].tolist()
+        rows = [[i] for i in range(len(samples))]  # one sample per row, padded to the longest
+        batch = collate(samples, rows, tok.pad_token_id, target_offsets=offsets)
+        targets = teacher_topk(teacher, batch, offsets, cfg.score.top_k, cfg.models.bf16)
+        t2 = time.perf_counter()
+        lrn.model.train()  # 4. one step on NPD's per-token loss
+        loss = optimizer_step(
+            lrn.model,
+            lrn.optimizer,
+            batch,
+            targets,
+            tc,
+            lr=lr,
+            step=lrn.step,
+            bf16=cfg.models.bf16,
+        )
+        t3 = time.perf_counter()
+        lrn.add(
+            generate_s=t1 - t0,
+            score_s=t2 - t1,
+            train_s=t3 - t2,
+            generated_tokens=sum(len(s.response_ids) for s in samples),
+            train_tokens=batch.n_real_tokens,
+        )
+        lrn.stepped(loss.item(), lr, batch.n_real_tokens, t3 - t0, budget_s, tc.warmup_steps)
     return save(spec, k, lrn, time.perf_counter() - p_start, t_start)
