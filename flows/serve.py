@@ -31,4 +31,3 @@ def deployments(
             "of this deployment's last completed run.",
         )
     ]
-
