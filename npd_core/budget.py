@@ -50,7 +50,7 @@ class Learner:
     optimizer: Any
     step: int = 0
     clock_s: float = 0.0  # training clock at the start of this segment (evaluation excluded)
-    train_start_s: float | None = None  # clock when step 0 began (after any data generation)
+    train_start_s: float | None = None  # clock after the first step
     total_steps: int | None = None  # lr horizon, fixed after calibration
     counters: dict[str, float] = field(default_factory=dict)  # tokens and seconds per stage
     log: list[StepLog] = field(default_factory=list)
@@ -76,12 +76,12 @@ class Learner:
     ) -> None:
         """Count one optimizer step; fix the lr horizon once the calibration steps are done."""
         now = self.elapsed()
-        if self.train_start_s is None:
-            self.train_start_s = now - seconds
+        if self.train_start_s is None:  # the first step's one-time costs stay out of the rate
+            self.train_start_s = now
         self.log.append(StepLog(self.step, loss, lr, tokens, tokens / max(seconds, 1e-9)))
         self.step += 1
         if self.total_steps is None and self.step >= max(warmup, CALIBRATION_STEPS):
-            per_step = (now - self.train_start_s) / self.step
+            per_step = (now - self.train_start_s) / (self.step - 1)
             self.total_steps = self.step + max(0, round((budget_s - now) / per_step))
 
 

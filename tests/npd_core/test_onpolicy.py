@@ -108,7 +108,7 @@ def test_onpolicy_segments_stop_on_the_clock_and_resume(spec):
     assert all(np.isfinite(x["loss"]) for x in mb["log"])
     state = load_trainer_state(Path(spec.checkpoint(2)))
     assert state["step"] == mb["step"] and state["clock_s"] == pytest.approx(mb["clock_s"])
-    if mb["step"] >= CALIBRATION_STEPS:
-        assert state["total_steps"] >= mb["step"] - 1
+    # the lr horizon, fixed after the first steps, is close to the steps that fit the budget
+    assert mb["step"] >= CALIBRATION_STEPS and 0.5 < state["total_steps"] / mb["step"] < 2
     rows = spec.store.query("select round, step from checkpoints order by round").to_pylist()
     assert [r["round"] for r in rows if r["round"] > 0] == [1, 2]
