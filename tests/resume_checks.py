@@ -127,6 +127,8 @@ def prefect_api(request, tmp_path_factory) -> Iterator[PrefectAPI]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    # the UI calls the API at this URL (without it: 127.0.0.1:4200, whatever --port says)
+    env.update(PREFECT_UI_API_URL=f"http://127.0.0.1:{port}/api")
     env.update({f"PREFECT_SERVER_SERVICES_{s}_ENABLED": "false" for s in IDLE_SERVICES})
     log = open(home / "server.log", "w")  # noqa: SIM115 (closed below)
     proc = subprocess.Popen(

@@ -23,7 +23,7 @@ const browser = await chromium.launch({
 try {
   const page = await browser.newPage({ viewport: { width: 1600, height: 1000 } });
   page.setDefaultTimeout(60_000);
-  await page.goto(`${base}/runs/flow-run/${runId}`);
+  await page.goto(`${base}/v2/runs/flow-run/${runId}`); // the default (V2) UI
   await page.getByText('Failed').first().waitFor();
   log('opened', { state: (await api(`/flow_runs/${runId}`)).state_name });
 
@@ -51,7 +51,7 @@ try {
     flow_runs: { parent_flow_run_id: { any_: [runId] } }, sort: 'EXPECTED_START_TIME_DESC',
   });
   for (const [id, name] of [[runId, 'flow-run'], [subs[0].id, 'distill-subflow']]) {
-    await page.goto(`${base}/runs/flow-run/${id}`);
+    await page.goto(`${base}/v2/runs/flow-run/${id}`);
     await page.getByText('Completed').first().waitFor();
     await page.waitForTimeout(4000); // the graph lays itself out after the data arrives
     await page.screenshot({ path: `${shots}/${name}.png` });
