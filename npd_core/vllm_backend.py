@@ -280,6 +280,10 @@ def _serve(conn: Any, model_dir: str, options: dict[str, Any]) -> None:
             max_logprobs=options["max_logprobs"],
             gpu_memory_utilization=GPU_MEMORY_UTILIZATION,
             enforce_eager=True,
+            # vLLM 0.32 on CPU: a seeded request whose prompt is split across steps rewinds its
+            # torch.Generator (set_offset), which CPU generators refuse ("CPU Generator does not
+            # use offset"); whole prompts only.
+            enable_chunked_prefill=False,
             use_tqdm_on_load=False,
             seed=0,
         )

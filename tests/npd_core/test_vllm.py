@@ -170,7 +170,9 @@ def test_greedy_matches_hf_and_refresh_loads_new_weights(tmp_path, tiny_world):
 def test_samples_depend_on_seed_not_on_batch(tiny_world):
     tok = load_tokenizer(tiny_world.student)
     ids = format_prompts(tok, [p.prompt for p in read_prompts(tiny_world.eval_prompts)], "auto")
-    kw = dict(n_per_prompt=2, max_new_tokens=24, eos_ids={tok.eos_token_id}, top_p=1.0)
+    # 4 × 64 prompts: more prompt tokens than one engine step takes (4096), the case where a
+    # chunked prefill broke seeded sampling on CPU
+    kw = dict(n_per_prompt=4, max_new_tokens=24, eos_ids={tok.eos_token_id}, top_p=1.0)
     m = str(tiny_world.student)
     full, _ = vllm_backend.generate(m, ids, temperature=1.0, seed=7, options=OPTS, **kw)
     part, _ = vllm_backend.generate(m, ids[:5], temperature=1.0, seed=7, options=OPTS, **kw)
