@@ -102,10 +102,19 @@ class PrefectAPI:
         return f"{self.url}/api"
 
     def get(self, path: str) -> httpx.Response:
-        return httpx.get(f"{self.api}{path}", timeout=30)
+        return self._call("GET", path)
 
     def post(self, path: str, body: dict) -> httpx.Response:
-        return httpx.post(f"{self.api}{path}", json=body, timeout=30)
+        return self._call("POST", path, body)
+
+    def _call(self, method: str, path: str, body: dict | None = None) -> httpx.Response:
+        """One request; a 503 (SQLite busy on a loaded box) is asked again, a few times."""
+        for _ in range(10):
+            r = httpx.request(method, f"{self.api}{path}", json=body, timeout=30)
+            if r.status_code != 503:
+                break
+            time.sleep(1)
+        return r
 
 
 # Server services these tests do not need (schedules, automations, maintenance): less CPU.

@@ -37,7 +37,7 @@ def test_ui_retry_resumes_at_failed_stage(stage, tmp_path, tiny_world, prefect_a
         assert first["state_type"] == "FAILED", first["state"]
         run_id = only_run_id(out)
         ran_first = stage_counts(out, run_id)
-        assert ran_first[failed] == 1 and ran_first.total() < len(all_stages())
+        assert ran_first[failed] == 1
 
         accepted = retry_like_ui(prefect_api, run)
         assert accepted["status"] == "ACCEPT", accepted
