@@ -308,16 +308,19 @@ def _serve(conn: Any, model_dir: str, options: dict[str, Any]) -> None:
 
 def _progress_bar(conn: Any) -> Any:
     """A tqdm class for ``LLM.generate(use_tqdm=…)`` that reports finished requests to the
-    parent instead of drawing a bar (the stage's own progress bar shows them)."""
+    parent instead of drawing a bar (the stage's own progress bar shows them). vLLM also uses
+    it for "Rendering prompts" before running them; only "Processed prompts" counts."""
     from tqdm import tqdm
 
     class PipeBar(tqdm):
         def __init__(self, *a: Any, **kw: Any) -> None:
+            self.counts = kw.get("desc") == "Processed prompts"
             kw["file"] = open(os.devnull, "w")  # noqa: SIM115 (closed with the bar)
             super().__init__(*a, **kw)
 
         def update(self, n: float | None = 1) -> bool | None:
-            conn.send(("progress", int(n or 0)))
+            if self.counts:
+                conn.send(("progress", int(n or 0)))
             return super().update(n)
 
         def close(self) -> None:

@@ -174,7 +174,11 @@ def test_samples_depend_on_seed_not_on_batch(tiny_world):
     # chunked prefill broke seeded sampling on CPU
     kw = dict(n_per_prompt=4, max_new_tokens=24, eos_ids={tok.eos_token_id}, top_p=1.0)
     m = str(tiny_world.student)
-    full, _ = vllm_backend.generate(m, ids, temperature=1.0, seed=7, options=OPTS, **kw)
+    done: list[int] = []
+    full, _ = vllm_backend.generate(
+        m, ids, temperature=1.0, seed=7, options=OPTS, progress=done.append, **kw
+    )
+    assert sum(done) == 4 * len(ids)  # the stage's progress bar counts each sample once
     part, _ = vllm_backend.generate(m, ids[:5], temperature=1.0, seed=7, options=OPTS, **kw)
     other, _ = vllm_backend.generate(m, ids[:5], temperature=1.0, seed=8, options=OPTS, **kw)
     toks = [[g.token_ids for g in x] for x in full[:5]]
