@@ -86,6 +86,19 @@ class VariantResult:
     run_id: str | None = None  # npd run id in the store (``npd status``)
     mlflow_run_id: str | None = None
 
+    @classmethod
+    def from_flow(
+        cls, res: dict[str, Any], settings: dict[str, Any], run_id: str | None = None
+    ) -> VariantResult:
+        """From a baseline or peer flow's result dict (the keys those flows all return)."""
+        keys = ("curve", "wall_s", "train_tokens", "generated_tokens", "stage_seconds")
+        return cls(
+            **{k: res[k] for k in keys},
+            settings=settings,
+            run_id=run_id,
+            mlflow_run_id=res["mlflow_run_id"],
+        )
+
 
 @dataclass
 class BenchContext:
@@ -233,16 +246,8 @@ def run_onpolicy(ctx: BenchContext, seed: int, hyper: Hyper) -> VariantResult:
 
 
 def _baseline_result(spec: RunSpec, res: dict[str, Any], extra: dict[str, Any]) -> VariantResult:
-    return VariantResult(
-        curve=res["curve"],
-        wall_s=res["wall_s"],
-        train_tokens=res["train_tokens"],
-        generated_tokens=res["generated_tokens"],
-        stage_seconds=res["stage_seconds"],
-        settings={"optimizer_steps": res["steps"], "lr_horizon_steps": res["total_steps"], **extra},
-        run_id=spec.run_id,
-        mlflow_run_id=res["mlflow_run_id"],
-    )
+    settings = {"optimizer_steps": res["steps"], "lr_horizon_steps": res["total_steps"], **extra}
+    return VariantResult.from_flow(res, settings, spec.run_id)
 
 
 def variants(cfg: NPDConfig) -> dict[str, Variant]:

@@ -40,15 +40,8 @@ def run_trl_variant(ctx: BenchContext, seed: int, hyper: Hyper) -> VariantResult
     """The ``trl`` variant: onpolicy's learning rate and prompts per step."""
     spec = ctx.spec("trl", seed, _merge(ctx.config, {"train": {"lr": hyper.lr}}))
     res = trl_flow(spec, hyper.prompts_per_step, ctx.budget_s, ctx.eval_at, ctx.mlflow_parent)
-    return VariantResult(
-        curve=res["curve"],
-        wall_s=res["wall_s"],
-        train_tokens=res["train_tokens"],
-        generated_tokens=res["generated_tokens"],
-        stage_seconds=res["stage_seconds"],
-        settings={**res["settings"], "prompts_per_step": hyper.prompts_per_step},
-        mlflow_run_id=res["mlflow_run_id"],
-    )
+    settings = {**res["settings"], "prompts_per_step": hyper.prompts_per_step}
+    return VariantResult.from_flow(res, settings)
 
 
 def trl_variant() -> Variant:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 from transformers import PreTrainedModel
 
+from npd_core.config import NPDConfig
 from npd_core.generate import generate
 
 
@@ -50,6 +51,27 @@ def greedy_responses(
         progress=progress,
     )
     return [[t for t in g[0].token_ids if t not in eos] for g in gens]
+
+
+def greedy_decoded(
+    model: PreTrainedModel,
+    tok,
+    prompt_ids: list[list[int]],
+    cfg: NPDConfig,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[list[list[int]], list[str]]:
+    """Greedy responses with the run's eval settings: token ids (EOS stripped) and their text.
+    The evaluate stage and the TRL peer score checkpoints through this one function."""
+    resp = greedy_responses(
+        model,
+        tok,
+        prompt_ids,
+        max_new_tokens=cfg.eval.max_new_tokens or cfg.generate.max_new_tokens,
+        batch_size=cfg.eval.batch_size,
+        bf16=cfg.models.bf16,
+        progress=progress,
+    )
+    return resp, [tok.decode(x, skip_special_tokens=True) for x in resp]
 
 
 def exact_match(responses: list[str], answers: list[str]) -> EvalResult:

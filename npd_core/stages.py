@@ -30,7 +30,7 @@ from npd_core.attention import for_training
 from npd_core.config import NPDConfig
 from npd_core.data import Prompt, round_prompts
 from npd_core.errors import StoreUsageError, TrainingError
-from npd_core.evaluate import exact_match, greedy_responses
+from npd_core.evaluate import exact_match, greedy_decoded
 from npd_core.filter import filter_band
 from npd_core.generate import apply_stop_strings, generate
 from npd_core.ifd import delta_ifd, log_ifd
@@ -548,16 +548,7 @@ def evaluate_stage(
         tok = load_tokenizer(ckpt)
         model = load_model(ckpt)
         ids = format_prompts(tok, [p.prompt for p in prompts], cfg.data.chat_template)
-        resp = greedy_responses(
-            model,
-            tok,
-            ids,
-            max_new_tokens=cfg.eval.max_new_tokens or cfg.generate.max_new_tokens,
-            batch_size=cfg.eval.batch_size,
-            bf16=cfg.models.bf16,
-            progress=progress,
-        )
-        texts = [tok.decode(x, skip_special_tokens=True) for x in resp]
+        resp, texts = greedy_decoded(model, tok, ids, cfg, progress)
         if all(p.answer is not None for p in prompts):
             res = exact_match(texts, [p.answer for p in prompts])
             value, metric = res.score, res.metric

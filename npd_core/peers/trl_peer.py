@@ -52,7 +52,7 @@ from npd_core.budget import CALIBRATION_STEPS, NO_HORIZON
 from npd_core.config import NPDConfig, TrainConfig
 from npd_core.data import Prompt
 from npd_core.errors import ConfigError
-from npd_core.evaluate import exact_match, greedy_responses
+from npd_core.evaluate import exact_match, greedy_decoded
 from npd_core.models import format_prompts, load_model, load_tokenizer
 from npd_core.train import lr_at
 
@@ -222,16 +222,8 @@ def heldout_score(model: PreTrainedModel, tok: Any, prompts: list[Prompt], cfg: 
     """Greedy exact match in points on ``prompts`` (as the evaluate stage scores a checkpoint)."""
     ids = format_prompts(tok, [p.prompt for p in prompts], cfg.data.chat_template)
     was_training = model.training
-    resp = greedy_responses(
-        model,
-        tok,
-        ids,
-        max_new_tokens=cfg.eval.max_new_tokens or cfg.generate.max_new_tokens,
-        batch_size=cfg.eval.batch_size,
-        bf16=cfg.models.bf16,
-    )
+    _, texts = greedy_decoded(model, tok, ids, cfg)
     model.train(was_training)
-    texts = [tok.decode(x, skip_special_tokens=True) for x in resp]
     return exact_match(texts, [p.answer for p in prompts]).score
 
 
