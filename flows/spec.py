@@ -12,7 +12,7 @@ from npd_core.config import NPDConfig
 from npd_core.data import Prompt, write_prompts
 from npd_core.errors import DataError
 from npd_core.lineage import used_prompt_ids
-from npd_core.preflight import check_run
+from npd_core.preflight import check_backends, check_run
 from npd_core.stages import RunSpec
 from npd_core.store import Store
 from npd_core.toy import ToyWorld, build_toy_world
@@ -28,6 +28,7 @@ def resolve_spec(
     given = (cfg.models.teacher, cfg.models.student, cfg.data.prompts, cfg.data.eval_prompts)
     paths = dict(zip(("teacher", "student", "train_prompts", "eval_prompts"), given, strict=True))
     world = None
+    check_backends(cfg)  # before the toy world: building it takes minutes
     if not all(given):
         Store(out)
         world = build_toy_world(out / "toy", log=log)

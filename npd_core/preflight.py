@@ -58,12 +58,17 @@ def _fits_in_memory(cfg_json: dict, role: str, path: str) -> None:
         )
 
 
+def check_backends(cfg: NPDConfig) -> None:
+    """A backend asked for by name must be installed: checked before any model is built."""
+    vllm_backend.resolve(cfg.generate.backend, "generate.backend")
+    vllm_backend.resolve(cfg.score.backend or cfg.generate.backend, "score.backend")
+
+
 def check_run(
     cfg: NPDConfig, teacher: str, student: str, train: str, held_out: str
 ) -> tuple[list[Prompt], list[Prompt]]:
     """Validate models, tokenizers and prompt files against the config; returns the prompts."""
-    vllm_backend.resolve(cfg.generate.backend, "generate.backend")
-    vllm_backend.resolve(cfg.score.backend or "hf", "score.backend")
+    check_backends(cfg)
     cfgs = {}
     for role, path in (("teacher", teacher), ("student", student)):
         cfgs[role] = _model_config(path, role)

@@ -322,6 +322,20 @@ def test_out_is_not_ours(case, command, capfd, tmp_path, tiny_world):
     refused(capfd, out, [*args, "--out", out], [str(out), *needles], exit_code)
 
 
+def test_missing_vllm_extra_fails_before_the_toy_world(capfd, tmp_path, monkeypatch):
+    """`backend: vllm` without the extra is refused in seconds, before minutes of toy-world
+    training, and nothing is written."""
+    from npd_core import vllm_backend
+
+    monkeypatch.setattr(vllm_backend, "available", lambda: False)
+    cfg = tmp_path / "vllm.yaml"
+    cfg.write_text("generate: {backend: vllm}\n")
+    out = tmp_path / "out"
+    code, err = npd(capfd, "demo", "--config", cfg, "--out", out)
+    assert_one_error(code, err, ["generate.backend", "make vllm"], 2)
+    assert not out.exists() or not any(out.iterdir()), sorted(out.rglob("*"))
+
+
 @pytest.fixture
 def read_only(store: Path):
     """``store`` made unwritable. Root ignores permission bits, so as root it becomes a
