@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -575,42 +576,60 @@ def _finite(x: Any) -> Any:
     return x
 
 
+def _count(x: float) -> str:
+    """1234567 → '1.23M': token counts that fit a narrow column."""
+    for div, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= div:
+            return f"{x / div:.3g}{unit}"
+    return f"{x:.0f}"
+
+
+STAGES = {"generate": "gen", "score": "score", "filter": "filt", "pack": "pack", "train": "train"}
+STAGES["evaluate"] = "eval"  # column headers: the stage names, short
+
+
 def print_report(rep: dict[str, Any]) -> None:
-    """The rich table on stderr."""
-    t = Table(
-        title=f"npd bench {rep['bench_id']} ({rep['budget_s']:.0f} s per variant, "
-        f"held-out {rep['held_out_size']})",
+    """Two tables on stderr, each narrow enough for an 80-column terminal: the scores, then
+    where each variant's time and tokens went."""
+    scores = Table(
+        title=f"npd bench {rep['bench_id']}: {rep['budget_s']:.0f} s per variant, "
+        f"held-out exact match on {rep['held_out_size']}",
         title_justify="left",
+        box=box.SIMPLE_HEAD,
     )
-    for col in (
-        "variant",
-        "seeds",
-        "final score",
-        "95% CI",
-        "wall s",
-        "train tok",
-        "gen tok",
-        "lr",
-        "batch",
-        "seconds by stage",
-    ):
-        t.add_column(col, justify="left" if col in ("variant", "seconds by stage") else "right")
+    width = max(map(len, rep["variants"]))
+    scores.add_column("variant", min_width=width, no_wrap=True)
+    for col in ("seeds", "score", "95% CI", "wall s", "lr", "batch"):
+        scores.add_column(col, justify="right")
+    cost = Table(
+        title="seconds by stage (evaluate is off the clock) and tokens",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+    )
+    cost.add_column("variant", min_width=width, no_wrap=True)
+    for col in (*STAGES.values(), "train tok", "gen tok"):
+        cost.add_column(col, justify="right")
     for name, v in rep["variants"].items():
         ci = v["final_score_ci95"]
         h = v["hyperparameters"]
-        t.add_row(
+        scores.add_row(
             name,
             str(v["seeds"]),
-            f"{v['final_score']:.2f}",
-            f"[{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "-",
+            f"{v['final_score']:.1f}",
+            f"{ci[0]:.1f}–{ci[1]:.1f}" if ci else "-",
             f"{v['wall_s']:.0f}",
-            f"{v['train_tokens']:.3g}",
-            f"{v['generated_tokens']:.3g}",
             f"{h['lr']:.3g}",
             str(_batch(v["method"], Hyper(**h))),
-            " ".join(f"{k} {s:.0f}" for k, s in v["stage_seconds"].items()),
         )
-    err.print(t)
+        sec = v["stage_seconds"]
+        cost.add_row(
+            name,
+            *(f"{sec[s]:.0f}" if s in sec else "-" for s in STAGES),
+            _count(v["train_tokens"]),
+            _count(v["generated_tokens"]),
+        )
+    err.print(scores)
+    err.print(cost)
 
     def ci(key: str) -> str:
         c = rep.get(f"{key}_ci95")
@@ -624,7 +643,8 @@ def print_report(rep: dict[str, Any]) -> None:
     for key in ("npd_minus_sft_points", "npd_minus_onpolicy_points"):
         if rep[key] is not None:
             err.print(f"{key}: {rep[key]:+.2f}{ci(key)}")
-    err.print(f"plot: {rep['plot']}   MLflow: {rep['mlflow_uri']} (run {rep['mlflow_run_id']})")
+    err.print(f"plot: {rep['plot']}")
+    err.print(f"MLflow: {rep['mlflow_uri']} (run {rep['mlflow_run_id']})")
 
 
 def main(as_json: bool, **kw: Any) -> None:

@@ -211,3 +211,43 @@ def test_bench_quick_json_has_every_field(tmp_path, tiny_world, prefect_server, 
     )
     assert sorted(k.info.run_name for k in kids) == ["npd-s0", "onpolicy-s0", "probe-s0", "sft-s0"]
     assert {a.path for a in c.list_artifacts(rep["mlflow_run_id"])} >= {"bench.png", "bench.json"}
+
+
+def test_report_tables_fit_an_80_column_terminal(monkeypatch):
+    """Every variant name and stage number is shown whole at 80 columns (rich truncates with …)."""
+    from rich.console import Console
+
+    from flows import headline
+
+    v = {
+        "seeds": 3,
+        "final_score": 61.234,
+        "final_score_ci95": [55.1, 67.3],
+        "wall_s": 139.6,
+        "hyperparameters": {"lr": 0.003, "rows_per_step": 16, "prompts_per_step": 101},
+        "method": "npd",
+        "stage_seconds": {"generate": 12.0, "score": 41.5, "train": 77.0, "evaluate": 9.0},
+        "train_tokens": 4_560_000,
+        "generated_tokens": 351_000,
+    }
+    rep = {
+        "bench_id": "bench-20261126-000000-abcd",
+        "budget_s": 140.0,
+        "held_out_size": 1000,
+        "variants": {name: v for name in ("npd", "onpolicy", "staleness-2", "steps-300")},
+        "speedup_vs_onpolicy": 3.5,
+        "speedup_ci95": [2.0, 5.0],
+        "npd_minus_sft_points": 1.5,
+        "npd_minus_onpolicy_points": 9.0,
+        "plot": "/x/bench.png",
+        "mlflow_uri": "sqlite:///x/mlflow.db",
+        "mlflow_run_id": "r",
+    }
+    console = Console(width=80, record=True, file=open(os.devnull, "w"))  # noqa: SIM115
+    monkeypatch.setattr(headline, "err", console)
+    headline.print_report(rep)
+    text = console.export_text()
+    assert "…" not in text and max(map(len, text.splitlines())) <= 80
+    for needle in ("staleness-2", "steps-300", "55.1–67.3", "4.56M", "351k", " 42 ", " 77 "):
+        assert needle in text
+    assert "speedup vs onpolicy: 3.50× (95% CI [2.00, 5.00])" in text
