@@ -215,6 +215,8 @@ def test_bench_quick_json_has_every_field(tmp_path, tiny_world, prefect_server, 
 
 def test_report_tables_fit_an_80_column_terminal(monkeypatch):
     """Every variant name and stage number is shown whole at 80 columns (rich truncates with …)."""
+    import io
+
     from rich.console import Console
 
     from flows import headline
@@ -243,7 +245,7 @@ def test_report_tables_fit_an_80_column_terminal(monkeypatch):
         "mlflow_uri": "sqlite:///x/mlflow.db",
         "mlflow_run_id": "r",
     }
-    console = Console(width=80, record=True, file=open(os.devnull, "w"))  # noqa: SIM115
+    console = Console(width=80, record=True, file=io.StringIO())
     monkeypatch.setattr(headline, "err", console)
     headline.print_report(rep)
     text = console.export_text()
