@@ -149,9 +149,12 @@ def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 
 
 def npd_rounds(cfg: NPDConfig, cal: dict[str, float], budget_s: float) -> int:
-    """Rounds that fit ``budget_s`` at the probe's speed: a round takes the longer of learning
-    and producing when they overlap (after the first producer, which nothing overlaps), their
-    sum when they do not."""
+    """The most rounds whose predicted clock fits ``budget_s`` at the probe's speed.
+
+    Producing a round takes P, learning it L. In order, R rounds take R·(P + L). Overlapped
+    (staleness ≥ 1), the first producer and the last learner run alone and every round between
+    takes the longer of the two: P + (R − 1)·max(P, L) + L. Never more than the budget, since a
+    checkpoint past it is dropped; the unused tail is under one round."""
     steps = min(
         cfg.train.steps_per_round,
         math.ceil(
@@ -165,8 +168,8 @@ def npd_rounds(cfg: NPDConfig, cal: dict[str, float], budget_s: float) -> int:
     learn = steps * cfg.train.rows_per_step * cal["train_s_per_row"]
     produce = cfg.data.prompts_per_round * cfg.generate.n_per_prompt * cal["produce_s_per_sample"]
     if cfg.staleness > 0 and cfg.overlap:
-        return max(1, int((budget_s - produce) / max(learn, produce) + 0.25))
-    return max(1, int(budget_s / (learn + produce) + 0.25))
+        return max(1, 1 + math.floor((budget_s - produce - learn) / max(learn, produce)))
+    return max(1, math.floor(budget_s / (learn + produce)))
 
 
 def run_npd(

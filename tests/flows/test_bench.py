@@ -13,7 +13,7 @@ import yaml
 from typer.testing import CliRunner
 
 from flows.cli import app
-from flows.headline import BenchContext, Hyper, run_onpolicy, run_sft, variants
+from flows.headline import BenchContext, Hyper, npd_rounds, run_onpolicy, run_sft, variants
 from npd_core.config import NPDConfig
 from npd_core.data import read_prompts
 from npd_core.errors import ConfigError
@@ -253,3 +253,34 @@ def test_report_tables_fit_an_80_column_terminal(monkeypatch):
     for needle in ("staleness-2", "steps-300", "55.1–67.3", "4.56M", "351k", " 42 ", " 77 "):
         assert needle in text
     assert "speedup vs onpolicy: 3.50× (95% CI [2.00, 5.00])" in text
+
+
+@pytest.mark.parametrize(
+    ("staleness", "learn_s", "budget_s", "rounds"),
+    [
+        (1, 4.0, 35.0, 5),  # P + 4·max(P, L) + L = 6 + 24 + 4 = 34 ≤ 35; a 6th ends at 40
+        (1, 4.0, 33.9, 4),  # 34 > 33.9: one round fewer, never past the budget
+        (1, 2.0, 33.0, 5),  # a short last learner leaves room: 6 + 24 + 2 = 32
+        (1, 6.0, 34.5, 4),  # 6 + 18 + 6 = 30; a 5th would end at 36, past the budget
+        (2, 4.0, 35.0, 5),  # any staleness ≥ 1 overlaps the same way
+        (0, 4.0, 35.0, 3),  # in order: 3·(6 + 4) = 30; a 4th would end at 40
+        (1, 4.0, 5.0, 1),  # at least one round
+    ],
+)
+def test_npd_rounds_fill_the_budget_without_passing_it(staleness, learn_s, budget_s, rounds):
+    """Probe: producing a round (1000 samples) takes P = 6 s, learning it (100 steps of 10 rows)
+    L = ``learn_s``. Overlapped, the first producer and the last learner run alone."""
+    cfg = NPDConfig.model_validate(
+        {
+            "staleness": staleness,
+            "data": {"prompts_per_round": 1000},
+            "generate": {"n_per_prompt": 1},
+            "train": {"steps_per_round": 100, "rows_per_step": 10, "epochs_per_round": 10},
+        }
+    )
+    cal = {
+        "train_s_per_row": learn_s / 1000,
+        "produce_s_per_sample": 0.006,
+        "rows_per_sample": 0.5,
+    }
+    assert npd_rounds(cfg, cal, budget_s) == rounds
