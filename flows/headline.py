@@ -16,8 +16,9 @@ Fairness rules (fixed here and in the README before any comparison is looked at)
   step for the packed methods and prompts per step for on-policy ones, the base value of the
   latter being the sequences that fit the same token capacity (``rows × max_seq_len`` over
   prompt + ``max_new_tokens``);
-- NPD's rounds are sized to the budget from a one-round probe run (its stage seconds), so its
-  cosine schedule ends where its budget does, as the baselines' does.
+- NPD's rounds are sized to the budget from a two-round probe run at the same batch size (its
+  stage seconds, and how much its overlapped round gained over running the two stages in
+  order), so its cosine schedule ends where its budget does, as the baselines' does.
 
 A variant is a name plus a runner ``(ctx, seed, hyper) -> VariantResult``; ``PEERS`` maps a
 ``--peers`` name to the module that provides one more (``npd bench --peers trl``).
@@ -60,6 +61,7 @@ SLACK = 0.05  # a checkpoint at most 5% past the budget still counts
 GRID = {"lr": (1.0, 0.5, 2.0), "batch": (1.0, 0.5)}  # multipliers of the config's values
 QUICK_GRID = {"lr": (1.0,), "batch": (1.0,)}
 MAIN = ("npd", "sft", "onpolicy")
+STEP_FACTORS = (0.5, 2.0)  # the steps-per-round ablations: half and twice the default's steps
 PEERS = {"trl": "flows.peers:trl_variant"}  # --peers name → "module:function" returning a Variant
 
 
@@ -113,7 +115,7 @@ class BenchContext:
     eval_at: list[float]  # clock times of the baselines' held-out checkpoints
     mlflow_parent: str  # the bench's MLflow run: every variant's run nests under it
     log: Callable[[str], None]
-    calibration: dict[str, float] = field(default_factory=dict)  # from the NPD probe
+    calibration: dict[str, dict[str, float]] = field(default_factory=dict)  # probe by batch
     results: dict[str, list[VariantResult]] = field(default_factory=dict)  # done so far
     tag: str = ""  # run-id infix: "" for the main runs, "search-…" for the grid search
 
@@ -153,8 +155,9 @@ def npd_rounds(cfg: NPDConfig, cal: dict[str, float], budget_s: float) -> int:
 
     Producing a round takes P, learning it L. In order, R rounds take R·(P + L). Overlapped
     (staleness ≥ 1), the first producer and the last learner run alone and every round between
-    takes the longer of the two: P + (R − 1)·max(P, L) + L. Never more than the budget, since a
-    checkpoint past it is dropped; the unused tail is under one round."""
+    takes M = max(P, L, (P + L) / g), g being the probe's overlap gain (the two stages share the
+    cores): P + (R − 1)·M + L. Never more than the budget, since a checkpoint past it is dropped;
+    the unused tail is under one round."""
     steps = min(
         cfg.train.steps_per_round,
         math.ceil(
@@ -168,7 +171,8 @@ def npd_rounds(cfg: NPDConfig, cal: dict[str, float], budget_s: float) -> int:
     learn = steps * cfg.train.rows_per_step * cal["train_s_per_row"]
     produce = cfg.data.prompts_per_round * cfg.generate.n_per_prompt * cal["produce_s_per_sample"]
     if cfg.staleness > 0 and cfg.overlap:
-        return max(1, 1 + math.floor((budget_s - produce - learn) / max(learn, produce)))
+        middle = max(produce, learn, (produce + learn) / cal["overlap_gain"])
+        return max(1, 1 + math.floor((budget_s - produce - learn) / middle))
     return max(1, math.floor(budget_s / (learn + produce)))
 
 
@@ -182,7 +186,8 @@ def run_npd(
         ctx.config,
         {"train": {"lr": hyper.lr, "rows_per_step": hyper.rows_per_step}, **(overrides or {})},
     )
-    config["rounds"] = npd_rounds(NPDConfig.model_validate(config), ctx.calibration, ctx.budget_s)
+    cal = calibrate(ctx, hyper)
+    config["rounds"] = npd_rounds(NPDConfig.model_validate(config), cal, ctx.budget_s)
     spec = ctx.spec(name, seed, config)
     res = distill_flow(spec)
     _nest(ctx, res["mlflow_run_id"])
@@ -212,6 +217,8 @@ def run_npd(
         settings={
             "rounds": cfg.rounds,
             "steps_per_round": cfg.train.steps_per_round,
+            "epochs_per_round": cfg.train.epochs_per_round,
+            "optimizer_steps": _optimizer_steps(spec),
             "staleness": cfg.staleness,
             "filter": cfg.filter.enabled,
             "prompts_per_round": cfg.data.prompts_per_round,
@@ -219,6 +226,12 @@ def run_npd(
         run_id=spec.run_id,
         mlflow_run_id=res["mlflow_run_id"],
     )
+
+
+def _optimizer_steps(spec: RunSpec) -> int:
+    """Optimizer steps of an NPD run so far (its last checkpoint's step)."""
+    q = "SELECT coalesce(max(step), 0) FROM checkpoints WHERE run_id = ?"
+    return int(spec.store.query(q, [spec.run_id]).column(0)[0].as_py())
 
 
 def _nest(ctx: BenchContext, mlflow_run: str) -> None:
@@ -256,14 +269,11 @@ def _baseline_result(spec: RunSpec, res: dict[str, Any], extra: dict[str, Any]) 
 
 def variants(cfg: NPDConfig) -> dict[str, Variant]:
     """The built-in variants: the three main ones, then NPD's ablations."""
-    s = cfg.train.steps_per_round
-    lo, hi = max(1, s // 2), 2 * s
     ablations = {
         "no-filter": {"filter": {"enabled": False}},
         "staleness-0": {"staleness": 0},
         "staleness-2": {"staleness": 2},
-        f"steps-{lo}": {"train": {"steps_per_round": lo}},
-        f"steps-{hi}": {"train": {"steps_per_round": hi}},
+        **{f"steps-x{f:g}": _scaled_steps(cfg, f) for f in STEP_FACTORS},
     }
     out = {
         "npd": Variant("npd", "npd", run_npd, main=True),
@@ -273,6 +283,19 @@ def variants(cfg: NPDConfig) -> dict[str, Variant]:
     for name, over in ablations.items():
         out[name] = Variant(name, "npd", partial(run_npd, name=name, overrides=over))
     return out
+
+
+def _scaled_steps(cfg: NPDConfig, factor: float) -> dict[str, Any]:
+    """A round of ``factor`` × the default's optimizer steps: a round takes
+    min(steps_per_round, epochs_per_round × its rows ÷ rows_per_step) steps, so both bounds
+    scale (on the toy the epoch bound is the one that binds)."""
+    t = cfg.train
+    return {
+        "train": {
+            "steps_per_round": max(1, round(t.steps_per_round * factor)),
+            "epochs_per_round": t.epochs_per_round * factor,
+        }
+    }
 
 
 def peer_variant(name: str) -> Variant:
@@ -310,33 +333,40 @@ def grid_points(base: Hyper, grid: dict[str, tuple[float, ...]]) -> list[Hyper]:
 
 
 def calibrate(ctx: BenchContext, hyper: Hyper) -> dict[str, float]:
-    """One NPD round (the probe): seconds per packed row trained and per sample produced."""
+    """Two NPD rounds (the probe, once per batch size): seconds per packed row trained and per
+    sample produced, each alone (round 1's producer, round 2's learner), and the overlap gain:
+    how much faster the overlapped middle (round 1 learning while round 2 is produced) ran than
+    the same two stages in order."""
     from flows.distill import distill_flow
 
+    key = str(hyper.rows_per_step)
+    if key in ctx.calibration:
+        return ctx.calibration[key]
     config = _merge(
         ctx.config,
-        {"rounds": 1, "train": {"lr": hyper.lr, "rows_per_step": hyper.rows_per_step}},
+        {"rounds": 2, "train": {"lr": hyper.lr, "rows_per_step": hyper.rows_per_step}},
     )
-    spec = ctx.spec("probe", 0, config)
+    spec = replace(ctx, tag="").spec(f"probe-b{key}", 0, config)
     res = distill_flow(spec)
     _nest(ctx, res["mlflow_run_id"])
-    sec = res["rounds"][0]["stage_seconds"]
-    store = spec.store
-    step = (
-        store.query("SELECT max(step) FROM checkpoints WHERE run_id = ?", [spec.run_id])
-        .column(0)[0]
-        .as_py()
-    )
-    pack = store.read_stage(spec.run_id, 1, "pack", "pack")
-    rows = len(set(pack.column("row").to_pylist()))
+    first, second = (x["stage_seconds"] for x in res["rounds"])
+    produce = sum(first[s] for s in ("generate", "score", "filter", "pack"))
+    learn = second["train"]
+    intervals = res["stage_intervals"]
+    clock = cv.paused_clock([(s, e, stage == "evaluate") for stage, _, s, e in intervals])
+    total = clock(max(e for stage, _, _, e in intervals if stage != "evaluate"))
+    pack = spec.store.read_stage(spec.run_id, 1, "pack", "pack")
     n = res["rounds"][0]["n_generated"]
-    cfg = spec.cfg
-    return {
-        "train_s_per_row": sec["train"] / max(1, step * cfg.train.rows_per_step),
-        "produce_s_per_sample": sum(sec[s] for s in ("generate", "score", "filter", "pack")) / n,
-        "rows_per_sample": rows / n,
-        "probe_round_s": sum(v for k, v in sec.items() if k != "evaluate"),
+    cal = {
+        "train_s_per_row": learn / max(1, _optimizer_steps(spec) / 2 * hyper.rows_per_step),
+        "produce_s_per_sample": produce / n,
+        "rows_per_sample": len(set(pack.column("row").to_pylist())) / n,
+        "overlap_gain": min(2.0, max(1.0, (produce + learn) / max(1e-9, total - produce - learn))),
+        "probe_s": total,
     }
+    ctx.calibration[key] = cal
+    ctx.log(f"probe at batch {key}: 2 NPD rounds in {total:.1f} s, gain {cal['overlap_gain']:.2f}")
+    return cal
 
 
 def search(
@@ -503,9 +533,6 @@ def run_bench(
         out, bench_id, paths, cfg.model_dump(mode="json"), budget, eval_at, parent, log
     )
     log(f"bench {bench_id}: {len(selected)} variants, {budget:.0f} s each, grid of {len(points)}")
-    if any(v.method == "npd" for v in selected):
-        ctx.calibration = calibrate(ctx, base)
-        log(f"probe: one NPD round {ctx.calibration['probe_round_s']:.1f} s")
     methods = {v.method: known.get(v.method, v) for v in selected}
     chosen, search_scores = search(ctx, methods, points)
     for v in selected:

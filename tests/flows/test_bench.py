@@ -29,7 +29,12 @@ CFG = dict(
     eval={"batch_size": 64},
 )
 HYPER = Hyper(lr=3e-3, rows_per_step=4, prompts_per_step=8)
-ONE_ROUND = {"train_s_per_row": 1e3, "produce_s_per_sample": 1e3, "rows_per_sample": 0.2}
+ONE_ROUND = {
+    "train_s_per_row": 1e3,
+    "produce_s_per_sample": 1e3,
+    "rows_per_sample": 0.2,
+    "overlap_gain": 1.0,
+}
 
 
 def _paths(world) -> dict[str, str]:
@@ -52,7 +57,7 @@ def ctx(tmp_path, tiny_world, prefect_server, monkeypatch) -> BenchContext:
         [1.0, 2.0],
         parent,
         lambda m: None,
-        calibration=dict(ONE_ROUND),
+        calibration={str(HYPER.rows_per_step): dict(ONE_ROUND)},
     )
 
 
@@ -67,7 +72,7 @@ def test_npd_and_each_ablation_run_one_round(ctx):
     """One round each (the probe figures size every run to one round); the ablation's knob is
     in its run's config, and on the same samples no-filter keeps more than npd."""
     known = variants(NPDConfig.model_validate(CFG))
-    names = ["npd", "no-filter", "staleness-0", "staleness-2", "steps-1", "steps-4"]
+    names = ["npd", "no-filter", "staleness-0", "staleness-2", "steps-x0.5", "steps-x2"]
     assert [n for n in known if n not in ("sft", "onpolicy")] == names
     res = {n: known[n].run(ctx, 0, HYPER) for n in names}
     store = Store(ctx.out, create=False)
@@ -85,10 +90,12 @@ def test_npd_and_each_ablation_run_one_round(ctx):
     settings = {n: r.settings for n, r in res.items()}
     assert settings["no-filter"]["filter"] is False and settings["npd"]["filter"] is True
     assert settings["staleness-0"]["staleness"] == 0 and settings["staleness-2"]["staleness"] == 2
-    assert settings["steps-1"]["steps_per_round"] == 1
+    assert settings["steps-x0.5"]["steps_per_round"] == 1
+    assert settings["steps-x2"]["epochs_per_round"] == 20
     q = "select run_id, step from checkpoints where round = 1"
     steps = {x["run_id"]: x["step"] for x in store.query(q).to_pylist()}
-    assert steps[res["steps-1"].run_id] == 1 and steps[res["steps-4"].run_id] == 4
+    assert steps[res["steps-x0.5"].run_id] == 1 and steps[res["steps-x2"].run_id] == 4
+    assert {n: r.settings["optimizer_steps"] for n, r in res.items()}["npd"] == 2
     kept = {
         x["run_id"]: x["n"]
         for x in store.query("select run_id, count(*) n from filtered group by run_id").to_pylist()
@@ -202,6 +209,8 @@ def test_bench_quick_json_has_every_field(tmp_path, tiny_world, prefect_server, 
     assert rep["seeds"] == {"npd": 1, "sft": 1, "onpolicy": 1} and rep["held_out_size"] == 16
     assert rep["machine"]["cores"] >= 1 and rep["budget_s"] == 2.0
     assert rep["grid"]["chosen"]["onpolicy"] == rep["variants"]["onpolicy"]["hyperparameters"]
+    (probe,) = rep["calibration"].values()  # one batch size, one two-round probe
+    assert 1.0 <= probe["overlap_gain"] <= 2.0 and probe["train_s_per_row"] > 0
     png = Path(rep["plot"])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     c = tracking.client(out)
@@ -209,7 +218,12 @@ def test_bench_quick_json_has_every_field(tmp_path, tiny_world, prefect_server, 
     kids = c.search_runs(
         [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{rep['mlflow_run_id']}'"
     )
-    assert sorted(k.info.run_name for k in kids) == ["npd-s0", "onpolicy-s0", "probe-s0", "sft-s0"]
+    assert sorted(k.info.run_name for k in kids) == [
+        "npd-s0",
+        "onpolicy-s0",
+        "probe-b4-s0",
+        "sft-s0",
+    ]
     assert {a.path for a in c.list_artifacts(rep["mlflow_run_id"])} >= {"bench.png", "bench.json"}
 
 
@@ -256,20 +270,23 @@ def test_report_tables_fit_an_80_column_terminal(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    ("staleness", "learn_s", "budget_s", "rounds"),
+    ("staleness", "learn_s", "gain", "budget_s", "rounds"),
     [
-        (1, 4.0, 35.0, 5),  # P + 4·max(P, L) + L = 6 + 24 + 4 = 34 ≤ 35; a 6th ends at 40
-        (1, 4.0, 33.9, 4),  # 34 > 33.9: one round fewer, never past the budget
-        (1, 2.0, 33.0, 5),  # a short last learner leaves room: 6 + 24 + 2 = 32
-        (1, 6.0, 34.5, 4),  # 6 + 18 + 6 = 30; a 5th would end at 36, past the budget
-        (2, 4.0, 35.0, 5),  # any staleness ≥ 1 overlaps the same way
-        (0, 4.0, 35.0, 3),  # in order: 3·(6 + 4) = 30; a 4th would end at 40
-        (1, 4.0, 5.0, 1),  # at least one round
+        (1, 4.0, 2.0, 35.0, 5),  # P + 4·max(P, L) + L = 6 + 24 + 4 = 34 ≤ 35; a 6th ends at 40
+        (1, 4.0, 2.0, 33.9, 4),  # 34 > 33.9: one round fewer, never past the budget
+        (1, 2.0, 2.0, 33.0, 5),  # a short last learner leaves room: 6 + 24 + 2 = 32
+        (1, 6.0, 2.0, 34.5, 4),  # 6 + 18 + 6 = 30; a 5th would end at 36, past the budget
+        (1, 4.0, 1.25, 35.0, 4),  # sharing cores: a middle round takes (6 + 4) / 1.25 = 8 s
+        (1, 4.0, 1.25, 33.9, 3),  # 6 + 3·8 + 4 = 34 > 33.9
+        (2, 4.0, 2.0, 35.0, 5),  # any staleness ≥ 1 overlaps the same way
+        (0, 4.0, 2.0, 35.0, 3),  # in order, no gain: 3·(6 + 4) = 30; a 4th would end at 40
+        (1, 4.0, 2.0, 5.0, 1),  # at least one round
     ],
 )
-def test_npd_rounds_fill_the_budget_without_passing_it(staleness, learn_s, budget_s, rounds):
+def test_npd_rounds_fill_the_budget_without_passing_it(staleness, learn_s, gain, budget_s, rounds):
     """Probe: producing a round (1000 samples) takes P = 6 s, learning it (100 steps of 10 rows)
-    L = ``learn_s``. Overlapped, the first producer and the last learner run alone."""
+    L = ``learn_s``; overlapped, the two ran ``gain`` × faster than in order. The first producer
+    and the last learner run alone."""
     cfg = NPDConfig.model_validate(
         {
             "staleness": staleness,
@@ -282,5 +299,6 @@ def test_npd_rounds_fill_the_budget_without_passing_it(staleness, learn_s, budge
         "train_s_per_row": learn_s / 1000,
         "produce_s_per_sample": 0.006,
         "rows_per_sample": 0.5,
+        "overlap_gain": gain,
     }
     assert npd_rounds(cfg, cal, budget_s) == rounds
