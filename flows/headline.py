@@ -50,6 +50,7 @@ from npd_core import curves as cv
 from npd_core.config import NPDConfig, load_config
 from npd_core.errors import ConfigError
 from npd_core.stages import RunSpec
+from npd_core.train import round_steps
 
 err = Console(stderr=True)
 
@@ -158,18 +159,10 @@ def npd_rounds(cfg: NPDConfig, cal: dict[str, float], budget_s: float) -> int:
     takes M = max(P, L, (P + L) / g), g being the probe's overlap gain (the two stages share the
     cores): P + (R − 1)·M + L. Never more than the budget, since a checkpoint past it is dropped;
     the unused tail is under one round."""
-    steps = min(
-        cfg.train.steps_per_round,
-        math.ceil(
-            cfg.train.epochs_per_round
-            * cal["rows_per_sample"]
-            * cfg.data.prompts_per_round
-            * cfg.generate.n_per_prompt
-            / cfg.train.rows_per_step
-        ),
-    )
+    samples = cfg.data.prompts_per_round * cfg.generate.n_per_prompt
+    steps = round_steps(round(cal["rows_per_sample"] * samples), cfg.train)
     learn = steps * cfg.train.rows_per_step * cal["train_s_per_row"]
-    produce = cfg.data.prompts_per_round * cfg.generate.n_per_prompt * cal["produce_s_per_sample"]
+    produce = samples * cal["produce_s_per_sample"]
     if cfg.staleness > 0 and cfg.overlap:
         middle = max(produce, learn, (produce + learn) / cal["overlap_gain"])
         return max(1, 1 + math.floor((budget_s - produce - learn) / middle))

@@ -46,7 +46,7 @@ from npd_core.models import (
 from npd_core.packing import Sample, fit_lengths
 from npd_core.score import score
 from npd_core.store import Store, table_from_rows
-from npd_core.train import Targets, make_optimizer, packed_rows, train_round
+from npd_core.train import Targets, make_optimizer, packed_rows, round_steps, train_round
 
 Progress = Callable[[int], None] | None
 
@@ -467,7 +467,9 @@ def train_stage(
         for x in pk:
             rows[x["row"]].append(where[(x["prompt_id"], x["sample_idx"])])
         torch.manual_seed(cfg.seed * 31 + r)
-        total = cfg.rounds * cfg.train.steps_per_round
+        # lr horizon: the steps so far plus this round's for every round left, so the cosine
+        # ends with the last round even where the epoch bound cuts steps_per_round short
+        total = start_step + round_steps(n_rows, cfg.train) * (cfg.rounds - r + 1)
         with for_training(model), _stopped_round(r, src):
             stats = train_round(
                 model,

@@ -76,6 +76,12 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
     return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * t))
 
 
+def round_steps(n_rows: int, cfg: TrainConfig) -> int:
+    """Optimizer steps of a round of ``n_rows`` packed rows: ``steps_per_round``, or fewer when
+    ``epochs_per_round`` passes over the rows come first."""
+    return min(cfg.steps_per_round, math.ceil(cfg.epochs_per_round * n_rows / cfg.rows_per_step))
+
+
 def make_optimizer(model: PreTrainedModel, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(
         model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95)
@@ -177,9 +183,7 @@ def train_round(
     stats = RoundStats()
     if not rows:
         return stats
-    n_steps = min(
-        cfg.steps_per_round, math.ceil(cfg.epochs_per_round * len(rows) / cfg.rows_per_step)
-    )
+    n_steps = round_steps(len(rows), cfg)
     rng = random.Random(seed)
     stream: list[int] = list(range(len(rows)))  # rows are already in a seeded order
     while len(stream) < n_steps * cfg.rows_per_step:  # later passes over D_r reshuffle

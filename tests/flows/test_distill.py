@@ -9,9 +9,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from npd_core.config import NPDConfig
+from npd_core.config import NPDConfig, TrainConfig
 from npd_core.stages import RunSpec
 from npd_core.store import Store, query
+from npd_core.train import lr_at
 
 CFG = dict(
     rounds=2,
@@ -109,6 +110,36 @@ def test_two_rounds_store_mlflow_checkpoint(tmp_path, tiny_world, prefect_server
     assert run["status"] == "completed" and [x["round"] for x in run["rounds"]] == [0, 1, 2]
     missing = CliRunner().invoke(app, ["status", "nope", "--out", str(tmp_path)])
     assert missing.exit_code != 0 and "no run 'nope'" in str(missing.exception)
+
+
+def test_lr_cosine_ends_with_the_last_round_when_epochs_bound_the_steps(
+    tmp_path, tiny_world, prefect_server, monkeypatch
+):
+    """One pass over each round's rows comes long before 1000 steps: the schedule's horizon
+    follows the steps actually taken, so the last step ends the cosine, not its first tenth."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    train = {"steps_per_round": 1000, "rows_per_step": 2, "epochs_per_round": 1.0}
+    train |= {"warmup_steps": 1, "lr": 1e-3, "min_lr_ratio": 0.1}
+    spec, res = _run(tmp_path, tiny_world, "horizon", train=train)
+    c = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    kids = c.search_runs(
+        [c.get_run(res["mlflow_run_id"]).info.experiment_id],
+        f"tags.mlflow.parentRunId = '{res['mlflow_run_id']}'",
+    )
+    lrs = [
+        m.value
+        for k in sorted(kids, key=lambda k: int(k.data.tags["npd.round"]))
+        for m in sorted(c.get_metric_history(k.info.run_id, "lr"), key=lambda m: m.step)
+    ]
+    steps = query(tmp_path / "npd.duckdb", "select max(step) from checkpoints").column(0)[0]
+    n = steps.as_py()
+    assert 4 <= len(lrs) == n < 1000
+    # the last step is the horizon's last: near the floor (1e-4), not at 2000 steps' start
+    assert lrs[-1] == pytest.approx(lr_at(n - 1, TrainConfig(**train), n))
+    assert lrs[-1] < 5e-4
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:], strict=False))  # decays after warmup
 
 
 SAMPLE_COLS = (
