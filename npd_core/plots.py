@@ -53,7 +53,10 @@ def bench_curves(curves: dict[str, list[tuple[float, float]]], report: dict, pat
                 arrowprops=dict(arrowstyle="->", color="black", lw=1.2),
             )
             ax.plot([t_npd, t_on], [target, target], "kx", ms=7)
-            label = f"npd reaches onpolicy's final score {sp:.1f}× sooner"
+            label = (
+                f"onpolicy's final score: npd at {t_npd:.0f} s, onpolicy at {t_on:.0f} s "
+                f"({sp:.2f}× speedup)"
+            )
         else:
             label = f"no speedup: {report.get('speedup_reason')}"
         ax.text(
