@@ -185,7 +185,7 @@ def run_npd(
     res = distill_flow(spec)
     _nest(ctx, res["mlflow_run_id"])
     intervals = res["stage_intervals"]
-    clock = cv.paused_clock([(s, e, stage == "evaluate") for stage, _, s, e in intervals])
+    clock, wall_s = _npd_clock(intervals)
     ends = {r: e for stage, r, _, e in intervals if stage == "train"}
     curve = [{"wall_s": 0.0, "score": res["start_score"]}] + [
         {"wall_s": clock(ends[x["round"]]), "score": x["score"]} for x in res["rounds"]
@@ -203,7 +203,7 @@ def run_npd(
     cfg = spec.cfg
     return VariantResult(
         curve=curve,
-        wall_s=clock(max(e for stage, _, _, e in intervals if stage != "evaluate")),
+        wall_s=wall_s,
         train_tokens=int(sum(x["train_tokens"] or 0 for x in res["rounds"])),
         generated_tokens=int(generated),
         stage_seconds=stage_s,
@@ -219,6 +219,15 @@ def run_npd(
         run_id=spec.run_id,
         mlflow_run_id=res["mlflow_run_id"],
     )
+
+
+def _npd_clock(
+    intervals: list[tuple[str, int, float, float]],
+) -> tuple[Callable[[float], float], float]:
+    """An NPD run's training clock (paused while only evaluation runs) and its reading when the
+    last non-evaluation stage ended."""
+    clock = cv.paused_clock([(s, e, stage == "evaluate") for stage, _, s, e in intervals])
+    return clock, clock(max(e for stage, _, _, e in intervals if stage != "evaluate"))
 
 
 def _optimizer_steps(spec: RunSpec) -> int:
@@ -345,9 +354,7 @@ def calibrate(ctx: BenchContext, hyper: Hyper) -> dict[str, float]:
     first, second = (x["stage_seconds"] for x in res["rounds"])
     produce = sum(first[s] for s in ("generate", "score", "filter", "pack"))
     learn = second["train"]
-    intervals = res["stage_intervals"]
-    clock = cv.paused_clock([(s, e, stage == "evaluate") for stage, _, s, e in intervals])
-    total = clock(max(e for stage, _, _, e in intervals if stage != "evaluate"))
+    _, total = _npd_clock(res["stage_intervals"])
     pack = spec.store.read_stage(spec.run_id, 1, "pack", "pack")
     n = res["rounds"][0]["n_generated"]
     cal = {
