@@ -14,8 +14,8 @@ from typing import Any
 
 from prefect import flow
 
-from npd_core.sft import DATA_ROUND, teacher_as_generator
-from npd_core.stages import RunSpec
+from npd_core.baselines.sft import DATA_ROUND, teacher_as_generator
+from npd_core.pipeline.stages import RunSpec
 from tasks import baselines as b
 from tasks import run as run_tasks
 from tasks import stages as t
@@ -65,7 +65,7 @@ def sft_flow(
 ) -> dict[str, Any]:
     """Sequence-level KD: the teacher answers every training prompt once (on the clock), then
     packed CE on its answers until the last checkpoint time. ``spec.config`` should come from
-    ``npd_core.sft.sft_config``."""
+    ``npd_core.baselines.sft.sft_config``."""
 
     def teacher_answers() -> dict:
         return t.generate(teacher_as_generator(spec), DATA_ROUND)

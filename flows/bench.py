@@ -2,9 +2,9 @@
 onpolicy vs sft and the ablations, each a flow run, one MLflow parent run); the subcommands
 benchmark parts of the method itself (no Prefect, no output directory).
 
-``npd bench generate`` runs :func:`npd_core.bench_generate.run_bench` (HF vs vLLM generation and
-scoring). ``npd bench packing`` runs :func:`npd_core.bench_packing.run_bench` (the same function as
-``python -m npd_core.bench_packing``), prints one JSON object on stdout with ``--json`` (a table on
+``npd bench generate`` runs :func:`npd_core.bench.generate.run_bench` (HF vs vLLM generation and
+scoring). ``npd bench packing`` runs :func:`npd_core.bench.packing.run_bench` (the same function as
+``python -m npd_core.bench.packing``), prints one JSON object on stdout with ``--json`` (a table on
 stderr otherwise) and, when ``MLFLOW_TRACKING_URI`` is set, logs the figures to MLflow
 (experiment ``npd-bench``, one run per call).
 """
@@ -108,7 +108,7 @@ def packing(
     seed: Annotated[int, typer.Option(help="seeds lengths, tokens, init and packing")] = 0,
 ) -> None:
     """Packed vs padded (length-grouped) training of the same student on the same samples."""
-    from npd_core.bench_packing import read_lengths, run_bench
+    from npd_core.bench.packing import read_lengths, run_bench
 
     knobs: dict[str, Any] = dict(
         n_samples=n_samples, median_len=median_len, p99_len=p99_len, max_seq_len=max_seq_len,
@@ -159,11 +159,11 @@ def generate(
     ] = None,
 ) -> None:
     """HF (batched, KV cache) vs vLLM: generation and teacher scoring of the same prompts."""
-    from npd_core.bench_generate import run_bench
+    from npd_core.bench.generate import run_bench
 
     if not (model and teacher and prompts):
         from npd_core.store import Store
-        from npd_core.toy import build_toy_world
+        from npd_core.toy.world import build_toy_world
 
         Store(out)
         world = build_toy_world(out / "toy", log=lambda m: err.print(m, markup=False))

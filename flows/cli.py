@@ -105,7 +105,7 @@ def run_flow(spec_kwargs: dict[str, Any], out: Path, show: bool) -> dict[str, An
     """Run the distill flow and return the run summary (the ``--json`` object)."""
     prefect_env(out)
     from flows.distill import distill_flow
-    from npd_core.stages import RunSpec
+    from npd_core.pipeline.stages import RunSpec
     from tasks import progress
     from tasks.tracking import tracking_uri
 
@@ -306,7 +306,7 @@ def config_show(config: Annotated[Path, typer.Argument(help="config YAML")]) -> 
 
 def _resume_hint() -> str:
     """How to resume the run this command started, once it is saved (else nothing)."""
-    from npd_core.stages import RunSpec
+    from npd_core.pipeline.stages import RunSpec
 
     if not RUN or not RunSpec.path(RUN["out"], RUN["run_id"]).is_file():
         return ""
@@ -380,8 +380,8 @@ def retry(
     results, the failed stage and everything after it run."""
     from dataclasses import asdict
 
-    from npd_core import lease
-    from npd_core.stages import RunSpec
+    from npd_core.pipeline.stages import RunSpec
+    from npd_core.store import lease
 
     spec = RunSpec.load(out, run_id)
     lease.ensure_free(out, run_id)  # a killed run is free; a live one is refused
@@ -399,8 +399,7 @@ def status(
     run's best checkpoint and flags rounds that regressed (eval.regression_margin). A run whose
     process was killed shows as 'crashed' (its lease holder is gone), one that failed as
     'failed'; `npd retry` resumes both."""
-    from npd_core import lease
-    from npd_core.store import query
+    from npd_core.store import lease, query
 
     db = out / "npd.duckdb"
     runs = query(db, STATUS_RUNS_SQL).to_pylist()

@@ -19,8 +19,8 @@ from prefect.futures import PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.remote import remote_rounds
-from npd_core import lease
-from npd_core.stages import RunSpec, generator_round
+from npd_core.pipeline.stages import RunSpec, generator_round
+from npd_core.store import lease
 from tasks import run as run_tasks
 from tasks import stages as t
 
@@ -149,7 +149,7 @@ def scheduled_flow(config: str | None = None, out: str = "npd-out") -> dict[str,
 
     from flows.spec import resolve_spec
     from npd_core.config import load_config
-    from npd_core.lineage import last_best
+    from npd_core.store.lineage import last_best
 
     run_id = f"sched-{str(flow_run.get_id())[:8]}"
     if RunSpec.path(out, run_id).is_file():

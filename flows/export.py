@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from npd_core.errors import StoreUsageError
-from npd_core.lineage import checkpoint
+from npd_core.store.lineage import checkpoint
 
 PROVENANCE = "npd-export.json"
 

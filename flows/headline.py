@@ -46,11 +46,11 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from npd_core import curves as cv
+from npd_core.bench import curves as cv
 from npd_core.config import NPDConfig, load_config
 from npd_core.errors import ConfigError
-from npd_core.stages import RunSpec
-from npd_core.train import round_steps
+from npd_core.method.train import round_steps
+from npd_core.pipeline.stages import RunSpec
 
 err = Console(stderr=True)
 
@@ -246,7 +246,7 @@ def _nest(ctx: BenchContext, mlflow_run: str) -> None:
 def run_sft(ctx: BenchContext, seed: int, hyper: Hyper) -> VariantResult:
     """Sequence-level KD through ``sft_flow``."""
     from flows.baselines import sft_flow
-    from npd_core.sft import sft_config
+    from npd_core.baselines.sft import sft_config
 
     config = _merge(ctx.config, {"train": {"lr": hyper.lr, "rows_per_step": hyper.rows_per_step}})
     spec = ctx.spec("sft", seed, sft_config(config))
@@ -302,7 +302,7 @@ def _scaled_steps(cfg: NPDConfig, factor: float) -> dict[str, Any]:
 
 def peer_variant(name: str) -> Variant:
     """The ``--peers`` variant ``name`` from its module (an optional extra)."""
-    from npd_core.peers import require
+    from npd_core.baselines.peers import require
 
     require(name)
     target = PEERS.get(name)
@@ -495,9 +495,9 @@ def run_bench(
 ) -> dict[str, Any]:
     """Run the benchmark and return its JSON object (also written to ``<out>/bench-<id>/``)."""
     from flows.spec import resolve_spec
+    from npd_core.bench.plots import bench_curves
     from npd_core.data import read_prompts
     from npd_core.models import format_prompts, load_tokenizer
-    from npd_core.plots import bench_curves
     from tasks import tracking
 
     t_start = time.time()

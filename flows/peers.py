@@ -1,7 +1,7 @@
 """External peers as variants of ``npd bench`` (``--peers trl``): ``flows.headline.PEERS`` names
 the function here that returns each one's ``Variant``.
 
-``trl`` is TRL's own on-policy distillation (``npd_core.peers.trl_peer``), run with the
+``trl`` is TRL's own on-policy distillation (``npd_core.baselines.peers.trl_peer``), run with the
 hyperparameters searched for ``onpolicy`` on the same world, checkpoints and budget, as its own
 flow run with its own MLflow run under the bench's.
 """
@@ -13,7 +13,7 @@ from typing import Any
 from prefect import flow
 
 from flows.headline import BenchContext, Hyper, Variant, VariantResult, _merge
-from npd_core.stages import RunSpec
+from npd_core.pipeline.stages import RunSpec
 from tasks import tracking
 from tasks.baselines import nest_run
 from tasks.peers import trl_train

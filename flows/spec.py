@@ -11,11 +11,11 @@ from typing import Any
 from npd_core.config import NPDConfig
 from npd_core.data import Prompt, write_prompts
 from npd_core.errors import DataError
-from npd_core.lineage import used_prompt_ids
+from npd_core.pipeline.stages import RunSpec
 from npd_core.preflight import check_backends, check_run
-from npd_core.stages import RunSpec
 from npd_core.store import Store
-from npd_core.toy import ToyWorld, build_toy_world
+from npd_core.store.lineage import used_prompt_ids
+from npd_core.toy.world import ToyWorld, build_toy_world
 
 
 def resolve_spec(

@@ -10,7 +10,7 @@ from pathlib import Path
 from transformers import AutoConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-from npd_core import vllm_backend
+from npd_core.backends import vllm as vllm_backend
 from npd_core.config import NPDConfig
 from npd_core.data import Prompt, read_prompt_glob, read_prompts
 from npd_core.errors import ConfigError, DataError, ModelError

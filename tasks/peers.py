@@ -6,7 +6,7 @@ from __future__ import annotations
 from prefect import task
 
 from npd_core.data import read_prompts
-from npd_core.stages import RunSpec
+from npd_core.pipeline.stages import RunSpec
 from tasks import tracking
 
 
@@ -15,7 +15,7 @@ def trl_train(
     spec: RunSpec, prompts_per_step: int, budget_s: float, eval_at: list[float], mlflow_run: str
 ) -> dict:
     """TRL's DistillationTrainer on the run's world for ``budget_s`` training seconds."""
-    from npd_core.peers.trl_peer import run_trl
+    from npd_core.baselines.peers.trl_peer import run_trl
 
     res = run_trl(
         spec.cfg,

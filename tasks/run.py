@@ -11,9 +11,9 @@ from typing import Any
 from prefect import task
 from prefect.runtime import flow_run
 
+from npd_core.bench.plots import delta_ifd_histogram
 from npd_core.data import read_prompts
-from npd_core.plots import delta_ifd_histogram
-from npd_core.stages import RunSpec
+from npd_core.pipeline.stages import RunSpec
 from npd_core.store import Store, table_from_rows
 from tasks import tracking
 

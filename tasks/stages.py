@@ -1,5 +1,5 @@
-"""One Prefect task per stage. Each is the decorator plus one call into ``npd_core.stages``,
-then MLflow logging of what the stage produced.
+"""One Prefect task per stage. Each is the decorator plus one call into
+``npd_core.pipeline.stages``, then MLflow logging of what the stage produced.
 
 Results are small dicts (digests, seconds, metrics) persisted under the output directory, and
 every task has a cache key built from its inputs: run id, round, stage, config digest and the
@@ -16,9 +16,9 @@ from prefect import get_run_logger, task
 from prefect.context import TaskRunContext
 from prefect.runtime import flow_run, task_run
 
-from npd_core import stages
 from npd_core.crashpoints import pause_point
-from npd_core.stages import RunSpec
+from npd_core.pipeline import stages
+from npd_core.pipeline.stages import RunSpec
 from tasks import progress, tracking
 from tasks.faults import InjectedFault, enter_stage
 

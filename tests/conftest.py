@@ -17,7 +17,7 @@ pytest_plugins = ["resume_checks"]
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory):
     """A toy world that builds in seconds (its models are poor: tests check the plumbing)."""
-    from npd_core.toy import ToySpec, build_toy_world
+    from npd_core.toy.world import ToySpec, build_toy_world
 
     return build_toy_world(tmp_path_factory.mktemp("toy"), ToySpec.tiny(), log=lambda m: None)
 

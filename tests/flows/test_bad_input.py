@@ -325,7 +325,7 @@ def test_out_is_not_ours(case, command, capfd, tmp_path, tiny_world):
 def test_missing_vllm_extra_fails_before_the_toy_world(capfd, tmp_path, monkeypatch):
     """`backend: vllm` without the extra is refused in seconds, before minutes of toy-world
     training, and nothing is written."""
-    from npd_core import vllm_backend
+    from npd_core.backends import vllm as vllm_backend
 
     monkeypatch.setattr(vllm_backend, "available", lambda: False)
     cfg = tmp_path / "vllm.yaml"
@@ -517,7 +517,7 @@ def _sitecustomize(tmp_path: Path, code: str) -> dict[str, str]:
 
 
 NAN_LOSS = """
-import npd_core.losses as losses
+import npd_core.method.losses as losses
 _mean = losses.token_mean
 losses.token_mean = lambda *args, **kw: _mean(*args, **kw) * float("nan")
 """

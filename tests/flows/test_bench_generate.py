@@ -7,7 +7,7 @@ import json
 import subprocess
 import sys
 
-from npd_core import vllm_backend
+from npd_core.backends import vllm as vllm_backend
 
 NPD = [sys.executable, "-c", "from flows.cli import main; main()"]
 

@@ -14,7 +14,7 @@ import yaml
 from typer.testing import CliRunner
 
 from flows.cli import app
-from npd_core.stages import RunSpec
+from npd_core.pipeline.stages import RunSpec
 from npd_core.store import Store, table_from_rows
 
 runner = CliRunner()

@@ -10,9 +10,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from npd_core.config import NPDConfig, TrainConfig
-from npd_core.stages import RunSpec
+from npd_core.method.train import lr_at
+from npd_core.pipeline.stages import RunSpec
 from npd_core.store import Store, query
-from npd_core.train import lr_at
 
 CFG = dict(
     rounds=2,

@@ -8,8 +8,8 @@ import importlib.util
 import pytest
 
 from flows.headline import BenchContext, Hyper, peer_variant
+from npd_core.baselines.peers import INSTALL
 from npd_core.config import NPDConfig
-from npd_core.peers import INSTALL
 from npd_core.store import Store
 from tasks import tracking
 

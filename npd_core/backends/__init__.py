@@ -1,0 +1,1 @@
+"""Inference engines other than HF transformers (vLLM)."""

@@ -1,0 +1,1 @@
+"""Benchmarks (packing, generation) and the bench's curves and plots."""

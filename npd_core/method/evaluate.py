@@ -1,0 +1,83 @@
+"""Held-out evaluation: greedy decoding, exact match in points (0–100)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from transformers import PreTrainedModel
+
+from npd_core.config import NPDConfig
+from npd_core.method.generate import generate
+
+
+@dataclass
+class EvalResult:
+    score: float  # exact match in points, or mean teacher log-likelihood per token
+    metric: str  # "exact_match" | "teacher_loglik"
+    correct: np.ndarray  # (N,) bool, exact match per prompt (all False for teacher_loglik)
+    responses: list[str]
+
+
+def normalize(text: str) -> str:
+    return " ".join(text.strip().split())
+
+
+def greedy_responses(
+    model: PreTrainedModel,
+    tok,
+    prompt_ids: list[list[int]],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    bf16: bool,
+    progress: Callable[[int], None] | None = None,
+) -> list[list[int]]:
+    """Greedy response token ids, EOS stripped."""
+    eos = {tok.eos_token_id}
+    gens = generate(
+        model,
+        prompt_ids,
+        n_per_prompt=1,
+        max_new_tokens=max_new_tokens,
+        eos_ids=eos,
+        pad_id=tok.pad_token_id,
+        temperature=0.0,
+        top_p=1.0,
+        seed=0,
+        batch_size=batch_size,
+        bf16=bf16,
+        progress=progress,
+    )
+    return [[t for t in g[0].token_ids if t not in eos] for g in gens]
+
+
+def greedy_decoded(
+    model: PreTrainedModel,
+    tok,
+    prompt_ids: list[list[int]],
+    cfg: NPDConfig,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[list[list[int]], list[str]]:
+    """Greedy responses with the run's eval settings: token ids (EOS stripped) and their text.
+    The evaluate stage and the TRL peer score checkpoints through this one function."""
+    resp = greedy_responses(
+        model,
+        tok,
+        prompt_ids,
+        max_new_tokens=cfg.eval.max_new_tokens or cfg.generate.max_new_tokens,
+        batch_size=cfg.eval.batch_size,
+        bf16=cfg.models.bf16,
+        progress=progress,
+    )
+    return resp, [tok.decode(x, skip_special_tokens=True) for x in resp]
+
+
+def exact_match(responses: list[str], answers: list[str]) -> EvalResult:
+    correct = np.array(
+        [normalize(r) == normalize(a) for r, a in zip(responses, answers, strict=True)]
+    )
+    return EvalResult(
+        100.0 * float(correct.mean()) if len(correct) else 0.0, "exact_match", correct, responses
+    )

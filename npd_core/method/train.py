@@ -1,0 +1,222 @@
+"""Packed SFT on stored teacher targets: the learner of one round.
+
+Reads top to bottom like nanoGPT's loop: lr → micro-batch forward → loss → backward → clip →
+step → zero_grad → log. One optimizer step consumes ``rows_per_step`` packed rows; the loss is
+normalized per response token over the whole step, exactly as the unpacked batch would be.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from transformers import PreTrainedModel
+
+from npd_core.config import PackConfig, TrainConfig
+from npd_core.errors import TrainingError
+from npd_core.method import losses
+from npd_core.method.packing import IGNORE_INDEX, PackedBatch, Sample, collate, fit_lengths, pack
+from npd_core.models import autocast
+
+
+@dataclass
+class Targets:
+    """Teacher top-k per response position, flat over samples (sample i at ``offsets[i]``)."""
+
+    topk_ids: torch.Tensor  # (M, k) long
+    topk_logprobs: torch.Tensor  # (M, k) float32
+    offsets: list[int]  # (N,) start of each sample's rows
+
+    @classmethod
+    def from_lists(cls, ids: list[np.ndarray], logprobs: list[np.ndarray]) -> Targets:
+        lens = [len(a) for a in ids]
+        offsets = np.concatenate([[0], np.cumsum(lens)])[:-1].astype(int).tolist()
+        return cls(
+            torch.from_numpy(np.concatenate(ids)).long(),
+            torch.from_numpy(np.concatenate(logprobs)).float(),
+            offsets,
+        )
+
+    def subset(self, index: list[int]) -> Targets:
+        """The targets of samples ``index`` (same table, re-pointed offsets)."""
+        return Targets(self.topk_ids, self.topk_logprobs, [self.offsets[i] for i in index])
+
+
+@dataclass
+class StepLog:
+    step: int
+    loss: float
+    lr: float
+    tokens: int
+    tokens_per_s: float
+
+
+@dataclass
+class RoundStats:
+    steps: int = 0
+    train_tokens: int = 0
+    loss_tokens: int = 0
+    mean_loss: float = float("nan")
+    fill_ratio: float = float("nan")
+    log: list[StepLog] = field(default_factory=list)
+
+
+def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
+    """Linear warmup, then cosine decay to ``min_lr_ratio × lr`` at ``total_steps``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, total_steps - cfg.warmup_steps)
+    t = min(1.0, (step - cfg.warmup_steps) / span)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * t))
+
+
+def round_steps(n_rows: int, cfg: TrainConfig) -> int:
+    """Optimizer steps of a round of ``n_rows`` packed rows: ``steps_per_round``, or fewer when
+    ``epochs_per_round`` passes over the rows come first."""
+    return min(cfg.steps_per_round, math.ceil(cfg.epochs_per_round * n_rows / cfg.rows_per_step))
+
+
+def make_optimizer(model: PreTrainedModel, cfg: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(
+        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95)
+    )
+
+
+def per_token_loss(
+    logits: torch.Tensor, batch: PackedBatch, targets: Targets | None, cfg: TrainConfig
+) -> torch.Tensor:
+    """The configured loss at every response position of ``batch``. Returns (M,) float32.
+
+    ``logits`` is (B, T, V); positions with ``labels == IGNORE_INDEX`` (prompt, padding) carry no
+    loss. ``targets is None`` means plain SFT (CE on the labels).
+    """
+    at = batch.labels != IGNORE_INDEX  # (B, T)
+    z = logits[at.to(logits.device)]  # (M, V)
+    labels = batch.labels[at].to(logits.device)  # (M,)
+    if targets is None:
+        return losses.hard_ce(z, labels)
+    idx = batch.target_index[at]
+    tk_ids = targets.topk_ids[idx].to(logits.device)  # (M, k)
+    tk_lp = targets.topk_logprobs[idx].to(logits.device)  # (M, k)
+    if cfg.loss == "forward_kl":
+        out = losses.forward_kl_topk(z, tk_ids, tk_lp, rest_mass=cfg.rest_mass)
+    elif cfg.loss == "reverse_kl":
+        out = losses.reverse_kl(z, tk_ids, tk_lp)
+    elif cfg.loss == "jsd":
+        out = losses.generalized_jsd(z, tk_ids, tk_lp, cfg.beta)
+    else:  # "ce": hard label on the teacher's argmax (top-k is sorted, so column 0)
+        out = losses.hard_ce(z, tk_ids[:, 0])
+    if cfg.sft_weight:
+        out = out + cfg.sft_weight * losses.hard_ce(z, labels)
+    return out
+
+
+def optimizer_step(
+    model: PreTrainedModel,
+    optimizer: torch.optim.Optimizer,
+    batch: PackedBatch,
+    targets: Targets | None,
+    cfg: TrainConfig,
+    *,
+    lr: float,
+    step: int,
+    bf16: bool = True,
+) -> torch.Tensor:
+    """One update on ``batch`` (packed or padded rows): set lr → forward → per-token loss →
+    backward → clip → step → zero_grad. Shared by the NPD learner and the baselines, so every
+    method takes exactly the same step. Returns the (detached) step loss."""
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    dev = next(model.parameters()).device
+    with autocast(bf16):
+        logits = model(
+            input_ids=batch.input_ids.to(dev),
+            position_ids=batch.position_ids.to(dev),
+            use_cache=False,
+        ).logits  # (B, T, V)
+    loss = losses.token_mean(per_token_loss(logits, batch, targets, cfg), batch.n_loss_tokens)
+    if not torch.isfinite(loss):
+        raise TrainingError(
+            f"non-finite loss ({loss.item()}) at step {step}; round stopped, "
+            "last good checkpoint kept; lower train.lr or check the targets"
+        )
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def packed_rows(
+    samples: list[Sample], pack_cfg: PackConfig, seed: int
+) -> tuple[list[Sample], list[int], list[list[int]]]:
+    """Apply the overlong policy and pack; returns kept samples, their source index, rows."""
+    kept, index = fit_lengths(samples, pack_cfg.max_seq_len, pack_cfg.overlong)
+    rows = pack([len(s) for s in kept], pack_cfg.max_seq_len, pack_cfg.mode, seed)
+    return kept, index, rows
+
+
+def train_round(
+    model: PreTrainedModel,
+    optimizer: torch.optim.Optimizer,
+    samples: list[Sample],
+    targets: Targets | None,
+    rows: list[list[int]],
+    cfg: TrainConfig,
+    pack_cfg: PackConfig,
+    *,
+    start_step: int,
+    total_steps: int,
+    seed: int,
+    pad_id: int,
+    bf16: bool = True,
+    on_step: Callable[[StepLog], None] | None = None,
+) -> RoundStats:
+    """Train for at most ``steps_per_round`` optimizer steps on ``rows`` (from ``pack``) of
+    ``samples`` (already within ``max_seq_len``); ``targets.offsets`` align with ``samples``."""
+    stats = RoundStats()
+    if not rows:
+        return stats
+    n_steps = round_steps(len(rows), cfg)
+    rng = random.Random(seed)
+    stream: list[int] = list(range(len(rows)))  # rows are already in a seeded order
+    while len(stream) < n_steps * cfg.rows_per_step:  # later passes over D_r reshuffle
+        perm = list(range(len(rows)))
+        rng.shuffle(perm)
+        stream += perm
+    model.train()
+    loss_sum, real, capacity = 0.0, 0, 0
+    for i in range(n_steps):
+        t0 = time.perf_counter()
+        step = start_step + i
+        lr = lr_at(step, cfg, total_steps)
+        step_rows = [rows[j] for j in stream[i * cfg.rows_per_step : (i + 1) * cfg.rows_per_step]]
+        batch = collate(
+            samples,
+            step_rows,
+            pad_id,
+            row_len=pack_cfg.max_seq_len,
+            target_offsets=targets.offsets if targets is not None else None,
+        )
+        loss = optimizer_step(model, optimizer, batch, targets, cfg, lr=lr, step=step, bf16=bf16)
+        n_tok = batch.n_loss_tokens
+        dt = time.perf_counter() - t0
+        loss_sum += loss.item() * n_tok
+        stats.loss_tokens += n_tok
+        stats.train_tokens += batch.n_real_tokens
+        real += batch.n_real_tokens
+        capacity += batch.input_ids.numel()
+        entry = StepLog(step, loss.item(), lr, batch.n_real_tokens, batch.n_real_tokens / dt)
+        stats.log.append(entry)
+        if on_step:
+            on_step(entry)
+    stats.steps = n_steps
+    stats.mean_loss = loss_sum / max(1, stats.loss_tokens)
+    stats.fill_ratio = real / max(1, capacity)
+    return stats

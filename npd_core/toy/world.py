@@ -1,0 +1,217 @@
+"""The embedded toy world: a verifiable synthetic task, a real HF tokenizer, a Qwen2 teacher
+trained here to ≥ 90% held-out exact match, and a smaller student warm-started well below it.
+
+Nothing can be downloaded on the machines this runs on, so the project builds its own models.
+The world is cached by a hash of its spec under ``<cache>/toy-<hash>/``: the second run reuses
+it. Teacher and student are plain ``save_pretrained`` directories that
+``AutoModelForCausalLM.from_pretrained`` loads with nothing of ours imported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from npd_core.config import PackConfig, TrainConfig
+from npd_core.data import Prompt, write_prompts
+from npd_core.method.attention import for_training
+from npd_core.method.evaluate import exact_match, greedy_responses
+from npd_core.method.packing import Sample
+from npd_core.method.train import make_optimizer, packed_rows, train_round
+from npd_core.models import n_params, save_checkpoint
+from npd_core.toy import task as toy_task
+
+WORLD_FILE = "world.json"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Qwen2 sizes; head size = hidden / heads = 64 (what vLLM's kernels accept)."""
+
+    hidden: int
+    layers: int
+    heads: int
+    intermediate: int
+    train_steps: int  # SFT steps on true answers (the student's warm start is short on purpose)
+    lr: float
+
+
+@dataclass(frozen=True)
+class ToySpec:
+    n_train: int = 4000  # distillation prompts
+    n_eval: int = 1000  # held-out prompts
+    n_fit: int = 30000  # extra examples the teacher and warm start learn from (disjoint)
+    teacher: ModelSpec = ModelSpec(256, 4, 4, 768, 400, 2e-3)
+    student: ModelSpec = ModelSpec(64, 1, 1, 128, 150, 3e-3)
+    rows_per_step: int = 16
+    max_seq_len: int = 256
+    seed: int = 0
+    task: str = field(default_factory=lambda: toy_task.__doc__.splitlines()[0])
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+    @classmethod
+    def tiny(cls) -> ToySpec:
+        """Seconds to build; for tests of the pipeline, not of the method."""
+        return cls(
+            n_train=128,
+            n_eval=64,
+            n_fit=512,
+            teacher=ModelSpec(128, 2, 2, 256, 30, 3e-3),
+            student=ModelSpec(64, 1, 1, 128, 10, 3e-3),
+            rows_per_step=8,
+            max_seq_len=128,
+        )
+
+
+@dataclass
+class ToyWorld:
+    root: Path
+    teacher: Path
+    student: Path
+    train_prompts: Path
+    eval_prompts: Path
+    teacher_score: float
+    student_score: float
+    meta: dict
+
+
+def _model(spec: ModelSpec, tok) -> Qwen2ForCausalLM:
+    cfg = Qwen2Config(
+        vocab_size=len(tok),
+        hidden_size=spec.hidden,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        num_key_value_heads=spec.heads,
+        intermediate_size=spec.intermediate,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    return Qwen2ForCausalLM(cfg)
+
+
+def _samples(tok, prompts: list[Prompt]) -> list[Sample]:
+    return [
+        Sample(
+            tok(p.prompt)["input_ids"],
+            tok(toy_task.response_text(p.answer))["input_ids"] + [tok.eos_token_id],
+        )
+        for p in prompts
+    ]
+
+
+def score_exact(
+    model, tok, prompts: list[Prompt], max_new_tokens: int = toy_task.MAX_NEW_TOKENS
+) -> float:
+    ids = [tok(p.prompt)["input_ids"] for p in prompts]
+    resp = greedy_responses(
+        model, tok, ids, max_new_tokens=max_new_tokens, batch_size=512, bf16=True
+    )
+    texts = [tok.decode(r, skip_special_tokens=True) for r in resp]
+    return exact_match(texts, [p.answer for p in prompts]).score
+
+
+def fit(model, tok, prompts: list[Prompt], spec: ModelSpec, toy: ToySpec) -> None:
+    """Plain SFT on true answers, packed (the same trainer the pipeline uses, with CE)."""
+    cfg = TrainConfig(
+        loss="ce",
+        lr=spec.lr,
+        warmup_steps=max(1, spec.train_steps // 20),
+        steps_per_round=spec.train_steps,
+        epochs_per_round=100.0,
+        rows_per_step=toy.rows_per_step,
+        min_lr_ratio=0.05,
+    )
+    pack = PackConfig(max_seq_len=toy.max_seq_len)
+    samples, _, rows = packed_rows(_samples(tok, prompts), pack, toy.seed)
+    opt = make_optimizer(model, cfg)
+    torch.manual_seed(toy.seed)
+    with for_training(model):
+        train_round(
+            model,
+            opt,
+            samples,
+            None,
+            rows,
+            cfg,
+            pack,
+            start_step=0,
+            total_steps=spec.train_steps,
+            seed=toy.seed,
+            pad_id=tok.pad_token_id,
+        )
+
+
+def build_toy_world(
+    cache: str | Path, spec: ToySpec | None = None, log: Callable[[str], None] = print
+) -> ToyWorld:
+    """Build (or load from the cache) the toy world described by ``spec``."""
+    spec = spec or ToySpec()
+    root = Path(cache) / f"toy-{spec.digest()}"
+    if (root / WORLD_FILE).is_file():
+        return _load(root)
+    tmp = root.parent / f".{root.name}.tmp-{uuid.uuid4().hex[:6]}"
+    tmp.mkdir(parents=True)
+    try:
+        t0 = time.time()
+        examples = toy_task.make_examples(spec.n_train + spec.n_eval + spec.n_fit, spec.seed)
+        prompts = [Prompt(e["id"], e["prompt"], e["answer"]) for e in examples]
+        train, held = prompts[: spec.n_train], prompts[spec.n_train : spec.n_train + spec.n_eval]
+        fit_set = prompts[spec.n_train + spec.n_eval :]
+        write_prompts(tmp / "train.jsonl", train)
+        write_prompts(tmp / "eval.jsonl", held)
+        tok = toy_task.build_tokenizer()
+        meta: dict = {"spec": asdict(spec)}
+        for name, ms in (("teacher", spec.teacher), ("student", spec.student)):
+            torch.manual_seed(spec.seed + (name == "student"))
+            model = _model(ms, tok)
+            t1 = time.time()
+            log(
+                f"toy world: training {name} ({n_params(model) / 1e6:.2f} M params, "
+                f"{ms.train_steps} steps)"
+            )
+            fit(model, tok, fit_set + train if name == "teacher" else fit_set, ms, spec)
+            score = score_exact(model, tok, held)
+            log(f"toy world: {name} held-out exact match {score:.1f} ({time.time() - t1:.0f} s)")
+            save_checkpoint(model, tok, tmp / name)
+            meta[name] = {
+                "params": n_params(model),
+                "score": score,
+                "train_s": round(time.time() - t1, 1),
+            }
+        meta["build_s"] = round(time.time() - t0, 1)
+        (tmp / WORLD_FILE).write_text(json.dumps(meta, indent=2))
+        if root.exists():
+            shutil.rmtree(root)
+        tmp.rename(root)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return _load(root)
+
+
+def _load(root: Path) -> ToyWorld:
+    meta = json.loads((root / WORLD_FILE).read_text())
+    return ToyWorld(
+        root,
+        root / "teacher",
+        root / "student",
+        root / "train.jsonl",
+        root / "eval.jsonl",
+        meta["teacher"]["score"],
+        meta["student"]["score"],
+        meta,
+    )

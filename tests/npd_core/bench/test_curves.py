@@ -1,0 +1,103 @@
+"""The benchmark's arithmetic on hand-made curves: crossing times, mean curves, speedup, CIs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from scipy import stats
+
+from npd_core.bench import curves as cv
+
+
+def test_time_to_reach_interpolates_linearly_and_holds_after_the_end():
+    c = [(0.0, 10.0), (10.0, 30.0), (20.0, 50.0)]
+    assert cv.time_to_reach(c, 40.0) == 15.0  # halfway along the segment 30 → 50
+    assert cv.time_to_reach(c, 30.0) == 10.0  # exactly at a checkpoint
+    assert cv.time_to_reach(c, 5.0) == 0.0  # the start already is above
+    assert cv.time_to_reach(c, 50.1) is None
+    # a dip: the *first* crossing counts
+    assert cv.time_to_reach([(0, 0), (10, 60), (20, 40), (30, 70)], 50) == pytest.approx(25 / 3)
+    assert list(cv.at_times(c, [-1, 5, 25])) == [10.0, 20.0, 50.0]
+
+
+def test_mean_curve_on_union_of_times():
+    a = [(0.0, 0.0), (10.0, 20.0)]
+    b = [(0.0, 0.0), (5.0, 40.0), (15.0, 40.0)]
+    m = cv.mean_curve([a, b])
+    # a at 5 s = 10 (interpolated), at 15 s = 20 (held); b as given
+    assert m == [(0.0, 0.0), (5.0, 25.0), (10.0, 30.0), (15.0, 30.0)]
+    assert m[-1][1] == (a[-1][1] + b[-1][1]) / 2  # last point = mean of finals
+
+
+def test_speedup_on_hand_made_curves():
+    onpolicy = [[(0, 10), (100, 40), (200, 50)]]  # reaches its final 50 at 200 s
+    npd = [[(0, 10), (20, 45), (40, 55), (60, 60)]]  # first ≥ 50 at 20 + 20·(5/10) = 30 s
+    s = cv.speedup(onpolicy, npd)
+    assert s.target == 50 and s.onpolicy_s == 200 and s.npd_s == 30
+    assert s.value == pytest.approx(200 / 30) and s.reason is None
+
+
+def test_speedup_undefined_cases_say_why():
+    never = cv.speedup([[(0, 10), (100, 50)]], [[(0, 10), (50, 30), (100, 45)]])
+    assert never.value is None and never.npd_s is None and "never reached 50.00" in never.reason
+    assert "45.00" in never.reason
+    flat = cv.speedup([[(0, 10), (100, 9)]], [[(0, 10), (50, 30)]])
+    assert flat.value is None and "not above its start" in flat.reason
+
+
+def test_speedup_uses_mean_curves_over_seeds():
+    on = [[(0, 0), (100, 40)], [(0, 0), (100, 60)]]  # mean final 50, reached at 100 s
+    nd = [[(0, 0), (10, 100)], [(0, 0), (10, 0), (20, 100)]]  # mean: 50 at 10 s
+    s = cv.speedup(on, nd)
+    assert s.target == 50 and s.npd_s == 10 and s.value == 10
+
+
+def test_mean_ci_is_the_t_interval():
+    lo, hi = cv.mean_ci([1.0, 2.0, 3.0])
+    half = stats.t.ppf(0.975, 2) * 1.0 / math.sqrt(3)  # sd 1
+    assert (lo, hi) == pytest.approx((2 - half, 2 + half))
+    assert half == pytest.approx(2.484, abs=1e-3)
+    assert cv.mean_ci([5.0]) is None
+
+
+def test_diff_ci_is_welch():
+    a, b = [10.0, 12.0, 14.0], [1.0, 2.0, 3.0]
+    lo, hi = cv.diff_ci(a, b)
+    ref = stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+    assert (lo, hi) == pytest.approx((ref.low, ref.high))
+    assert cv.diff_ci([1.0, 1.0], [0.0, 0.0]) == (1.0, 1.0)  # no spread: a point
+    assert cv.diff_ci([1.0], [0.0, 2.0]) is None
+
+
+def test_speedup_ci_brackets_the_estimate_and_counts_never_as_zero():
+    on = [[(0, 0), (100, 50)], [(0, 0), (120, 50)], [(0, 0), (80, 50)]]
+    nd = [[(0, 0), (10, 50)], [(0, 0), (20, 50)], [(0, 0), (15, 50)]]
+    lo, hi = cv.speedup_ci(on, nd, n_resamples=500)
+    assert lo <= cv.speedup(on, nd).value <= hi
+    assert lo >= 4 and hi <= 12  # 80/20 … 120/10 bound every resample
+    # one npd seed never gets there: some resamples are all that seed → counted as 0
+    nd_bad = [*nd[:2], [(0, 0), (10, 5)]]
+    lo_bad, _ = cv.speedup_ci(on, nd_bad, n_resamples=500)
+    assert lo_bad == 0.0
+    assert cv.speedup_ci(on[:1], nd, n_resamples=10) is None  # one seed: no interval
+
+
+def test_paused_clock_skips_only_evaluation_alone():
+    intervals = [
+        (100.0, 110.0, False),  # generate
+        (105.0, 108.0, True),  # evaluate overlapping generate: not paused
+        (110.0, 130.0, False),  # train
+        (130.0, 135.0, True),  # evaluate alone: paused
+        (135.0, 150.0, False),  # train
+    ]
+    clock = cv.paused_clock(intervals)
+    assert clock(100.0) == 0.0
+    assert clock(130.0) == 30.0
+    assert clock(133.0) == 30.0  # frozen while evaluating alone
+    assert clock(150.0) == 45.0  # 50 s of real time, 5 s of it paused
+
+
+def test_truncate_keeps_the_start():
+    c = [(0.0, 1.0), (50.0, 2.0), (101.0, 3.0)]
+    assert cv.truncate(c, 100.0) == [(0.0, 1.0), (50.0, 2.0)]

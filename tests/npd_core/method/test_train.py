@@ -1,0 +1,70 @@
+"""The learner: a non-finite loss stops the round with a clear error and leaves weights alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from npd_core.config import PackConfig, TrainConfig
+from npd_core.errors import TrainingError
+from npd_core.method.packing import Sample
+from npd_core.method.train import Targets, lr_at, make_optimizer, packed_rows, train_round
+
+
+def _model() -> Qwen2ForCausalLM:
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=12,
+            hidden_size=64,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=1,
+            num_key_value_heads=1,
+            max_position_embeddings=64,
+        )
+    )
+
+
+def _data(n: int = 6):
+    samples = [Sample([1, 2 + i % 3], [3, 4, 5][: 1 + i % 3]) for i in range(n)]
+    m = sum(len(s.response_ids) for s in samples)
+    ids = torch.arange(4).repeat(m, 1)
+    return samples, ids, m
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_loss_raises_and_keeps_weights(bad):
+    model = _model()
+    samples, ids, m = _data()
+    lp = torch.full((m, 4), -1.0)
+    lp[0, 0] = bad
+    targets = Targets(ids, lp, [0, 1, 3, 6, 7, 9])
+    cfg, pack = TrainConfig(steps_per_round=3, rows_per_step=1), PackConfig(max_seq_len=16)
+    kept, _, rows = packed_rows(samples, pack, seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(TrainingError, match="non-finite loss"):
+        train_round(
+            model,
+            make_optimizer(model, cfg),
+            kept,
+            targets,
+            rows,
+            cfg,
+            pack,
+            start_step=0,
+            total_steps=3,
+            seed=0,
+            pad_id=0,
+            bf16=False,
+        )
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_lr_schedule_warmup_then_cosine_floor():
+    cfg = TrainConfig(lr=1e-3, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(0, cfg, 100) == pytest.approx(1e-4)
+    assert lr_at(9, cfg, 100) == pytest.approx(1e-3)
+    assert lr_at(100, cfg, 100) == pytest.approx(1e-4)
+    assert lr_at(55, cfg, 100) == pytest.approx(0.55e-3)

@@ -1,0 +1,342 @@
+"""Store: atomic Parquet stages and the DuckDB views over them."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pytest
+
+from npd_core.errors import StoreError
+from npd_core.store import (
+    CHECKPOINT_DERIVED,
+    SCHEMA_VERSION,
+    SCHEMAS,
+    SCORE_COLUMNS,
+    VIEWS,
+    Store,
+    empty_table,
+    query,
+    table_from_rows,
+)
+from npd_core.store import store as store_mod
+
+NOW = datetime(2025, 1, 1, tzinfo=UTC)
+KEY = ("run_id", "round", "prompt_id", "sample_idx")
+
+
+def samples(run_id: str, round: int, n: int) -> pa.Table:
+    rows = [
+        {
+            "run_id": run_id,
+            "round": round,
+            "prompt_id": f"p{i // 2}",
+            "sample_idx": i % 2,
+            "prompt": "1+1=",
+            "response": "2",
+            "prompt_token_ids": [1, 2, 3],
+            "response_token_ids": [4],
+            "generator_checkpoint": "ckpt/round=0",
+            "backend": "hf",
+            "temperature": 1.0,
+            "top_p": 1.0,
+            "seed": 7,
+            "prompt_tokens": 3,
+            "response_tokens": 1,
+            "finished": True,
+            "created_at": NOW,
+        }
+        for i in range(n)
+    ]
+    return table_from_rows("samples", rows)
+
+
+def scores(table: pa.Table) -> pa.Table:
+    """delta_ifd (and every score) = sample_idx, so the join is easy to check."""
+    rows = []
+    for r in table.to_pylist():
+        values = {c: float(r["sample_idx"]) for c in SCORE_COLUMNS}
+        rows.append({k: r[k] for k in KEY} | values | {"created_at": NOW})
+    return table_from_rows("scores", rows)
+
+
+def filters(table: pa.Table) -> pa.Table:
+    """Keep sample 0 of each prompt."""
+    rows = []
+    for r in table.to_pylist():
+        kept = r["sample_idx"] == 0
+        reason = None if kept else "delta_ifd"
+        rows.append(
+            {k: r[k] for k in KEY} | {"kept": kept, "filter_reason": reason, "created_at": NOW}
+        )
+    return table_from_rows("filter", rows)
+
+
+def write_round(store: Store, run_id: str, round: int, n: int) -> None:
+    gen = samples(run_id, round, n)
+    store.write_stage(run_id, round, "generate", {"samples": gen})
+    store.write_stage(run_id, round, "score", {"scores": scores(gen)})
+    store.write_stage(run_id, round, "filter", {"filter": filters(gen)})
+
+
+def hidden_entries(root: Path) -> list[str]:
+    return sorted(
+        str(p.relative_to(root))
+        for p in root.rglob(".*")
+        if ".tmp-" in p.name or ".trash-" in p.name
+    )
+
+
+def test_new_store_has_empty_typed_views(tmp_path: Path) -> None:
+    store = Store(tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "npd-store.json").read_text()) == {
+        "schema_version": SCHEMA_VERSION,
+        "project": "npd",
+    }
+    for name in ("runs", "prompts", "rounds", "checkpoints", "evals", "scores"):
+        result = store.query(f"SELECT * FROM {name}")
+        assert result.num_rows == 0
+        stored = result.select(SCHEMAS[name].names).schema
+        assert stored.names == SCHEMAS[name].names and stored.types == SCHEMAS[name].types
+        derived = CHECKPOINT_DERIVED if name == "checkpoints" else ()
+        assert result.schema.names == [*SCHEMAS[name].names, *derived]
+    result = store.query("SELECT * FROM samples")
+    assert result.num_rows == 0
+    joined = [*SCHEMAS["samples"].names, *SCORE_COLUMNS, "kept", "filter_reason"]
+    assert result.schema.names == joined
+    assert result.schema.field("kept").type == pa.bool_()
+    assert result.schema.field("response_token_ids").type == pa.list_(pa.int32())
+    assert store.query("SELECT * FROM filtered").schema.names == result.schema.names
+    assert store.query("SELECT schema_version FROM store_meta").to_pylist() == [
+        {"schema_version": SCHEMA_VERSION}
+    ]
+    listed = store.query("SELECT view_name FROM duckdb_views() WHERE NOT internal")
+    tables = store.query("SELECT table_name FROM duckdb_tables()")
+    assert sorted(listed.column(0).to_pylist()) == sorted(VIEWS)
+    assert tables.num_rows == 0  # the database holds only views
+
+
+def test_samples_join_scores_and_filter(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    write_round(store, "r1", 0, 6)
+    store.write_stage("r1", 1, "generate", {"samples": samples("r1", 1, 4)})  # not scored yet
+
+    rows = store.query(
+        "SELECT round, sample_idx, delta_ifd, kept, filter_reason FROM samples "
+        "ORDER BY round, prompt_id, sample_idx"
+    ).to_pylist()
+    assert len(rows) == 10
+    assert rows[:2] == [
+        {"round": 0, "sample_idx": 0, "delta_ifd": 0.0, "kept": True, "filter_reason": None},
+        {
+            "round": 0,
+            "sample_idx": 1,
+            "delta_ifd": 1.0,
+            "kept": False,
+            "filter_reason": "delta_ifd",
+        },
+    ]
+    assert all(r["kept"] is None and r["delta_ifd"] is None for r in rows if r["round"] == 1)
+
+    kept = store.query("SELECT round, sample_idx, kept FROM filtered").to_pylist()
+    assert len(kept) == 3
+    assert all(r == {"round": 0, "sample_idx": 0, "kept": True} for r in kept)
+    assert store.query("SELECT count(*) AS n FROM scores").to_pylist() == [{"n": 6}]
+    assert store.query(
+        "SELECT count(*) AS n FROM samples WHERE run_id = ? AND round = ?", ["r1", 0]
+    ).to_pylist() == [{"n": 6}]
+
+
+def test_rewriting_a_stage_is_idempotent(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    table = samples("r1", 0, 4)
+    path = store.write_stage("r1", 0, "generate", {"samples": table})
+    first = (path / "samples.parquet").read_bytes()
+    before = store.query("SELECT * FROM samples ORDER BY prompt_id, sample_idx")
+
+    assert store.write_stage("r1", 0, "generate", {"samples": table}) == path
+    assert (path / "samples.parquet").read_bytes() == first
+    assert store.query("SELECT * FROM samples ORDER BY prompt_id, sample_idx").equals(before)
+    assert os.listdir(path.parent) == ["generate"]
+    assert hidden_entries(tmp_path) == []
+    assert store.read_stage("r1", 0, "generate", "samples").equals(table)
+    assert store.has_stage("r1", 0, "generate") and not store.has_stage("r1", 0, "score")
+    # An in-flight temp dir (hidden name) is invisible to the views.
+    shutil.copytree(path, path.parent / ".generate.tmp-inflight")
+    assert store.query("SELECT count(*) AS n FROM samples").to_pylist() == [{"n": 4}]
+
+
+def test_failed_cast_leaves_previous_stage(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    good = samples("r1", 0, 4)
+    path = store.write_stage("r1", 0, "generate", {"samples": good})
+    bad = good.set_column(
+        good.schema.get_field_index("temperature"), "temperature", pa.array(["hot"] * 4)
+    )
+    with pytest.raises(StoreError, match="'temperature'.*cannot cast"):
+        store.write_stage("r1", 0, "generate", {"extra": good, "samples": bad})
+    assert sorted(os.listdir(path)) == ["samples.parquet"]
+    assert store.read_stage("r1", 0, "generate", "samples").equals(good)
+    assert hidden_entries(tmp_path) == []
+
+
+def test_io_error_mid_write_removes_temp_dir(tmp_path: Path, monkeypatch) -> None:
+    store = Store(tmp_path)
+    good = samples("r1", 0, 4)
+    store.write_stage("r1", 0, "generate", {"samples": good})
+    real_write = store_mod._write_parquet
+    calls = []
+
+    def failing_write(path: Path, table: pa.Table) -> None:
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        real_write(path, table)
+
+    monkeypatch.setattr(store_mod, "_write_parquet", failing_write)
+    with pytest.raises(OSError, match="disk full"):
+        store.write_stage("r1", 0, "generate", {"samples": samples("r1", 0, 8), "b": good})
+    assert store.query("SELECT count(*) AS n FROM samples").to_pylist() == [{"n": 4}]
+    assert hidden_entries(tmp_path) == []
+    # A new stage that fails leaves no visible folder at all.
+    calls.clear()
+    with pytest.raises(OSError):
+        store.write_stage("r1", 0, "score", {"a": good, "b": good})
+    assert not store.has_stage("r1", 0, "score")
+    assert hidden_entries(tmp_path) == []
+
+
+def test_rows_must_match_the_folder(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    with pytest.raises(StoreError, match="round value.*\\[3\\].*round=0"):
+        store.write_stage("r1", 0, "generate", {"samples": samples("r1", 3, 2)})
+    with pytest.raises(StoreError, match="unknown stage 'gen'"):
+        store.write_stage("r1", 0, "gen", {})
+    with pytest.raises(StoreError, match="not a safe"):
+        store.write_stage("../x", 0, "generate", {})
+    assert not (tmp_path / "runs").exists()  # checked before anything touched the disk
+
+
+def test_table_from_rows(tmp_path: Path) -> None:
+    row = {"run_id": "r1", "prompt_id": "p0", "prompt": "1+1=", "split": "train"}
+    table = table_from_rows("prompts", [row])
+    assert table.schema == SCHEMAS["prompts"]
+    assert table.column("answer").to_pylist() == [None]  # nullable key left out
+    with pytest.raises(StoreError, match="unknown column.*colour"):
+        table_from_rows("prompts", [{**row, "colour": "red"}])
+    with pytest.raises(StoreError, match="'prompt'.*null value"):
+        table_from_rows("prompts", [{k: v for k, v in row.items() if k != "prompt"}])
+    assert empty_table("evals").num_rows == 0
+
+
+def test_run_tables_share_a_folder(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    run = dict(run_id="r1", status="running", config_json="{}", config_hash="abc", created_at=NOW)
+    store.write_run(run)
+    prompts = table_from_rows(
+        "prompts", [{"run_id": "r1", "prompt_id": "p0", "prompt": "q", "split": "eval"}]
+    )
+    store.write_stage("r1", None, "run", {"prompts": prompts})
+    store.write_run({**run, "status": "done", "final_score": 91.5, "finished_at": NOW})
+    assert store.query("SELECT run_id, status, final_score FROM runs").to_pylist() == [
+        {"run_id": "r1", "status": "done", "final_score": 91.5}
+    ]
+    assert store.query("SELECT count(*) AS n FROM prompts").to_pylist() == [{"n": 1}]
+    assert hidden_entries(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "INSERT INTO runs SELECT * FROM runs",
+        "CREATE TABLE t AS SELECT 1",
+        "COPY (SELECT 1) TO 'x.csv'",
+        "SELECT 1; DROP VIEW runs",
+    ],
+)
+def test_sql_is_read_only(tmp_path: Path, sql: str) -> None:
+    store = Store(tmp_path)
+    with pytest.raises(StoreError, match="^npd sql is read-only: ") as info:
+        query(store.db_path, sql)
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "x.csv").exists()
+    assert store.query("SELECT count(*) AS n FROM runs").to_pylist() == [{"n": 0}]
+
+
+def test_sql_errors_are_one_line(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    with pytest.raises(StoreError, match="does not exist.*Views: checkpoints, evals, filtered"):
+        store.query("SELECT * FROM sample")
+    with pytest.raises(StoreError, match="^npd sql: Parser Error: syntax error") as info:
+        store.query("SELEC 1")
+    assert "\n" not in str(info.value)
+    with pytest.raises(StoreError, match="no npd database at .*missing.*npd demo"):
+        query(tmp_path / "missing" / "npd.duckdb", "SELECT 1")
+
+
+def test_moved_output_dir_still_queries(tmp_path: Path, monkeypatch) -> None:
+    store = Store(tmp_path / "a")
+    write_round(store, "r1", 0, 4)
+    moved = tmp_path / "b"
+    shutil.move(tmp_path / "a", moved)
+    monkeypatch.chdir(tmp_path)  # relative paths must not resolve against the working directory
+    db_stat = os.stat(moved / "npd.duckdb")
+    assert query(moved / "npd.duckdb", "SELECT count(*) AS n FROM filtered").to_pylist() == [
+        {"n": 2}
+    ]
+    reopened = Store(moved)
+    assert os.stat(moved / "npd.duckdb").st_mtime_ns == db_stat.st_mtime_ns  # views not rewritten
+    assert reopened.query("SELECT count(*) AS n FROM samples").to_pylist() == [{"n": 4}]
+
+
+def test_reader_sees_stages_written_while_it_is_open(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    write_round(store, "r1", 0, 4)
+    with store.connect() as reader:
+        assert reader.execute("SELECT count(*) FROM samples").fetchone() == (4,)
+        write_round(store, "r1", 1, 6)  # the writer needs no lock on npd.duckdb
+        assert query(store.db_path, "SELECT count(*) AS n FROM filtered").to_pylist() == [{"n": 5}]
+        assert reader.execute("SELECT count(*) FROM samples").fetchone() == (10,)
+        Store(tmp_path)  # reopening with an open reader does not need the database writable
+
+
+def test_open_rules(tmp_path: Path) -> None:
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("hi")
+    with pytest.raises(StoreError, match="not an npd output directory.*choose an empty or npd"):
+        Store(tmp_path / "other")
+    with pytest.raises(StoreError, match="no npd store at .*nothing"):
+        Store(tmp_path / "nothing", create=False)
+    assert not (tmp_path / "nothing").exists()
+
+    root = tmp_path / "out"
+    Store(root)
+    (root / "npd.duckdb").unlink()
+    with pytest.raises(StoreError, match="missing .*npd.duckdb"):
+        Store(root, create=False)
+    Store(root)  # recreates the views
+    assert Store(root, create=False).query("SELECT count(*) AS n FROM samples").num_rows == 1
+
+    (root / "npd-store.json").write_text(json.dumps({"schema_version": 99, "project": "npd"}))
+    with pytest.raises(StoreError, match="npd-store.json was written by a newer npd.*upgrade npd"):
+        Store(root)
+
+
+def test_schema_version_in_database(tmp_path: Path) -> None:
+    root = tmp_path / "out"
+    Store(root)
+    for version in (0, 99):
+        (root / "npd.duckdb").unlink()
+        with duckdb.connect(str(root / "npd.duckdb")) as con:
+            con.execute(f"CREATE VIEW store_meta AS SELECT {version} AS schema_version")
+        if version == 0:
+            Store(root)  # an older store gets fresh views
+            assert Store(root).query("SELECT count(*) AS n FROM filtered").num_rows == 1
+        else:
+            with pytest.raises(StoreError, match="npd.duckdb was written by a newer npd"):
+                Store(root)
