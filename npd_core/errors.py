@@ -54,6 +54,13 @@ class TrainingError(NPDError):
     """A round could not train (e.g. a non-finite loss); the last good checkpoint is kept."""
 
 
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of ``exc``'s message (or its type), for one-line errors that
+    quote a library's multi-line message."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
 # Below this many free bytes after a failed write, the disk counts as full (see disk_full).
 _FULL_BELOW = 1 << 20
 

@@ -1,19 +1,19 @@
-"""The store: Parquet tables per stage, DuckDB views over them, leases and lineage."""
+"""The store: Parquet tables per stage, DuckDB views over them, leases and lineage.
 
-from npd_core.store.store import (
+schema.py is the data model (table schemas, view SQL); store.py writes and queries it.
+"""
+
+from npd_core.store.schema import (
     CHECKPOINT_DERIVED,
-    MARKER_NAME,
     SCHEMA_VERSION,
     SCHEMAS,
     SCORE_COLUMNS,
     STAGES,
     VIEWS,
-    Store,
-    connect,
     empty_table,
-    query,
     table_from_rows,
 )
+from npd_core.store.store import MARKER_NAME, Store, connect, query
 
 __all__ = [
     "CHECKPOINT_DERIVED",
