@@ -1,26 +1,21 @@
-"""Packing: the packer's invariants, and packed == padded (loss, gradients, logits).
+"""Packing: the packer's invariants, and packed == padded (loss and gradients).
 
-The exactness tests build a tiny random Qwen2 student (float32) and compare a packed batch
-(``position_ids`` only: transformers builds the block-diagonal causal mask) with the same
+The exactness test runs a tiny random Qwen2 student (float32, tiny_qwen.py) on a packed batch
+(``position_ids`` only: transformers builds the block-diagonal causal mask) and on the same
 samples padded one per row under the standard 2D ``attention_mask``, through the trainer's own
-``per_token_loss`` and ``token_mean``.
+``per_token_loss`` and ``token_mean``. That no sequence of a packed row sees another is
+test_attention.py's.
 """
 
 from __future__ import annotations
 
-import copy
-import math
-import statistics
-
 import pytest
-import torch
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from tiny_qwen import ATTENTIONS, FAST, PAD, make_case, student
 
 from npd_core.bench import packing as bench_packing
 from npd_core.config import TrainConfig
-from npd_core.method import attention
 from npd_core.method.losses import token_mean
 from npd_core.method.packing import (
     IGNORE_INDEX,
@@ -32,22 +27,13 @@ from npd_core.method.packing import (
     greedy_stream,
     pack,
 )
-from npd_core.method.train import Targets, per_token_loss
+from npd_core.method.train import per_token_loss
 
-VOCAB, PAD, K = 48, 0, 4
-
-
-ATTENTIONS = ["sdpa", "eager", attention.register_varlen_attention()]
 LOSSES = {
     "forward_kl": TrainConfig(loss="forward_kl"),
     "ce": TrainConfig(loss="ce"),
     "sft_mix": TrainConfig(loss="forward_kl", sft_weight=0.5),
 }
-FAST = settings(
-    max_examples=20,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
 
 
 # ---------------------------------------------------------------- packer
@@ -177,48 +163,6 @@ def test_collate_refuses_an_empty_prompt_instead_of_leaking_its_label():
 
 
 # ---------------------------------------------------------------- packed == padded
-_MODELS: dict[str, Qwen2ForCausalLM] = {}
-
-
-def student(attention: str) -> Qwen2ForCausalLM:
-    """One tiny random Qwen2 (same weights for every attention implementation), float32."""
-    if "base" not in _MODELS:
-        torch.manual_seed(0)
-        cfg = Qwen2Config(
-            vocab_size=VOCAB,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=1,
-            num_key_value_heads=1,
-            head_dim=64,
-            max_position_embeddings=256,
-            use_cache=False,
-        )
-        cfg._attn_implementation = "sdpa"
-        _MODELS["base"] = Qwen2ForCausalLM(cfg).float().eval()  # eval: no dropout anyway
-    if attention not in _MODELS:
-        _MODELS[attention] = copy.deepcopy(_MODELS["base"])
-        _MODELS[attention].set_attn_implementation(attention)
-    return _MODELS[attention]
-
-
-def make_case(pr: list[tuple[int, int]], seed: int) -> tuple[list[Sample], Targets]:
-    g = torch.Generator().manual_seed(seed)
-    samples = [
-        Sample(
-            torch.randint(1, VOCAB, (p,), generator=g).tolist(),
-            torch.randint(1, VOCAB, (r,), generator=g).tolist(),
-        )
-        for p, r in pr
-    ]
-    m = sum(r for _, r in pr)
-    ids = torch.stack([torch.randperm(VOCAB, generator=g)[:K] for _ in range(m)])  # (M, K)
-    lp = torch.log_softmax(2 * torch.randn(m, K, generator=g), -1).sort(-1, descending=True)
-    offsets = torch.tensor([0] + [r for _, r in pr[:-1]]).cumsum(0).tolist()
-    return samples, Targets(ids, lp.values, offsets)
-
-
 def loss_and_grads(model, batch, targets, cfg, padded: bool):
     model.zero_grad(set_to_none=True)
     if padded:
@@ -252,99 +196,3 @@ def test_packed_loss_and_gradients_equal_padded(attention, loss_name, pr, extra,
     assert abs(got - want) <= 1e-5, (got, want)
     for name, g in g_want.items():
         assert (g_got[name] - g).abs().max() <= 1e-5, name
-
-
-@pytest.mark.parametrize("attention", ATTENTIONS)
-@FAST
-@given(
-    pr=st.lists(st.tuples(st.integers(1, 6), st.integers(1, 6)), min_size=2, max_size=6),
-    data=st.data(),
-)
-def test_changing_one_sequence_leaves_the_others_logits_unchanged(attention, pr, data):
-    samples, _ = make_case(pr, seed=0)
-    i = data.draw(st.integers(0, len(samples) - 1), label="perturbed")
-    cap = sum(p + r for p, r in pr) + data.draw(st.integers(0, 5), label="pad")
-    rows = [list(range(len(samples)))]  # all in one row
-    new = samples.copy()
-    new[i] = Sample(
-        [(t + 7) % (VOCAB - 1) + 1 for t in samples[i].prompt_ids],
-        [(t + 3) % (VOCAB - 1) + 1 for t in samples[i].response_ids],
-    )
-    model = student(attention)
-    with torch.no_grad():
-        logits = [
-            model(input_ids=b.input_ids, position_ids=b.position_ids).logits
-            for b in (collate(s, rows, PAD, row_len=cap) for s in (samples, new))
-        ]
-    seq_ids = collate(samples, rows, PAD, row_len=cap).seq_ids
-    others = (seq_ids >= 0) & (seq_ids != i)  # (1, T)
-    assert torch.allclose(logits[0][others], logits[1][others], rtol=0, atol=1e-6)
-    assert not torch.allclose(logits[0][seq_ids == i], logits[1][seq_ids == i])
-
-
-def test_perturbation_test_has_teeth_without_position_ids():
-    """Control: one plain causal row (no restart) lets sequence 0 leak into sequence 1."""
-    samples, _ = make_case([(3, 2), (2, 2)], seed=0)
-    new = [Sample([5, 6, 7], [8, 9]), samples[1]]
-    model = student("sdpa")
-    with torch.no_grad():
-        logits = [
-            model(input_ids=collate(s, [[0, 1]], PAD).input_ids).logits for s in (samples, new)
-        ]
-    assert not torch.allclose(logits[0][0, 5:], logits[1][0, 5:])
-
-
-# ---------------------------------------------------------------- the benchmark's helpers
-def test_length_grouped_batches_match_the_trainer_sampler():
-    lens = [p + r for p, r in bench_packing.synthetic_lengths(1000, 60, 400, seed=0)]
-    batches = bench_packing.length_grouped_batches(lens, 10, seed=0)  # mega-batch 25 × 10
-    assert sorted(i for b in batches for i in b) == list(range(1000))
-    assert all(len(b) == 10 for b in batches)
-    assert max(lens[i] for i in batches[0]) == max(lens)  # longest first (OOM early)
-    for m in range(0, 100, 25):  # sorted longest-first inside each mega-batch
-        flat = [lens[i] for b in batches[m + 1 : m + 25] for i in b]
-        assert flat == sorted(flat, reverse=True)
-
-
-def test_synthetic_lengths_have_the_asked_median_and_p99():
-    pairs = bench_packing.synthetic_lengths(20000, 60, 400, seed=0)
-    tot = sorted(p + r for p, r in pairs)
-    assert min(min(p, r) for p, r in pairs) >= 1
-    assert abs(statistics.median(tot) - 60) <= 4
-    assert abs(tot[int(0.99 * len(tot))] - 400) <= 40
-
-
-def test_bench_runs_and_reports_the_figures():
-    res = bench_packing.run_bench(
-        n_samples=40, median_len=8, p99_len=30, rows_per_step=2, calib_steps=2, device="cpu", seed=0
-    )
-    for key in (
-        "fill_ratio",
-        "padded_fill_ratio",
-        "packed_tokens_per_s",
-        "padded_tokens_per_s",
-        "speedup",
-        "attention",
-        "device",
-        "max_seq_len",
-        "n_samples",
-    ):
-        assert key in res
-    assert res["n_samples"] == 40 and res["attention"] in ATTENTIONS
-    assert res["max_seq_len"] == 16 * math.ceil(2 * res["p99_len"] / 16)
-    assert 0 < res["padded_fill_ratio"] <= 1 and 0 < res["fill_ratio"] <= 1
-    assert max(res["exact_check_abs_loss_diff"].values()) <= 1e-4
-
-
-def test_varlen_attention_equals_sdpa_with_a_block_diagonal_mask_under_gqa():
-    torch.manual_seed(0)
-    pos = torch.tensor([[0, 1, 2, 0, 1, 0, 0, 1], [0, 1, 2, 3, 4, 0, 1, 2]])  # (B, T)
-    q = torch.randn(2, 4, 8, 16)  # (B, H, T, D)
-    k, v = torch.randn(2, 2, 8, 16), torch.randn(2, 2, 8, 16)  # 2 kv heads
-    seg = (pos == 0).cumsum(-1)  # (B, T)
-    mask = (seg[:, None, :, None] == seg[:, None, None, :]) & torch.ones(8, 8).bool().tril()
-    want = torch.nn.functional.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, enable_gqa=True
-    ).transpose(1, 2)  # (B, T, H, D)
-    got, _ = attention.sdpa_varlen_attention(None, q, k, v, None, position_ids=pos)
-    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
