@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from npd_core.errors import DataError
+from npd_core.seeds import seed_for
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,7 @@ def write_prompts(path: str | Path, prompts: list[Prompt]) -> None:
 
 def round_prompts(prompts: list[Prompt], n: int, seed: int, round_: int) -> list[Prompt]:
     """The prompts of one round: a seeded sample without replacement (cycling if n > len)."""
-    rng = random.Random(f"{seed}-{round_}")
+    rng = random.Random(seed_for(seed, "prompts", round_))
     if n >= len(prompts):
         return prompts[:]
     return rng.sample(prompts, n)

@@ -113,22 +113,23 @@ def generate(
     eos_ids: set[int],
     temperature: float,
     top_p: float,
-    seed: int,
+    seeds: list[list[int]] | None,
     options: EngineOptions,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[list[list[Generation]], EngineTimes]:
-    """``n_per_prompt`` samples per prompt from the student engine, loaded with ``model_dir``.
+    """``n_per_prompt`` samples per prompt from the student engine, loaded with ``model_dir``;
+    sample k of prompt i is vLLM's request seeded with ``seeds[i][k]``, the seed the HF backend
+    uses for the same sample (the two engines' random streams differ, the seed does not).
 
     Returns ``out[prompt_index][sample_idx]`` like :func:`npd_core.method.generate.generate`.
     """
     jobs = [(i, k) for i in range(len(prompts)) for k in range(n_per_prompt)]
-    seeds = [int(np.random.SeedSequence([seed, i, k]).generate_state(1)[0]) for i, k in jobs]
     with _engine("student", model_dir, options) as (engine, times):
         res = engine.call(
             "generate",
             progress,
             prompts=[prompts[i] for i, _ in jobs],
-            seeds=seeds if temperature > 0 else None,
+            seeds=[seeds[i][k] for i, k in jobs] if seeds and temperature > 0 else None,
             max_new_tokens=max_new_tokens,
             temperature=temperature,
             top_p=top_p,

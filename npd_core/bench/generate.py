@@ -8,6 +8,11 @@ views); tokens/s counts the tokens it reads (prompt + response, then start + res
 is warmed up on a few prompts first; vLLM's engine start (spawn, load, warm-up) is reported as
 ``vllm_start_s`` and kept out of its tokens/s, as it is paid once per run, not per round. Both
 sides get the same threads (CPU) and dtype. Without vLLM only the HF figures are filled in.
+
+Sampler: the per-sample Gumbel-max draw (``npd_core.seeds``) against the single-generator
+``torch.multinomial`` it replaced, timed side by side on logits of the run's shape
+(``batch_size`` × vocabulary); ``sampler_slowdown`` is the extra time per step × the decoding
+steps HF ran at most (batches × ``max_new_tokens``) ÷ HF's generation time, an upper bound.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from npd_core.data import read_prompts
 from npd_core.method.generate import generate
 from npd_core.method.score import Scores, score
 from npd_core.models import device, format_prompts, load_model, load_tokenizer, start_token_id
+from npd_core.seeds import gumbel_noise, sample_keys, seed_for, token_keys
 
 
 def vllm_version() -> str | None:
@@ -67,7 +73,10 @@ def run_bench(
         eos_ids=eos,
         temperature=temperature,
         top_p=1.0,
-        seed=seed,
+        seeds=[
+            [seed_for(seed, "bench", None, i, k) for k in range(n_per_prompt)]
+            for i in range(len(ids))
+        ],
     )
     has_vllm = vllm_backend.available()
     res: dict[str, Any] = {
@@ -90,6 +99,14 @@ def run_bench(
     hf_tokens = sum(len(g.token_ids) for row in hf_gens for g in row)
     del student
     res.update(hf_generated_tokens=hf_tokens, hf_tokens_per_s=hf_tokens / hf_s)
+    vocab = len(tok)
+    per_step = sampler_step_seconds(min(batch_size, len(ids) * n_per_prompt), vocab, dev)
+    steps = -(-len(ids) * n_per_prompt // batch_size) * max_new_tokens
+    res.update(
+        sampler_multinomial_ms=1e3 * per_step["multinomial"],
+        sampler_gumbel_ms=1e3 * per_step["gumbel"],
+        sampler_slowdown=steps * (per_step["gumbel"] - per_step["multinomial"]) / hf_s,
+    )
 
     prompt_rows = [p for p, row in zip(ids, hf_gens, strict=True) for _ in row]
     responses = [g.token_ids for row in hf_gens for g in row]
@@ -152,6 +169,31 @@ def run_bench(
     res["speedup"] = res["vllm_tokens_per_s"] / res["hf_tokens_per_s"]
     res["score_speedup"] = v_score / res["score_hf_tokens_per_s"]
     return res
+
+
+def sampler_step_seconds(
+    batch: int, vocab: int, dev: torch.device, reps: int = 200
+) -> dict[str, float]:
+    """Seconds per decoding step of one draw for ``batch`` rows of ``vocab`` logits: the old
+    ``multinomial(softmax)`` from one generator and the per-sample Gumbel-max, interleaved so
+    both see the same machine load; the median over ``reps``."""
+    logits = torch.randn(batch, vocab, device=dev)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    keys = sample_keys(torch.arange(batch, device=dev))
+    tokens = token_keys(vocab, dev)
+    draws: dict[str, Callable[[int], torch.Tensor]] = {
+        "multinomial": lambda t: torch.multinomial(logits.softmax(-1), 1, generator=gen),
+        "gumbel": lambda t: (logits + gumbel_noise(keys, t, tokens)).argmax(-1),
+    }
+    times: dict[str, list[float]] = {k: [] for k in draws}
+    for t in range(reps):
+        for name, draw in draws.items():
+            t0 = time.perf_counter()
+            draw(t)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t0)
+    return {k: float(np.median(v)) for k, v in times.items()}
 
 
 def _agreement(hf: Scores, v: Scores) -> dict[str, float]:

@@ -1,9 +1,10 @@
 """Batched sampling with a KV cache (HF backend).
 
-A short loop of our own instead of ``model.generate``: it draws from an explicit
-``torch.Generator`` (so a generation stage overlapping a training stage in another thread is
-still reproducible: no global RNG), returns the log-prob of every sampled token, and stops as
-soon as every row has emitted EOS. Rows are left-padded; position ids follow the mask.
+A short loop of our own instead of ``model.generate``: every sample draws from its own seed
+with counter-based Gumbel-max noise (``npd_core.seeds``), so a sample depends only on its seed,
+never on the batch it was decoded in, the batch order, a global RNG or another thread; it returns
+the log-prob of every sampled token and stops as soon as every row has emitted EOS. Rows are
+left-padded; position ids follow the mask.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from npd_core.models import autocast
+from npd_core.seeds import gumbel_noise, sample_keys, token_keys
 
 
 @dataclass
@@ -49,10 +51,10 @@ def sample_batch(
     pad_id: int,
     temperature: float,
     top_p: float,
-    generator: torch.Generator,
+    seeds: list[int],
     bf16: bool = True,
 ) -> list[Generation]:
-    """Decode one batch. ``temperature == 0`` is greedy."""
+    """Decode one batch; row i draws from ``seeds[i]``. ``temperature == 0`` is greedy."""
     dev = next(model.parameters()).device
     B = len(prompts)
     L = max(len(p) for p in prompts)
@@ -69,6 +71,8 @@ def sample_batch(
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=dev)
     step_ids, pos = ids, (mask.cumsum(-1) - 1).clamp_min(0)
+    keys = sample_keys(torch.tensor(seeds, dtype=torch.long, device=dev))  # (B,)
+    tokens: torch.Tensor | None = None  # (V,) per-token keys, made at the first sampled step
     for t in range(max_new_tokens):
         with autocast(bf16):
             logits = (
@@ -89,7 +93,9 @@ def sample_batch(
             scaled = logits / temperature
             if top_p < 1.0:
                 scaled = _top_p_filter(scaled, top_p)
-            nxt = torch.multinomial(scaled.softmax(-1), 1, generator=generator).squeeze(-1)
+            if tokens is None:
+                tokens = token_keys(scaled.shape[-1], dev)
+            nxt = (scaled + gumbel_noise(keys, t, tokens)).argmax(-1)  # Gumbel-max: one draw
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         out[:, t] = nxt
         logps[:, t] = torch.where(done, 0.0, logp.gather(-1, nxt[:, None]).squeeze(-1))
@@ -118,19 +124,21 @@ def generate(
     pad_id: int,
     temperature: float,
     top_p: float,
-    seed: int,
+    seeds: list[list[int]] | None,
     batch_size: int,
     bf16: bool = True,
     progress: Callable[[int], None] | None = None,
 ) -> list[list[Generation]]:
-    """``n_per_prompt`` samples for every prompt, batched by similar prompt length.
+    """``n_per_prompt`` samples for every prompt, batched by similar prompt length; sample k of
+    prompt i draws from ``seeds[i][k]`` (``npd_core.seeds.seed_for``; None when greedy).
 
-    Returns ``out[prompt_index][sample_idx]``. Deterministic for a seed and batch size.
+    Returns ``out[prompt_index][sample_idx]``. A sample depends on its prompt and seed only, not
+    on ``batch_size`` or the order of ``prompts``.
     """
+    assert seeds is not None or temperature == 0, "sampling needs a seed per sample"
     model.eval()
     jobs = [(i, k) for i in range(len(prompts)) for k in range(n_per_prompt)]
     jobs.sort(key=lambda j: len(prompts[j[0]]))
-    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     out: list[list[Generation | None]] = [[None] * n_per_prompt for _ in prompts]
     for s in range(0, len(jobs), batch_size):
         chunk = jobs[s : s + batch_size]
@@ -142,7 +150,7 @@ def generate(
             pad_id=pad_id,
             temperature=temperature,
             top_p=top_p,
-            generator=gen,
+            seeds=[seeds[i][k] if seeds else 0 for i, k in chunk],
             bf16=bf16,
         )
         for (i, k), g in zip(chunk, res, strict=True):

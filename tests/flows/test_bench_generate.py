@@ -25,6 +25,9 @@ def test_bench_generate_json(tiny_world):
     assert res["device"] and res["dtype"] == "float32"
     assert 16 <= res["hf_generated_tokens"] <= 16 * 8
     assert res["hf_tokens_per_s"] > 0 and res["score_hf_tokens_per_s"] > 0
+    # the per-sample sampler is timed beside the one it replaced, on the run's logits shape
+    assert res["sampler_multinomial_ms"] > 0 and res["sampler_gumbel_ms"] > 0
+    assert isinstance(res["sampler_slowdown"], float)
     if not vllm_backend.available():
         assert res["vllm"] == "missing: make vllm (scripts/install-vllm.sh)"
         assert res["vllm_tokens_per_s"] is None and res["speedup"] is None

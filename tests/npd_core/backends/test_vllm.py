@@ -19,7 +19,9 @@ from npd_core.data import read_prompts
 from npd_core.errors import ConfigError
 from npd_core.method.generate import generate
 from npd_core.models import format_prompts, load_model, load_tokenizer, save_checkpoint
-from npd_core.pipeline.stages import RunSpec, generate_stage, score_stage
+from npd_core.pipeline.spec import RunSpec
+from npd_core.pipeline.stages import generate_stage, score_stage
+from npd_core.seeds import seed_for
 from npd_core.store import Store
 
 PROV = {"flow_run_id": "f", "task_run_id": "t"}
@@ -82,7 +84,7 @@ def _greedy_hf(model_dir, ids, eos) -> list[list[int]]:
         pad_id=0,
         temperature=0.0,
         top_p=1.0,
-        seed=0,
+        seeds=None,
         batch_size=64,
         bf16=False,
     )
@@ -145,7 +147,9 @@ def test_greedy_matches_hf_and_refresh_loads_new_weights(tmp_path, tiny_world):
     prompts = [p.prompt for p in read_prompts(tiny_world.eval_prompts)]
     ids = format_prompts(tok, prompts, "auto")
     eos = tok.eos_token_id
-    kw = dict(n_per_prompt=1, max_new_tokens=24, eos_ids={eos}, temperature=0.0, top_p=1.0, seed=0)
+    kw = dict(
+        n_per_prompt=1, max_new_tokens=24, eos_ids={eos}, temperature=0.0, top_p=1.0, seeds=None
+    )
 
     out, _ = vllm_backend.generate(str(tiny_world.student), ids, options=OPTS, **kw)
     hf = _greedy_hf(tiny_world.student, ids, eos)
@@ -174,13 +178,23 @@ def test_samples_depend_on_seed_not_on_batch(tiny_world):
     # chunked prefill broke seeded sampling on CPU
     kw = dict(n_per_prompt=4, max_new_tokens=24, eos_ids={tok.eos_token_id}, top_p=1.0)
     m = str(tiny_world.student)
+    seeds = [[seed_for(7, "generate", 1, i, k) for k in range(4)] for i in range(len(ids))]
     done: list[int] = []
     full, _ = vllm_backend.generate(
-        m, ids, temperature=1.0, seed=7, options=OPTS, progress=done.append, **kw
+        m, ids, temperature=1.0, seeds=seeds, options=OPTS, progress=done.append, **kw
     )
     assert sum(done) == 4 * len(ids)  # the stage's progress bar counts each sample once
-    part, _ = vllm_backend.generate(m, ids[:5], temperature=1.0, seed=7, options=OPTS, **kw)
-    other, _ = vllm_backend.generate(m, ids[:5], temperature=1.0, seed=8, options=OPTS, **kw)
+    part, _ = vllm_backend.generate(
+        m, ids[:5], temperature=1.0, seeds=seeds[:5], options=OPTS, **kw
+    )
+    other, _ = vllm_backend.generate(
+        m,
+        ids[:5],
+        temperature=1.0,
+        seeds=[[x + 1 for x in r] for r in seeds[:5]],
+        options=OPTS,
+        **kw,
+    )
     toks = [[g.token_ids for g in x] for x in full[:5]]
     assert [[g.token_ids for g in x] for x in part] == toks
     assert [[g.token_ids for g in x] for x in other] != toks
