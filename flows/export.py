@@ -5,11 +5,10 @@ No optimizer or RNG state goes along; ``npd-export.json`` says where the weights
 from __future__ import annotations
 
 import json
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
+from npd_core.atomic import atomic_dir
 from npd_core.errors import StoreUsageError
 from npd_core.store.lineage import checkpoint
 
@@ -41,15 +40,8 @@ def export_checkpoint(root: Path, run_id: str, round: int | None, dest: Path) ->
         source=str(ck.path),
         best=round is None,
     )
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+    with atomic_dir(dest) as tmp:
         AutoModelForCausalLM.from_pretrained(ck.path).save_pretrained(tmp)
         AutoTokenizer.from_pretrained(ck.path).save_pretrained(tmp)
         (tmp / PROVENANCE).write_text(json.dumps(info, indent=1) + "\n")
-        if dest.exists():
-            dest.rmdir()
-        tmp.rename(dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return {**info, "dir": str(dest.resolve())}

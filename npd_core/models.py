@@ -7,11 +7,8 @@ hidden temp directory and renamed into place, so readers never see half a checkp
 
 from __future__ import annotations
 
-import os
 import random
-import shutil
 import threading
-import uuid
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -21,8 +18,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
-from npd_core.crashpoints import pause_point
-from npd_core.errors import ModelError, disk_full
+from npd_core.atomic import atomic_dir
+from npd_core.errors import ModelError
 
 TRAINER_STATE = "trainer_state.pt"
 hf_logging.disable_progress_bar()  # our own progress bars; HF's per-load bars are noise
@@ -98,37 +95,15 @@ def rng_state() -> dict[str, Any]:
 def save_checkpoint(
     model: PreTrainedModel, tok: Any, path: Path, trainer_state: dict[str, Any] | None = None
 ) -> Path:
-    """Write model + tokenizer (+ optimizer/RNG state) to ``path`` atomically (temp + rename)."""
+    """Write model + tokenizer (+ optimizer/RNG state) to ``path`` atomically (see atomic_dir)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+    with atomic_dir(path, pause_at=f"checkpoint:{path.name}") as tmp:
         with _LOAD_LOCK:
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
         if trainer_state is not None:
             with open(tmp / TRAINER_STATE, "wb") as f:  # closed on a failed write (a path is not)
                 torch.save(trainer_state, f)
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        pause_point(f"checkpoint:{path.name}")
-        if path.exists():
-            trash = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-            path.rename(trash)
-            tmp.rename(path)
-            shutil.rmtree(trash)
-        else:
-            tmp.rename(path)
-    except Exception as exc:
-        full = disk_full(exc, path)  # before freeing the space
-        shutil.rmtree(tmp, ignore_errors=True)
-        if full is not None:
-            raise full from None
-        raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return path
 
 

@@ -28,11 +28,9 @@ The tables' schemas and the views' SQL are in :mod:`npd_core.store.schema`.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import tempfile
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -40,8 +38,8 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from npd_core.crashpoints import pause_point
-from npd_core.errors import StoreError, StoreUsageError, disk_full, first_line
+from npd_core.atomic import LEFTOVER_RE, atomic_dir, atomic_file
+from npd_core.errors import StoreError, StoreUsageError, first_line
 from npd_core.store.schema import (
     SCHEMA_VERSION,
     SCHEMAS,
@@ -78,8 +76,6 @@ READ_STATEMENTS = frozenset(
 )
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-# temp/trash names of atomic writes (here and in models.save_checkpoint): hidden, never read
-_LEFTOVER_RE = re.compile(r"^\..+\.(tmp|trash|old)-[0-9a-f]+$")
 _PARQUET_COMPRESSION = "zstd"
 
 
@@ -185,7 +181,8 @@ class Store:
 
     def _write_marker(self) -> None:
         marker = {"schema_version": SCHEMA_VERSION, "project": "npd"}
-        _write_bytes_atomic(self.marker_path, (json.dumps(marker) + "\n").encode())
+        with atomic_file(self.marker_path) as tmp:
+            tmp.write_text(json.dumps(marker) + "\n")
 
     def _write_placeholders(self, force: bool) -> None:
         for name in SCHEMAS:
@@ -195,19 +192,15 @@ class Store:
 
     def _write_views(self) -> None:
         """Build the views in a temp file and swap it in, so open readers keep the old one."""
-        tmp = self.root / f".{DB_NAME}.tmp-{uuid.uuid4().hex}"
-        try:
-            with duckdb.connect(str(tmp)) as con:
-                con.execute(SET_FILE_SEARCH_PATH_SQL, [str(self.root)])
-                for sql in VIEW_SQL:
-                    con.execute(sql)
-                con.execute(CHECKPOINT_SQL)
-            _fsync_path(tmp)
-            os.replace(tmp, self.db_path)
-            _fsync_path(self.root)
-        finally:
-            tmp.unlink(missing_ok=True)
-            tmp.with_name(tmp.name + ".wal").unlink(missing_ok=True)
+        with atomic_file(self.db_path) as tmp:
+            try:
+                with duckdb.connect(str(tmp)) as con:
+                    con.execute(SET_FILE_SEARCH_PATH_SQL, [str(self.root)])
+                    for sql in VIEW_SQL:
+                        con.execute(sql)
+                    con.execute(CHECKPOINT_SQL)
+            finally:
+                tmp.with_name(tmp.name + ".wal").unlink(missing_ok=True)
 
     # ---- paths ----------------------------------------------------------------------------
 
@@ -252,32 +245,9 @@ class Store:
                 _write_parquet_atomic(final / f"{name}.parquet", table)
             return final
 
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.parent / f".{stage}.tmp-{uuid.uuid4().hex}"
-        try:
-            tmp.mkdir()
+        with atomic_dir(final, pause_at=f"write:{stage}:{round}") as tmp:
             for name, table in prepared.items():
                 _write_parquet(tmp / f"{name}.parquet", table)
-            _fsync_path(tmp)
-            pause_point(f"write:{stage}:{round}")
-            if final.exists():
-                trash = final.parent / f".{stage}.trash-{uuid.uuid4().hex}"
-                os.rename(final, trash)
-                try:
-                    os.rename(tmp, final)
-                except BaseException:
-                    os.rename(trash, final)
-                    raise
-                shutil.rmtree(trash, ignore_errors=True)
-            else:
-                os.rename(tmp, final)
-            _fsync_path(final.parent)
-        except BaseException as exc:
-            full = disk_full(exc, final)  # before freeing the space
-            shutil.rmtree(tmp, ignore_errors=True)
-            if full is not None:
-                raise full from None
-            raise
         return final
 
     def write_run(self, row: dict) -> Path:
@@ -292,7 +262,7 @@ class Store:
         """Remove the temp and trash folders that a killed writer left under ``runs/<run_id>``
         (hidden, so no reader ever saw them). Only while no other process writes the run."""
         _check_id("run_id", run_id)
-        left = [p for p in (self.root / "runs" / run_id).rglob(".*") if _LEFTOVER_RE.match(p.name)]
+        left = [p for p in (self.root / "runs" / run_id).rglob(".*") if LEFTOVER_RE.match(p.name)]
         for p in left:
             if p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
@@ -447,44 +417,14 @@ def _prepare(name: str, table: pa.Table, run_id: str, round: int | None) -> pa.T
 
 
 def _write_parquet(path: Path, table: pa.Table) -> None:
-    """Write and fsync one Parquet file; same table in, same bytes out."""
+    """Write one Parquet file (the atomic writers fsync it); same table in, same bytes out."""
     with open(path, "wb") as f:
         pq.write_table(table, f, compression=_PARQUET_COMPRESSION)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _write_parquet_atomic(path: Path, table: pa.Table) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-    try:
+    with atomic_file(path) as tmp:
         _write_parquet(tmp, table)
-        os.replace(tmp, path)
-        _fsync_path(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_path(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _fsync_path(path: Path) -> None:
-    """fsync a file or a directory (a directory fsync makes its renames durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _condense(exc: BaseException) -> str:

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,12 +19,13 @@ from pathlib import Path
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from npd_core.atomic import atomic_dir
 from npd_core.config import PackConfig, TrainConfig
 from npd_core.data import Prompt, write_prompts
 from npd_core.method.attention import for_training
 from npd_core.method.evaluate import exact_match, greedy_responses
-from npd_core.method.packing import Sample
-from npd_core.method.train import make_optimizer, packed_rows, train_round
+from npd_core.method.packing import Sample, packed_rows
+from npd_core.method.train import make_optimizer, train_round
 from npd_core.models import n_params, save_checkpoint
 from npd_core.toy import task as toy_task
 
@@ -136,7 +135,9 @@ def fit(model, tok, prompts: list[Prompt], spec: ModelSpec, toy: ToySpec) -> Non
         min_lr_ratio=0.05,
     )
     pack = PackConfig(max_seq_len=toy.max_seq_len)
-    samples, _, rows = packed_rows(_samples(tok, prompts), pack, toy.seed)
+    samples, _, rows = packed_rows(
+        _samples(tok, prompts), pack.max_seq_len, pack.overlong, pack.mode, toy.seed
+    )
     opt = make_optimizer(model, cfg)
     torch.manual_seed(toy.seed)
     with for_training(model):
@@ -163,9 +164,7 @@ def build_toy_world(
     root = Path(cache) / f"toy-{spec.digest()}"
     if (root / WORLD_FILE).is_file():
         return _load(root)
-    tmp = root.parent / f".{root.name}.tmp-{uuid.uuid4().hex[:6]}"
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(root) as tmp:
         t0 = time.time()
         examples = toy_task.make_examples(spec.n_train + spec.n_eval + spec.n_fit, spec.seed)
         prompts = [Prompt(e["id"], e["prompt"], e["answer"]) for e in examples]
@@ -194,12 +193,6 @@ def build_toy_world(
             }
         meta["build_s"] = round(time.time() - t0, 1)
         (tmp / WORLD_FILE).write_text(json.dumps(meta, indent=2))
-        if root.exists():
-            shutil.rmtree(root)
-        tmp.rename(root)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return _load(root)
 
 
