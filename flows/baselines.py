@@ -15,7 +15,7 @@ from typing import Any
 from prefect import flow
 
 from npd_core.baselines.sft import DATA_ROUND, teacher_as_generator
-from npd_core.pipeline.stages import RunSpec
+from npd_core.pipeline.spec import RunSpec
 from tasks import baselines as b
 from tasks import run as run_tasks
 from tasks import stages as t

@@ -19,7 +19,7 @@ from prefect.futures import PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.remote import remote_rounds
-from npd_core.pipeline.stages import RunSpec, generator_round
+from npd_core.pipeline.spec import RunSpec, generator_round
 from npd_core.store import lease
 from tasks import run as run_tasks
 from tasks import stages as t

@@ -20,7 +20,7 @@ from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 
-from npd_core.pipeline.stages import RunSpec, generator_round
+from npd_core.pipeline.spec import RunSpec, generator_round
 from tasks import run as run_tasks
 from tasks import stages as t
 

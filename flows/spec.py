@@ -11,7 +11,7 @@ from typing import Any
 from npd_core.config import NPDConfig
 from npd_core.data import Prompt, write_prompts
 from npd_core.errors import DataError
-from npd_core.pipeline.stages import RunSpec
+from npd_core.pipeline.spec import RunSpec
 from npd_core.preflight import check_backends, check_run
 from npd_core.store import Store
 from npd_core.store.lineage import used_prompt_ids

@@ -6,7 +6,7 @@ from __future__ import annotations
 from prefect import task
 
 from npd_core.baselines import onpolicy, sft
-from npd_core.pipeline.stages import RunSpec
+from npd_core.pipeline.spec import RunSpec
 from tasks import tracking
 from tasks.faults import enter_stage
 from tasks.stages import STAGE

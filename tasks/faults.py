@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from npd_core.pipeline.stages import RunSpec
+from npd_core.pipeline.spec import RunSpec
 
 COUNT_FILE = ".stage-count"
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from prefect import task
 
 from npd_core.data import read_prompts
-from npd_core.pipeline.stages import RunSpec
+from npd_core.pipeline.spec import RunSpec
 from tasks import tracking
 
 

@@ -13,7 +13,7 @@ from prefect.runtime import flow_run
 
 from npd_core.bench.plots import delta_ifd_histogram
 from npd_core.data import read_prompts
-from npd_core.pipeline.stages import RunSpec
+from npd_core.pipeline.spec import RunSpec
 from npd_core.store import Store, table_from_rows
 from tasks import tracking
 

@@ -18,7 +18,7 @@ from prefect.runtime import flow_run, task_run
 
 from npd_core.crashpoints import pause_point
 from npd_core.pipeline import stages
-from npd_core.pipeline.stages import RunSpec
+from npd_core.pipeline.spec import RunSpec, StageResult
 from tasks import progress, tracking
 from tasks.faults import InjectedFault, enter_stage
 
@@ -69,7 +69,7 @@ def score(spec: RunSpec, r: int, upstream: dict) -> dict:
     return res.to_dict()
 
 
-def _log_engine(res: stages.StageResult) -> None:
+def _log_engine(res: StageResult) -> None:
     """Say which engine ran the stage (``backend: auto`` decides at run time) and how long
     vLLM took to start or to load the round's snapshot."""
     m = res.metrics

@@ -34,7 +34,8 @@ from npd_core.models import (
     rng_state,
     save_checkpoint,
 )
-from npd_core.pipeline.stages import RunSpec, StageResult, _rel
+from npd_core.pipeline.spec import RunSpec, StageResult, rel_path
+from npd_core.seeds import seed_for
 from npd_core.store import table_from_rows
 
 CALIBRATION_STEPS = 5
@@ -125,7 +126,7 @@ def save(spec: RunSpec, k: int, lrn: Learner, seconds: float, started: float) ->
     row = dict(
         run_id=spec.run_id,
         round=k,
-        path=_rel(spec.root, str(dst)),
+        path=rel_path(spec.root, str(dst)),
         step=lrn.step,
         train_tokens=int(lrn.counters.get("train_tokens", 0)),
         created_at=datetime.now(UTC),
@@ -162,7 +163,7 @@ def batch_indices(n: int, size: int, step: int, seed: int) -> list[int]:
     while len(out) < size:
         epoch, off = divmod(pos, n)
         perm = list(range(n))
-        random.Random(f"{seed}-{epoch}").shuffle(perm)
+        random.Random(seed_for(seed, "batches", epoch)).shuffle(perm)
         take = perm[off : off + size - len(out)]
         out += take
         pos += len(take)

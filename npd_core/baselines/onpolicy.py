@@ -23,7 +23,8 @@ from npd_core.method.generate import apply_stop_strings, generate
 from npd_core.method.packing import IGNORE_INDEX, PackedBatch, Sample, collate
 from npd_core.method.train import Targets, optimizer_step
 from npd_core.models import autocast, format_prompts, load_model
-from npd_core.pipeline.stages import RunSpec, StageResult
+from npd_core.pipeline.spec import RunSpec, StageResult
+from npd_core.seeds import seed_for
 
 
 @torch.no_grad()
@@ -87,7 +88,13 @@ def onpolicy_segment(
             pad_id=tok.pad_token_id,
             temperature=g.temperature,
             top_p=g.top_p,
-            seed=cfg.seed * 1_000_003 + lrn.step,
+            seeds=[
+                [
+                    seed_for(cfg.seed, "onpolicy", lrn.step, train[i].id, k)
+                    for k in range(g.n_per_prompt)
+                ]
+                for i in idx
+            ],
             batch_size=g.batch_size,
             bf16=cfg.models.bf16,
         )

@@ -15,9 +15,10 @@ import torch
 from npd_core.baselines.budget import batch_indices, resume, save
 from npd_core.errors import TrainingError
 from npd_core.method.attention import for_training
-from npd_core.method.packing import Sample, collate
-from npd_core.method.train import optimizer_step, packed_rows
-from npd_core.pipeline.stages import RunSpec, StageResult
+from npd_core.method.packing import Sample, collate, packed_rows
+from npd_core.method.train import optimizer_step
+from npd_core.pipeline.spec import RunSpec, StageResult
+from npd_core.seeds import seed_for
 
 DATA_ROUND = 0  # the teacher's answers are stored as round 0 of the sft run (before training)
 
@@ -62,7 +63,9 @@ def sft_segment(
     tc = cfg.train
     torch.set_num_threads(cfg.stage_threads(concurrent=False))
     t_start, p_start = time.time(), time.perf_counter()
-    samples, _, rows = packed_rows(teacher_samples(spec), cfg.pack, seed=cfg.seed * 7919)
+    p = cfg.pack
+    seed = seed_for(cfg.seed, "pack", DATA_ROUND)
+    samples, _, rows = packed_rows(teacher_samples(spec), p.max_seq_len, p.overlong, p.mode, seed)
     if not rows:
         raise TrainingError(
             f"sft run {spec.run_id}: the teacher gave no usable answer to train on; "

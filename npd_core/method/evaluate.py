@@ -1,4 +1,5 @@
-"""Held-out evaluation: greedy decoding, exact match in points (0–100)."""
+"""Held-out evaluation: greedy decoding, then exact match in points (0–100), or, where prompts
+have no reference answer, the teacher's mean log-likelihood per token of the greedy answers."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from transformers import PreTrainedModel
 
 from npd_core.config import NPDConfig
 from npd_core.method.generate import generate
+from npd_core.method.score import score
 
 
 @dataclass
@@ -45,7 +47,7 @@ def greedy_responses(
         pad_id=tok.pad_token_id,
         temperature=0.0,
         top_p=1.0,
-        seed=0,
+        seeds=None,
         batch_size=batch_size,
         bf16=bf16,
         progress=progress,
@@ -81,3 +83,30 @@ def exact_match(responses: list[str], answers: list[str]) -> EvalResult:
     return EvalResult(
         100.0 * float(correct.mean()) if len(correct) else 0.0, "exact_match", correct, responses
     )
+
+
+def teacher_loglik(
+    teacher: PreTrainedModel,
+    prompt_ids: list[list[int]],
+    responses: list[list[int]],
+    texts: list[str],
+    *,
+    eos_id: int,
+    start_id: int,
+    batch_tokens: int,
+    bf16: bool,
+) -> EvalResult:
+    """The teacher's mean log-likelihood per token of the greedy answers (EOS included): the
+    held-out score where prompts have no reference answer to match."""
+    scores = score(
+        teacher,
+        prompt_ids,
+        [x + [eos_id] for x in responses],
+        start_id=start_id,
+        top_k=None,
+        batch_tokens=batch_tokens,
+        bf16=bf16,
+    )
+    n = sum(len(x) + 1 for x in responses)
+    value = float(scores.cond_logprob_sum.sum() / n)
+    return EvalResult(value, "teacher_loglik", np.zeros(len(responses), dtype=bool), texts)

@@ -39,6 +39,11 @@ class Sample:
     def __len__(self) -> int:
         return len(self.prompt_ids) + len(self.response_ids)
 
+    def cut(self, n: int) -> Sample:
+        """The sample's first ``n`` tokens: the response cut, the prompt kept whole."""
+        assert n >= len(self.prompt_ids), "a cut never reaches into the prompt"
+        return Sample(self.prompt_ids, self.response_ids[: n - len(self.prompt_ids)])
+
 
 @dataclass
 class PackedBatch:
@@ -76,7 +81,7 @@ def fit_lengths(
         if len(s) <= max_seq_len:
             kept.append(s)
         elif overlong == "truncate" and len(s.prompt_ids) < max_seq_len:
-            kept.append(Sample(s.prompt_ids, s.response_ids[: max_seq_len - len(s.prompt_ids)]))
+            kept.append(s.cut(max_seq_len))
         else:
             continue
         index.append(i)
@@ -138,6 +143,20 @@ def pack(
     if mode == "bfd":
         return best_fit_decreasing(lengths, max_seq_len, seed)
     return greedy_stream(lengths, max_seq_len)
+
+
+def packed_rows(
+    samples: list[Sample],
+    max_seq_len: int,
+    overlong: Literal["truncate", "drop"],
+    mode: Literal["bfd", "greedy"],
+    seed: int,
+) -> tuple[list[Sample], list[int], list[list[int]]]:
+    """Apply the overlong policy, then pack. Returns the kept samples (cut where truncated),
+    their indices in ``samples``, and the rows as indices into the kept samples."""
+    kept, index = fit_lengths(samples, max_seq_len, overlong)
+    rows = pack([len(s) for s in kept], max_seq_len, mode, seed)
+    return kept, index, rows
 
 
 def collate(

@@ -20,7 +20,7 @@ from transformers import PreTrainedModel
 from npd_core.config import PackConfig, TrainConfig
 from npd_core.errors import TrainingError
 from npd_core.method import losses
-from npd_core.method.packing import IGNORE_INDEX, PackedBatch, Sample, collate, fit_lengths, pack
+from npd_core.method.packing import IGNORE_INDEX, PackedBatch, Sample, collate
 from npd_core.models import autocast
 
 
@@ -80,6 +80,13 @@ def round_steps(n_rows: int, cfg: TrainConfig) -> int:
     """Optimizer steps of a round of ``n_rows`` packed rows: ``steps_per_round``, or fewer when
     ``epochs_per_round`` passes over the rows come first."""
     return min(cfg.steps_per_round, math.ceil(cfg.epochs_per_round * n_rows / cfg.rows_per_step))
+
+
+def lr_horizon(start_step: int, n_rows: int, rounds_left: int, cfg: TrainConfig) -> int:
+    """The step at which ``lr_at``'s cosine ends, re-estimated each round: the steps taken so
+    far plus this round's for every round left (this one included), so the schedule ends with
+    the last round even where the epoch bound cuts ``steps_per_round`` short."""
+    return start_step + round_steps(n_rows, cfg) * rounds_left
 
 
 def make_optimizer(model: PreTrainedModel, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -151,15 +158,6 @@ def optimizer_step(
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss.detach()
-
-
-def packed_rows(
-    samples: list[Sample], pack_cfg: PackConfig, seed: int
-) -> tuple[list[Sample], list[int], list[list[int]]]:
-    """Apply the overlong policy and pack; returns kept samples, their source index, rows."""
-    kept, index = fit_lengths(samples, pack_cfg.max_seq_len, pack_cfg.overlong)
-    rows = pack([len(s) for s in kept], pack_cfg.max_seq_len, pack_cfg.mode, seed)
-    return kept, index, rows
 
 
 def train_round(

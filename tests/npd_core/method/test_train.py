@@ -8,8 +8,8 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from npd_core.config import PackConfig, TrainConfig
 from npd_core.errors import TrainingError
-from npd_core.method.packing import Sample
-from npd_core.method.train import Targets, lr_at, make_optimizer, packed_rows, train_round
+from npd_core.method.packing import Sample, packed_rows
+from npd_core.method.train import Targets, lr_at, make_optimizer, train_round
 
 
 def _model() -> Qwen2ForCausalLM:
@@ -42,7 +42,7 @@ def test_non_finite_loss_raises_and_keeps_weights(bad):
     lp[0, 0] = bad
     targets = Targets(ids, lp, [0, 1, 3, 6, 7, 9])
     cfg, pack = TrainConfig(steps_per_round=3, rows_per_step=1), PackConfig(max_seq_len=16)
-    kept, _, rows = packed_rows(samples, pack, seed=0)
+    kept, _, rows = packed_rows(samples, pack.max_seq_len, pack.overlong, pack.mode, seed=0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(TrainingError, match="non-finite loss"):
         train_round(

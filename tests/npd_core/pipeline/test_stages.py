@@ -1,12 +1,19 @@
-"""Stages without Prefect: idempotent writes, and a round whose samples are all filtered out."""
+"""Stages without Prefect: idempotent writes; the filter gives every dropped row a reason; pack
+places every kept sample exactly once within ``max_seq_len``; train consumes exactly the packed
+rows (read back from the pack table, never re-derived); rounds whose samples are all dropped."""
 
 from __future__ import annotations
 
+import dataclasses
+from collections import Counter
+
 import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
 
 from npd_core.config import NPDConfig
+from npd_core.pipeline.spec import RunSpec
 from npd_core.pipeline.stages import (
-    RunSpec,
     filter_stage,
     generate_stage,
     pack_stage,
@@ -16,6 +23,7 @@ from npd_core.pipeline.stages import (
 from npd_core.store import Store, query
 
 PROV = {"flow_run_id": "f", "task_run_id": "t"}
+REASONS = {"empty", "unfinished", "non_finite", "below_band", "above_band"}
 
 
 def _spec(tmp_path, world, **cfg) -> RunSpec:
@@ -39,6 +47,43 @@ def _spec(tmp_path, world, **cfg) -> RunSpec:
     )
 
 
+def _with(spec: RunSpec, **sections: dict) -> RunSpec:
+    """The same run with some config sections replaced."""
+    config = NPDConfig.model_validate({**spec.config, **sections}).model_dump(mode="json")
+    return dataclasses.replace(spec, config=config)
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory, tiny_world) -> RunSpec:
+    """Round 1 generated, scored and filtered once (two samples a prompt, 32 in all); the
+    filter keeps every non-empty sample so that pack and train have data to work on."""
+    spec = _spec(
+        tmp_path_factory.mktemp("scored"),
+        tiny_world,
+        generate={"max_new_tokens": 24, "n_per_prompt": 2},
+        filter={"enabled": False, "drop_unfinished": False},
+    )
+    for stage in (generate_stage, score_stage, filter_stage):
+        stage(spec, 1, PROV)
+    return spec
+
+
+def _kept_lengths(spec: RunSpec) -> dict[tuple[str, int], tuple[int, int]]:
+    """(prompt_id, sample_idx) → (prompt tokens, prompt + response tokens) of the kept samples."""
+    rows = query(
+        spec.store.db_path,
+        "select prompt_id, sample_idx, prompt_tokens, response_tokens from samples "
+        "where kept and round = 1",
+    ).to_pylist()
+    return {
+        (x["prompt_id"], x["sample_idx"]): (
+            x["prompt_tokens"],
+            x["prompt_tokens"] + x["response_tokens"],
+        )
+        for x in rows
+    }
+
+
 def test_stage_rerun_is_idempotent(tmp_path, tiny_world):
     spec = _spec(tmp_path, tiny_world)
     q = "select * exclude (created_at) from samples order by prompt_id, sample_idx"
@@ -51,6 +96,95 @@ def test_stage_rerun_is_idempotent(tmp_path, tiny_world):
     assert hidden == []  # no temp or trash folders left behind
 
 
+def test_filter_records_a_reason_for_every_dropped_row(scored):
+    """The quantile band (0.05–0.90 of the non-empty samples): kept rows lie inside it and
+    have no reason; every other row has exactly one reason, and the metrics count them."""
+    spec = _with(scored, filter={"drop_unfinished": False})
+    try:
+        res = filter_stage(spec, 1, PROV)
+        f = spec.store.read_stage("r", 1, "filter", "filter").to_pylist()
+    finally:
+        filter_stage(scored, 1, PROV)  # the other tests' data: every non-empty sample kept
+    sc = spec.store.read_stage("r", 1, "score", "scores").column("delta_ifd").to_pylist()
+    assert len(f) == len(sc) == 32
+    assert all((x["filter_reason"] is None) == x["kept"] for x in f)
+    reason = [x["filter_reason"] for x in f]
+    dropped = Counter(x for x in reason if x is not None)
+    m = res.metrics
+    assert set(dropped) <= REASONS and m["drop_reasons"] == dict(dropped)
+    assert m["n_kept"] + sum(dropped.values()) == 32 and 0 < m["n_kept"] < 32
+    assert m["kept_fraction"] == pytest.approx(m["n_kept"] / 32)
+    lo, hi = m["band_low"], m["band_high"]
+    for why, d in zip(reason, sc, strict=True):
+        assert why != "below_band" or d < lo
+        assert why != "above_band" or d > hi
+        assert why is not None or lo <= d <= hi
+
+
+@pytest.mark.parametrize("overlong", ["truncate", "drop"])
+def test_pack_places_every_kept_sample_once_within_the_row(scored, overlong):
+    kept = _kept_lengths(scored)
+    longest_prompt = max(p for p, _ in kept.values())
+    totals = sorted(n for _, n in kept.values())
+    max_len = max(8, longest_prompt + 1, totals[len(totals) // 2])  # about half are overlong
+    over = {k for k, (_, n) in kept.items() if n > max_len}
+    assert len(kept) >= 16 and over  # the case under test exists
+
+    spec = _with(scored, pack={"max_seq_len": max_len, "overlong": overlong})
+    res = pack_stage(spec, 1, PROV)
+    pk = spec.store.read_stage("r", 1, "pack", "pack").to_pylist()
+    length = {(x["prompt_id"], x["sample_idx"]): x["length"] for x in pk}
+    assert len(length) == len(pk)  # each sample once
+    if overlong == "truncate":
+        assert set(length) == set(kept) and res.metrics["dropped_overlong"] == 0
+        assert all(n == min(kept[k][1], max_len) for k, n in length.items())
+    else:
+        assert set(length) == set(kept) - over and res.metrics["dropped_overlong"] == len(over)
+        assert all(n == kept[k][1] for k, n in length.items())
+    rows: dict[int, list[dict]] = {}
+    for x in pk:
+        rows.setdefault(x["row"], []).append(x)
+    assert sorted(rows) == list(range(len(rows))) == list(range(res.metrics["rows"]))
+    for row in rows.values():
+        assert sorted(x["slot"] for x in row) == list(range(len(row)))
+        assert sum(x["length"] for x in row) <= max_len
+    tokens = sum(x["length"] for x in pk)
+    assert res.metrics["packed_tokens"] == tokens
+    assert res.metrics["fill_ratio"] == pytest.approx(tokens / (len(rows) * max_len))
+
+
+def test_train_consumes_exactly_the_packed_rows(scored):
+    """One pass, one row a step: every packed row is trained once, so the round's tokens are
+    the pack table's; and when the pack table changes, training follows the table."""
+    kept = _kept_lengths(scored)
+    max_len = max(8, max(p for p, _ in kept.values()) + 4)
+    assert any(n > max_len for _, n in kept.values())  # samples cut by the overlong policy
+    spec = _with(
+        scored,
+        pack={"max_seq_len": max_len},
+        train={"steps_per_round": 1000, "epochs_per_round": 1.0, "rows_per_step": 1},
+    )
+    pack = pack_stage(spec, 1, PROV)
+    pk = spec.store.read_stage("r", 1, "pack", "pack")
+    tokens = pack.metrics["packed_tokens"]
+    response = sum(x["length"] - kept[(x["prompt_id"], x["sample_idx"])][0] for x in pk.to_pylist())
+    tr = train_stage(spec, 1, PROV).metrics
+    n_rows = pack.metrics["rows"]
+    assert tr["steps"] == n_rows and tr["train_tokens"] == tokens and tr["loss_tokens"] == response
+    assert tr["fill_ratio"] == pytest.approx(tokens / (n_rows * max_len))
+    ckpt = query(spec.store.db_path, "select step, train_tokens from checkpoints").to_pylist()
+    assert ckpt == [{"step": n_rows, "train_tokens": tokens}]
+
+    # keep row 0 only, each sample cut to its prompt and one response token: train reads that
+    row0 = pk.filter(pc.equal(pk.column("row"), 0)).to_pylist()
+    for x in row0:
+        x["length"] = kept[(x["prompt_id"], x["sample_idx"])][0] + 1
+    spec.store.write_stage("r", 1, "pack", {"pack": pa.Table.from_pylist(row0, pk.schema)})
+    tr = train_stage(spec, 1, PROV).metrics
+    assert tr["steps"] == 1 and tr["loss_tokens"] == len(row0)
+    assert tr["train_tokens"] == sum(x["length"] for x in row0)
+
+
 def test_everything_filtered_trains_nothing_and_goes_on(tmp_path, tiny_world):
     spec = _spec(tmp_path, tiny_world, filter={"abs_low": 100.0, "abs_high": 200.0})
     for stage in (generate_stage, score_stage, filter_stage):
@@ -58,9 +192,13 @@ def test_everything_filtered_trains_nothing_and_goes_on(tmp_path, tiny_world):
     flt = filter_stage(spec, 1, PROV)
     assert flt.metrics["n_kept"] == 0
     assert set(flt.metrics["drop_reasons"]) <= {"below_band", "unfinished", "empty", "non_finite"}
-    assert pack_stage(spec, 1, PROV).metrics["rows"] == 0
+    assert sum(flt.metrics["drop_reasons"].values()) == 16  # every row has its reason
+    pack = pack_stage(spec, 1, PROV).metrics
+    assert pack["rows"] == pack["packed_tokens"] == pack["dropped_overlong"] == 0
     tr = train_stage(spec, 1, PROV)
     assert tr.metrics["steps"] == 0 and tr.metrics["train_tokens"] == 0
+    ckpt = query(spec.store.db_path, "select step, train_tokens from checkpoints").to_pylist()
+    assert ckpt == [{"step": 0, "train_tokens": 0}]  # θ_1 = θ_0, and the run goes on
     n = query(spec.store.db_path, "select count(*) from samples where filter_reason is null")
     assert n.column(0)[0].as_py() == 0
 

@@ -1,0 +1,97 @@
+"""What a run's stages share: the run's spec (``RunSpec``), the result each stage returns
+(``StageResult``) and which checkpoint generates a round's data. Plain data, so it crosses process
+lines and Prefect persists it; the stages themselves are in ``stages.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from npd_core.config import NPDConfig
+from npd_core.errors import StoreUsageError
+from npd_core.store import Store
+
+
+@dataclass
+class RunSpec:
+    """What every stage of a run needs to know; plain data, so it can cross process lines."""
+
+    root: str  # output directory
+    run_id: str
+    config: dict[str, Any]  # NPDConfig.model_dump(mode="json")
+    teacher: str  # checkpoint dir
+    student: str  # θ_0 checkpoint dir
+    train_prompts: str  # JSONL
+    eval_prompts: str  # JSONL
+    deployment: str | None = None  # lineage of scheduled runs ("<flow>/<deployment>")
+    parent_run_id: str | None = None  # the run whose checkpoint ``student`` is
+    parent_round: int | None = None
+
+    @property
+    def cfg(self) -> NPDConfig:
+        return NPDConfig.model_validate(self.config)
+
+    @property
+    def store(self) -> Store:
+        return Store(self.root, create=False)
+
+    @staticmethod
+    def path(root: str | Path, run_id: str) -> Path:
+        """Where a run's spec is kept: ``runs/<run_id>/run/spec.json``."""
+        return Path(root) / "runs" / run_id / "run" / "spec.json"
+
+    def save(self) -> Path:
+        """Write the spec (temp + rename) so the run can be retried."""
+        path = self.path(self.root, self.run_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=1, sort_keys=True))
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, root: str | Path, run_id: str) -> RunSpec:
+        path = cls.path(root, run_id)
+        if not path.is_file():
+            raise StoreUsageError(
+                f"{Path(root) / 'npd.duckdb'}: no run {run_id!r} to retry; "
+                f"`npd status --out {root}` lists the runs"
+            )
+        return cls(**{**json.loads(path.read_text()), "root": str(root)})
+
+    def checkpoint(self, k: int) -> str:
+        """Directory of θ_k (θ_0 is the initial student, not copied)."""
+        if k == 0:
+            return self.student
+        return str(Path(self.root) / "runs" / self.run_id / "checkpoints" / f"round={k}")
+
+
+@dataclass
+class StageResult:
+    stage: str
+    round: int
+    digest: str  # content fingerprint of what the stage wrote (downstream cache keys use it)
+    seconds: float
+    started: float
+    ended: float
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def generator_round(r: int, staleness: int) -> int:
+    """Index of the checkpoint that generates D_r."""
+    return max(0, r - 1 - staleness)
+
+
+def rel_path(root: str, path: str) -> str:
+    """Path relative to the output directory when inside it, so the directory can move."""
+    try:
+        return str(Path(path).resolve().relative_to(Path(root).resolve()))
+    except ValueError:
+        return str(Path(path).resolve())
