@@ -89,7 +89,8 @@ def start(out: Path, port: int, mlflow_port: int) -> list[Service]:
     return services
 
 
-def _healthy(url: str) -> bool:
+def healthy(url: str) -> bool:
+    """Whether ``url`` answers 200 now (a refused or slow connection is not healthy)."""
     try:
         with urllib.request.urlopen(url, timeout=2) as r:
             return r.status == 200
@@ -105,7 +106,7 @@ def wait_healthy(services: list[Service], stop: threading.Event, timeout: float)
         for s in list(pending):
             if s.proc.poll() is not None:
                 raise NPDError(f"{s.name} exited with code {s.proc.returncode}; see {s.log}")
-            if _healthy(s.health):
+            if healthy(s.health):
                 pending.remove(s)
         if time.monotonic() > deadline:
             names = ", ".join(f"{s.name} ({s.health}, log {s.log})" for s in pending)
@@ -121,7 +122,7 @@ def stop_all(services: list[Service], grace: float = 15.0) -> None:
     for s in services:
         with contextlib.suppress(subprocess.TimeoutExpired):
             s.proc.wait(max(0.1, deadline - time.monotonic()))
-    while time.monotonic() < deadline and any(_group_alive(s.proc.pid) for s in services):
+    while time.monotonic() < deadline and any(group_alive(s.proc.pid) for s in services):
         time.sleep(0.2)
     for s in services:
         _signal_group(s.proc.pid, signal.SIGKILL)
@@ -133,7 +134,8 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
         os.killpg(pgid, sig)
 
 
-def _group_alive(pgid: int) -> bool:
+def group_alive(pgid: int) -> bool:
+    """Whether any process of group ``pgid`` is still alive (zombies included until reaped)."""
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:

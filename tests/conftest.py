@@ -23,10 +23,27 @@ def tiny_world(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def prefect_server(tmp_path_factory):
-    """One ephemeral Prefect API for the whole session (its first start takes ~10 s)."""
-    os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(tmp_path_factory.mktemp("results"))
-    from prefect.testing.utilities import prefect_test_harness
+def prefect_server(tmp_path_factory, prefect_api):
+    """Flows run in this process report to the session's Prefect server (a real `prefect server
+    start`, resume_checks.prefect_api), as under ``prefect_test_harness``, whose server of its own
+    would first migrate a fresh database (a minute or more on a busy 2-core box)."""
+    from prefect.context import _temporary_global_settings_context, get_settings_context
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_RESULTS_LOCAL_STORAGE_PATH,
+        temporary_settings,
+    )
 
-    with prefect_test_harness(server_startup_timeout=120):
+    results = tmp_path_factory.mktemp("results")
+    os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(results)
+    updates = {PREFECT_API_URL: prefect_api.api, PREFECT_RESULTS_LOCAL_STORAGE_PATH: results}
+    # the global context too: for code in a context copied before this one (as the harness)
+    with (
+        temporary_settings(updates=updates),
+        _temporary_global_settings_context(get_settings_context()),
+    ):
         yield
+        APILogWorker.drain_all()  # what the flows logged reaches the server before it stops
+        EventsWorker.drain_all()

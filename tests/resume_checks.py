@@ -30,6 +30,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from flows.ui import group_alive
 from npd_core.store import STAGES, query
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,26 +77,36 @@ def stop_group(proc: subprocess.Popen) -> None:
         except ProcessLookupError:
             break
         deadline = time.time() + 10
-        while time.time() < deadline and _group_alive(proc.pid):
+        while time.time() < deadline and group_alive(proc.pid):
             proc.poll()  # reap the leader, or the group never empties
             time.sleep(0.2)
-        if not _group_alive(proc.pid):
+        if not group_alive(proc.pid):
             break
     proc.wait(timeout=10)
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 @dataclass
 class PrefectAPI:
     url: str  # http://127.0.0.1:<port>
     home: Path
+    migrated_db: Path  # the server's database as it started: every migration run, no flow run
+
+    def fresh_home(self, home: Path) -> Path:
+        """A new PREFECT_HOME holding a copy of ``migrated_db``: a Prefect server started there
+        (`npd run`'s ephemeral API, `npd ui`'s server) skips the migrations that a fresh
+        database runs first (minutes on a busy 2-core box)."""
+        home.mkdir(parents=True, exist_ok=True)
+        shutil.copy(self.migrated_db, home / "prefect.db")
+        return home
+
+    def ephemeral_env(self, home: Path) -> dict[str, str]:
+        """Environment additions for an npd process that runs its own ephemeral Prefect API, as
+        a user without a server does: a ``fresh_home`` and room for a slow start of that API on
+        a busy machine (the default 20 s is not always enough there)."""
+        return {
+            "PREFECT_HOME": str(self.fresh_home(home)),
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+        }
 
     @property
     def api(self) -> str:
@@ -127,8 +138,10 @@ def prefect_api(request, tmp_path_factory) -> Iterator[PrefectAPI]:
     session; the whole process group is stopped at the end.
 
     A fresh server database runs every Prefect migration (minutes on a busy 2-core box), so the
-    first session keeps a migrated copy in pytest's cache and later sessions start from it."""
+    first session keeps a migrated copy in pytest's cache and later sessions start from it; the
+    session's other Prefect homes start from it too (``PrefectAPI.fresh_home``)."""
     home = tmp_path_factory.mktemp("prefect-server")
+    migrated = tmp_path_factory.mktemp("prefect-migrated") / "prefect.db"
     cache = getattr(request.config, "cache", None)
     template = cache.mkdir(f"prefect-db-{prefect.__version__}") / "prefect.db" if cache else None
     if template is not None and template.is_file():
@@ -148,7 +161,7 @@ def prefect_api(request, tmp_path_factory) -> Iterator[PrefectAPI]:
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    server = PrefectAPI(f"http://127.0.0.1:{port}", home)
+    server = PrefectAPI(f"http://127.0.0.1:{port}", home, migrated)
     try:
         deadline = time.time() + 900
         while True:
@@ -160,8 +173,9 @@ def prefect_api(request, tmp_path_factory) -> Iterator[PrefectAPI]:
             if proc.poll() is not None or time.time() > deadline:
                 raise RuntimeError(f"prefect server did not start: {(home / 'server.log')}")
             time.sleep(0.5)
+        _snapshot(home / "prefect.db", migrated)
         if template is not None and not template.is_file():
-            _snapshot(home / "prefect.db", template)
+            _snapshot(migrated, template)
         yield server
     finally:
         stop_group(proc)

@@ -4,21 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
+from resume_checks import NPD, npd_env
 from typer.testing import CliRunner
 
 from flows.cli import app
-from npd_core.pipeline.stages import RunSpec
 from npd_core.store import Store, table_from_rows
 
 runner = CliRunner()
-NPD = [sys.executable, "-c", "from flows.cli import main; main()"]
 
 
 def test_config_init_then_show_roundtrip(tmp_path):
@@ -141,52 +139,49 @@ def _write_run_config(tmp_path, world, prompts_per_round: int, steps: int) -> No
 
 
 @pytest.mark.slow
-def test_sql_answers_while_a_run_writes(tmp_path, tiny_world):
-    """A real `npd run` in a subprocess; `npd sql` keeps answering while it writes."""
-    _write_run_config(tmp_path, tiny_world, prompts_per_round=64, steps=4)
+def test_sql_answers_while_a_run_writes(tmp_path, tiny_world, prefect_api):
+    """A real `npd run` in a subprocess, stopped (NPD_PAUSE_AT) while round 2's samples are
+    written but not yet renamed into place: `npd sql` answers and sees round 1's samples only;
+    the run then goes on and `npd sql` sees both rounds."""
+    _write_run_config(tmp_path, tiny_world, prompts_per_round=32, steps=2)
     out = tmp_path / "out"
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
-    proc = subprocess.Popen(
-        [*NPD, "run", str(tmp_path / "run.yaml"), "--out", str(out), "--json"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    answers = []
-    while proc.poll() is None:
-        if (out / "npd.duckdb").exists():
-            r = _cli(
-                "sql",
-                "select count(*) as n from samples",
-                "--db",
-                str(out / "npd.duckdb"),
-                "--json",
-            )
-            assert r.returncode == 0, r.stderr
-            answers.append(json.loads(r.stdout)[0]["n"])
-        time.sleep(0.5)
-    stdout, stderr = proc.communicate()
-    assert proc.returncode == 0, stderr[-2000:]
+    env = npd_env(prefect_api, tmp_path / "prefect", NPD_PAUSE_AT="write:generate:2")
+    db = out / "npd.duckdb"
+    q = "select round, count(*) as n from samples group by round order by round"
+    log = tmp_path / "stderr.log"
+    with open(log, "w") as err:  # a file, not a pipe: a full pipe would block the run
+        proc = subprocess.Popen(
+            [*NPD, "run", str(tmp_path / "run.yaml"), "--out", str(out), "--json"],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            env=env,
+        )
+    _, how = os.waitpid(proc.pid, os.WUNTRACED)  # returns when it stops at the point
+    assert os.WIFSTOPPED(how), log.read_text()[-3000:]
+    try:
+        assert list(out.glob("runs/*/round=2/.generate.tmp-*/samples.parquet"))
+        during = _cli("sql", q, "--db", str(db), "--json")
+        assert during.returncode == 0, during.stderr
+        assert json.loads(during.stdout) == [{"round": 1, "n": 32}]
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    stdout, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, log.read_text()[-3000:]
     summary = json.loads(stdout)  # stdout holds exactly one JSON object
-    assert summary["rounds"][-1]["round"] == 2 and summary["db"].endswith("npd.duckdb")
-    assert len(answers) >= 3 and answers == sorted(answers)
-    final = _cli("sql", "select count(*) as n from samples", "--db", summary["db"], "--json")
-    assert json.loads(final.stdout)[0]["n"] == 128
-
-
-def test_runspec_checkpoint_layout(tmp_path):
-    spec = RunSpec(str(tmp_path), "x", {}, "t", "s0", "a", "b")
-    assert spec.checkpoint(0) == "s0"
-    assert spec.checkpoint(2).endswith(os.path.join("runs", "x", "checkpoints", "round=2"))
+    assert summary["rounds"][-1]["round"] == 2 and summary["db"] == str(db.resolve())
+    after = _cli("sql", q, "--db", str(db), "--json")
+    assert json.loads(after.stdout) == [{"round": 1, "n": 32}, {"round": 2, "n": 32}]
 
 
 @pytest.mark.slow
-def test_failed_run_then_npd_retry(tmp_path, tiny_world):
+def test_failed_run_then_npd_retry(tmp_path, tiny_world, prefect_api):
     """`npd run` fails in round 2 (injected); `npd retry RUN_ID` finishes it from the cache."""
     _write_run_config(tmp_path, tiny_world, prompts_per_round=32, steps=2)
     out = tmp_path / "out"
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "NPD_FAIL_AT": "score:2"}
+    # its own ephemeral Prefect API, as a user without a server (`npd retry` starts another)
+    env = {**os.environ, **prefect_api.ephemeral_env(tmp_path / "prefect")}
+    env["NPD_FAIL_AT"] = "score:2"
     run = subprocess.run(
         [*NPD, "run", str(tmp_path / "run.yaml"), "--out", str(out)],
         capture_output=True,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -41,23 +43,48 @@ def _run(tmp_path, world, run_id, **over):
     return spec, distill_flow(spec)
 
 
-def test_two_rounds_store_mlflow_checkpoint(tmp_path, tiny_world, prefect_server, monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    spec, res = _run(tmp_path, tiny_world, "e2e")
-    db = tmp_path / "npd.duckdb"
-    # every round's samples are in DuckDB with their provenance
+E2E_ROUNDS = 3  # round 3 learns from D_3, made by θ_1 while θ_2 trains (staleness 1, overlap)
+
+
+@dataclass
+class E2E:
+    spec: RunSpec
+    res: dict
+    root: Path
+
+    @property
+    def db(self) -> Path:
+        return self.root / "npd.duckdb"
+
+
+@pytest.fixture(scope="module")
+def e2e(tmp_path_factory, tiny_world, prefect_server) -> E2E:
+    """One run of the distill flow (overlap on, the default) that the tests below read."""
+    root = tmp_path_factory.mktemp("e2e")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        spec, res = _run(root, tiny_world, "e2e", rounds=E2E_ROUNDS)
+    return E2E(spec, res, root)
+
+
+def test_every_rounds_samples_are_stored_with_their_provenance(e2e, tiny_world):
     rows = query(
-        db,
+        e2e.db,
         "select round, count(*) n, count(distinct flow_run_id) f, "
         "min(task_run_id) t, min(backend) b, min(generator_checkpoint) g "
         "from samples group by round order by round",
     ).to_pylist()
-    assert [r["round"] for r in rows] == [1, 2]
+    assert [r["round"] for r in rows] == [1, 2, 3]
     assert all(r["n"] == 48 and r["f"] == 1 and r["t"] and r["b"] == "hf" for r in rows)
-    # staleness 1: D_1 and D_2 both come from θ_0, the initial student
+    # staleness 1: D_1 and D_2 both come from θ_0, the initial student; D_3 from θ_1
     assert rows[0]["g"] == rows[1]["g"] == str(tiny_world.student.resolve())
+    theta_1 = query(e2e.db, "select path from checkpoints where round = 1").column(0)[0]
+    assert rows[2]["g"] == theta_1.as_py()
+
+
+def test_every_view_is_filled_and_the_run_completed(e2e):
     counts = query(
-        db,
+        e2e.db,
         "select (select count(*) from samples where delta_ifd is null) nulls, "
         "(select count(*) from filtered) kept, "
         "(select count(*) from samples where not kept and filter_reason is null) bad, "
@@ -66,28 +93,36 @@ def test_two_rounds_store_mlflow_checkpoint(tmp_path, tiny_world, prefect_server
         "(select status from runs) status",
     ).to_pylist()[0]
     assert counts["nulls"] == 0 and counts["bad"] == 0 and counts["kept"] > 0
-    assert counts["rounds"] == 2 and counts["evals"] == 3 and counts["ckpts"] == 3  # θ_0 too
+    assert counts["rounds"] == 3 and counts["evals"] == 4 and counts["ckpts"] == 4  # θ_0 too
     assert counts["status"] == "completed"
-    assert [r["score"] for r in res["rounds"]] == query(
-        db, "select score from evals where round > 0 order by round"
+    assert [r["score"] for r in e2e.res["rounds"]] == query(
+        e2e.db, "select score from evals where round > 0 order by round"
     ).column("score").to_pylist()
-    # the saved checkpoint loads with plain transformers and holds the optimizer state
-    ckpt = tmp_path / query(db, "select path from checkpoints where round = 2").column(0)[0].as_py()
-    model = AutoModelForCausalLM.from_pretrained(ckpt)
+    stage_s = json.loads(
+        query(e2e.db, "select stage_seconds_json from rounds where round = 1").column(0)[0].as_py()
+    )
+    assert set(stage_s) == {"generate", "score", "filter", "pack", "train", "evaluate"}
+
+
+def test_the_last_checkpoint_loads_with_transformers_and_holds_the_optimizer(e2e):
+    path = query(e2e.db, "select path from checkpoints where round = 3").column(0)[0].as_py()
+    model = AutoModelForCausalLM.from_pretrained(e2e.root / path)
     assert model.config.model_type == "qwen2"
-    state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
-    assert state["step"] == 6 and "optimizer" in state and "rng" in state
-    # MLflow: one parent run, a nested run per round, config params, artifacts
+    state = torch.load(e2e.root / path / "trainer_state.pt", weights_only=False)
+    assert state["step"] == 9 and "optimizer" in state and "rng" in state
+
+
+def test_mlflow_has_the_run_a_nested_run_per_round_and_the_artifacts(e2e):
     from mlflow.tracking import MlflowClient
 
-    c = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    parent = c.get_run(res["mlflow_run_id"])
-    assert parent.data.params["rounds"] == "2" and parent.data.tags["git_commit"]
-    assert parent.data.metrics["final_score"] == res["final_score"]
+    c = MlflowClient(f"sqlite:///{e2e.root / 'mlflow.db'}")
+    parent = c.get_run(e2e.res["mlflow_run_id"])
+    assert parent.data.params["rounds"] == "3" and parent.data.tags["git_commit"]
+    assert parent.data.metrics["final_score"] == e2e.res["final_score"]
     children = c.search_runs(
         [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
     )
-    assert sorted(r.data.tags["npd.round"] for r in children) == ["1", "2"]
+    assert sorted(r.data.tags["npd.round"] for r in children) == ["1", "2", "3"]
     child = next(r for r in children if r.data.tags["npd.round"] == "2")
     names = {a.path for a in c.list_artifacts(child.info.run_id)}
     assert {"plots", "checkpoint"} <= names
@@ -96,19 +131,17 @@ def test_two_rounds_store_mlflow_checkpoint(tmp_path, tiny_world, prefect_server
     ]
     assert len(c.get_metric_history(child.info.run_id, "loss")) == 3
     assert "config.yaml" in {a.path for a in c.list_artifacts(parent.info.run_id)}
-    stage_s = json.loads(
-        query(db, "select stage_seconds_json from rounds where round = 1").column(0)[0].as_py()
-    )
-    assert set(stage_s) == {"generate", "score", "filter", "pack", "train", "evaluate"}
-    # npd status reads the same store
+
+
+def test_npd_status_reads_the_same_store(e2e):
     from typer.testing import CliRunner
 
     from flows.cli import app
 
-    shown = CliRunner().invoke(app, ["status", "e2e", "--out", str(tmp_path), "--json"])
+    shown = CliRunner().invoke(app, ["status", "e2e", "--out", str(e2e.root), "--json"])
     (run,) = json.loads(shown.stdout)
-    assert run["status"] == "completed" and [x["round"] for x in run["rounds"]] == [0, 1, 2]
-    missing = CliRunner().invoke(app, ["status", "nope", "--out", str(tmp_path)])
+    assert run["status"] == "completed" and [x["round"] for x in run["rounds"]] == [0, 1, 2, 3]
+    missing = CliRunner().invoke(app, ["status", "nope", "--out", str(e2e.root)])
     assert missing.exit_code != 0 and "no run 'nope'" in str(missing.exception)
 
 
@@ -149,16 +182,16 @@ SAMPLE_COLS = (
 
 
 @pytest.mark.slow
-def test_overlap_equals_strict_order(tmp_path, tiny_world, prefect_server):
-    """staleness 1 with overlap and the same run strictly in order: identical tables and weights."""
-    a, _ = _run(tmp_path / "a", tiny_world, "overlap", rounds=3, overlap=True)
-    b, _ = _run(tmp_path / "b", tiny_world, "strict", rounds=3, overlap=False)
+def test_overlap_equals_strict_order(e2e, tmp_path, tiny_world, prefect_server):
+    """staleness 1 with overlap (the module's run) and the same run strictly in order: identical
+    tables and weights."""
+    strict, _ = _run(tmp_path, tiny_world, "strict", rounds=E2E_ROUNDS, overlap=False)
     q = f"select {SAMPLE_COLS} from samples order by round, prompt_id, sample_idx"
-    ta, tb = query(tmp_path / "a" / "npd.duckdb", q), query(tmp_path / "b" / "npd.duckdb", q)
+    ta, tb = query(e2e.db, q), query(tmp_path / "npd.duckdb", q)
     assert ta.num_rows == 3 * 48 and ta.equals(tb)
     for r in (1, 2, 3):
-        wa = load_file(f"{a.checkpoint(r)}/model.safetensors")
-        wb = load_file(f"{b.checkpoint(r)}/model.safetensors")
+        wa = load_file(f"{e2e.spec.checkpoint(r)}/model.safetensors")
+        wb = load_file(f"{strict.checkpoint(r)}/model.safetensors")
         assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
