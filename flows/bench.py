@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -197,10 +196,12 @@ def log_to_mlflow(res: dict[str, Any], knobs: dict[str, Any]) -> str:
     from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
+    from tasks.tracking import git_commit
+
     c = MlflowClient()
     exp = c.get_experiment_by_name(EXPERIMENT)
     exp_id = exp.experiment_id if exp else c.create_experiment(EXPERIMENT)
-    tags = {"mlflow.runName": "packing", "git_commit": _git_commit()}
+    tags = {"mlflow.runName": "packing", "git_commit": git_commit()}
     tags.update({f"bench.{k}": str(v) for k, v in res.items() if isinstance(v, str)})
     run = c.create_run(exp_id, tags=tags)
     rid = run.info.run_id
@@ -225,13 +226,3 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         elif v is not None:
             out[f"{prefix}{k}"] = v
     return out
-
-
-def _git_commit() -> str:
-    try:
-        cwd = Path(__file__).parent
-        r = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=cwd,
-                           timeout=5)  # fmt: skip
-        return r.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"

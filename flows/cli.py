@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
-import os
 import sys
 import time
 import uuid
@@ -24,6 +22,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from flows.bench import bench_app
+from flows.env import DEBUG, finite, prefect_env
 from npd_core.errors import ConfigError, NPDError, StoreUsageError, TrainingError, disk_full
 
 app = typer.Typer(
@@ -36,7 +35,6 @@ config_app = typer.Typer(no_args_is_help=True, help="Write or inspect a config f
 app.add_typer(config_app, name="config")
 app.add_typer(bench_app, name="bench")
 err = Console(stderr=True)
-DEBUG = {"on": False}
 RUN: dict[str, str] = {}  # the run this command started or resumed (for the resume hint)
 
 OutOpt = Annotated[
@@ -48,19 +46,6 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object on 
 @app.callback()
 def _main(debug: Annotated[bool, typer.Option("--debug", help="show tracebacks")] = False) -> None:
     DEBUG["on"] = debug
-
-
-def prefect_env(out: Path) -> None:
-    """Settings Prefect reads at import: results under the output dir, offline, and its console
-    handler quiet (our progress bars and one-line errors are the console; every log still goes
-    to the Prefect API and shows in the UI). ``--debug`` lets Prefect's console through."""
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(out.resolve() / "prefect-results")
-    if not DEBUG["on"]:
-        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    if not DEBUG["on"]:
-        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # no "creating tables" chatter
 
 
 def new_run_id() -> str:
@@ -168,18 +153,6 @@ def print_summary(summary: dict[str, Any]) -> None:
     err.print(f"MLflow: mlflow ui --backend-store-uri {summary['mlflow_uri']}")
 
 
-def _finite(x: Any) -> Any:
-    """NaN/inf → null, so ``--json`` output is strict JSON (a round that kept no sample has no
-    mean loss)."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_finite(v) for v in x]
-    return x
-
-
 def emit(summary: dict[str, Any], as_json: bool) -> None:
     for r in summary["rounds"]:
         if r["n_kept"] == 0:
@@ -192,7 +165,7 @@ def emit(summary: dict[str, Any], as_json: bool) -> None:
                 soft_wrap=True,
             )
     if as_json:
-        sys.stdout.write(json.dumps(_finite(summary), default=str, allow_nan=False) + "\n")
+        sys.stdout.write(json.dumps(finite(summary), default=str, allow_nan=False) + "\n")
     else:
         print_summary(summary)
 

@@ -35,7 +35,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from functools import partial
 from pathlib import Path
@@ -46,8 +46,10 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from flows.env import finite, prefect_env
+from flows.variants import BenchContext, Hyper, Variant, VariantResult
 from npd_core.bench import curves as cv
-from npd_core.config import NPDConfig, load_config
+from npd_core.config import NPDConfig, load_config, merge
 from npd_core.errors import ConfigError
 from npd_core.method.train import round_steps
 from npd_core.pipeline.stages import RunSpec
@@ -66,91 +68,7 @@ STEP_FACTORS = (0.5, 2.0)  # the steps-per-round ablations: half and twice the d
 PEERS = {"trl": "flows.peers:trl_variant"}  # --peers name → "module:function" returning a Variant
 
 
-# ---------------------------------------------------------------- the variant interface
-@dataclass(frozen=True)
-class Hyper:
-    """One point of the grid, in each method's units."""
-
-    lr: float
-    rows_per_step: int  # packed rows per optimizer step (npd, sft)
-    prompts_per_step: int  # sampled prompts per optimizer step (onpolicy, on-policy peers)
-
-
-@dataclass
-class VariantResult:
-    """What a runner returns for one seed: the held-out curve on its training clock (evaluation
-    excluded), its token counts, seconds per stage and the settings it ran with."""
-
-    curve: list[dict[str, float]]  # [{"wall_s": …, "score": …}], first point θ_0 at 0 s
-    wall_s: float  # training clock at the end
-    train_tokens: int  # tokens through training forwards (padding excluded)
-    generated_tokens: int  # tokens sampled
-    stage_seconds: dict[str, float]  # by stage; "evaluate" is reported but off the clock
-    settings: dict[str, Any] = field(default_factory=dict)
-    run_id: str | None = None  # npd run id in the store (``npd status``)
-    mlflow_run_id: str | None = None
-
-    @classmethod
-    def from_flow(
-        cls, res: dict[str, Any], settings: dict[str, Any], run_id: str | None = None
-    ) -> VariantResult:
-        """From a baseline or peer flow's result dict (the keys those flows all return)."""
-        keys = ("curve", "wall_s", "train_tokens", "generated_tokens", "stage_seconds")
-        return cls(
-            **{k: res[k] for k in keys},
-            settings=settings,
-            run_id=run_id,
-            mlflow_run_id=res["mlflow_run_id"],
-        )
-
-
-@dataclass
-class BenchContext:
-    """Everything a runner needs; runners build their RunSpec with ``spec``."""
-
-    out: Path
-    bench_id: str
-    paths: dict[str, str]  # teacher, student, train_prompts, eval_prompts
-    config: dict[str, Any]  # base NPDConfig dump; variants override parts of it
-    budget_s: float
-    eval_at: list[float]  # clock times of the baselines' held-out checkpoints
-    mlflow_parent: str  # the bench's MLflow run: every variant's run nests under it
-    log: Callable[[str], None]
-    calibration: dict[str, dict[str, float]] = field(default_factory=dict)  # probe by batch
-    results: dict[str, list[VariantResult]] = field(default_factory=dict)  # done so far
-    tag: str = ""  # run-id infix: "" for the main runs, "search-…" for the grid search
-
-    def spec(self, name: str, seed: int, config: dict[str, Any]) -> RunSpec:
-        """A RunSpec of this bench's world for ``config`` (validated), with its own run id."""
-        label = f"{self.tag}{name}-s{seed}"
-        cfg = NPDConfig.model_validate({**config, "seed": seed, "name": label})
-        run_id = f"{self.bench_id}-{label}"
-        return RunSpec(str(self.out), run_id, cfg.model_dump(mode="json"), **self.paths)
-
-
-Runner = Callable[[BenchContext, int, Hyper], VariantResult]
-
-
-@dataclass(frozen=True)
-class Variant:
-    """A benchmark variant. ``method`` names whose searched hyperparameters it runs with
-    ("npd", "sft", "onpolicy"; a peer usually takes "onpolicy"'s); ``main`` variants run
-    ``--seeds`` seeds, the others one."""
-
-    name: str
-    method: str
-    run: Runner
-    main: bool = False
-
-
 # ---------------------------------------------------------------- runners
-def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def npd_rounds(cfg: NPDConfig, cal: dict[str, float], budget_s: float) -> int:
     """The most rounds whose predicted clock fits ``budget_s`` at the probe's speed.
 
@@ -175,7 +93,7 @@ def run_npd(
     """NPD (``overrides`` make an ablation) through ``distill_flow``, rounds sized to the budget."""
     from flows.distill import distill_flow
 
-    config = _merge(
+    config = merge(
         ctx.config,
         {"train": {"lr": hyper.lr, "rows_per_step": hyper.rows_per_step}, **(overrides or {})},
     )
@@ -248,7 +166,7 @@ def run_sft(ctx: BenchContext, seed: int, hyper: Hyper) -> VariantResult:
     from flows.baselines import sft_flow
     from npd_core.baselines.sft import sft_config
 
-    config = _merge(ctx.config, {"train": {"lr": hyper.lr, "rows_per_step": hyper.rows_per_step}})
+    config = merge(ctx.config, {"train": {"lr": hyper.lr, "rows_per_step": hyper.rows_per_step}})
     spec = ctx.spec("sft", seed, sft_config(config))
     res = sft_flow(spec, ctx.eval_at, ctx.mlflow_parent)
     return _baseline_result(spec, res, {"teacher_answers": "greedy, every training prompt"})
@@ -258,7 +176,7 @@ def run_onpolicy(ctx: BenchContext, seed: int, hyper: Hyper) -> VariantResult:
     """Synchronous on-policy distillation through ``onpolicy_flow``."""
     from flows.baselines import onpolicy_flow
 
-    config = _merge(ctx.config, {"train": {"lr": hyper.lr}})
+    config = merge(ctx.config, {"train": {"lr": hyper.lr}})
     spec = ctx.spec("onpolicy", seed, config)
     res = onpolicy_flow(spec, ctx.eval_at, hyper.prompts_per_step, ctx.mlflow_parent)
     return _baseline_result(spec, res, {"prompts_per_step": hyper.prompts_per_step})
@@ -344,7 +262,7 @@ def calibrate(ctx: BenchContext, hyper: Hyper) -> dict[str, float]:
     key = str(hyper.rows_per_step)
     if key in ctx.calibration:
         return ctx.calibration[key]
-    config = _merge(
+    config = merge(
         ctx.config,
         {"rounds": 2, "train": {"lr": hyper.lr, "rows_per_step": hyper.rows_per_step}},
     )
@@ -482,7 +400,37 @@ def machine() -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- the command
-def run_bench(
+@dataclass(frozen=True)
+class BenchPlan:
+    """What one ``npd bench`` call runs, settled before anything runs: the config, the variants,
+    the world's paths, the budget, the seeds and the search grid."""
+
+    cfg: NPDConfig
+    out: Path
+    bench_id: str
+    started: float  # time.time() when planning began (the report's wall_s counts from here)
+    selected: list[Variant]  # in report order
+    methods: dict[str, Variant]  # method → the variant whose runner the search runs
+    paths: dict[str, str]  # teacher, student, train_prompts, eval_prompts
+    budget_s: float
+    n_seeds: int
+    grid: dict[str, tuple[float, ...]]
+    points: list[Hyper]
+    held_out: int  # held-out prompts each checkpoint is scored on
+    quick: bool
+
+
+def run_bench(plan: BenchPlan, log: Callable[[str], None]) -> dict[str, Any]:
+    """Run the benchmark ``plan`` settles; return its JSON object (also in ``<out>/<id>/``)."""
+    ctx = open_bench(plan, log)
+    chosen, search_scores = search(ctx, plan.methods, plan.points)
+    run_variants(ctx, plan, chosen)
+    table = results_table(ctx, plan, chosen)
+    report = make_report(ctx, plan, table, chosen, search_scores)
+    return publish(ctx, report, table, plan.started)
+
+
+def plan_bench(
     *,
     out: Path,
     config: Path | None,
@@ -492,15 +440,14 @@ def run_bench(
     names: list[str] | None,
     peers: list[str],
     log: Callable[[str], None],
-) -> dict[str, Any]:
-    """Run the benchmark and return its JSON object (also written to ``<out>/bench-<id>/``)."""
+) -> BenchPlan:
+    """Load the config, pick the variants (unknown names are a ConfigError), resolve the world
+    (built or loaded) and lay the search grid around the config's own lr and batch size."""
     from flows.spec import resolve_spec
-    from npd_core.bench.plots import bench_curves
     from npd_core.data import read_prompts
     from npd_core.models import format_prompts, load_tokenizer
-    from tasks import tracking
 
-    t_start = time.time()
+    started = time.time()
     cfg = load_config(config)
     known = variants(cfg)
     chosen_names = names or (list(MAIN) if quick else list(known))
@@ -513,68 +460,126 @@ def run_bench(
     bench_id = f"bench-{datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:4]}"
     spec, _ = resolve_spec(cfg, out, bench_id, log=log)
     paths = {k: spec[k] for k in ("teacher", "student", "train_prompts", "eval_prompts")}
-    budget = (budget_s or DEFAULT_BUDGET_S) * (QUICK_FRACTION if quick else 1.0)
-    n_seeds = seeds or (1 if quick else 3)
     tok = load_tokenizer(paths["student"])
     train = read_prompts(paths["train_prompts"])
     ids = format_prompts(tok, [p.prompt for p in train], cfg.data.chat_template)
     base = base_hyper(cfg, float(np.mean([len(x) for x in ids])))
     grid = QUICK_GRID if quick else GRID
-    points = grid_points(base, grid)
     n_eval = len(read_prompts(paths["eval_prompts"]))
-    held_out = min(n_eval, cfg.data.eval_size or n_eval)
-    knobs = {"budget_s": budget, "quick": quick, "seeds": n_seeds, "grid": json.dumps(grid)}
-    knobs["variants"] = ",".join(v.name for v in selected)
-    parent = tracking.start_run(
-        str(out), bench_id, "bench", {**knobs, "config": cfg.model_dump(mode="json")}
+    return BenchPlan(
+        cfg=cfg,
+        out=out,
+        bench_id=bench_id,
+        started=started,
+        selected=selected,
+        methods={v.method: known.get(v.method, v) for v in selected},
+        paths=paths,
+        budget_s=(budget_s or DEFAULT_BUDGET_S) * (QUICK_FRACTION if quick else 1.0),
+        n_seeds=seeds or (1 if quick else 3),
+        grid=grid,
+        points=grid_points(base, grid),
+        held_out=min(n_eval, cfg.data.eval_size or n_eval),
+        quick=quick,
     )
-    eval_at = [budget * k / CHECKPOINTS for k in range(1, CHECKPOINTS + 1)]
+
+
+def open_bench(plan: BenchPlan, log: Callable[[str], None]) -> BenchContext:
+    """The bench's MLflow parent run (every variant's run nests under it) and the context the
+    runners share; the baselines' checkpoints split the budget evenly."""
+    from tasks import tracking
+
+    knobs = {
+        "budget_s": plan.budget_s,
+        "quick": plan.quick,
+        "seeds": plan.n_seeds,
+        "grid": json.dumps(plan.grid),
+        "variants": ",".join(v.name for v in plan.selected),
+    }
+    config = plan.cfg.model_dump(mode="json")
+    parent = tracking.start_run(str(plan.out), plan.bench_id, "bench", {**knobs, "config": config})
+    eval_at = [plan.budget_s * k / CHECKPOINTS for k in range(1, CHECKPOINTS + 1)]
     ctx = BenchContext(
-        out, bench_id, paths, cfg.model_dump(mode="json"), budget, eval_at, parent, log
+        plan.out, plan.bench_id, plan.paths, config, plan.budget_s, eval_at, parent, log
     )
-    log(f"bench {bench_id}: {len(selected)} variants, {budget:.0f} s each, grid of {len(points)}")
-    methods = {v.method: known.get(v.method, v) for v in selected}
-    chosen, search_scores = search(ctx, methods, points)
-    for v in selected:
+    log(
+        f"bench {plan.bench_id}: {len(plan.selected)} variants, {plan.budget_s:.0f} s each, "
+        f"grid of {len(plan.points)}"
+    )
+    return ctx
+
+
+def run_variants(ctx: BenchContext, plan: BenchPlan, chosen: dict[str, Hyper]) -> None:
+    """Every selected variant with its method's searched hyperparameters: ``--seeds`` seeds for
+    the main ones, one for the others; results go to ``ctx.results``."""
+    for v in plan.selected:
         ctx.results[v.name] = []
-        for seed in range(n_seeds if v.main else 1):
+        for seed in range(plan.n_seeds if v.main else 1):
             res = v.run(ctx, seed, chosen[v.method])
             ctx.results[v.name].append(res)
-            log(
+            ctx.log(
                 f"{v.name} seed {seed}: {res.curve[0]['score']:.2f} → "
                 f"{res.curve[-1]['score']:.2f} in {res.wall_s:.0f} s"
             )
-    table = {}
-    for v in selected:
-        rows = ctx.results[v.name]
-        table[v.name] = {
-            **summarize(rows, budget),
+
+
+def results_table(
+    ctx: BenchContext, plan: BenchPlan, chosen: dict[str, Hyper]
+) -> dict[str, dict[str, Any]]:
+    """One row per variant: its seeds summarized, with the hyperparameters it ran with."""
+    return {
+        v.name: {
+            **summarize(ctx.results[v.name], plan.budget_s),
             "hyperparameters": asdict(chosen[v.method]),
             "method": v.method,
         }
-    report: dict[str, Any] = {
-        "bench_id": bench_id,
+        for v in plan.selected
+    }
+
+
+def make_report(
+    ctx: BenchContext,
+    plan: BenchPlan,
+    table: dict[str, dict[str, Any]],
+    chosen: dict[str, Hyper],
+    search_scores: dict[str, list[dict[str, Any]]],
+) -> dict[str, Any]:
+    """The bench's JSON object: the table, the headline numbers and how they were obtained."""
+    from tasks import tracking
+
+    return {
+        "bench_id": plan.bench_id,
         "variants": table,
         **headline_numbers(table),
-        "seeds": {v.name: len(ctx.results[v.name]) for v in selected},
-        "held_out_size": held_out,
+        "seeds": {v.name: len(ctx.results[v.name]) for v in plan.selected},
+        "held_out_size": plan.held_out,
         "machine": machine(),
         "grid": {
-            "multipliers": {k: list(v) for k, v in grid.items()},
-            "points": [asdict(h) for h in points],
-            "search_budget_s": budget * SEARCH_FRACTION if len(points) > 1 else None,
+            "multipliers": {k: list(v) for k, v in plan.grid.items()},
+            "points": [asdict(h) for h in plan.points],
+            "search_budget_s": plan.budget_s * SEARCH_FRACTION if len(plan.points) > 1 else None,
             "chosen": {m: asdict(h) for m, h in chosen.items()},
             "scores": search_scores,
         },
-        "budget_s": budget,
+        "budget_s": plan.budget_s,
         "eval_at": ctx.eval_at,
         "calibration": ctx.calibration,
-        "quick": quick,
-        "out": str(out.resolve()),
-        "mlflow_run_id": parent,
-        "mlflow_uri": tracking.tracking_uri(out),
+        "quick": plan.quick,
+        "out": str(ctx.out.resolve()),
+        "mlflow_run_id": ctx.mlflow_parent,
+        "mlflow_uri": tracking.tracking_uri(ctx.out),
     }
-    folder = out / bench_id
+
+
+def publish(
+    ctx: BenchContext, report: dict[str, Any], table: dict[str, dict[str, Any]], t_start: float
+) -> dict[str, Any]:
+    """Plot the curves, write ``bench.json`` beside the plot, log both and the headline numbers
+    to the parent MLflow run and close it; returns the report as strict JSON."""
+    from npd_core.bench.plots import bench_curves
+    from tasks import tracking
+
+    out, parent = ctx.out, ctx.mlflow_parent
+    folder = out / ctx.bench_id
     folder.mkdir(parents=True, exist_ok=True)
     png = bench_curves(
         {n: [(p["wall_s"], p["score"]) for p in t["curve"]] for n, t in table.items()},
@@ -583,7 +588,7 @@ def run_bench(
     )
     report["plot"] = str(png.resolve())
     report["wall_s"] = time.time() - t_start
-    (folder / "bench.json").write_text(json.dumps(_finite(report), indent=1))
+    (folder / "bench.json").write_text(json.dumps(finite(report), indent=1))
     tracking.log_artifact(str(out), parent, png)
     tracking.log_artifact(str(out), parent, folder / "bench.json")
     tracking.log_metrics(
@@ -592,18 +597,7 @@ def run_bench(
         {k: v for k, v in report.items() if isinstance(v, float) and k != "budget_s"},
     )
     tracking.end_run(str(out), parent)
-    return _finite(report)
-
-
-def _finite(x: Any) -> Any:
-    """NaN/inf → null, tuples → lists: strict JSON."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_finite(v) for v in x]
-    return x
+    return finite(report)
 
 
 def _count(x: float) -> str:
@@ -686,10 +680,12 @@ def print_report(rep: dict[str, Any]) -> None:
 
 def main(as_json: bool, **kw: Any) -> None:
     """``npd bench`` (the callback of ``bench_app``)."""
-    from flows.cli import prefect_env
-
     prefect_env(kw["out"])
-    rep = run_bench(log=lambda m: err.print(m, markup=False, highlight=False), **kw)
+
+    def log(m: str) -> None:
+        err.print(m, markup=False, highlight=False)
+
+    rep = run_bench(plan_bench(**kw, log=log), log)
     if as_json:
         sys.stdout.write(json.dumps(rep, allow_nan=False) + "\n")
     else:

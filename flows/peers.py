@@ -1,5 +1,5 @@
 """External peers as variants of ``npd bench`` (``--peers trl``): ``flows.headline.PEERS`` names
-the function here that returns each one's ``Variant``.
+the function here that returns each one's ``Variant`` (``flows.variants``).
 
 ``trl`` is TRL's own on-policy distillation (``npd_core.baselines.peers.trl_peer``), run with the
 hyperparameters searched for ``onpolicy`` on the same world, checkpoints and budget, as its own
@@ -12,7 +12,8 @@ from typing import Any
 
 from prefect import flow
 
-from flows.headline import BenchContext, Hyper, Variant, VariantResult, _merge
+from flows.variants import BenchContext, Hyper, Variant, VariantResult
+from npd_core.config import merge
 from npd_core.pipeline.stages import RunSpec
 from tasks import tracking
 from tasks.baselines import nest_run
@@ -38,7 +39,7 @@ def trl_flow(
 
 def run_trl_variant(ctx: BenchContext, seed: int, hyper: Hyper) -> VariantResult:
     """The ``trl`` variant: onpolicy's learning rate and prompts per step."""
-    spec = ctx.spec("trl", seed, _merge(ctx.config, {"train": {"lr": hyper.lr}}))
+    spec = ctx.spec("trl", seed, merge(ctx.config, {"train": {"lr": hyper.lr}}))
     res = trl_flow(spec, hyper.prompts_per_step, ctx.budget_s, ctx.eval_at, ctx.mlflow_parent)
     settings = {**res["settings"], "prompts_per_step": hyper.prompts_per_step}
     return VariantResult.from_flow(res, settings)

@@ -271,14 +271,16 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
         data = loaded
         base = p.resolve().parent
     if overrides:
-        data = _merge(data, overrides)
+        data = merge(data, overrides)
     return build_config(data, source, base)
 
 
-def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+def merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """``a`` with ``b`` laid over it, section by section (nested dicts merge, other values of
+    ``b`` replace ``a``'s): how overrides and bench variants change part of a config dump."""
     out = dict(a)
     for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 

@@ -48,7 +48,8 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
-def _git_commit() -> str:
+def git_commit() -> str:
+    """The commit npd runs from (tagged on every MLflow run), "unknown" outside a checkout."""
     try:
         return (
             subprocess.run(
@@ -72,7 +73,7 @@ def start_run(out: str, run_id: str, name: str, config: dict[str, Any]) -> str:
     found = c.search_runs([exp], query)
     if found:  # a retried flow run continues its MLflow run
         return found[0].info.run_id
-    tags = {"npd.run_id": run_id, "git_commit": _git_commit(), "mlflow.runName": name}
+    tags = {"npd.run_id": run_id, "git_commit": git_commit(), "mlflow.runName": name}
     for pkg in ("npd", "torch", "transformers", "prefect", "mlflow", "duckdb"):
         tags[f"version.{pkg}"] = version(pkg)
     run = c.create_run(exp, tags=tags, run_name=name)

@@ -1,0 +1,37 @@
+"""What every ``npd`` command shares: the ``--debug`` switch, the environment Prefect and MLflow
+read at import, and strict JSON for ``--json``. A leaf module (no project imports), so the CLI,
+the bench and the flows all import it without importing each other."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+DEBUG = {"on": False}  # set by ``npd --debug`` (flows.cli)
+
+
+def prefect_env(out: Path) -> None:
+    """Settings Prefect reads at import: results under the output dir, offline, and its console
+    handler quiet (our progress bars and one-line errors are the console; every log still goes
+    to the Prefect API and shows in the UI). ``--debug`` lets Prefect's console through."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(out.resolve() / "prefect-results")
+    if not DEBUG["on"]:
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if not DEBUG["on"]:
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # no "creating tables" chatter
+
+
+def finite(x: Any) -> Any:
+    """NaN/inf → null, tuples → lists, so ``--json`` output is strict JSON (a round that kept no
+    sample has no mean loss; an interval that cannot be computed is NaN)."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: finite(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [finite(v) for v in x]
+    return x
