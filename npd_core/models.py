@@ -58,11 +58,11 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def autocast(enabled: bool) -> AbstractContextManager:
-    """bf16 autocast on the current device (a no-op context when disabled)."""
+def autocast(enabled: bool, dev: torch.device | None = None) -> AbstractContextManager:
+    """bf16 autocast on ``dev`` (default: the current device); a no-op context when disabled."""
     if not enabled:
         return nullcontext()
-    return torch.autocast(device().type, dtype=torch.bfloat16)
+    return torch.autocast((dev or device()).type, dtype=torch.bfloat16)
 
 
 def start_token_id(tok: Any) -> int:

@@ -2,14 +2,15 @@
 
     python -m npd_core.bench.packing [--json] [--device cuda --model-size 100m --n-samples 32768]
 
-Needs only torch and transformers (plus this package's ``packing`` and ``losses``), so it runs on a
+Needs only torch and transformers (plus this package's ``packing`` and ``train``), so it runs on a
 bare GPU box. ``npd bench packing`` calls the same :func:`run_bench`.
 
 What it does, in order:
 
 1. builds one length mix: ``n_samples`` prompt+response lengths, log-normal (median ~60 tokens,
    p99 ~400, like chat SFT data) or read from a file; random token ids and random teacher top-k
-   targets (training is the NPD learner's: forward KL on the top-k, optional sft mix);
+   targets (training is the NPD learner's own step, ``npd_core.method.train.optimizer_step``,
+   with the default config's loss, lr and clip: forward KL on the top-k, optional sft mix);
 2. packs them with best-fit-decreasing into rows of ``max_seq_len`` = 2 × p99 sample length
    (rounded up to a multiple of 16), ``rows_per_step`` rows per optimizer step;
 3. builds the padded baseline a user would run: Trainer/TRL ``group_by_length`` (shuffle, sort by
@@ -39,7 +40,6 @@ import random
 import sys
 import time
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,9 +48,9 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from npd_core.errors import ConfigError
-from npd_core.method import losses
 from npd_core.method.attention import VARLEN, register_varlen_attention
-from npd_core.method.packing import IGNORE_INDEX, PackedBatch, Sample, collate, fit_lengths, pack
+from npd_core.method.packing import PackedBatch, Sample, collate, fit_lengths, pack
+from npd_core.method.train import StepSpec, Targets, make_optimizer, optimizer_step, step_loss
 
 # Qwen2-style students; head size 64 everywhere (what flash/vLLM kernels accept).
 MODEL_SIZES: dict[str, dict[str, int]] = {
@@ -143,15 +143,6 @@ def read_lengths(path: str | Path) -> list[tuple[int, int]]:
     return out
 
 
-@dataclass
-class Targets:
-    """Teacher top-k per response position, flat; sample i starts at ``offsets[i]``."""
-
-    topk_ids: torch.Tensor  # (M, k) long
-    topk_logprobs: torch.Tensor  # (M, k) float32
-    offsets: list[int]
-
-
 def make_data(
     lengths: list[tuple[int, int]], vocab: int, k: int, seed: int
 ) -> tuple[list[Sample], Targets]:
@@ -219,55 +210,49 @@ class Layout:
     flatten: bool = False  # rows → one (1, B·T) row: the flash-attention varlen path
 
 
-def batch_loss(
+def train_step(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    batch: PackedBatch,
+    targets: Targets,
+    layout: Layout,
+    spec: StepSpec,
+    bf16: bool,
+) -> tuple[float, torch.Tensor]:
+    """The learner's optimizer step (at the spec's peak lr), timed to the end of its kernels;
+    returns (seconds, detached loss)."""
+    t0 = time.perf_counter()
+    loss = optimizer_step(
+        model,
+        opt,
+        batch,
+        targets,
+        spec,
+        lr=spec.lr,
+        step=0,
+        bf16=bf16,
+        padded=layout.padded,
+        flatten=layout.flatten,
+    )
+    if loss.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0, loss
+
+
+def layout_loss(
     model: torch.nn.Module,
     batch: PackedBatch,
     targets: Targets,
     layout: Layout,
-    sft_weight: float,
+    spec: StepSpec,
     bf16: bool,
-) -> tuple[torch.Tensor, int]:
-    """Mean per-response-token loss of one batch (forward KL on the teacher top-k, + sft mix),
-    as ``npd_core.method.train.per_token_loss`` computes it. Returns (loss, response tokens)."""
-    dev = next(model.parameters()).device
-    B, T = batch.input_ids.shape
-    ids = batch.input_ids.to(dev)
-    if layout.padded:
-        kw = {"attention_mask": (batch.seq_ids >= 0).long().to(dev)}
-    else:
-        kw = {"position_ids": batch.position_ids.to(dev)}
-    if layout.flatten:
-        ids = ids.reshape(1, B * T)
-        kw = {k: v.reshape(1, B * T) for k, v in kw.items()}
-    amp = torch.autocast(dev.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-    with amp:
-        logits = model(input_ids=ids, use_cache=False, **kw).logits.view(B, T, -1)  # (B, T, V)
-    at = batch.labels != IGNORE_INDEX  # (B, T)
-    z = logits[at.to(dev)]  # (M, V)
-    idx = batch.target_index[at].to(dev)  # (M,)
-    per_tok = losses.forward_kl_topk(z, targets.topk_ids[idx], targets.topk_logprobs[idx])
-    if sft_weight:
-        per_tok = per_tok + sft_weight * losses.hard_ce(z, batch.labels[at].to(dev))
-    n = int(at.sum())
-    return losses.token_mean(per_tok, n), n
-
-
-def train_step(model, opt, batch, targets, layout, sft_weight, bf16) -> tuple[float, torch.Tensor]:
-    """One optimizer step as the learner takes it; returns (seconds, detached loss)."""
-    t0 = time.perf_counter()
-    loss, _ = batch_loss(model, batch, targets, layout, sft_weight, bf16)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    if loss.device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0, loss.detach()
-
-
-def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
-    fused = next(model.parameters()).device.type == "cuda"
-    return torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), fused=fused)
+) -> float:
+    """The learner's loss of ``batch`` entering the model as ``layout`` says (no step)."""
+    with torch.no_grad():
+        loss = step_loss(
+            model, batch, targets, spec, bf16=bf16, padded=layout.padded, flatten=layout.flatten
+        )
+    return float(loss)
 
 
 def with_attention(model: Qwen2ForCausalLM, attention: str) -> Qwen2ForCausalLM:
@@ -283,7 +268,7 @@ def pick_attention(
     batches: list[PackedBatch],
     targets: Targets,
     reference: tuple[PackedBatch, Layout] | None,
-    sft_weight: float,
+    spec: StepSpec,
     bf16: bool,
     log: Callable[[str], None],
 ) -> tuple[str, dict[str, float], dict[str, float]]:
@@ -294,8 +279,7 @@ def pick_attention(
     runs = {}
     ref_loss = None
     if reference is not None:
-        with torch.no_grad():
-            ref_loss = batch_loss(base, reference[0], targets, reference[1], sft_weight, bf16)[0]
+        ref_loss = layout_loss(base, reference[0], targets, reference[1], spec, bf16)
     for name in candidates:
         try:
             m = with_attention(base, name)
@@ -304,20 +288,18 @@ def pick_attention(
             continue
         layout = Layout(padded, name, flatten=name == "flash_attention_2" and not padded)
         if ref_loss is not None:
-            with torch.no_grad():
-                loss = batch_loss(m, batches[0], targets, layout, sft_weight, bf16)[0]
-            errors[name] = abs(float(loss) - float(ref_loss))
+            errors[name] = abs(layout_loss(m, batches[0], targets, layout, spec, bf16) - ref_loss)
             if errors[name] > tol:
                 log(f"attention {name}: not exact (|Δloss| = {errors[name]:.2e}), skipped")
                 continue
-        runs[name] = (m, make_optimizer(m), layout, [])
+        runs[name] = (m, make_optimizer(m, spec), layout, [])
     if not runs:
         raise ConfigError(
             f"no usable attention among {candidates}; install one or pick --attention"
         )
     for i, batch in enumerate(batches):
         for m, opt, layout, times in runs.values():
-            dt, _ = train_step(m, opt, batch, targets, layout, sft_weight, bf16)
+            dt, _ = train_step(m, opt, batch, targets, layout, spec, bf16)
             if i:
                 times.append(dt)
     per_step = {n: sum(r[3]) / max(1, len(r[3])) for n, r in runs.items()}
@@ -426,11 +408,8 @@ def _run_bench(
     vocab = base.config.vocab_size
     samples, _ = make_data(pairs, vocab, topk, seed)
     kept, _ = fit_lengths(samples, msl, overlong)  # a sample never spans two rows
-    targets = targets_for(kept, vocab, topk, seed)
-    targets.topk_ids, targets.topk_logprobs = (
-        targets.topk_ids.to(dev),
-        targets.topk_logprobs.to(dev),
-    )
+    targets = targets_for(kept, vocab, topk, seed)  # on the CPU, as the learner keeps them
+    spec = StepSpec(sft_weight=sft_weight)  # the default config's loss, lr and clip
     log(f"{len(kept)} samples (p99 {p99}, max_seq_len {msl}), {model_size} student on {dev}")
 
     # packed schedule: BFD rows, rows_per_step rows a step
@@ -468,12 +447,12 @@ def _run_bench(
         packed[:calib_steps],
         targets,
         (ref, ref_layout),
-        sft_weight,
+        spec,
         bf16,
         log,
     )
     att_b, times_b, _ = pick_attention(
-        ref_model, cand_padded, True, calib_padded, targets, None, sft_weight, bf16, log
+        ref_model, cand_padded, True, calib_padded, targets, None, spec, bf16, log
     )
     del ref_model
     log(f"attention: packed {att_p} {times_p}, padded {att_b} {times_b}")
@@ -484,7 +463,7 @@ def _run_bench(
     m_p, m_b = with_attention(base, att_p), with_attention(base, att_b)
     if compile:
         m_p, m_b = torch.compile(m_p), torch.compile(m_b, dynamic=True)
-    opt_p, opt_b = make_optimizer(m_p), make_optimizer(m_b)
+    opt_p, opt_b = make_optimizer(m_p, spec), make_optimizer(m_b, spec)
     sec = {"packed": 0.0, "padded": 0.0}
     loss_sum = {"packed": torch.zeros((), device=dev), "padded": torch.zeros((), device=dev)}
     jobs = {"packed": (m_p, opt_p, packed, lay_p), "padded": (m_b, opt_b, padded, lay_b)}
@@ -494,7 +473,7 @@ def _run_bench(
         for name in order:
             m, opt, sched, lay = jobs[name]
             if i < len(sched):
-                dt, loss = train_step(m, opt, sched[i], targets, lay, sft_weight, bf16)
+                dt, loss = train_step(m, opt, sched[i], targets, lay, spec, bf16)
                 sec[name] += dt
                 loss_sum[name] += loss
         if i % 10 == 9:

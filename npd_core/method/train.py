@@ -3,6 +3,10 @@
 Reads top to bottom like nanoGPT's loop: lr → micro-batch forward → loss → backward → clip →
 step → zero_grad → log. One optimizer step consumes ``rows_per_step`` packed rows; the loss is
 normalized per response token over the whole step, exactly as the unpacked batch would be.
+
+The step itself (:func:`optimizer_step`) reads its settings by name from a ``TrainConfig`` or a
+plain :class:`StepSpec`, and this module imports the config only for type checking: the packing
+bench times this very step on a GPU box with nothing but torch and transformers.
 """
 
 from __future__ import annotations
@@ -12,16 +16,19 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from transformers import PreTrainedModel
 
-from npd_core.config import PackConfig, TrainConfig
 from npd_core.errors import TrainingError
 from npd_core.method import losses
 from npd_core.method.packing import IGNORE_INDEX, PackedBatch, Sample, collate
 from npd_core.models import autocast
+
+if TYPE_CHECKING:
+    from npd_core.config import PackConfig, TrainConfig
 
 
 @dataclass
@@ -89,14 +96,30 @@ def lr_horizon(start_step: int, n_rows: int, rounds_left: int, cfg: TrainConfig)
     return start_step + round_steps(n_rows, cfg) * rounds_left
 
 
-def make_optimizer(model: PreTrainedModel, cfg: TrainConfig) -> torch.optim.Optimizer:
+@dataclass(frozen=True)
+class StepSpec:
+    """The loss and optimizer settings of one learner step as plain values: the fields of
+    ``TrainConfig`` with the same names and defaults (a test keeps them equal). The step
+    functions below take either, so a caller without pydantic (the packing bench) passes this."""
+
+    loss: str = "forward_kl"  # forward_kl, reverse_kl, jsd, ce
+    beta: float = 0.5  # JSD β
+    rest_mass: bool = False  # forward KL: the mass outside the teacher's top-k as one bin
+    sft_weight: float = 0.0  # weight of CE on the sampled tokens
+    lr: float = 3e-3  # peak AdamW learning rate
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # max global grad norm
+
+
+def make_optimizer(model: PreTrainedModel, cfg: StepSpec | TrainConfig) -> torch.optim.Optimizer:
+    """The learner's AdamW (β = 0.9, 0.95) at ``cfg.lr``; every method trains with it."""
     return torch.optim.AdamW(
         model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95)
     )
 
 
 def per_token_loss(
-    logits: torch.Tensor, batch: PackedBatch, targets: Targets | None, cfg: TrainConfig
+    logits: torch.Tensor, batch: PackedBatch, targets: Targets | None, cfg: StepSpec | TrainConfig
 ) -> torch.Tensor:
     """The configured loss at every response position of ``batch``. Returns (M,) float32.
 
@@ -124,30 +147,64 @@ def per_token_loss(
     return out
 
 
+def model_inputs(
+    batch: PackedBatch, dev: torch.device, *, padded: bool = False, flatten: bool = False
+) -> dict[str, torch.Tensor]:
+    """How ``batch`` enters the model. The learner's way: position ids restarting per sequence,
+    so a row holds several and right padding needs no mask. ``padded``: a 2D padding mask
+    instead (the padded baseline a Trainer user runs, one sample a row); ``flatten``: the B rows
+    as one (1, B·T) row (flash-attention's varlen path)."""
+    B, T = batch.input_ids.shape
+    inputs = {"input_ids": batch.input_ids.to(dev)}
+    if padded:
+        inputs["attention_mask"] = (batch.seq_ids >= 0).long().to(dev)  # (B, T)
+    else:
+        inputs["position_ids"] = batch.position_ids.to(dev)  # (B, T)
+    if flatten:
+        inputs = {k: v.reshape(1, B * T) for k, v in inputs.items()}
+    return inputs
+
+
+def step_loss(
+    model: PreTrainedModel,
+    batch: PackedBatch,
+    targets: Targets | None,
+    cfg: StepSpec | TrainConfig,
+    *,
+    bf16: bool = True,
+    padded: bool = False,
+    flatten: bool = False,
+) -> torch.Tensor:
+    """Forward ``batch`` and return its loss: :func:`per_token_loss` averaged over the batch's
+    response tokens (a scalar, fp32). ``padded``/``flatten``: see :func:`model_inputs`."""
+    dev = next(model.parameters()).device
+    B, T = batch.input_ids.shape
+    inputs = model_inputs(batch, dev, padded=padded, flatten=flatten)
+    with autocast(bf16, dev):
+        logits = model(**inputs, use_cache=False).logits.view(B, T, -1)  # (B, T, V)
+    return losses.token_mean(per_token_loss(logits, batch, targets, cfg), batch.n_loss_tokens)
+
+
 def optimizer_step(
     model: PreTrainedModel,
     optimizer: torch.optim.Optimizer,
     batch: PackedBatch,
     targets: Targets | None,
-    cfg: TrainConfig,
+    cfg: StepSpec | TrainConfig,
     *,
     lr: float,
     step: int,
     bf16: bool = True,
+    padded: bool = False,
+    flatten: bool = False,
 ) -> torch.Tensor:
     """One update on ``batch`` (packed or padded rows): set lr → forward → per-token loss →
-    backward → clip → step → zero_grad. Shared by the NPD learner and the baselines, so every
-    method takes exactly the same step. Returns the (detached) step loss."""
+    backward → clip → step → zero_grad. Shared by the NPD learner, the baselines and the
+    packing bench, so every method takes (and the bench times) exactly the same step. Returns
+    the (detached) step loss."""
     for g in optimizer.param_groups:
         g["lr"] = lr
-    dev = next(model.parameters()).device
-    with autocast(bf16):
-        logits = model(
-            input_ids=batch.input_ids.to(dev),
-            position_ids=batch.position_ids.to(dev),
-            use_cache=False,
-        ).logits  # (B, T, V)
-    loss = losses.token_mean(per_token_loss(logits, batch, targets, cfg), batch.n_loss_tokens)
+    loss = step_loss(model, batch, targets, cfg, bf16=bf16, padded=padded, flatten=flatten)
     if not torch.isfinite(loss):
         raise TrainingError(
             f"non-finite loss ({loss.item()}) at step {step}; round stopped, "
