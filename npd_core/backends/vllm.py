@@ -33,14 +33,16 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from npd_core.config import NPDConfig
 from npd_core.errors import BackendError, ConfigError
 from npd_core.method.generate import Generation
 from npd_core.method.score import Scores
+
+if TYPE_CHECKING:
+    from npd_core.config import NPDConfig
 
 INSTALL = "make vllm (scripts/install-vllm.sh)"
 Role = Literal["student", "teacher"]

@@ -55,3 +55,11 @@ def test_the_bench_step_is_the_default_configs():
     """StepSpec() (what the bench trains with) has TrainConfig's fields and defaults."""
     cfg = TrainConfig()
     assert asdict(StepSpec()) == {f.name: getattr(cfg, f.name) for f in fields(StepSpec)}
+
+
+def test_generation_bench_imports_without_pydantic_pyarrow_duckdb_prefect_mlflow():
+    code = "import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in BLOCKED)
+    code += "import npd_core.bench.generate\nprint('npd_core.config' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip() == "False"
