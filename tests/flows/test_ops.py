@@ -3,17 +3,15 @@ served deployments, and the scale-out switch (producer/consumer chains on two wo
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import select
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -22,10 +20,22 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from resume_checks import (
+    NPD,
+    REPO,
+    assert_nothing_duplicated_or_orphaned,
+    assert_same_as_reference,
+    free_port,
+    npd_env,
+    only_run_id,
+    stop_group,
+    write_config,
+)
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from flows.cli import app
+from flows.ui import healthy
 from npd_core.config import NPDConfig
 from npd_core.errors import StoreUsageError
 from npd_core.store import Store, query, table_from_rows
@@ -256,15 +266,6 @@ def test_nightly_runs_continue_from_the_best_and_skip_used_prompts(
     assert run3 == {"parent_run_id": None, "student": str(tiny_world.student)}
 
 
-NPD = [sys.executable, "-c", "from flows.cli import main; main()"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _procs() -> dict[int, tuple[int, str, str]]:
     """pid → (parent pid, state, start time) of every process, from /proc."""
     out = {}
@@ -291,18 +292,10 @@ def _descendants(pid: int) -> dict[int, str]:
     return found
 
 
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
-
-
 @pytest.mark.slow
-def test_npd_ui_serves_both_and_ctrl_c_stops_every_process(tmp_path):
-    port, mlflow_port = _free_port(), _free_port()
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
+def test_npd_ui_serves_both_and_ctrl_c_stops_every_process(tmp_path, prefect_api):
+    port, mlflow_port = free_port(), free_port()
+    env = {**os.environ, "PREFECT_HOME": str(prefect_api.fresh_home(tmp_path / "prefect-home"))}
     ui = subprocess.Popen(
         [
             *NPD,
@@ -329,8 +322,8 @@ def test_npd_ui_serves_both_and_ctrl_c_stops_every_process(tmp_path):
                 assert chunk, f"npd ui exited: {lines}"
                 *done, rest = (rest + chunk).split("\n")
                 lines += [x.strip() for x in done]
-        assert _healthy(f"http://127.0.0.1:{port}/api/health")
-        assert _healthy(f"http://127.0.0.1:{mlflow_port}/health")
+        assert healthy(f"http://127.0.0.1:{port}/api/health")
+        assert healthy(f"http://127.0.0.1:{mlflow_port}/health")
         family = _descendants(ui.pid)
         # prefect server + its API child, mlflow ui + its uvicorn worker, at least
         assert len(family) >= 4, family
@@ -357,7 +350,7 @@ def test_npd_ui_serves_both_and_ctrl_c_stops_every_process(tmp_path):
     assert (tmp_path / "out" / "mlflow.db").is_file()  # the MLflow store is the output dir's
 
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = REPO
 
 
 def test_serve_deploys_the_nightly_flow_with_its_cron_and_config(tmp_path):
@@ -405,124 +398,71 @@ def _start(argv: list[str], env: dict, log: Path) -> subprocess.Popen:
         )
 
 
-def _api(url: str, path: str, body: dict) -> list[dict]:
-    req = urllib.request.Request(
-        f"{url}{path}", json.dumps(body).encode(), {"Content-Type": "application/json"}
+POOLS = ("npd-generate", "npd-train")
+
+
+@pytest.fixture
+def pool_workers(tmp_path, prefect_api) -> Iterator[dict[str, str]]:
+    """A process worker on each scale-out pool of the session's Prefect server and the two
+    deployments of deployments/prefect.yaml on them; yields the environment in which an
+    `npd run` reports to that server. The workers are stopped at the end."""
+    env = npd_env(
+        prefect_api,
+        tmp_path / "prefect-home",
+        PREFECT_RESULTS_LOCAL_STORAGE_PATH=str(tmp_path / "prefect-results"),
+        PREFECT_WORKER_QUERY_SECONDS="2",
     )
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return json.loads(r.read())
-
-
-@pytest.mark.slow
-def test_generation_and_training_on_two_work_pools(tmp_path, tiny_world):
-    """orchestration.generate_pool/train_pool: a real Prefect server, a process worker on each
-    pool, the two deployments from deployments/prefect.yaml, and `npd run`: the producer chains
-    run on one pool, the consumer chains on the other, and the samples, scores and checkpoint
-    scores equal those of the same config run in-process."""
-    port = _free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    out = tmp_path / "out"
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(tmp_path / "prefect-home"),
-        "PREFECT_API_URL": api,
-        "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(out / "prefect-results"),
-        "PREFECT_WORKER_QUERY_SECONDS": "2",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    }
-    env.pop("MLFLOW_TRACKING_URI", None)  # MLflow: each output directory's own sqlite store
     py = [sys.executable, "-m", "prefect"]
-    procs = [
-        _start(
-            [*py, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            env,
-            tmp_path / "server.log",
-        )
-    ]
+    workers = []
     try:
-        deadline = time.monotonic() + 600
-        while not _healthy(f"{api}/health"):
-            assert procs[0].poll() is None and time.monotonic() < deadline, "server did not start"
-            time.sleep(2)
-        for pool in ("npd-generate", "npd-train"):
+        for pool in POOLS:
             subprocess.run(
-                [*py, "work-pool", "create", pool, "--type", "process"],
+                [*py, "work-pool", "create", pool, "--type", "process", "--overwrite"],
                 env=env,
                 cwd=ROOT,
                 check=True,
                 capture_output=True,
                 timeout=300,
             )
-            procs.append(
-                _start(
-                    [*py, "worker", "start", "--pool", pool], env, tmp_path / f"worker-{pool}.log"
-                )
+            workers.append(
+                _start([*py, "worker", "start", "--pool", pool], env, tmp_path / f"{pool}.log")
             )
-        deploy = [
-            *py,
-            "--no-prompt",
-            "deploy",
-            "--prefect-file",
-            "deployments/prefect.yaml",
-            "--name",
-            "npd-generate",
-            "--name",
-            "npd-train",
-        ]
+        deploy = [*py, "--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml"]
+        deploy += [arg for pool in POOLS for arg in ("--name", pool)]
         done = subprocess.run(
             deploy, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300
         )
         assert done.returncode == 0, done.stdout + done.stderr
-        cfg = dict(
-            rounds=2,
-            models={"teacher": str(tiny_world.teacher), "student": str(tiny_world.student)},
-            data={
-                "prompts": str(tiny_world.train_prompts),
-                "eval_prompts": str(tiny_world.eval_prompts),
-                "prompts_per_round": 32,
-                "eval_size": 32,
-            },
-            generate={"max_new_tokens": 32},
-            train={"steps_per_round": 2, "rows_per_step": 4},
-            pack={"max_seq_len": 128},
-            eval={"batch_size": 64},
-        )
-        (tmp_path / "local.yaml").write_text(yaml.safe_dump(cfg))
-        pools = {"generate_pool": "npd-generate", "train_pool": "npd-train"}
-        (tmp_path / "pools.yaml").write_text(yaml.safe_dump({**cfg, "orchestration": pools}))
-        runs = {}
-        for name in ("pools", "local"):
-            res = subprocess.run(
-                [
-                    *NPD,
-                    "run",
-                    str(tmp_path / f"{name}.yaml"),
-                    "--out",
-                    str(tmp_path / name),
-                    "--json",
-                ],
-                env=env,
-                cwd=ROOT,
-                capture_output=True,
-                text=True,
-                timeout=1200,
-            )
-            assert res.returncode == 0, res.stderr
-            runs[name] = json.loads(res.stdout)
-        chains = _api(
-            api, "/flow_runs/filter", {"flows": {"name": {"any_": ["npd-produce", "npd-consume"]}}}
-        )
-        flow_names = {f["id"]: f["name"] for f in _api(api, "/flows/filter", {})}
+        yield env
     finally:
-        for p in procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+        for w in workers:
+            stop_group(w)
+
+
+@pytest.mark.slow
+def test_generation_and_training_on_two_work_pools(
+    tmp_path, tiny_world, prefect_api, pool_workers, reference
+):
+    """orchestration.generate_pool/train_pool: a real Prefect server, a process worker on each
+    pool, the two deployments from deployments/prefect.yaml, and `npd run`: the producer chains
+    run on one pool, the consumer chains on the other, and the tables and weights equal those of
+    the same config run in-process (the session's reference run)."""
+    cfg = yaml.safe_load(write_config(tmp_path, tiny_world).read_text())
+    cfg["orchestration"] = {"generate_pool": "npd-generate", "train_pool": "npd-train"}
+    (tmp_path / "pools.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "out"
+    res = subprocess.run(
+        [*NPD, "run", str(tmp_path / "pools.yaml"), "--out", str(out), "--json"],
+        env=pool_workers,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert res.returncode == 0, res.stderr
+    body = {"flows": {"name": {"any_": ["npd-produce", "npd-consume"]}}}
+    chains = prefect_api.post("/flow_runs/filter", body).json()
+    flow_names = {f["id"]: f["name"] for f in prefect_api.post("/flows/filter", {}).json()}
     ran_on = sorted(
         (flow_names[f["flow_id"]], f["work_pool_name"], f["state_type"]) for f in chains
     )
@@ -531,20 +471,13 @@ def test_generation_and_training_on_two_work_pools(tmp_path, tiny_world):
         == [("npd-consume", "npd-train", "COMPLETED")] * 3
         + [("npd-produce", "npd-generate", "COMPLETED")] * 2
     )  # θ_0..θ_2 evaluated, D_1 and D_2 produced
-    assert [r["score"] for r in runs["pools"]["rounds"]] == [
-        r["score"] for r in runs["local"]["rounds"]
-    ]
-    q = (
-        "select round, prompt_id, sample_idx, response, delta_ifd, kept, filter_reason "
-        "from samples order by round, prompt_id, sample_idx"
-    )
-    a, b = (query(tmp_path / n / "npd.duckdb", q) for n in ("pools", "local"))
-    assert a.num_rows == 2 * 32 and a.equals(b)
+    run_id = only_run_id(out)
+    rows = assert_same_as_reference(out, run_id, reference)
+    assert rows["samples"] == 2 * 32 and rows["evals"] == 3
+    assert_nothing_duplicated_or_orphaned(out, run_id)
     # the producer chains wrote from their own flow runs (not the parent's)
-    parent = query(tmp_path / "pools" / "npd.duckdb", "select flow_run_id from runs").column(0)
+    parent = query(out / "npd.duckdb", "select flow_run_id from runs").column(0)
     writers = (
-        query(tmp_path / "pools" / "npd.duckdb", "select distinct flow_run_id from samples")
-        .column(0)
-        .to_pylist()
+        query(out / "npd.duckdb", "select distinct flow_run_id from samples").column(0).to_pylist()
     )
     assert len(writers) == 2 and parent[0].as_py() not in writers
