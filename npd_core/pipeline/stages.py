@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -311,10 +312,7 @@ def filter_stage(spec: RunSpec, r: int, prov: dict[str, str]) -> StageResult:
         store.write_stage(spec.run_id, r, "filter", {"filter": table})
         finite = delta[np.isfinite(delta)]
         q = np.quantile(finite, [0.05, 0.5, 0.95]).tolist() if len(finite) else [None] * 3
-        reasons: dict[str, int] = {}
-        for x in res.reasons:
-            if x:
-                reasons[x] = reasons.get(x, 0) + 1
+        reasons = Counter(x for x in res.reasons if x)
         return _table_digest(table), {
             "n_kept": int(res.kept.sum()),
             "kept_fraction": float(res.kept.mean()),
@@ -323,7 +321,7 @@ def filter_stage(spec: RunSpec, r: int, prov: dict[str, str]) -> StageResult:
             "delta_ifd_q05": q[0],
             "delta_ifd_q50": q[1],
             "delta_ifd_q95": q[2],
-            "drop_reasons": reasons,
+            "drop_reasons": dict(reasons),
         }
 
     return _timed("filter", r, body)
@@ -397,7 +395,7 @@ def _packed_round(spec: RunSpec, r: int) -> tuple[list[Sample], list[list[int]],
     return samples, rows, Targets.from_lists(ids, lps)
 
 
-def _sample_keys(table: pa.Table) -> list[tuple[int, int]]:
+def _sample_keys(table: pa.Table) -> list[tuple[str, int]]:
     return list(zip(*(table.column(c).to_pylist() for c in SAMPLE_KEY), strict=True))
 
 
