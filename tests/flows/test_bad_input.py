@@ -18,18 +18,16 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
 import pytest
 import yaml
+from resume_checks import NPD
 
 from flows import cli
 from npd_core.store import MARKER_NAME, SCHEMA_VERSION, VIEWS, Store, connect, table_from_rows
-
-NPD = [sys.executable, "-c", "from flows.cli import main; main()"]
 
 # ------------------------------------------------------------------------------ helpers
 
@@ -454,13 +452,10 @@ def test_unknown_run_id(command, capfd, store):
 
 
 @pytest.fixture(scope="module")
-def prefect(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """Environment of the subprocess runs: one Prefect home (its database is migrated once) and
-    room for a slow start of the ephemeral Prefect API on a busy machine."""
-    return {
-        "PREFECT_HOME": str(tmp_path_factory.mktemp("prefect")),
-        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
-    }
+def prefect(tmp_path_factory: pytest.TempPathFactory, prefect_api) -> dict[str, str]:
+    """Environment of the subprocess runs: they report to the session's Prefect server (an
+    ephemeral API of their own would start with each run; the Ctrl-C test keeps one)."""
+    return {"PREFECT_API_URL": prefect_api.api, "PREFECT_HOME": str(tmp_path_factory.mktemp("p"))}
 
 
 def _npd(*args, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
@@ -569,25 +564,21 @@ def test_disk_full_while_writing(marker, target, tmp_path, tiny_world, prefect):
 
 
 @pytest.mark.slow
-def test_ctrl_c_mid_stage_then_retry(tmp_path, tiny_world, prefect):
-    """SIGINT while round 1 is being produced: exit 130, one line saying how to resume, no
-    partial stage; `npd retry RUN_ID` then finishes the run."""
-    cfg = run_config(
-        tmp_path,
-        tiny_world,
-        rounds=2,
-        data={"prompts_per_round": 128},
-        train={"steps_per_round": 20, "rows_per_step": 4},
-    )
-    out, env = tmp_path / "out", {**os.environ, **prefect}
+def test_ctrl_c_mid_stage_then_retry(tmp_path, tiny_world, prefect_api):
+    """SIGINT while round 1 is being produced (NPD_PAUSE_AT holds the run as its scores are
+    written, so the signal lands there every time): exit 130, one line saying how to resume, no
+    partial stage; `npd retry RUN_ID` then finishes the run. Each runs its own ephemeral Prefect
+    API, as a user without a server does."""
+    cfg = run_config(tmp_path, tiny_world, rounds=2)
+    prefect = prefect_api.ephemeral_env(tmp_path / "prefect")
+    out, env = tmp_path / "out", {**os.environ, **prefect, "NPD_PAUSE_AT": "write:score:1"}
     proc = subprocess.Popen(
         [*NPD, "run", str(cfg), "--out", str(out)], stderr=subprocess.PIPE, text=True, env=env
     )
-    deadline = time.time() + 300
-    while not list(out.glob("runs/*/round=1/generate")) and time.time() < deadline:
-        assert proc.poll() is None
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGINT)
+    _, how = os.waitpid(proc.pid, os.WUNTRACED)  # returns when it stops at the point
+    assert os.WIFSTOPPED(how), proc.stderr.read()[-3000:]
+    proc.send_signal(signal.SIGINT)  # delivered as it continues, as a Ctrl-C right then
+    os.kill(proc.pid, signal.SIGCONT)
     _, err = proc.communicate(timeout=300)
     run_id = next(out.glob("runs/*")).name
     line = assert_one_error(proc.returncode, err, ["interrupted"], 130)
@@ -596,4 +587,4 @@ def test_ctrl_c_mid_stage_then_retry(tmp_path, tiny_world, prefect):
     done = _npd("retry", run_id, "--out", out, "--json", env=prefect)
     assert done.returncode == 0, done.stderr[-2000:]
     assert [x["round"] for x in json.loads(done.stdout)["rounds"]] == [1, 2]
-    assert len(_sql(out, "select * from samples")) == 2 * 128
+    assert len(_sql(out, "select * from samples")) == 2 * 16

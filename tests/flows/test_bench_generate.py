@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
+
+from resume_checks import NPD
 
 from npd_core.backends import vllm as vllm_backend
-
-NPD = [sys.executable, "-c", "from flows.cli import main; main()"]
 
 
 def test_bench_generate_json(tiny_world):
