@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from npd_core.config import NPDConfig, TrainConfig
 from npd_core.method.train import lr_at
-from npd_core.pipeline.stages import RunSpec
+from npd_core.pipeline.spec import RunSpec
 from npd_core.store import Store, query
 
 CFG = dict(

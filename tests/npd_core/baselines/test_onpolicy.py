@@ -18,7 +18,7 @@ from npd_core.config import NPDConfig
 from npd_core.method.packing import Sample, collate
 from npd_core.method.score import score
 from npd_core.models import load_model, load_tokenizer, load_trainer_state, start_token_id
-from npd_core.pipeline.stages import RunSpec
+from npd_core.pipeline.spec import RunSpec
 from npd_core.store import Store
 
 

@@ -1,10 +1,10 @@
-"""RunSpec: where a run's checkpoints live."""
+"""RunSpec (npd_core/pipeline/spec.py): where a run's checkpoints live."""
 
 from __future__ import annotations
 
 import os
 
-from npd_core.pipeline.stages import RunSpec
+from npd_core.pipeline.spec import RunSpec
 
 
 def test_runspec_checkpoint_layout(tmp_path):
