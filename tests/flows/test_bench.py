@@ -80,7 +80,8 @@ def test_npd_and_each_ablation_run_one_round(ctx):
         assert len(r.curve) == 2 and r.curve[1]["wall_s"] > 0, n
         assert r.wall_s == pytest.approx(r.curve[1]["wall_s"])
         assert r.settings["rounds"] == 1 and r.train_tokens > 0
-        assert {"generate", "score", "filter", "pack", "train", "evaluate"} <= set(r.stage_seconds)
+        assert set(r.stage_seconds) == {"generate", "score", "filter", "pack", "train", "evaluate"}
+        assert all(t > 0 for t in r.stage_seconds.values()), (n, r.stage_seconds)
         produced = (
             store.query("select sum(response_tokens) from samples where run_id = ?", [r.run_id])
             .column(0)[0]
@@ -178,37 +179,25 @@ def test_bench_quick_json_has_every_field(tmp_path, tiny_world, prefect_server, 
     assert res.exit_code == 0, res.output
     rep = json.loads(res.stdout)
     assert set(rep["variants"]) == {"npd", "sft", "onpolicy"}
-    for v in rep["variants"].values():
-        for key in (
-            "final_score",
-            "final_score_ci95",
-            "wall_s",
-            "train_tokens",
-            "generated_tokens",
-            "stage_seconds",
-            "curve",
-            "hyperparameters",
-        ):
-            assert key in v
-        assert v["curve"][0] == {"wall_s": 0.0, "score": v["curve"][0]["score"]}
+    start = rep["variants"]["npd"]["curve"][0]
+    for name, v in rep["variants"].items():
+        # every curve starts from θ_0's score at 0 s and ends at the final score, in the budget
+        assert v["curve"][0] == start and start["wall_s"] == 0.0 and 0 <= start["score"] <= 100
         assert v["final_score"] == v["curve"][-1]["score"] and v["final_score_ci95"] is None
-        assert v["wall_s"] <= 2.0 * 1.05 and v["stage_seconds"]["train"] > 0
-    for key in (
-        "speedup_vs_onpolicy",
-        "speedup_ci95",
-        "npd_minus_sft_points",
-        "npd_minus_sft_points_ci95",
-        "npd_minus_onpolicy_points",
-        "npd_minus_onpolicy_points_ci95",
-    ):
-        assert key in rep
+        assert 0 <= v["wall_s"] == v["curve"][-1]["wall_s"] <= 2.0 * 1.05  # later points cut
+        assert v["train_tokens"] > 0 and v["generated_tokens"] > 0
+        assert v["stage_seconds"]["train"] > 0 and min(v["stage_seconds"].values()) >= 0
+        assert v["hyperparameters"] == rep["grid"]["chosen"][name]
+    # one seed each: the differences are those of the final scores, with no interval
     assert rep["speedup_vs_onpolicy"] is not None or rep["speedup_reason"]
-    assert rep["npd_minus_sft_points"] == pytest.approx(
-        rep["variants"]["npd"]["final_score"] - rep["variants"]["sft"]["final_score"]
-    )
+    assert rep["speedup_ci95"] is None
+    for other in ("sft", "onpolicy"):
+        assert rep[f"npd_minus_{other}_points"] == pytest.approx(
+            rep["variants"]["npd"]["final_score"] - rep["variants"][other]["final_score"]
+        )
+        assert rep[f"npd_minus_{other}_points_ci95"] is None
     assert rep["seeds"] == {"npd": 1, "sft": 1, "onpolicy": 1} and rep["held_out_size"] == 16
     assert rep["machine"]["cores"] >= 1 and rep["budget_s"] == 2.0
-    assert rep["grid"]["chosen"]["onpolicy"] == rep["variants"]["onpolicy"]["hyperparameters"]
     (probe,) = rep["calibration"].values()  # one batch size, one two-round probe
     assert 1.0 <= probe["overlap_gain"] <= 2.0 and probe["train_s_per_row"] > 0
     png = Path(rep["plot"])
