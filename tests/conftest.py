@@ -16,10 +16,20 @@ pytest_plugins = ["resume_checks"]
 
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory):
-    """A toy world that builds in seconds (its models are poor: tests check the plumbing)."""
+    """A toy world that builds in seconds (its models are poor: tests check the plumbing).
+
+    Built on one torch thread: with two on a busy 2-core box every tiny op waits at an OpenMP
+    barrier for a descheduled thread (measured at load 4: 105 s with two threads, 33 s with one)."""
+    import torch
+
     from npd_core.toy.world import ToySpec, build_toy_world
 
-    return build_toy_world(tmp_path_factory.mktemp("toy"), ToySpec.tiny(), log=lambda m: None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return build_toy_world(tmp_path_factory.mktemp("toy"), ToySpec.tiny(), log=lambda m: None)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -124,6 +124,7 @@ def run_config(tmp_path: Path, world, name: str = "run.yaml", **over) -> Path:
     """A small `npd run` config on the tiny world; ``over`` replaces whole sections/keys."""
     cfg = {
         "rounds": 1,
+        "threads": 1,
         "models": {"teacher": str(world.teacher), "student": str(world.student)},
         "data": {
             "prompts": str(world.train_prompts),

@@ -125,6 +125,7 @@ def _write_run_config(tmp_path, world, prompts_per_round: int, steps: int) -> No
     """tmp_path/run.yaml: a 2-round `npd run` on the tiny world."""
     cfg = {
         "rounds": 2,
+        "threads": 1,
         "models": {"teacher": str(world.teacher), "student": str(world.student)},
         "data": {
             "prompts": str(world.train_prompts),

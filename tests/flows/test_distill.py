@@ -18,6 +18,7 @@ from npd_core.store import Store, query
 
 CFG = dict(
     rounds=2,
+    threads=1,  # tiny models: a second thread per stage only waits on a busy box
     data={"prompts_per_round": 48, "eval_size": 32},
     generate={"max_new_tokens": 32},
     train={"steps_per_round": 3, "rows_per_step": 4, "epochs_per_round": 10},

@@ -196,6 +196,7 @@ def _nightly_config(path: Path, world, **extra) -> Path:
     (prompts / "day2.jsonl").write_text("\n".join(lines[48:96]) + "\n")
     cfg = {
         "rounds": 1,
+        "threads": 1,
         "models": {"teacher": str(world.teacher), "student": str(world.student)},
         "data": {
             "prompts": "prompts/*.jsonl",
