@@ -180,9 +180,8 @@ def test_failed_run_then_npd_retry(tmp_path, tiny_world, prefect_api):
     """`npd run` fails in round 2 (injected); `npd retry RUN_ID` finishes it from the cache."""
     _write_run_config(tmp_path, tiny_world, prompts_per_round=32, steps=2)
     out = tmp_path / "out"
-    # its own ephemeral Prefect API, as a user without a server (`npd retry` starts another)
-    env = {**os.environ, **prefect_api.ephemeral_env(tmp_path / "prefect")}
-    env["NPD_FAIL_AT"] = "score:2"
+    # on the session's server (test_bad_input's Ctrl-C test runs and retries on an ephemeral API)
+    env = npd_env(prefect_api, tmp_path / "prefect", NPD_FAIL_AT="score:2")
     run = subprocess.run(
         [*NPD, "run", str(tmp_path / "run.yaml"), "--out", str(out)],
         capture_output=True,
