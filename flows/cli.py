@@ -90,7 +90,7 @@ def run_flow(spec_kwargs: dict[str, Any], out: Path, show: bool) -> dict[str, An
     """Run the distill flow and return the run summary (the ``--json`` object)."""
     prefect_env(out)
     from flows.distill import distill_flow
-    from npd_core.pipeline.stages import RunSpec
+    from npd_core.pipeline.spec import RunSpec
     from tasks import progress
     from tasks.tracking import tracking_uri
 
@@ -279,7 +279,7 @@ def config_show(config: Annotated[Path, typer.Argument(help="config YAML")]) -> 
 
 def _resume_hint() -> str:
     """How to resume the run this command started, once it is saved (else nothing)."""
-    from npd_core.pipeline.stages import RunSpec
+    from npd_core.pipeline.spec import RunSpec
 
     if not RUN or not RunSpec.path(RUN["out"], RUN["run_id"]).is_file():
         return ""
@@ -353,7 +353,7 @@ def retry(
     results, the failed stage and everything after it run."""
     from dataclasses import asdict
 
-    from npd_core.pipeline.stages import RunSpec
+    from npd_core.pipeline.spec import RunSpec
     from npd_core.store import lease
 
     spec = RunSpec.load(out, run_id)

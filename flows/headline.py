@@ -52,7 +52,7 @@ from npd_core.bench import curves as cv
 from npd_core.config import NPDConfig, load_config, merge
 from npd_core.errors import ConfigError
 from npd_core.method.train import round_steps
-from npd_core.pipeline.stages import RunSpec
+from npd_core.pipeline.spec import RunSpec
 
 err = Console(stderr=True)
 

@@ -14,7 +14,7 @@ from prefect import flow
 
 from flows.variants import BenchContext, Hyper, Variant, VariantResult
 from npd_core.config import merge
-from npd_core.pipeline.stages import RunSpec
+from npd_core.pipeline.spec import RunSpec
 from tasks import tracking
 from tasks.baselines import nest_run
 from tasks.peers import trl_train

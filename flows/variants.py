@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from npd_core.config import NPDConfig
-from npd_core.pipeline.stages import RunSpec
+from npd_core.pipeline.spec import RunSpec
 
 
 @dataclass(frozen=True)
