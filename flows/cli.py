@@ -12,6 +12,7 @@ import json
 import sys
 import time
 import uuid
+import warnings
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -291,8 +292,14 @@ def _fail(message: str, code: int) -> NoReturn:
     sys.exit(code)
 
 
+def _warning_line(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> str:
+    """Deprecations as one ``warning:`` line (no source line of npd's internals)."""
+    return f"warning: {message}\n"
+
+
 def main() -> None:
     """Console entry point: one ``error:`` line per user error, tracebacks only with --debug."""
+    warnings.formatwarning = _warning_line
     try:
         app()
     except SystemExit as e:

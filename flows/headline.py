@@ -131,7 +131,7 @@ def run_npd(
             "epochs_per_round": cfg.train.epochs_per_round,
             "optimizer_steps": _optimizer_steps(spec),
             "staleness": cfg.staleness,
-            "filter": cfg.filter.enabled,
+            "filter": cfg.filter.rule,
             "prompts_per_round": cfg.data.prompts_per_round,
         },
         run_id=spec.run_id,
@@ -190,7 +190,7 @@ def _baseline_result(spec: RunSpec, res: dict[str, Any], extra: dict[str, Any]) 
 def variants(cfg: NPDConfig) -> dict[str, Variant]:
     """The built-in variants: the three main ones, then NPD's ablations."""
     ablations = {
-        "no-filter": {"filter": {"enabled": False}},
+        "no-filter": {"filter": {"rule": "none"}},
         "staleness-0": {"staleness": 0},
         "staleness-2": {"staleness": 2},
         **{f"steps-x{f:g}": _scaled_steps(cfg, f) for f in STEP_FACTORS},

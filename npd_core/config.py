@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,6 +17,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from npd_core.errors import ConfigError
+
+
+def deprecated(message: str) -> None:
+    """One ``warning:`` line per message and process (old configs are reloaded by retries)."""
+    warnings.warn(f"{message}; update the config", FutureWarning, stacklevel=2)
 
 
 class Section(BaseModel):
@@ -73,14 +79,47 @@ class ScoreConfig(Section):
 
 
 class FilterConfig(Section):
-    enabled: bool = Field(True, description="Δ-IFD filter on; off keeps every well-formed sample")
-    q_low: float = Field(0.05, ge=0.0, le=1.0, description="lower quantile of the kept Δ-IFD band")
-    q_high: float = Field(0.90, ge=0.0, le=1.0, description="upper quantile of the kept band")
+    rule: Literal["band", "fence", "upper", "lower", "none"] = Field(
+        "band",
+        description="Δ-IFD rule: band (quantiles), fence (median ± k·MAD), upper / lower "
+        "(one tail of the band), none (keep every well-formed sample)",
+    )
+    q_low: float = Field(0.05, ge=0.0, le=1.0, description="band/lower: lower quantile kept")
+    q_high: float = Field(0.90, ge=0.0, le=1.0, description="band/upper: upper quantile kept")
     abs_low: float | None = Field(None, description="absolute lower Δ-IFD bound (overrides q_low)")
     abs_high: float | None = Field(
         None, description="absolute upper Δ-IFD bound (overrides q_high)"
     )
+    k: float = Field(3.0, gt=0.0, le=100.0, description="fence: MADs (×1.4826) from the median")
+    sides: Literal["both", "low", "high"] = Field("both", description="fence: sides that drop")
     drop_unfinished: bool = Field(True, description="drop samples truncated without EOS")
+    compute_delta_ifd: bool = Field(
+        False,
+        description="score the prompt-less views, Δ-IFD and the student's KL even when the "
+        "rule needs none (analysis)",
+    )
+    view: Literal["bos", "eos", "prompt"] = Field(
+        "bos",
+        description="what precedes a response scored without its prompt: the BOS token, the "
+        "EOS token, or view_text formatted as a prompt (chat template when present)",
+    )
+    view_text: str = Field("", description="view: prompt: its text ('' = an empty user turn)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy(cls, data: Any) -> Any:
+        """Configs written before ``rule`` existed (``npd retry`` and schedules reload them)."""
+        if not isinstance(data, dict) or "rule" in data:
+            return data
+        data = dict(data)
+        if "enabled" in data:
+            enabled = data.pop("enabled")
+            data["rule"] = "band" if enabled else "none"
+            deprecated(f"filter.enabled: {enabled} is now filter.rule: {data['rule']}")
+        elif any(k in data for k in ("q_low", "q_high", "abs_low", "abs_high")):
+            data["rule"] = "band"
+            deprecated("filter quantiles without filter.rule: read as filter.rule: band")
+        return data
 
     @model_validator(mode="after")
     def _band(self) -> FilterConfig:
@@ -89,6 +128,11 @@ class FilterConfig(Section):
         if self.abs_low is not None and self.abs_high is not None and self.abs_low >= self.abs_high:
             raise ValueError(f"abs_low ({self.abs_low}) must be < abs_high ({self.abs_high})")
         return self
+
+    @property
+    def needs_views(self) -> bool:
+        """Whether scoring computes the prompt-less views and the student's scores."""
+        return self.rule != "none" or self.compute_delta_ifd
 
 
 class PackConfig(Section):
@@ -181,8 +225,7 @@ class NPDConfig(Section):
 
     def digest(self) -> str:
         """Short content hash of the resolved config (cache keys, provenance)."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        return config_digest(self.model_dump(mode="json"))
 
     def stage_threads(self, concurrent: bool) -> int:
         """Threads for one stage: split the cores when two stages overlap."""
@@ -192,6 +235,13 @@ class NPDConfig(Section):
             return self.threads
         cores = os.cpu_count() or 1
         return max(1, cores // 2) if concurrent else cores
+
+
+def config_digest(dumped: dict[str, Any]) -> str:
+    """The hash ``NPDConfig.digest`` gives, of a config as it was dumped when its run began: a
+    retry by a newer npd (new fields, renamed ones) keys its stage cache as the run did."""
+    blob = json.dumps(dumped, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 PATH_FIELDS = (

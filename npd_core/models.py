@@ -70,6 +70,18 @@ def start_token_id(tok: Any) -> int:
     return tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
 
 
+def view_prefix(tok: Any, view: str, text: str, chat_template: str) -> list[int]:
+    """Token ids that precede a response scored without its prompt (``filter.view``): BOS, EOS,
+    or ``text`` formatted as a prompt like the real ones (BOS where that gives no token)."""
+    if view == "eos":
+        return [tok.eos_token_id]
+    if view == "prompt":
+        ids = format_prompts(tok, [text], chat_template)[0]
+        if ids:
+            return ids
+    return [start_token_id(tok)]
+
+
 def format_prompts(tok: Any, prompts: list[str], chat_template: str) -> list[list[int]]:
     """Token ids of each prompt, through the chat template when asked for and present."""
     if chat_template == "auto" and getattr(tok, "chat_template", None):

@@ -70,6 +70,8 @@ def record_round(spec: RunSpec, r: int, results: dict[str, dict], mlflow_run: st
         mean_loss=trn["mean_loss"],
         score=ev["score"],
         kept_fraction=flt["kept_fraction"],
+        filter_rule=flt["rule"],
+        dropped_kl_share=flt["dropped_kl_share"],
         delta_ifd_q05=flt["delta_ifd_q05"],
         delta_ifd_q50=flt["delta_ifd_q50"],
         delta_ifd_q95=flt["delta_ifd_q95"],
@@ -83,6 +85,7 @@ def record_round(spec: RunSpec, r: int, results: dict[str, dict], mlflow_run: st
         "score": ev["score"],
         "kept_fraction": flt["kept_fraction"],
         "n_kept": flt["n_kept"],
+        "dropped_kl_share": flt["dropped_kl_share"],
         "train_tokens": trn["train_tokens"],
         "mean_loss": trn["mean_loss"],
         "fill_ratio": m["pack"]["fill_ratio"],
@@ -95,17 +98,19 @@ def record_round(spec: RunSpec, r: int, results: dict[str, dict], mlflow_run: st
     tracking.log_metrics(
         spec.root, mlflow_run, {f"round_{k}": v for k, v in metrics.items()}, step=r
     )
-    delta = store.read_stage(spec.run_id, r, "score", "scores").column("delta_ifd").to_numpy()
-    with tempfile.TemporaryDirectory() as d:
-        png = delta_ifd_histogram(
-            delta,
-            flt["band_low"],
-            flt["band_high"],
-            f"{spec.run_id} round {r}: Δ-IFD",
-            Path(d) / f"delta_ifd_r{r}.png",
-        )
-        tracking.log_artifact(spec.root, child, png, "plots")
-        tracking.log_artifact(spec.root, mlflow_run, png, "plots")
+    delta = store.read_stage(spec.run_id, r, "score", "scores").column("delta_ifd")
+    if delta.null_count < len(delta):  # Δ-IFD computed this round
+        with tempfile.TemporaryDirectory() as d:
+            png = delta_ifd_histogram(
+                delta.to_numpy(zero_copy_only=False),
+                flt["band_low"],
+                flt["band_high"],
+                flt["rule"],
+                f"{spec.run_id} round {r}: Δ-IFD",
+                Path(d) / f"delta_ifd_r{r}.png",
+            )
+            tracking.log_artifact(spec.root, child, png, "plots")
+            tracking.log_artifact(spec.root, mlflow_run, png, "plots")
     return {
         "round": r,
         **{k: row[k] for k in ("n_generated", "n_kept", "train_tokens", "mean_loss", "score")},

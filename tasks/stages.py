@@ -16,6 +16,7 @@ from prefect import get_run_logger, task
 from prefect.context import TaskRunContext
 from prefect.runtime import flow_run, task_run
 
+from npd_core.config import config_digest
 from npd_core.crashpoints import pause_point
 from npd_core.pipeline import stages
 from npd_core.pipeline.spec import RunSpec, StageResult
@@ -31,13 +32,13 @@ def _prov() -> dict[str, str]:
 
 
 def stage_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    """run id / round / stage / config digest / upstream digests."""
+    """run id / round / stage / config digest / upstream digests. The digest is of the config as
+    stored with the run, so a run begun by an older npd resumes from its cache."""
     spec: RunSpec = parameters["spec"]
     up = parameters.get("upstream") or {}
     ups = "-".join(str(u.get("digest", "")) for u in (up if isinstance(up, list) else [up]) if u)
-    return (
-        f"{spec.run_id}/r{parameters['r']}/{context.task.name}/{spec.cfg.digest()}/{ups or 'root'}"
-    )
+    digest = config_digest(spec.config)
+    return f"{spec.run_id}/r{parameters['r']}/{context.task.name}/{digest}/{ups or 'root'}"
 
 
 def not_injected(task: Any, task_run: Any, state: Any) -> bool:
@@ -63,7 +64,8 @@ def generate(spec: RunSpec, r: int, upstream: dict | None = None) -> dict:
 @task(name="score", task_run_name="r{r}-score", **FLAKY, **STAGE)
 def score(spec: RunSpec, r: int, upstream: dict) -> dict:
     enter_stage(spec, "score", r)
-    total = upstream["metrics"]["n_generated"] * 2  # two views per sample
+    views = 2 if spec.cfg.filter.needs_views else 1  # the teacher's sequences per sample
+    total = upstream["metrics"]["n_generated"] * views
     res = stages.score_stage(spec, r, _prov(), progress.bar("score", r, total))
     _log_engine(res)
     return res.to_dict()

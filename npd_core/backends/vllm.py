@@ -149,18 +149,19 @@ def score(
     prompts: list[list[int]],
     responses: list[list[int]],
     *,
-    start_id: int,
+    view: list[int] | None,
     top_k: int | None,
     options: EngineOptions,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[Scores, EngineTimes]:
-    """Score ``responses[i]`` after ``prompts[i]`` and after ``start_id`` alone, like
-    :func:`npd_core.method.score.score`, with the ``role``'s engine loaded with ``model_dir``."""
+    """Score ``responses[i]`` after ``prompts[i]`` and, unless ``view`` is None, after ``view``,
+    like :func:`npd_core.method.score.score` (no KL to targets: vLLM returns no log-probs at
+    given ids), with the ``role``'s engine loaded with ``model_dir``."""
     vocab = json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
     k = min(top_k, vocab) if top_k else 0
     with _engine(role, model_dir, options) as (engine, times):
         cond, resp, tk_ids, tk_lps = engine.call(
-            "score", progress, prompts=prompts, responses=responses, start_id=start_id, k=k
+            "score", progress, prompts=prompts, responses=responses, view=view, k=k
         )
     return Scores(cond, resp, tk_ids if k else None, tk_lps if k else None), times
 
@@ -399,11 +400,11 @@ def _score(
     conn: Any,
     prompts: list[list[int]],
     responses: list[list[int]],
-    start_id: int,
+    view: list[int] | None,
     k: int,
-) -> tuple[np.ndarray, np.ndarray, list[np.ndarray], list[np.ndarray]]:
-    """Both views of every sample as prompt-only requests with ``prompt_logprobs``: per
-    position vLLM returns the actual token's log-prob first, then the top ``k`` by rank."""
+) -> tuple[np.ndarray, np.ndarray | None, list[np.ndarray], list[np.ndarray]]:
+    """Each sample's views as prompt-only requests with ``prompt_logprobs``: per position vLLM
+    returns the actual token's log-prob first, then the top ``k`` by rank (conditional view)."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -415,13 +416,13 @@ def _score(
         )
 
     seqs = [p + r for p, r in zip(prompts, responses, strict=True)]
-    seqs += [[start_id] + r for r in responses]
+    seqs += [view + r for r in responses] if view is not None else []
     outs = llm.generate(
         [TokensPrompt(prompt_token_ids=s) for s in seqs],
-        [params(k)] * n + [params(0)] * n,
+        [params(k)] * n + [params(0)] * (len(seqs) - n),
         use_tqdm=_progress_bar(conn),
     )
-    sums = np.zeros(2 * n)
+    sums = np.zeros(len(seqs))
     tk_ids: list[np.ndarray] = []
     tk_lps: list[np.ndarray] = []
     for j, o in enumerate(outs):
@@ -435,4 +436,4 @@ def _score(
             ids = pl.token_ids[len(pl.token_ids) - r * width :]
             tk_ids.append(np.asarray(ids, np.int32).reshape(r, width)[:, 1:])
             tk_lps.append(lp[:, 1:].copy())
-    return sums[:n], sums[n:], tk_ids, tk_lps
+    return sums[:n], sums[n:] if view is not None else None, tk_ids, tk_lps

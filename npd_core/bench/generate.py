@@ -110,11 +110,11 @@ def run_bench(
 
     prompt_rows = [p for p, row in zip(ids, hf_gens, strict=True) for _ in row]
     responses = [g.token_ids for row in hf_gens for g in row]
-    start = start_token_id(load_tokenizer(teacher))
+    start = [start_token_id(load_tokenizer(teacher))]
     scored = sum(map(len, prompt_rows)) + 2 * sum(map(len, responses))
     log(f"HF score: {len(responses)} responses, top-{top_k}")
     t_model = load_model(teacher)
-    score_kw = dict(start_id=start, top_k=top_k, batch_tokens=16384, bf16=bf16)
+    score_kw = dict(view=start, top_k=top_k, batch_tokens=16384, bf16=bf16)
     score(t_model, prompt_rows[:8], responses[:8], **score_kw)  # warm-up
     t0 = time.perf_counter()
     hf_sc = score(t_model, prompt_rows, responses, **score_kw)
@@ -150,7 +150,7 @@ def run_bench(
         v_s = time.perf_counter() - t0
         v_tokens = sum(len(g.token_ids) for row in v_gens for g in row)
         log("vLLM score")
-        score_v = dict(start_id=start, top_k=top_k, options=opts)
+        score_v = dict(view=start, top_k=top_k, options=opts)
         _, t_times = vllm_backend.score(
             teacher, "teacher", prompt_rows[:8], responses[:8], **score_v
         )

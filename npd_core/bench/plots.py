@@ -11,14 +11,22 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def delta_ifd_histogram(delta: np.ndarray, low: float, high: float, title: str, path: Path) -> Path:
-    """Histogram of a round's Δ-IFD with the kept band shaded."""
+def delta_ifd_histogram(
+    delta: np.ndarray, low: float, high: float, rule: str, title: str, path: Path
+) -> Path:
+    """Histogram of a round's Δ-IFD with the rule's bounds drawn and the kept range shaded
+    (an open side, ±inf, shades to the edge of the data)."""
     d = np.asarray(delta, dtype=float)
     d = d[np.isfinite(d)]
     fig, ax = plt.subplots(figsize=(6, 3.2), dpi=110)
     ax.hist(d, bins=60, color="#4c72b0")
-    if np.isfinite(low) and np.isfinite(high):
-        ax.axvspan(low, high, color="#55a868", alpha=0.2, label=f"kept [{low:.3f}, {high:.3f}]")
+    if len(d) and not (np.isnan(low) or np.isnan(high)):
+        lo, hi = max(low, d.min()), min(high, d.max())
+        shown = f"[{low:.3f}, {high:.3f}]".replace("inf", "∞")
+        ax.axvspan(lo, hi, color="#55a868", alpha=0.2, label=f"{rule}: kept {shown}")
+        for bound in (low, high):
+            if np.isfinite(bound):
+                ax.axvline(bound, color="#c44e52", lw=1.0)
         ax.legend(loc="upper right", fontsize=8)
     ax.set_xlabel("Δ-IFD = log IFD_teacher − log IFD_student")
     ax.set_ylabel("samples")

@@ -92,7 +92,6 @@ def teacher_loglik(
     texts: list[str],
     *,
     eos_id: int,
-    start_id: int,
     batch_tokens: int,
     bf16: bool,
 ) -> EvalResult:
@@ -102,7 +101,7 @@ def teacher_loglik(
         teacher,
         prompt_ids,
         [x + [eos_id] for x in responses],
-        start_id=start_id,
+        view=None,
         top_k=None,
         batch_tokens=batch_tokens,
         bf16=bf16,

@@ -36,11 +36,11 @@ from npd_core.data import read_prompts, round_prompts
 from npd_core.errors import TrainingError
 from npd_core.method.attention import for_training
 from npd_core.method.evaluate import exact_match, greedy_decoded, teacher_loglik
-from npd_core.method.filter import filter_band
+from npd_core.method.filter import apply_filter, dropped_kl_share
 from npd_core.method.generate import Generation, apply_stop_strings, generate
 from npd_core.method.ifd import delta_ifd, log_ifd
 from npd_core.method.packing import Sample, packed_rows
-from npd_core.method.score import Scores, score
+from npd_core.method.score import Scores, TopK, score
 from npd_core.method.train import Targets, lr_horizon, make_optimizer, train_round
 from npd_core.models import (
     format_prompts,
@@ -49,7 +49,7 @@ from npd_core.models import (
     load_trainer_state,
     rng_state,
     save_checkpoint,
-    start_token_id,
+    view_prefix,
 )
 from npd_core.pipeline.spec import RunSpec, StageResult, generator_round, rel_path
 from npd_core.seeds import seed_for
@@ -202,39 +202,43 @@ def _score_with(
     top_k: int | None,
     cfg: NPDConfig,
     progress: Progress,
+    targets: TopK | None = None,
 ) -> tuple[Scores, dict[str, float]]:
-    """Score with the HF or the vLLM engine: the scores and vLLM's engine timings."""
-    start_id = start_token_id(load_tokenizer(model_dir))
+    """Score with the HF or the vLLM engine: the scores and vLLM's engine timings. The
+    prompt-less view only when the filter needs it; the KL to ``targets`` with HF only."""
+    f = cfg.filter
+    view = None
+    if f.needs_views:
+        view = view_prefix(load_tokenizer(model_dir), f.view, f.view_text, cfg.data.chat_template)
     if backend == "vllm":
         opts = vllm_backend.EngineOptions.of(cfg)
         res, times = vllm_backend.score(
-            model_dir,
-            role,
-            prompts,
-            resps,
-            start_id=start_id,
-            top_k=top_k,
-            options=opts,
-            progress=progress,
+            model_dir, role, prompts, resps, view=view, top_k=top_k, options=opts, progress=progress
         )
         return res, _engine_times(times, f"{role}_")
     res = score(
         load_model(model_dir),
         prompts,
         resps,
-        start_id=start_id,
+        view=view,
         top_k=top_k,
         batch_tokens=cfg.score.batch_tokens,
         bf16=cfg.models.bf16,
+        targets=targets,
         progress=progress,
     )
     return res, {}
 
 
+def _nulls(x: np.ndarray | None, i: int) -> float | None:
+    return None if x is None else x[i]
+
+
 def score_stage(
     spec: RunSpec, r: int, prov: dict[str, str], progress: Progress = None
 ) -> StageResult:
-    """Teacher top-k targets; conditional and response-only log-likelihoods of both models."""
+    """Teacher top-k targets and log-likelihood; with the filter's views (``needs_views``) also
+    both models' prompt-less log-likelihoods, Δ-IFD and the student's KL from the teacher."""
     cfg = spec.cfg
     _threads(cfg)
 
@@ -244,27 +248,34 @@ def score_stage(
         resps = s.column("response_token_ids").to_pylist()
         knob = "score.backend" if cfg.score.backend else "generate.backend"
         backend = vllm_backend.resolve(cfg.score.backend or cfg.generate.backend, knob)
-        student_dir = spec.checkpoint(generator_round(r, cfg.staleness))
         t, t_engine = _score_with(
             backend, spec.teacher, "teacher", prompts, resps, cfg.score.top_k, cfg, progress
         )
-        st, s_engine = _score_with(backend, student_dir, "student", prompts, resps, None, cfg, None)
         n = np.array([len(x) for x in resps])
-        ifd_t = log_ifd(t.cond_logprob_sum, t.resp_logprob_sum, n)
-        ifd_s = log_ifd(st.cond_logprob_sum, st.resp_logprob_sum, n)
-        delta = delta_ifd(ifd_t, ifd_s)
+        st, s_engine = None, {}
+        ifd_t = ifd_s = delta = None
+        if cfg.filter.needs_views:
+            student_dir = spec.checkpoint(generator_round(r, cfg.staleness))
+            top = TopK(t.topk_ids, t.topk_logprobs)
+            st, s_engine = _score_with(
+                backend, student_dir, "student", prompts, resps, None, cfg, None, top
+            )
+            ifd_t = log_ifd(t.cond_logprob_sum, t.resp_logprob_sum, n)
+            ifd_s = log_ifd(st.cond_logprob_sum, st.resp_logprob_sum, n)
+            delta = delta_ifd(ifd_t, ifd_s)
         now = _now()
         keys = s.select(["run_id", "round", *SAMPLE_KEY]).to_pylist()
         rows = [
             dict(
                 **key,
                 teacher_logprob_sum=t.cond_logprob_sum[i],
-                student_logprob_sum=st.cond_logprob_sum[i],
-                teacher_resp_logprob_sum=t.resp_logprob_sum[i],
-                student_resp_logprob_sum=st.resp_logprob_sum[i],
-                ifd_teacher=ifd_t[i],
-                ifd_student=ifd_s[i],
-                delta_ifd=delta[i],
+                student_logprob_sum=_nulls(st and st.cond_logprob_sum, i),
+                teacher_resp_logprob_sum=_nulls(t.resp_logprob_sum, i),
+                student_resp_logprob_sum=_nulls(st and st.resp_logprob_sum, i),
+                ifd_teacher=_nulls(ifd_t, i),
+                ifd_student=_nulls(ifd_s, i),
+                delta_ifd=_nulls(delta, i),
+                student_forward_kl_sum=_nulls(st and st.forward_kl_sum, i),
                 topk_ids=t.topk_ids[i].tolist(),
                 topk_logprobs=t.topk_logprobs[i].tolist(),
                 created_at=now,
@@ -274,8 +285,10 @@ def score_stage(
         ]
         table = table_from_rows("scores", rows)
         spec.store.write_stage(spec.run_id, r, "score", {"scores": table})
+        views = 2 if cfg.filter.needs_views else 1
         return _table_digest(table), {
-            "scored_tokens": int(2 * n.sum() + sum(map(len, prompts))),
+            "scored_tokens": int(views * n.sum() + sum(map(len, prompts))),
+            "views": views,
             "backend": backend,
             **t_engine,
             **s_engine,
@@ -285,39 +298,62 @@ def score_stage(
 
 
 # ---------------------------------------------------------------- filter
+def _column(t: pa.Table, name: str) -> np.ndarray | None:
+    """A float column as an array; None when the round did not compute it (all null, or a
+    shard written before the column existed)."""
+    if name not in t.schema.names:
+        return None
+    col = t.column(name)
+    if col.null_count == len(col):
+        return None
+    return col.to_numpy(zero_copy_only=False).astype(np.float64)
+
+
 def filter_stage(spec: RunSpec, r: int, prov: dict[str, str]) -> StageResult:
-    """Keep the Δ-IFD proximal band; every dropped row keeps its reason."""
+    """Well-formedness checks and the configured Δ-IFD rule; every dropped row keeps its reason,
+    and every row the rule and its parameters."""
     cfg = spec.cfg
 
     def body() -> tuple[str, dict[str, Any]]:
         store = spec.store
         s = store.read_stage(spec.run_id, r, "generate", "samples")
         sc = store.read_stage(spec.run_id, r, "score", "scores")
-        delta = sc.column("delta_ifd").to_numpy(zero_copy_only=False)
-        res = filter_band(
+        delta = _column(sc, "delta_ifd")
+        res = apply_filter(
             delta,
+            sc.column("teacher_logprob_sum").to_numpy(zero_copy_only=False),
             s.column("response_tokens").to_numpy(),
             s.column("finished").to_numpy(zero_copy_only=False),
             cfg.filter,
         )
         now = _now()
+        params = json.dumps(res.params, sort_keys=True)
         keys = s.select(["run_id", "round", *SAMPLE_KEY]).to_pylist()
         rows = [
             dict(
-                **key, kept=bool(res.kept[i]), filter_reason=res.reasons[i], created_at=now, **prov
+                **key,
+                kept=bool(res.kept[i]),
+                filter_reason=res.reasons[i],
+                rule=res.rule,
+                rule_params=params,
+                created_at=now,
+                **prov,
             )
             for i, key in enumerate(keys)
         ]
         table = table_from_rows("filter", rows)
         store.write_stage(spec.run_id, r, "filter", {"filter": table})
-        finite = delta[np.isfinite(delta)]
+        finite = delta[np.isfinite(delta)] if delta is not None else np.array([])
         q = np.quantile(finite, [0.05, 0.5, 0.95]).tolist() if len(finite) else [None] * 3
         reasons = Counter(x for x in res.reasons if x)
+        kl = _column(sc, "student_forward_kl_sum")
         return _table_digest(table), {
             "n_kept": int(res.kept.sum()),
             "kept_fraction": float(res.kept.mean()),
+            "rule": res.rule,
             "band_low": res.low,
             "band_high": res.high,
+            "dropped_kl_share": dropped_kl_share(res.kept, kl),
             "delta_ifd_q05": q[0],
             "delta_ifd_q50": q[1],
             "delta_ifd_q95": q[2],
@@ -511,7 +547,6 @@ def evaluate_stage(
                 resp,
                 texts,
                 eos_id=tok.eos_token_id,
-                start_id=start_token_id(tok),
                 batch_tokens=cfg.score.batch_tokens,
                 bf16=cfg.models.bf16,
             )

@@ -11,7 +11,10 @@ import pyarrow as pa
 
 from npd_core.errors import StoreError, first_line
 
-SCHEMA_VERSION = 2  # 2: derived best/regressed checkpoints, run lineage columns
+SCHEMA_VERSION = 3
+# 2: derived best/regressed checkpoints, run lineage columns
+# 3: Δ-IFD columns nullable (not computed when the filter rule needs none), the student's
+#    forward KL per sample, the filter rule and its parameters per row, dropped KL per round
 STAGES = ("generate", "score", "filter", "pack", "train", "evaluate", "summary")
 
 # --------------------------------------------------------------------------------------------
@@ -58,8 +61,10 @@ SAMPLES_SCHEMA = pa.schema(
     ]
 )
 
-# Sums are over response tokens; "cond." = conditioned on the prompt, "resp" = response alone.
-# ifd_* are log IFD (resp-only vs conditioned, per token); delta_ifd = ifd_student - ifd_teacher.
+# Sums are over response tokens; "cond." = conditioned on the prompt, "resp" = after the
+# prompt-less view (filter.view). ifd_* are log IFD (resp vs conditioned, per token);
+# delta_ifd = ifd_teacher - ifd_student. All but the teacher's conditional sum are null where the
+# round scored no prompt-less view (filter.rule none without compute_delta_ifd).
 SCORE_COLUMNS = (
     "teacher_logprob_sum",
     "student_logprob_sum",
@@ -72,7 +77,9 @@ SCORE_COLUMNS = (
 SCORES_SCHEMA = pa.schema(
     [
         *_SAMPLE_KEY,
-        *(_req(name, pa.float32()) for name in SCORE_COLUMNS),
+        _req(SCORE_COLUMNS[0], pa.float32()),
+        *(_opt(name, pa.float32()) for name in SCORE_COLUMNS[1:]),
+        _opt("student_forward_kl_sum", pa.float32()),  # Σ_t KL(teacher top-k ‖ generator)
         _opt("topk_ids", pa.list_(pa.list_(pa.int32()))),  # (response_tokens, k)
         _opt("topk_logprobs", pa.list_(pa.list_(pa.float32()))),  # (response_tokens, k)
         *_PROVENANCE,
@@ -84,6 +91,8 @@ FILTER_SCHEMA = pa.schema(
         *_SAMPLE_KEY,
         _req("kept", pa.bool_()),
         _opt("filter_reason", pa.string()),  # null when kept
+        _opt("rule", pa.string()),  # filter.rule of the round (null: written before schema 3)
+        _opt("rule_params", pa.string()),  # its parameters, JSON
         *_PROVENANCE,
     ]
 )
@@ -129,6 +138,8 @@ ROUNDS_SCHEMA = pa.schema(
         _opt("mean_loss", pa.float64()),
         _opt("score", pa.float64()),
         _opt("kept_fraction", pa.float64()),
+        _opt("filter_rule", pa.string()),
+        _opt("dropped_kl_share", pa.float64()),  # share of the round's forward-KL mass dropped
         _opt("delta_ifd_q05", pa.float64()),
         _opt("delta_ifd_q50", pa.float64()),
         _opt("delta_ifd_q95", pa.float64()),
@@ -206,7 +217,7 @@ SELECT * FROM read_parquet(['.npd/empty/prompts.parquet', 'runs/*/run/prompts.pa
 ROUNDS_VIEW_SQL = """
 CREATE OR REPLACE VIEW rounds AS
 SELECT * FROM read_parquet(['.npd/empty/rounds.parquet', 'runs/*/round=*/summary/rounds.parquet'],
-                           hive_partitioning = false, allow_empty = true)
+                           hive_partitioning = false, allow_empty = true, union_by_name = true)
 """
 EVALS_VIEW_SQL = """
 CREATE OR REPLACE VIEW evals AS
@@ -246,22 +257,22 @@ FROM ranked AS k LEFT JOIN runs AS r ON r.run_id = k.run_id
 SCORES_VIEW_SQL = """
 CREATE OR REPLACE VIEW scores AS
 SELECT * FROM read_parquet(['.npd/empty/scores.parquet', 'runs/*/round=*/score/scores.parquet'],
-                           hive_partitioning = false, allow_empty = true)
+                           hive_partitioning = false, allow_empty = true, union_by_name = true)
 """
 SAMPLES_VIEW_SQL = """
 CREATE OR REPLACE VIEW samples AS
 SELECT g.*,
        s.teacher_logprob_sum, s.student_logprob_sum,
        s.teacher_resp_logprob_sum, s.student_resp_logprob_sum,
-       s.ifd_teacher, s.ifd_student, s.delta_ifd,
-       f.kept, f.filter_reason
+       s.ifd_teacher, s.ifd_student, s.delta_ifd, s.student_forward_kl_sum,
+       f.kept, f.filter_reason, f.rule AS filter_rule, f.rule_params AS filter_rule_params
 FROM read_parquet(['.npd/empty/samples.parquet', 'runs/*/round=*/generate/samples.parquet'],
                   hive_partitioning = false, allow_empty = true) AS g
 LEFT JOIN scores AS s
        ON s.run_id = g.run_id AND s.round = g.round
       AND s.prompt_id = g.prompt_id AND s.sample_idx = g.sample_idx
 LEFT JOIN read_parquet(['.npd/empty/filter.parquet', 'runs/*/round=*/filter/filter.parquet'],
-                       hive_partitioning = false, allow_empty = true) AS f
+                       hive_partitioning = false, allow_empty = true, union_by_name = true) AS f
        ON f.run_id = g.run_id AND f.round = g.round
       AND f.prompt_id = g.prompt_id AND f.sample_idx = g.sample_idx
 """

@@ -163,7 +163,10 @@ CONFIG_CASES = {
     "unknown_key": ("trian: {}\n", ["bad.yaml", "unknown key 'trian'", "did you mean 'train'"]),
     "negative_rounds": ("rounds: -1\n", ["bad.yaml", "'rounds'"]),
     "wrong_type": ("rounds: many\n", ["bad.yaml", "'rounds'"]),
-    "q_low_ge_q_high": ("filter: {q_low: 0.9, q_high: 0.5}\n", ["filter", "q_low (0.9)"]),
+    "q_low_ge_q_high": (
+        "filter: {rule: band, q_low: 0.9, q_high: 0.5}\n",
+        ["filter", "q_low (0.9)"],
+    ),
     "top_k_zero": ("score: {top_k: 0}\n", ["bad.yaml", "score.top_k"]),
     "not_a_mapping": ("- rounds\n", ["bad.yaml", "mapping"]),
     "nul_in_path": ('models: {teacher: "a\\0b"}\n', ["bad.yaml", "'models.teacher'", "NUL"]),
@@ -488,7 +491,8 @@ def _no_partial_stage(out: Path) -> None:
 def test_every_sample_filtered_is_a_warning(tmp_path, tiny_world, prefect):
     """The one run-time case that is not an error: the round is recorded with its reasons,
     training skips it, the run goes on, exit 0."""
-    cfg = run_config(tmp_path, tiny_world, rounds=2, filter={"abs_low": 1000.0, "abs_high": 2000.0})
+    band = {"rule": "band", "abs_low": 1000.0, "abs_high": 2000.0}
+    cfg = run_config(tmp_path, tiny_world, rounds=2, filter=band)
     out = tmp_path / "out"
     r = _npd("run", cfg, "--out", out, "--json", env=prefect)
     assert r.returncode == 0, r.stderr[-2000:]

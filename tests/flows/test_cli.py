@@ -48,7 +48,7 @@ def _cli(*args, cwd=None):
     ("content", "needle"),
     [
         ("rounds: -1\n", "rounds"),
-        ("filter: {q_low: 0.9, q_high: 0.5}\n", "q_low"),
+        ("filter: {rule: band, q_low: 0.9, q_high: 0.5}\n", "q_low"),
         ("trian: {}\n", "did you mean 'train'"),
         ("score: {top_k: 0}\n", "score.top_k"),
         ("rounds: [\n", "invalid YAML"),
@@ -175,9 +175,62 @@ def test_sql_answers_while_a_run_writes(tmp_path, tiny_world, prefect_api):
     assert json.loads(after.stdout) == [{"round": 1, "n": 32}, {"round": 2, "n": 32}]
 
 
+# What schema 3 added, per table: an output directory of schema 2 lacks exactly these columns.
+SCHEMA_3_COLUMNS = {
+    "scores": ["student_forward_kl_sum"],
+    "filter": ["rule", "rule_params"],
+    "rounds": ["filter_rule", "dropped_kl_share"],
+}
+SCHEMA_2_SAMPLES_VIEW = """
+CREATE OR REPLACE VIEW samples AS
+SELECT g.*, s.teacher_logprob_sum, s.student_logprob_sum, s.teacher_resp_logprob_sum,
+       s.student_resp_logprob_sum, s.ifd_teacher, s.ifd_student, s.delta_ifd,
+       f.kept, f.filter_reason
+FROM read_parquet(['.npd/empty/samples.parquet', 'runs/*/round=*/generate/samples.parquet'],
+                  hive_partitioning = false, allow_empty = true) AS g
+LEFT JOIN scores AS s ON s.run_id = g.run_id AND s.round = g.round
+      AND s.prompt_id = g.prompt_id AND s.sample_idx = g.sample_idx
+LEFT JOIN read_parquet(['.npd/empty/filter.parquet', 'runs/*/round=*/filter/filter.parquet'],
+                       hive_partitioning = false, allow_empty = true) AS f
+       ON f.run_id = g.run_id AND f.round = g.round
+      AND f.prompt_id = g.prompt_id AND f.sample_idx = g.sample_idx
+"""
+
+
+def _as_schema_2(out: Path) -> None:
+    """Turn ``out`` into what npd of store schema 2 wrote: no schema-3 columns in any shard or
+    placeholder, the old filter config (``enabled`` + quantiles) in every run's spec and runs
+    row, the old samples view and version 2 in the database and the marker."""
+    import duckdb
+    import pyarrow.parquet as pq
+
+    for table, columns in SCHEMA_3_COLUMNS.items():
+        shards = out.glob(f"runs/*/round=*/*/{table}.parquet")
+        for f in [*shards, out / f".npd/empty/{table}.parquet"]:
+            pq.write_table(pq.read_table(f).drop_columns(columns), f)
+    old_filter = {"enabled": True, "q_low": 0.05, "q_high": 0.9, "abs_low": None,
+                  "abs_high": None, "drop_unfinished": True}  # fmt: skip
+    for spec in out.glob("runs/*/run/spec.json"):
+        data = json.loads(spec.read_text())
+        data["config"]["filter"] = old_filter
+        spec.write_text(json.dumps(data, indent=1, sort_keys=True))
+    for f in out.glob("runs/*/run/runs.parquet"):
+        t = pq.read_table(f)
+        cfg = [json.loads(x) | {"filter": old_filter} for x in t.column("config_json").to_pylist()]
+        i = t.schema.get_field_index("config_json")
+        pq.write_table(t.set_column(i, "config_json", [[json.dumps(c) for c in cfg]]), f)
+    (out / "npd-store.json").write_text(json.dumps({"schema_version": 2, "project": "npd"}))
+    with duckdb.connect(str(out / "npd.duckdb")) as con:
+        con.execute(f"SET file_search_path = '{out}'")
+        con.execute("CREATE OR REPLACE VIEW store_meta AS SELECT 2 AS schema_version")
+        con.execute(SCHEMA_2_SAMPLES_VIEW)
+
+
 @pytest.mark.slow
 def test_failed_run_then_npd_retry(tmp_path, tiny_world, prefect_api):
-    """`npd run` fails in round 2 (injected); `npd retry RUN_ID` finishes it from the cache."""
+    """`npd run` fails in round 2 (injected); the output directory is turned into one written by
+    npd of store schema 2 (before the filter rules); `npd status` reads it and `npd retry RUN_ID`
+    finishes the run from the cache, reading the old config with a deprecation line."""
     _write_run_config(tmp_path, tiny_world, prompts_per_round=32, steps=2)
     out = tmp_path / "out"
     # on the session's server (test_bad_input's Ctrl-C test runs and retries on an ephemeral API)
@@ -192,10 +245,15 @@ def test_failed_run_then_npd_retry(tmp_path, tiny_world, prefect_api):
     assert run.returncode != 0
     assert run.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "injected failure in score of round 2" in run.stderr and "Traceback" not in run.stderr
+    _as_schema_2(out)
     db = str(out / "npd.duckdb")
     run_id = json.loads(_cli("sql", "select run_id from runs", "--db", db, "--json").stdout)[0]
     q = "select round, min(created_at)::varchar t from samples group by round order by round"
     before = json.loads(_cli("sql", q, "--db", db, "--json").stdout)
+    status = _cli("status", run_id["run_id"], "--out", str(out), "--json")
+    assert status.returncode == 0, status.stderr
+    (shown,) = json.loads(status.stdout)
+    assert shown["status"] == "failed" and [x["round"] for x in shown["rounds"]] == [0, 1]
     retry = subprocess.run(
         [*NPD, "retry", run_id["run_id"], "--out", str(out), "--json"],
         capture_output=True,
@@ -204,8 +262,15 @@ def test_failed_run_then_npd_retry(tmp_path, tiny_world, prefect_api):
         timeout=300,
     )
     assert retry.returncode == 0, retry.stderr[-2000:]
+    assert "warning: filter.enabled: True is now filter.rule: band" in retry.stderr
     assert json.loads(retry.stdout)["rounds"][-1]["round"] == 2
     after = json.loads(_cli("sql", q, "--db", db, "--json").stdout)
     assert after[:2] == before[:2]  # rounds 1 and 2 generated once: cached, not regenerated
+    rules = "select round, filter_rule, count(*) n from samples group by all order by round"
+    assert json.loads(_cli("sql", rules, "--db", db, "--json").stdout) == [
+        {"round": 1, "filter_rule": None, "n": 32},  # written before: no rule recorded
+        {"round": 2, "filter_rule": "band", "n": 32},
+    ]
+    assert json.loads((out / "npd-store.json").read_text())["schema_version"] == 3
     missing = _cli("retry", "nope", "--out", str(out))
     assert missing.returncode != 0 and "no run 'nope'" in missing.stderr

@@ -17,7 +17,7 @@ from npd_core.baselines.onpolicy import onpolicy_segment, teacher_topk
 from npd_core.config import NPDConfig
 from npd_core.method.packing import Sample, collate
 from npd_core.method.score import score
-from npd_core.models import load_model, load_tokenizer, load_trainer_state, start_token_id
+from npd_core.models import load_model, load_tokenizer, load_trainer_state
 from npd_core.pipeline.spec import RunSpec
 from npd_core.store import Store
 
@@ -36,7 +36,7 @@ def test_teacher_topk_equals_the_score_stage(tiny_world):
         teacher,
         prompts,
         responses,
-        start_id=start_token_id(tok),
+        view=None,
         top_k=4,
         batch_tokens=4096,
         bf16=False,

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from npd_core.method.ifd import delta_ifd, log_ifd
-from npd_core.method.score import score
+from npd_core.method.score import TopK, score
 
 
 def test_log_ifd_hand_computed():
@@ -44,7 +44,7 @@ def test_score_matches_known_logits():
     logp = torch.log_softmax(model.table.detach(), -1)
     prompts = [[3, 4, 5], [2], [6, 1]]
     responses = [[1, 2], [5, 5, 6], [3]]
-    s = score(model, prompts, responses, start_id=start, top_k=3, batch_tokens=64, bf16=False)
+    s = score(model, prompts, responses, view=[start], top_k=3, batch_tokens=64, bf16=False)
     for i, (p, y) in enumerate(zip(prompts, responses, strict=True)):
         cond = sum(logp[a, b] for a, b in zip([p[-1]] + y[:-1], y, strict=True))
         resp = sum(logp[a, b] for a, b in zip([start] + y[:-1], y, strict=True))
@@ -61,3 +61,46 @@ def test_score_matches_known_logits():
         want = logp[ctx].topk(3, -1)
         np.testing.assert_array_equal(s.topk_ids[i], want.indices.numpy())
         np.testing.assert_allclose(s.topk_logprobs[i], want.values.numpy(), atol=1e-6)
+
+
+def test_scoring_without_the_view_changes_no_conditional_number():
+    """Skipping the prompt-less view (filter rule none) leaves top-k and the conditional sums
+    bitwise equal: the conditional rows are packed and run the same either way."""
+    g = torch.Generator().manual_seed(1)
+    model = Bigram(torch.randn(11, 11, generator=g))
+    gen = np.random.default_rng(0)
+    prompts = [gen.integers(1, 11, gen.integers(1, 6)).tolist() for _ in range(40)]
+    responses = [gen.integers(1, 11, gen.integers(1, 9)).tolist() for _ in range(40)]
+    kw = dict(top_k=4, batch_tokens=48, bf16=False)
+    both = score(model, prompts, responses, view=[0, 3], **kw)
+    cond = score(model, prompts, responses, view=None, **kw)
+    assert cond.resp_logprob_sum is None and both.resp_logprob_sum is not None
+    assert np.array_equal(both.cond_logprob_sum, cond.cond_logprob_sum)
+    for a, b in zip(
+        both.topk_ids + both.topk_logprobs, cond.topk_ids + cond.topk_logprobs, strict=True
+    ):
+        assert np.array_equal(a, b)
+
+
+def test_multi_token_view_and_kl_to_targets():
+    """A view of several tokens conditions the first response token on its last token; with
+    targets, the per-sample forward KL is Σ_t Σ_k p_T (log p_T − log p_S) over the top-k."""
+    g = torch.Generator().manual_seed(2)
+    model = Bigram(torch.randn(9, 9, generator=g))
+    logp = torch.log_softmax(model.table.detach(), -1)
+    prompts, responses = [[1, 2], [4]], [[3, 5, 6], [7]]
+    ids = [np.array([[0, 1], [2, 3], [4, 5]]), np.array([[8, 7]])]
+    lps = [np.log(np.array([[0.7, 0.2], [0.5, 0.5], [0.9, 0.05]])), np.log([[0.6, 0.3]])]
+    s = score(
+        model, prompts, responses, view=[8, 2], top_k=None, batch_tokens=64, bf16=False,
+        targets=TopK(ids, lps),
+    )  # fmt: skip
+    for i, (p, y) in enumerate(zip(prompts, responses, strict=True)):
+        resp = sum(logp[a, b] for a, b in zip([2] + y[:-1], y, strict=True))
+        assert math.isclose(s.resp_logprob_sum[i], float(resp), abs_tol=1e-5)
+        kl = 0.0
+        for t, ctx in enumerate([p[-1]] + y[:-1]):
+            p_t = np.exp(lps[i][t]) / np.exp(lps[i][t]).sum()  # renormalized over the top-k
+            kl += float((p_t * (np.log(p_t) - logp[ctx, ids[i][t]].numpy())).sum())
+        assert math.isclose(s.forward_kl_sum[i], kl, abs_tol=1e-5)
+    assert s.topk_ids is None

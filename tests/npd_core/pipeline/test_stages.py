@@ -5,8 +5,10 @@ rows (read back from the pack table, never re-derived); rounds whose samples are
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections import Counter
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
@@ -20,7 +22,7 @@ from npd_core.pipeline.stages import (
     score_stage,
     train_stage,
 )
-from npd_core.store import Store, query
+from npd_core.store import SCORE_COLUMNS, Store, query
 
 PROV = {"flow_run_id": "f", "task_run_id": "t"}
 REASONS = {"empty", "unfinished", "non_finite", "below_band", "above_band"}
@@ -55,13 +57,13 @@ def _with(spec: RunSpec, **sections: dict) -> RunSpec:
 
 @pytest.fixture(scope="module")
 def scored(tmp_path_factory, tiny_world) -> RunSpec:
-    """Round 1 generated, scored and filtered once (two samples a prompt, 32 in all); the
-    filter keeps every non-empty sample so that pack and train have data to work on."""
+    """Round 1 generated, scored (every view) and filtered once (two samples a prompt, 32 in
+    all); the filter keeps every non-empty sample so that pack and train have data to work on."""
     spec = _spec(
         tmp_path_factory.mktemp("scored"),
         tiny_world,
         generate={"max_new_tokens": 24, "n_per_prompt": 2},
-        filter={"enabled": False, "drop_unfinished": False},
+        filter={"rule": "none", "compute_delta_ifd": True, "drop_unfinished": False},
     )
     for stage in (generate_stage, score_stage, filter_stage):
         stage(spec, 1, PROV)
@@ -99,13 +101,22 @@ def test_stage_rerun_is_idempotent(tmp_path, tiny_world):
 def test_filter_records_a_reason_for_every_dropped_row(scored):
     """The quantile band (0.05–0.90 of the non-empty samples): kept rows lie inside it and
     have no reason; every other row has exactly one reason, and the metrics count them."""
-    spec = _with(scored, filter={"drop_unfinished": False})
+    spec = _with(scored, filter={"rule": "band", "drop_unfinished": False})
     try:
         res = filter_stage(spec, 1, PROV)
         f = spec.store.read_stage("r", 1, "filter", "filter").to_pylist()
     finally:
         filter_stage(scored, 1, PROV)  # the other tests' data: every non-empty sample kept
-    sc = spec.store.read_stage("r", 1, "score", "scores").column("delta_ifd").to_pylist()
+    scores = spec.store.read_stage("r", 1, "score", "scores")
+    sc = scores.column("delta_ifd").to_pylist()
+    kl = np.array(scores.column("student_forward_kl_sum").to_pylist())
+    assert (kl >= 0).all() and kl.sum() > 0
+    kept = np.array([x["kept"] for x in f])
+    assert res.metrics["dropped_kl_share"] == pytest.approx(kl[~kept].sum() / kl.sum())
+    assert {x["rule"] for x in f} == {"band"}
+    assert json.loads(f[0]["rule_params"]) == dict(
+        q_low=0.05, q_high=0.9, abs_low=None, abs_high=None, drop_unfinished=False
+    )
     assert len(f) == len(sc) == 32
     assert all((x["filter_reason"] is None) == x["kept"] for x in f)
     reason = [x["filter_reason"] for x in f]
@@ -119,6 +130,32 @@ def test_filter_records_a_reason_for_every_dropped_row(scored):
         assert why != "below_band" or d < lo
         assert why != "above_band" or d > hi
         assert why is not None or lo <= d <= hi
+
+
+def test_scoring_pays_only_for_what_the_rule_uses(scored):
+    """``rule: none`` scores no prompt-less view and no student: those columns are null (not a
+    made-up number), and the teacher's top-k and log-likelihoods are bitwise those of the run
+    that scored every view."""
+    full = scored.store.read_stage("r", 1, "score", "scores")
+    lean = _with(scored, filter={"rule": "none", "drop_unfinished": False})
+    try:
+        res = score_stage(lean, 1, PROV)
+        t = lean.store.read_stage("r", 1, "score", "scores")
+        flt = filter_stage(lean, 1, PROV)
+        f = lean.store.read_stage("r", 1, "filter", "filter").to_pylist()
+    finally:
+        score_stage(scored, 1, PROV)
+        filter_stage(scored, 1, PROV)
+    assert res.metrics["views"] == 1
+    for name in (*SCORE_COLUMNS[1:], "student_forward_kl_sum"):
+        assert t.column(name).null_count == 32, name
+    for name in ("teacher_logprob_sum", "topk_ids", "topk_logprobs"):
+        assert t.column(name).equals(full.column(name)), name
+    assert flt.metrics["dropped_kl_share"] is None and flt.metrics["delta_ifd_q50"] is None
+    samples = scored.store.read_stage("r", 1, "generate", "samples").to_pylist()
+    empty = {(x["prompt_id"], x["sample_idx"]) for x in samples if x["response_tokens"] == 0}
+    assert all(x["kept"] == ((x["prompt_id"], x["sample_idx"]) not in empty) for x in f)
+    assert {(x["rule"], x["rule_params"]) for x in f} == {("none", '{"drop_unfinished": false}')}
 
 
 @pytest.mark.parametrize("overlong", ["truncate", "drop"])
@@ -186,7 +223,7 @@ def test_train_consumes_exactly_the_packed_rows(scored):
 
 
 def test_everything_filtered_trains_nothing_and_goes_on(tmp_path, tiny_world):
-    spec = _spec(tmp_path, tiny_world, filter={"abs_low": 100.0, "abs_high": 200.0})
+    spec = _spec(tmp_path, tiny_world, filter={"rule": "band", "abs_low": 100.0, "abs_high": 200.0})
     for stage in (generate_stage, score_stage, filter_stage):
         stage(spec, 1, PROV)
     flt = filter_stage(spec, 1, PROV)

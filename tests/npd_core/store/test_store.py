@@ -107,7 +107,12 @@ def test_new_store_has_empty_typed_views(tmp_path: Path) -> None:
         assert result.schema.names == [*SCHEMAS[name].names, *derived]
     result = store.query("SELECT * FROM samples")
     assert result.num_rows == 0
-    joined = [*SCHEMAS["samples"].names, *SCORE_COLUMNS, "kept", "filter_reason"]
+    joined = [
+        *SCHEMAS["samples"].names,
+        *SCORE_COLUMNS,
+        "student_forward_kl_sum",
+        *("kept", "filter_reason", "filter_rule", "filter_rule_params"),
+    ]
     assert result.schema.names == joined
     assert result.schema.field("kept").type == pa.bool_()
     assert result.schema.field("response_token_ids").type == pa.list_(pa.int32())
