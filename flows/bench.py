@@ -181,6 +181,34 @@ def generate(
         print_table(res, "npd bench generate")
 
 
+@bench_app.command("ifd-views")
+def ifd_views(
+    run: Annotated[str, typer.Option("--run", help="run whose checkpoints θ_k are sampled")],
+    as_json: Annotated[
+        bool, typer.Option("--json", help="print one JSON object on stdout")
+    ] = False,
+    out: Annotated[Path, typer.Option("--out", help="the run's output directory")] = Path(
+        "npd-out"
+    ),
+    checkpoints: Annotated[str, typer.Option(help="comma-separated rounds k of θ_k")] = "3,6",
+    n: Annotated[int, typer.Option(help="samples per checkpoint", min=8)] = 2048,
+    text: Annotated[
+        list[str] | None, typer.Option(help="extra view: this text as a prompt (repeatable)")
+    ] = None,
+) -> None:
+    """Spearman ρ of Δ-IFD with the per-token forward KL, per prompt-less view (filter.view)."""
+    from npd_core.bench.ifd_views import run_views
+
+    ks = [int(x) for x in checkpoints.split(",") if x.strip()]
+    res = run_views(
+        str(out), run, ks, n, text or [], log=lambda m: err.print(m, markup=False, highlight=False)
+    )
+    if as_json:
+        sys.stdout.write(json.dumps(res) + "\n")
+    else:
+        print_table(res["mean_spearman"], "npd bench ifd-views: mean Spearman ρ")
+
+
 def print_table(res: dict[str, Any], title: str = "npd bench packing") -> None:
     t = Table(title=title, title_justify="left")
     t.add_column("figure")

@@ -103,6 +103,34 @@ def test_every_view_is_filled_and_the_run_completed(e2e):
         query(e2e.db, "select stage_seconds_json from rounds where round = 1").column(0)[0].as_py()
     )
     assert set(stage_s) == {"generate", "score", "filter", "pack", "train", "evaluate"}
+    filt = query(e2e.db, "select filter_rule, dropped_kl_share from rounds").to_pylist()
+    assert all(r["filter_rule"] == "band" and 0 < r["dropped_kl_share"] < 1 for r in filt)
+
+
+def test_ifd_views_bench_samples_the_runs_checkpoints(e2e):
+    """Every candidate view's tokens are what the tokenizer gives, each ρ is a correlation,
+    the mean is over the checkpoints and the best is the largest mean."""
+    from npd_core.bench.ifd_views import GENERIC_INSTRUCTION, run_views
+    from npd_core.models import load_tokenizer
+
+    res = run_views(str(e2e.root), "e2e", (1, 3), n=24, texts=["12,34="], log=lambda m: None)
+    tok = load_tokenizer(e2e.spec.teacher)
+    want = {
+        "bos": [tok.bos_token_id],
+        "eos": [tok.eos_token_id],
+        "empty_turn": tok("")["input_ids"] or [tok.bos_token_id],
+        "generic_instruction": tok(GENERIC_INSTRUCTION)["input_ids"],
+        "text:12,34=": tok("12,34=")["input_ids"],
+    }
+    rows = [res["checkpoints"][k] for k in ("1", "3")]
+    for row in rows:
+        assert 3 < row["samples"] <= 24 and row["mean_kl_per_token"] > 0
+        assert {k: row[k]["view_tokens"] for k in want} == want
+        assert all(-1 <= row[k]["spearman"] <= 1 for k in want)
+    for k in want:
+        mean = (rows[0][k]["spearman"] + rows[1][k]["spearman"]) / 2
+        assert res["mean_spearman"][k] == pytest.approx(mean)
+    assert res["best"] == max(res["mean_spearman"], key=res["mean_spearman"].get)
 
 
 def test_the_last_checkpoint_loads_with_transformers_and_holds_the_optimizer(e2e):
@@ -130,6 +158,7 @@ def test_mlflow_has_the_run_a_nested_run_per_round_and_the_artifacts(e2e):
     assert [a.path for a in c.list_artifacts(child.info.run_id, "plots")] == [
         "plots/delta_ifd_r2.png"
     ]
+    assert 0 < child.data.metrics["dropped_kl_share"] < 1
     assert len(c.get_metric_history(child.info.run_id, "loss")) == 3
     assert "config.yaml" in {a.path for a in c.list_artifacts(parent.info.run_id)}
 
