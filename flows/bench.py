@@ -181,6 +181,46 @@ def generate(
         print_table(res, "npd bench generate")
 
 
+@bench_app.command("filter")
+def filter_study(
+    stage: Annotated[
+        str, typer.Option(help="screen (every rule × staleness 1, 4) or confirm (best 2 + ref.)")
+    ] = "screen",
+    as_json: Annotated[
+        bool, typer.Option("--json", help="print one JSON object on stdout")
+    ] = False,
+    out: Annotated[Path, typer.Option("--out", help="output directory")] = Path("npd-out"),
+    config: Annotated[
+        Path | None, typer.Option("--config", help="run config YAML (default: toy world)")
+    ] = None,
+    budget_s: Annotated[
+        float | None,
+        typer.Option(
+            "--budget-s", help="training seconds of a full-budget cell (default 140)", min=1
+        ),
+    ] = None,
+) -> None:
+    """The pre-registered filter study (README, "Filter study"); resumes where it stopped."""
+    from flows.env import prefect_env
+    from flows.filter_study import run_study
+    from npd_core.errors import ConfigError
+
+    if stage not in ("screen", "confirm"):
+        raise ConfigError(f"--stage {stage!r}: choose screen or confirm")
+    prefect_env(out)
+    res = run_study(
+        stage, out, config, budget_s, lambda m: err.print(m, markup=False, highlight=False)
+    )
+    if as_json:
+        sys.stdout.write(json.dumps(res, allow_nan=False) + "\n")
+    else:
+        for row in res["summary"]:
+            err.print(
+                f"{row['rule']:<10} st{row['staleness']}  final {row['final_score']:6.2f}  "
+                f"kept {row['kept_fraction']:.2f}  dropped KL {row['dropped_kl_share']:.2f}"
+            )
+
+
 @bench_app.command("ifd-views")
 def ifd_views(
     run: Annotated[str, typer.Option("--run", help="run whose checkpoints θ_k are sampled")],

@@ -37,6 +37,26 @@ def delta_ifd_histogram(
     return path
 
 
+def rule_curves(curves: dict[str, list[tuple[int, float]]], title: str, path: Path) -> Path:
+    """Held-out score vs round, one line per filter rule (the filter study's plot)."""
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    for name, c in curves.items():
+        if not c:
+            continue
+        r, s = np.array(c, dtype=float).T
+        ref = name == "none-keep"
+        ax.plot(r, s, "-" if ref else "--", lw=2.4 if ref else 1.4, marker="o", ms=3, label=name)
+    ax.set_xlabel("round")
+    ax.set_ylabel("held-out score")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def bench_curves(curves: dict[str, list[tuple[float, float]]], report: dict, path: Path) -> Path:
     """Held-out score vs training wall clock, one line per variant (mean over seeds), with the
     speedup over onpolicy marked: onpolicy's final score as a level, the two crossing times."""
