@@ -176,6 +176,7 @@ def test_sql_answers_while_a_run_writes(tmp_path, tiny_world, prefect_api):
 
 
 # What schema 3 added, per table: an output directory of schema 2 lacks exactly these columns.
+OLD_CONFIG = Path(__file__).parents[1] / "data" / "config-npd-6a4d80c.json"
 SCHEMA_3_COLUMNS = {
     "scores": ["student_forward_kl_sum"],
     "filter": ["rule", "rule_params"],
@@ -199,8 +200,10 @@ LEFT JOIN read_parquet(['.npd/empty/filter.parquet', 'runs/*/round=*/filter/filt
 
 def _as_schema_2(out: Path) -> None:
     """Turn ``out`` into what npd of store schema 2 wrote: no schema-3 columns in any shard or
-    placeholder, the old filter config (``enabled`` + quantiles) in every run's spec and runs
-    row, the old samples view and version 2 in the database and the marker."""
+    placeholder, the old filter config (``enabled`` + quantiles) in every runs row, the old
+    samples view and version 2 in the database and the marker. (The run's spec.json keeps the
+    config this run began with: what a retry keys its cache on; that an old run's config gives
+    the old key is test_config_of_an_older_npd_loads_and_keys_its_cache_as_before.)"""
     import duckdb
     import pyarrow.parquet as pq
 
@@ -208,12 +211,7 @@ def _as_schema_2(out: Path) -> None:
         shards = out.glob(f"runs/*/round=*/*/{table}.parquet")
         for f in [*shards, out / f".npd/empty/{table}.parquet"]:
             pq.write_table(pq.read_table(f).drop_columns(columns), f)
-    old_filter = {"enabled": True, "q_low": 0.05, "q_high": 0.9, "abs_low": None,
-                  "abs_high": None, "drop_unfinished": True}  # fmt: skip
-    for spec in out.glob("runs/*/run/spec.json"):
-        data = json.loads(spec.read_text())
-        data["config"]["filter"] = old_filter
-        spec.write_text(json.dumps(data, indent=1, sort_keys=True))
+    old_filter = json.loads(OLD_CONFIG.read_text())["filter"]
     for f in out.glob("runs/*/run/runs.parquet"):
         t = pq.read_table(f)
         cfg = [json.loads(x) | {"filter": old_filter} for x in t.column("config_json").to_pylist()]
@@ -226,11 +224,26 @@ def _as_schema_2(out: Path) -> None:
         con.execute(SCHEMA_2_SAMPLES_VIEW)
 
 
+def test_config_of_an_older_npd_loads_and_keys_its_cache_as_before():
+    """The defaults as npd dumped them at 6a4d80c (store schema 2, ``filter.enabled``): they
+    load as ``rule: band`` with a warning, and the stage cache key of a run that began then is
+    the digest that version computed (printed by it: d42ce37201a46ea4), so `npd retry` finds the
+    finished stages."""
+    from npd_core.config import NPDConfig, config_digest
+
+    old = json.loads(OLD_CONFIG.read_text())
+    with pytest.warns(FutureWarning, match="filter.enabled: True is now filter.rule: band"):
+        cfg = NPDConfig.model_validate(old)
+    assert (cfg.filter.rule, cfg.filter.q_low, cfg.filter.q_high) == ("band", 0.05, 0.9)
+    assert config_digest(old) == "d42ce37201a46ea4"
+    assert cfg.model_dump(mode="json") | {"filter": old["filter"]} == old  # nothing else moved
+
+
 @pytest.mark.slow
 def test_failed_run_then_npd_retry(tmp_path, tiny_world, prefect_api):
     """`npd run` fails in round 2 (injected); the output directory is turned into one written by
     npd of store schema 2 (before the filter rules); `npd status` reads it and `npd retry RUN_ID`
-    finishes the run from the cache, reading the old config with a deprecation line."""
+    finishes the run from the cache; rows written before carry no rule, the new ones do."""
     _write_run_config(tmp_path, tiny_world, prompts_per_round=32, steps=2)
     out = tmp_path / "out"
     # on the session's server (test_bad_input's Ctrl-C test runs and retries on an ephemeral API)
@@ -262,7 +275,6 @@ def test_failed_run_then_npd_retry(tmp_path, tiny_world, prefect_api):
         timeout=300,
     )
     assert retry.returncode == 0, retry.stderr[-2000:]
-    assert "warning: filter.enabled: True is now filter.rule: band" in retry.stderr
     assert json.loads(retry.stdout)["rounds"][-1]["round"] == 2
     after = json.loads(_cli("sql", q, "--db", db, "--json").stdout)
     assert after[:2] == before[:2]  # rounds 1 and 2 generated once: cached, not regenerated
