@@ -18,9 +18,12 @@ setup: $(BIN)/npd
 demo: setup
 	$(BIN)/npd demo $(ARGS)
 
-# pytest exits 5 when it collected no test: that is a failure here, not a pass.
+# pytest exits 5 when it collected no test: that is a failure here, not a pass. JOBS pytest-xdist
+# workers, a test file per worker (its module fixtures built once): the suite waits on Prefect
+# servers and subprocesses much of the time, so two workers share two cores well.
+JOBS ?= 2
 test: setup
-	@$(BIN)/python -m pytest $(ARGS); rc=$$?; \
+	@$(BIN)/python -m pytest -n $(JOBS) --dist loadfile $(ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; exit 1; fi; exit $$rc
 
 lint: setup
