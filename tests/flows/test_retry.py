@@ -1,11 +1,12 @@
 """Retry from the UI resumes at the failed stage: a served deployment (`npd serve`) on a real
-`prefect server start`, NPD_FAIL_AT fails one stage of round 2 once, the failed flow run is
-set to AwaitingRetry exactly as Prefect 3.9's Retry dialog does, and the served process runs
-it again under the same flow run id."""
+`prefect server start`; NPD_FAIL_AT fails each stage of round 2 once, in turn, so one flow run
+fails six times; after each failure it is set to AwaitingRetry exactly as Prefect 3.9's Retry
+dialog does, and the served process runs it again under the same flow run id."""
 
 from __future__ import annotations
 
-import pytest
+from collections import Counter
+
 from resume_checks import (
     STAGE_NAMES,
     all_stages,
@@ -24,41 +25,46 @@ from resume_checks import (
 )
 
 
-@pytest.mark.parametrize(
-    "stage", [s if s == "train" else pytest.param(s, marks=pytest.mark.slow) for s in STAGE_NAMES]
-)
-def test_ui_retry_resumes_at_failed_stage(stage, tmp_path, tiny_world, prefect_api, reference):
-    failed = (stage, 2)
+def test_ui_retry_resumes_at_each_failed_stage(tmp_path, tiny_world, prefect_api, reference):
+    """Attempt k fails at stage k of round 2. Each retry brings back Cached exactly what the
+    attempts before it finished (their bodies do not run again) and runs the failed stage and
+    what follows; the last retry completes the run, with the tables and weights of a clean run."""
     out = tmp_path / "out"
     cfg = write_config(tmp_path, tiny_world)
-    with served(prefect_api, cfg, out, f"retry-{stage}", NPD_FAIL_AT=f"{stage}:2") as dep:
+    fail_at = ",".join(f"{s}:2" for s in STAGE_NAMES)
+    finished: set[tuple[str, int]] = set()  # stages whose body ran to the end, so far
+    counts: Counter = Counter()
+    with served(prefect_api, cfg, out, "retry-chain", NPD_FAIL_AT=fail_at) as dep:
         run = start_run(prefect_api, dep)
-        first = wait_final(prefect_api, run)
-        assert first["state_type"] == "FAILED", first["state"]
-        run_id = only_run_id(out)
-        ran_first = stage_counts(out, run_id)
-        assert ran_first[failed] == 1
+        for k in range(len(STAGE_NAMES) + 1):
+            state = wait_final(prefect_api, run, min_runs=k + 1)
+            failed = (STAGE_NAMES[k], 2) if k < len(STAGE_NAMES) else None
+            want = "FAILED" if failed else "COMPLETED"
+            assert state["state_type"] == want, (k, state["state"])
+            assert flow_run(prefect_api, run)["id"] == run and state["run_count"] == k + 1
+            subflows = subflow_runs(prefect_api, run)
+            assert len(subflows) == k + 1  # one distill subflow run per attempt
+            states = stage_states(prefect_api, subflows[-1])
+            now = stage_counts(out, only_run_id(out))
+            ran = {key for key in now if now[key] > counts[key]}
+            assert all(now[key] - counts[key] == 1 for key in ran)
+            # what earlier attempts finished came back Cached and did not run again
+            assert {key for key, v in states.items() if v == "Cached"} == finished
+            assert not ran & finished
+            if failed:
+                assert states[failed] == "Failed" and failed in ran
+            if k:  # the stage the previous attempt failed at ran again
+                assert (STAGE_NAMES[k - 1], 2) in ran
+            finished |= ran - {failed}
+            counts = now
+            if failed:
+                accepted = retry_like_ui(prefect_api, run)
+                assert accepted["status"] == "ACCEPT", accepted
+    assert finished == all_stages()
+    assert {k: n for k, n in counts.items() if n != 1} == {(s, 2): 2 for s in STAGE_NAMES}
 
-        accepted = retry_like_ui(prefect_api, run)
-        assert accepted["status"] == "ACCEPT", accepted
-        second = wait_final(prefect_api, run, min_runs=2)
-    assert second["state_type"] == "COMPLETED", second["state"]
-    assert flow_run(prefect_api, run)["id"] == run and second["run_count"] == 2
-
-    # (a) what finished before the failure came back Cached and its body did not run again;
-    # the failed stage and everything after it ran once more
-    subflows = subflow_runs(prefect_api, run)
-    assert len(subflows) == 2  # the failed distill subflow run and the retried one
-    before, after = (stage_states(prefect_api, s) for s in subflows)
-    assert before[failed] == "Failed"
-    done_first = {k for k, n in ran_first.items() if k != failed}
-    assert {k for k, v in after.items() if v == "Cached"} == done_first
-    assert {k for k, v in after.items() if v == "Completed"} == all_stages() - done_first
-    counts = stage_counts(out, run_id)
-    assert set(counts) == all_stages()
-    assert {k: n for k, n in counts.items() if n != 1} == {failed: 2}
-
-    # (b) the same tables and weights as a clean run; (c) nothing twice, nothing left over
+    # the same tables and weights as a clean run; nothing twice, nothing left over
+    run_id = only_run_id(out)
     rows = assert_same_as_reference(out, run_id, reference)
     assert rows["samples"] == 2 * 32 and rows["evals"] == 3
     assert_nothing_duplicated_or_orphaned(out, run_id)
