@@ -58,6 +58,11 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def use_bf16(setting: bool | str) -> bool:
+    """``models.bf16`` resolved: ``auto`` is bf16 autocast on CUDA and float32 on CPU."""
+    return device().type == "cuda" if setting == "auto" else bool(setting)
+
+
 def autocast(enabled: bool, dev: torch.device | None = None) -> AbstractContextManager:
     """bf16 autocast on ``dev`` (default: the current device); a no-op context when disabled."""
     if not enabled:

@@ -40,6 +40,7 @@ import numpy as np
 from npd_core.errors import BackendError, ConfigError
 from npd_core.method.generate import Generation
 from npd_core.method.score import Scores
+from npd_core.models import use_bf16
 
 if TYPE_CHECKING:
     from npd_core.config import NPDConfig
@@ -90,7 +91,7 @@ class EngineOptions:
     def of(cls, cfg: NPDConfig) -> EngineOptions:
         """The options a run's config asks for (bf16 as the HF backend's autocast does)."""
         return cls(
-            dtype="bfloat16" if cfg.models.bf16 else "float32",
+            dtype="bfloat16" if use_bf16(cfg.models.bf16) else "float32",
             max_num_seqs=cfg.generate.batch_size,
             max_logprobs=max(20, cfg.score.top_k),
             threads=cfg.stage_threads(concurrent=cfg.staleness > 0),

@@ -22,7 +22,7 @@ from npd_core.data import read_prompts
 from npd_core.method.generate import apply_stop_strings, generate
 from npd_core.method.packing import IGNORE_INDEX, PackedBatch, Sample, collate
 from npd_core.method.train import Targets, optimizer_step
-from npd_core.models import autocast, format_prompts, load_model
+from npd_core.models import autocast, format_prompts, load_model, use_bf16
 from npd_core.pipeline.spec import RunSpec, StageResult
 from npd_core.seeds import seed_for
 
@@ -96,7 +96,7 @@ def onpolicy_segment(
                 for i in idx
             ],
             batch_size=g.batch_size,
-            bf16=cfg.models.bf16,
+            bf16=use_bf16(cfg.models.bf16),
         )
         samples = [
             Sample(prompts[i], ids)
@@ -108,7 +108,7 @@ def onpolicy_segment(
         offsets = np.cumsum([0] + [len(s.response_ids) for s in samples])[:-1].tolist()
         rows = [[i] for i in range(len(samples))]  # one sample per row, padded to the longest
         batch = collate(samples, rows, tok.pad_token_id, target_offsets=offsets)
-        targets = teacher_topk(teacher, batch, offsets, cfg.score.top_k, cfg.models.bf16)
+        targets = teacher_topk(teacher, batch, offsets, cfg.score.top_k, use_bf16(cfg.models.bf16))
         t2 = time.perf_counter()
         lrn.model.train()  # 4. one step on NPD's per-token loss
         loss = optimizer_step(
@@ -119,7 +119,7 @@ def onpolicy_segment(
             tc,
             lr=lr,
             step=lrn.step,
-            bf16=cfg.models.bf16,
+            bf16=use_bf16(cfg.models.bf16),
         )
         t3 = time.perf_counter()
         lrn.add(

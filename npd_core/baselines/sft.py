@@ -17,6 +17,7 @@ from npd_core.errors import TrainingError
 from npd_core.method.attention import for_training
 from npd_core.method.packing import Sample, collate, packed_rows
 from npd_core.method.train import optimizer_step
+from npd_core.models import use_bf16
 from npd_core.pipeline.spec import RunSpec, StageResult
 from npd_core.seeds import seed_for
 
@@ -90,7 +91,7 @@ def sft_segment(
                 tc,
                 lr=lr,
                 step=lrn.step,
-                bf16=cfg.models.bf16,
+                bf16=use_bf16(cfg.models.bf16),
             )
             dt = time.perf_counter() - t0
             lrn.add(train_s=dt, train_tokens=batch.n_real_tokens)

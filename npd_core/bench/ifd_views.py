@@ -23,7 +23,7 @@ from npd_core.data import read_prompts, round_prompts
 from npd_core.method.generate import generate
 from npd_core.method.ifd import delta_ifd, log_ifd
 from npd_core.method.score import TopK, score
-from npd_core.models import format_prompts, load_model, load_tokenizer, view_prefix
+from npd_core.models import format_prompts, load_model, load_tokenizer, use_bf16, view_prefix
 from npd_core.pipeline.spec import RunSpec
 from npd_core.seeds import seed_for
 
@@ -62,7 +62,7 @@ def run_views(
     teacher = load_model(spec.teacher)
     tok = load_tokenizer(spec.teacher)
     views = {name: view_prefix(tok, v, t, cfg.data.chat_template) for name, (v, t) in cands.items()}
-    kw = dict(batch_tokens=cfg.score.batch_tokens, bf16=cfg.models.bf16)
+    kw = dict(batch_tokens=cfg.score.batch_tokens, bf16=use_bf16(cfg.models.bf16))
     g = cfg.generate
     out: dict[str, Any] = {"run_id": run_id, "root": str(root), "n": n, "checkpoints": {}}
     for k in checkpoints:
@@ -75,7 +75,7 @@ def run_views(
             eos_ids={tok.eos_token_id}, pad_id=tok.pad_token_id or 0,
             temperature=g.temperature, top_p=g.top_p,
             seeds=[[seed_for(cfg.seed, "ifd-views", k, p.id, 0)] for p in prompts],
-            batch_size=g.batch_size, bf16=cfg.models.bf16,
+            batch_size=g.batch_size, bf16=use_bf16(cfg.models.bf16),
         )  # fmt: skip
         resps = [row[0].token_ids for row in gens]
         lens = np.array([len(r) for r in resps], dtype=np.float64)

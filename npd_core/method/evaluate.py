@@ -12,6 +12,7 @@ from transformers import PreTrainedModel
 from npd_core.config import NPDConfig
 from npd_core.method.generate import generate
 from npd_core.method.score import score
+from npd_core.models import use_bf16
 
 
 @dataclass
@@ -70,7 +71,7 @@ def greedy_decoded(
         prompt_ids,
         max_new_tokens=cfg.eval.max_new_tokens or cfg.generate.max_new_tokens,
         batch_size=cfg.eval.batch_size,
-        bf16=cfg.models.bf16,
+        bf16=use_bf16(cfg.models.bf16),
         progress=progress,
     )
     return resp, [tok.decode(x, skip_special_tokens=True) for x in resp]

@@ -49,6 +49,7 @@ from npd_core.models import (
     load_trainer_state,
     rng_state,
     save_checkpoint,
+    use_bf16,
     view_prefix,
 )
 from npd_core.pipeline.spec import RunSpec, StageResult, generator_round, rel_path
@@ -121,7 +122,7 @@ def _generate_with(
         ids,
         pad_id=tok.pad_token_id,
         batch_size=g.batch_size,
-        bf16=cfg.models.bf16,
+        bf16=use_bf16(cfg.models.bf16),
         **sampling,
     )
     return gens, {}
@@ -223,7 +224,7 @@ def _score_with(
         view=view,
         top_k=top_k,
         batch_tokens=cfg.score.batch_tokens,
-        bf16=cfg.models.bf16,
+        bf16=use_bf16(cfg.models.bf16),
         targets=targets,
         progress=progress,
     )
@@ -484,7 +485,7 @@ def train_stage(
                 total_steps=lr_horizon(start_step, len(rows), cfg.rounds - r + 1, cfg.train),
                 seed=seed_for(cfg.seed, "train", r),
                 pad_id=tok.pad_token_id,
-                bf16=cfg.models.bf16,
+                bf16=use_bf16(cfg.models.bf16),
                 on_step=on_step,
             )
         step = start_step + stats.steps
@@ -548,7 +549,7 @@ def evaluate_stage(
                 texts,
                 eos_id=tok.eos_token_id,
                 batch_tokens=cfg.score.batch_tokens,
-                bf16=cfg.models.bf16,
+                bf16=use_bf16(cfg.models.bf16),
             )
         row = dict(
             run_id=spec.run_id,

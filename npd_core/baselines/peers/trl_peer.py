@@ -55,7 +55,7 @@ from npd_core.data import Prompt
 from npd_core.errors import ConfigError
 from npd_core.method.evaluate import exact_match, greedy_decoded
 from npd_core.method.train import lr_at
-from npd_core.models import format_prompts, load_model, load_tokenizer
+from npd_core.models import format_prompts, load_model, load_tokenizer, use_bf16
 
 LOSS_BETA = {"forward_kl": 0.0, "reverse_kl": 1.0}  # TRL's β for our loss names ("jsd": our β)
 
@@ -110,7 +110,7 @@ def trl_args(
         temperature=g.temperature,
         top_p=g.top_p,
         top_k=0,
-        bf16=cfg.models.bf16,
+        bf16=use_bf16(cfg.models.bf16),
         fp16=False,
         gradient_checkpointing=False,
         use_vllm=False,
