@@ -17,6 +17,9 @@ def prefect_env(out: Path) -> None:
     handler quiet (our progress bars and one-line errors are the console; every log still goes
     to the Prefect API and shows in the UI). ``--debug`` lets Prefect's console through."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # a first ephemeral API migrates a fresh database: 13 s on an idle 2-core box, more than
+    # Prefect's 20 s limit when the box is busy ("Timed out … ephemeral Prefect API server")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(out.resolve() / "prefect-results")
     if not DEBUG["on"]:
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
