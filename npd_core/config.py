@@ -103,9 +103,10 @@ class FilterConfig(Section):
         "rule needs none (analysis)",
     )
     view: Literal["bos", "eos", "prompt"] = Field(
-        "bos",
+        "eos",
         description="what precedes a response scored without its prompt: the BOS token, the "
-        "EOS token, or view_text formatted as a prompt (chat template when present)",
+        "EOS token (Δ-IFD tracks the KL best with it: README, filter study), or view_text "
+        "formatted as a prompt (chat template when present)",
     )
     view_text: str = Field("", description="view: prompt: its text ('' = an empty user turn)")
 
