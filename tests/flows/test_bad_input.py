@@ -578,7 +578,12 @@ def test_ctrl_c_mid_stage_then_retry(tmp_path, tiny_world, prefect_api):
     prefect = prefect_api.ephemeral_env(tmp_path / "prefect")
     out, env = tmp_path / "out", {**os.environ, **prefect, "NPD_PAUSE_AT": "write:score:1"}
     proc = subprocess.Popen(
-        [*NPD, "run", str(cfg), "--out", str(out)], stderr=subprocess.PIPE, text=True, env=env
+        [*NPD, "run", str(cfg), "--out", str(out)],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        # as from a terminal: a pytest-xdist worker ignores SIGINT, and a child would inherit that
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     _, how = os.waitpid(proc.pid, os.WUNTRACED)  # returns when it stops at the point
     assert os.WIFSTOPPED(how), proc.stderr.read()[-3000:]

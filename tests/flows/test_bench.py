@@ -89,7 +89,7 @@ def test_npd_and_each_ablation_run_one_round(ctx):
         )
         assert r.generated_tokens == produced > 0
     settings = {n: r.settings for n, r in res.items()}
-    assert settings["no-filter"]["filter"] is False and settings["npd"]["filter"] is True
+    assert settings["no-filter"]["filter"] == "none" and settings["npd"]["filter"] == "band"
     assert settings["staleness-0"]["staleness"] == 0 and settings["staleness-2"]["staleness"] == 2
     assert settings["steps-x0.5"]["steps_per_round"] == 1
     assert settings["steps-x2"]["epochs_per_round"] == 20
