@@ -1,13 +1,16 @@
 """What every ``npd`` command shares: the ``--debug`` switch, the environment Prefect and MLflow
-read at import, and strict JSON for ``--json``. A leaf module (no project imports), so the CLI,
-the bench and the flows all import it without importing each other."""
+read at import, and strict JSON for ``--json`` (``finite``, from npd_core). It imports nothing
+else of the project, so the CLI, the bench and the flows all import it without importing each
+other."""
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
-from typing import Any
+
+from npd_core.jsonsafe import finite
+
+__all__ = ["DEBUG", "finite", "prefect_env"]
 
 DEBUG = {"on": False}  # set by ``npd --debug`` (flows.cli)
 
@@ -26,15 +29,3 @@ def prefect_env(out: Path) -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if not DEBUG["on"]:
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # no "creating tables" chatter
-
-
-def finite(x: Any) -> Any:
-    """NaN/inf → null, tuples → lists, so ``--json`` output is strict JSON (a round that kept no
-    sample has no mean loss; an interval that cannot be computed is NaN)."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: finite(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [finite(v) for v in x]
-    return x

@@ -52,6 +52,7 @@ from transformers import AttentionInterface, Qwen2Config, Qwen2ForCausalLM
 from transformers.masking_utils import AttentionMaskInterface
 
 from npd_core.bench.packing import make_data, peak_flops, synthetic_lengths
+from npd_core.jsonsafe import finite
 from npd_core.method.attention import VARLEN, register_varlen_attention
 from npd_core.method.generate import generate
 from npd_core.method.packing import (
@@ -984,17 +985,6 @@ SECTION_FNS: dict[str, Callable[[Bench, TimeBox, dict[str, Any]], None]] = {
     "onpolicy_step": section_onpolicy,
     "projection": section_projection,
 }
-
-
-def finite(x: Any) -> Any:
-    """``x`` with NaN and infinities as None, so the JSON stays strict."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [finite(v) for v in x]
-    return x
 
 
 def write_json(report: dict[str, Any], out: Path | None) -> None:
