@@ -165,6 +165,9 @@ class TrainConfig(Section):
     steps_per_round: int = Field(150, ge=1, le=10_000_000, description="optimizer steps per round")
     epochs_per_round: float = Field(8.0, gt=0.0, le=100.0, description="passes over D_r at most")
     rows_per_step: int = Field(16, ge=1, description="packed rows per optimizer step")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in backward: less memory, ~1 more forward"
+    )
 
 
 class EvalConfig(Section):

@@ -26,7 +26,7 @@ from typing import Any
 from transformers import PreTrainedModel
 
 from npd_core.config import TrainConfig
-from npd_core.method.train import StepLog, lr_at, make_optimizer
+from npd_core.method.train import StepLog, checkpoint_activations, lr_at, make_optimizer
 from npd_core.models import (
     load_model,
     load_tokenizer,
@@ -89,7 +89,7 @@ class Learner:
 def resume(spec: RunSpec, k: int, clock0_s: float = 0.0) -> Learner:
     """θ_{k−1} with its optimizer and counters; θ_0 is the warm-start student at ``clock0_s``."""
     src = spec.checkpoint(k - 1)
-    model = load_model(src)
+    model = checkpoint_activations(load_model(src), spec.cfg.train.gradient_checkpointing)
     opt = make_optimizer(model, spec.cfg.train)
     state = load_trainer_state(Path(src)) if k > 1 else None
     if state is None:

@@ -111,6 +111,16 @@ class StepSpec:
     grad_clip: float = 1.0  # max global grad norm
 
 
+def checkpoint_activations(model: PreTrainedModel, on: bool) -> PreTrainedModel:
+    """``train.gradient_checkpointing``: each decoder layer's activations are recomputed in the
+    backward pass instead of kept, so their memory stops growing with depth, for about one more
+    forward per step. Non-reentrant checkpoints (torch's recommended kind, and the packed
+    attention's position ids pass through them); only while the model is in training mode."""
+    if on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
 def make_optimizer(model: PreTrainedModel, cfg: StepSpec | TrainConfig) -> torch.optim.Optimizer:
     """The learner's AdamW (β = 0.9, 0.95) at ``cfg.lr``; every method trains with it."""
     return torch.optim.AdamW(

@@ -41,7 +41,13 @@ from npd_core.method.generate import Generation, apply_stop_strings, generate
 from npd_core.method.ifd import delta_ifd, log_ifd
 from npd_core.method.packing import Sample, packed_rows
 from npd_core.method.score import Scores, TopK, score
-from npd_core.method.train import Targets, lr_horizon, make_optimizer, train_round
+from npd_core.method.train import (
+    Targets,
+    checkpoint_activations,
+    lr_horizon,
+    make_optimizer,
+    train_round,
+)
 from npd_core.models import (
     format_prompts,
     load_model,
@@ -451,7 +457,8 @@ def _topk_arrays(col: pa.ChunkedArray, dtype: type) -> list[np.ndarray]:
 def _learner(src: str, cfg: NPDConfig, resume: bool) -> tuple[Any, Any, torch.optim.Optimizer, int]:
     """θ from ``src`` with its tokenizer, optimizer and step (the optimizer state resumed from
     ``src``'s trainer state when ``resume``, i.e. from the second round on)."""
-    tok, model = load_tokenizer(src), load_model(src)
+    tok = load_tokenizer(src)
+    model = checkpoint_activations(load_model(src), cfg.train.gradient_checkpointing)
     opt = make_optimizer(model, cfg.train)
     state = load_trainer_state(Path(src)) if resume else None
     if state is None:
