@@ -35,6 +35,11 @@ class ModelsConfig(Section):
     student: str | None = Field(
         None, description="HF checkpoint dir of the student; none = toy world"
     )
+    frozen_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="weights of the models that only run forward (teacher, generator snapshot, "
+        "evaluation); auto = bfloat16 on CUDA, float32 on CPU",
+    )
     bf16: bool | Literal["auto"] = Field(
         "auto",
         description="bf16 autocast for forward passes; auto = on CUDA, off on CPU (most CPUs "

@@ -40,14 +40,25 @@ def load_tokenizer(path: str | Path) -> Any:
     return tok
 
 
-def load_model(path: str | Path) -> PreTrainedModel:
-    """Load an HF causal LM in float32 (autocast does the bf16 compute) on CPU/GPU."""
+def frozen_dtype(setting: str) -> torch.dtype:
+    """``models.frozen_dtype`` resolved: a model that only runs forward (teacher, generator
+    snapshot, evaluation) needs no float32 master copy; auto = bfloat16 on CUDA, float32 on CPU
+    (where bf16 is mostly emulated, see ``use_bf16``)."""
+    if setting == "auto":
+        return torch.bfloat16 if device().type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[setting]
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """Load an HF causal LM on CPU/GPU with weights in ``dtype``: float32 for a learner (master
+    weights; autocast does the bf16 compute), ``frozen_dtype`` for a model that only runs
+    forward."""
     p = Path(path)
     if not (p / "config.json").is_file():
         raise ModelError(f"{p}: not an HF checkpoint (no config.json); give a save_pretrained dir")
     try:
         with _LOAD_LOCK:
-            model = AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype)
     except (ValueError, OSError, KeyError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelError(f"{p}: cannot load as a causal LM ({first})") from None

@@ -22,7 +22,7 @@ from npd_core.data import read_prompts
 from npd_core.method.generate import apply_stop_strings, generate
 from npd_core.method.packing import IGNORE_INDEX, PackedBatch, Sample, collate
 from npd_core.method.train import Targets, optimizer_step
-from npd_core.models import autocast, format_prompts, load_model, use_bf16
+from npd_core.models import autocast, format_prompts, frozen_dtype, load_model, use_bf16
 from npd_core.pipeline.spec import RunSpec, StageResult
 from npd_core.seeds import seed_for
 
@@ -63,7 +63,7 @@ def onpolicy_segment(
     tc, g = cfg.train, cfg.generate
     torch.set_num_threads(cfg.stage_threads(concurrent=False))  # one stage at a time: all cores
     t_start, p_start = time.time(), time.perf_counter()
-    teacher = load_model(spec.teacher)
+    teacher = load_model(spec.teacher, frozen_dtype(spec.cfg.models.frozen_dtype))
     lrn = resume(spec, k)
     tok = lrn.tok
     train = read_prompts(spec.train_prompts)

@@ -50,6 +50,7 @@ from npd_core.method.train import (
 )
 from npd_core.models import (
     format_prompts,
+    frozen_dtype,
     load_model,
     load_tokenizer,
     load_trainer_state,
@@ -124,7 +125,7 @@ def _generate_with(
         gens, times = vllm_backend.generate(ckpt, ids, options=opts, **sampling)
         return gens, _engine_times(times)
     gens = generate(
-        load_model(ckpt),
+        load_model(ckpt, frozen_dtype(cfg.models.frozen_dtype)),
         ids,
         pad_id=tok.pad_token_id,
         batch_size=g.batch_size,
@@ -224,7 +225,7 @@ def _score_with(
         )
         return res, _engine_times(times, f"{role}_")
     res = score(
-        load_model(model_dir),
+        load_model(model_dir, frozen_dtype(cfg.models.frozen_dtype)),
         prompts,
         resps,
         view=view,
@@ -545,12 +546,13 @@ def evaluate_stage(
         ckpt = spec.checkpoint(k)
         tok = load_tokenizer(ckpt)
         ids = format_prompts(tok, [p.prompt for p in prompts], cfg.data.chat_template)
-        resp, texts = greedy_decoded(load_model(ckpt), tok, ids, cfg, progress)
+        frozen = frozen_dtype(cfg.models.frozen_dtype)
+        resp, texts = greedy_decoded(load_model(ckpt, frozen), tok, ids, cfg, progress)
         if all(p.answer is not None for p in prompts):
             res = exact_match(texts, [p.answer for p in prompts])
         else:
             res = teacher_loglik(
-                load_model(spec.teacher),
+                load_model(spec.teacher, frozen),
                 ids,
                 resp,
                 texts,

@@ -1,0 +1,66 @@
+"""Frozen models in the precision they run in: resident memory of a ~200 M-parameter load."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from npd_core.models import frozen_dtype
+
+# Loads one checkpoint with the given dtype in a fresh interpreter and prints how much its
+# resident memory grew (torch and transformers imported first, so only the weights count).
+MEASURE = """
+import json, sys, torch
+from npd_core.models import load_model
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+before = rss()
+model = load_model(sys.argv[1], getattr(torch, sys.argv[2]))
+print(json.dumps({"grew": rss() - before, "dtype": str(next(model.parameters()).dtype)}))
+"""
+
+
+def _grew(path, dtype: str) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-c", MEASURE, str(path), dtype],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_frozen_bfloat16_load_grows_resident_memory_by_about_its_bf16_size(tmp_path):
+    """A random Qwen2 of ~200 M parameters saved in bfloat16 (as hub checkpoints are): loaded
+    with ``frozen_dtype: bfloat16`` resident memory grows by ≤ 1.2 × its bf16 size; loaded in
+    float32 (the learner's master weights, and ``auto`` on CPU) by about twice that."""
+    torch.manual_seed(0)
+    cfg = Qwen2Config(
+        vocab_size=32000,
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=14,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        tie_word_embeddings=True,
+    )
+    with torch.device("meta"):
+        n = sum(p.numel() for p in Qwen2ForCausalLM(cfg).parameters())
+    assert 180e6 < n < 220e6
+    Qwen2ForCausalLM(cfg).to(torch.bfloat16).save_pretrained(tmp_path / "m")
+    bf16_bytes = 2 * n
+    lean = _grew(tmp_path / "m", "bfloat16")
+    full = _grew(tmp_path / "m", "float32")
+    assert lean["dtype"] == "torch.bfloat16" and full["dtype"] == "torch.float32"
+    assert lean["grew"] <= 1.2 * bf16_bytes, lean["grew"] / bf16_bytes
+    assert full["grew"] >= 1.8 * bf16_bytes, full["grew"] / bf16_bytes
+    assert frozen_dtype("bfloat16") == torch.bfloat16 and frozen_dtype("float32") == torch.float32
+    expected_auto = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    assert frozen_dtype("auto") == expected_auto
