@@ -120,14 +120,23 @@ def rng_state() -> dict[str, Any]:
     }
 
 
+SHARD_SIZE = "2GB"  # safetensors shards above this (an index file names them): any disk copes
+
+
 def save_checkpoint(
-    model: PreTrainedModel, tok: Any, path: Path, trainer_state: dict[str, Any] | None = None
+    model: PreTrainedModel,
+    tok: Any,
+    path: Path,
+    trainer_state: dict[str, Any] | None = None,
+    max_shard_size: str | int = SHARD_SIZE,
 ) -> Path:
-    """Write model + tokenizer (+ optimizer/RNG state) to ``path`` atomically (see atomic_dir)."""
+    """Write model + tokenizer (+ optimizer/RNG state) to ``path`` atomically (see atomic_dir);
+    weights above ``max_shard_size`` go to several safetensors shards that plain
+    ``from_pretrained`` loads."""
     path = Path(path)
     with atomic_dir(path, pause_at=f"checkpoint:{path.name}") as tmp:
         with _LOAD_LOCK:
-            model.save_pretrained(tmp)
+            model.save_pretrained(tmp, max_shard_size=max_shard_size)
             tok.save_pretrained(tmp)
         if trainer_state is not None:
             with open(tmp / TRAINER_STATE, "wb") as f:  # closed on a failed write (a path is not)

@@ -64,3 +64,20 @@ def test_frozen_bfloat16_load_grows_resident_memory_by_about_its_bf16_size(tmp_p
     assert frozen_dtype("bfloat16") == torch.bfloat16 and frozen_dtype("float32") == torch.float32
     expected_auto = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     assert frozen_dtype("auto") == expected_auto
+
+
+def test_large_weights_are_sharded_and_load_with_plain_from_pretrained(tmp_path, tiny_world):
+    """Above ``max_shard_size`` a checkpoint is several safetensors shards and an index, and
+    ``AutoModelForCausalLM.from_pretrained`` loads the same weights from it."""
+    from transformers import AutoModelForCausalLM
+
+    from npd_core.models import load_model, load_tokenizer, save_checkpoint
+
+    model = load_model(tiny_world.student)
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    save_checkpoint(model, load_tokenizer(tiny_world.student), tmp_path / "c", None, total // 3)
+    shards = sorted(p.name for p in (tmp_path / "c").glob("model-*.safetensors"))
+    assert len(shards) >= 3 and (tmp_path / "c" / "model.safetensors.index.json").is_file()
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "c")
+    for (name, a), b in zip(model.state_dict().items(), back.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
