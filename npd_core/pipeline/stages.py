@@ -261,7 +261,7 @@ def score_stage(
         )
         n = np.array([len(x) for x in resps])
         st, s_engine = None, {}
-        ifd_t = ifd_s = delta = None
+        s_cond = s_resp = s_kl = ifd_t = ifd_s = delta = None
         if cfg.filter.needs_views:
             student_dir = spec.checkpoint(generator_round(r, cfg.staleness))
             top = TopK(t.topk_ids, t.topk_logprobs)
@@ -271,19 +271,20 @@ def score_stage(
             ifd_t = log_ifd(t.cond_logprob_sum, t.resp_logprob_sum, n)
             ifd_s = log_ifd(st.cond_logprob_sum, st.resp_logprob_sum, n)
             delta = delta_ifd(ifd_t, ifd_s)
+            s_cond, s_resp, s_kl = st.cond_logprob_sum, st.resp_logprob_sum, st.forward_kl_sum
         now = _now()
         keys = s.select(["run_id", "round", *SAMPLE_KEY]).to_pylist()
         rows = [
             dict(
                 **key,
                 teacher_logprob_sum=t.cond_logprob_sum[i],
-                student_logprob_sum=_nulls(st and st.cond_logprob_sum, i),
+                student_logprob_sum=_nulls(s_cond, i),
                 teacher_resp_logprob_sum=_nulls(t.resp_logprob_sum, i),
-                student_resp_logprob_sum=_nulls(st and st.resp_logprob_sum, i),
+                student_resp_logprob_sum=_nulls(s_resp, i),
                 ifd_teacher=_nulls(ifd_t, i),
                 ifd_student=_nulls(ifd_s, i),
                 delta_ifd=_nulls(delta, i),
-                student_forward_kl_sum=_nulls(st and st.forward_kl_sum, i),
+                student_forward_kl_sum=_nulls(s_kl, i),
                 topk_ids=t.topk_ids[i].tolist(),
                 topk_logprobs=t.topk_logprobs[i].tolist(),
                 created_at=now,
