@@ -50,7 +50,7 @@ def headline(
         typer.Option("--budget-s", help="training seconds per variant (default 140)", min=1),
     ] = None,
     variants: Annotated[
-        str | None, typer.Option(help="comma-separated, e.g. npd,sft,onpolicy,no-filter")
+        str | None, typer.Option(help="comma-separated, e.g. npd,sft,onpolicy,filter-band")
     ] = None,
     peers: Annotated[str | None, typer.Option(help="external peers to add, e.g. trl")] = None,
 ) -> None:

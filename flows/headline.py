@@ -64,6 +64,7 @@ SLACK = 0.05  # a checkpoint at most 5% past the budget still counts
 GRID = {"lr": (1.0, 0.5, 2.0), "batch": (1.0, 0.5)}  # multipliers of the config's values
 QUICK_GRID = {"lr": (1.0,), "batch": (1.0,)}
 MAIN = ("npd", "sft", "onpolicy")
+FILTER_RULES = ("none", "band", "fence")  # the ablations' rules: the filter study's confirm set
 STEP_FACTORS = (0.5, 2.0)  # the steps-per-round ablations: half and twice the default's steps
 PEERS = {"trl": "flows.peers:trl_variant"}  # --peers name → "module:function" returning a Variant
 
@@ -132,6 +133,7 @@ def run_npd(
             "optimizer_steps": _optimizer_steps(spec),
             "staleness": cfg.staleness,
             "filter": cfg.filter.rule,
+            "drop_unfinished": cfg.filter.drop_unfinished,
             "prompts_per_round": cfg.data.prompts_per_round,
         },
         run_id=spec.run_id,
@@ -190,7 +192,7 @@ def _baseline_result(spec: RunSpec, res: dict[str, Any], extra: dict[str, Any]) 
 def variants(cfg: NPDConfig) -> dict[str, Variant]:
     """The built-in variants: the three main ones, then NPD's ablations."""
     ablations = {
-        "no-filter": {"filter": {"rule": "none"}},
+        **filter_ablations(cfg),
         "staleness-0": {"staleness": 0},
         "staleness-2": {"staleness": 2},
         **{f"steps-x{f:g}": _scaled_steps(cfg, f) for f in STEP_FACTORS},
@@ -202,6 +204,20 @@ def variants(cfg: NPDConfig) -> dict[str, Variant]:
     }
     for name, over in ablations.items():
         out[name] = Variant(name, "npd", partial(run_npd, name=name, overrides=over))
+    return out
+
+
+def filter_ablations(cfg: NPDConfig) -> dict[str, dict[str, Any]]:
+    """The filter settings the config does not use: each of ``FILTER_RULES`` but its own rule,
+    and the other choice of ``drop_unfinished`` (the filter study's default is rule ``none``
+    keeping unfinished samples, so by default these are band, fence and drop-unfinished)."""
+    out: dict[str, dict[str, Any]] = {
+        f"filter-{rule}": {"filter": {"rule": rule}}
+        for rule in FILTER_RULES
+        if rule != cfg.filter.rule
+    }
+    flip = not cfg.filter.drop_unfinished
+    out["drop-unfinished" if flip else "keep-unfinished"] = {"filter": {"drop_unfinished": flip}}
     return out
 
 

@@ -89,9 +89,10 @@ class ScoreConfig(Section):
 
 class FilterConfig(Section):
     rule: Literal["band", "fence", "upper", "lower", "none"] = Field(
-        "band",
-        description="Δ-IFD rule: band (quantiles), fence (median ± k·MAD), upper / lower "
-        "(one tail of the band), none (keep every well-formed sample)",
+        "none",
+        description="Δ-IFD rule: none (keep every well-formed sample; the default, since no "
+        "rule beat it in the filter study: README), band (quantiles), fence (median ± k·MAD), "
+        "upper / lower (one tail of the band)",
     )
     q_low: float = Field(0.05, ge=0.0, le=1.0, description="band/lower: lower quantile kept")
     q_high: float = Field(0.90, ge=0.0, le=1.0, description="band/upper: upper quantile kept")
@@ -101,7 +102,9 @@ class FilterConfig(Section):
     )
     k: float = Field(3.0, gt=0.0, le=100.0, description="fence: MADs (×1.4826) from the median")
     sides: Literal["both", "low", "high"] = Field("both", description="fence: sides that drop")
-    drop_unfinished: bool = Field(True, description="drop samples truncated without EOS")
+    drop_unfinished: bool = Field(
+        False, description="drop samples truncated without EOS (default: train on them)"
+    )
     compute_delta_ifd: bool = Field(
         False,
         description="score the prompt-less views, Δ-IFD and the student's KL even when the "

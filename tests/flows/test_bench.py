@@ -70,9 +70,10 @@ def _children(ctx: BenchContext) -> dict[str, str]:
 
 def test_npd_and_each_ablation_run_one_round(ctx):
     """One round each (the probe figures size every run to one round); the ablation's knob is
-    in its run's config, and on the same samples no-filter keeps more than npd."""
+    in its run's config, and on the same samples the band keeps fewer than npd's rule none."""
     known = variants(NPDConfig.model_validate(CFG))
-    names = ["npd", "no-filter", "staleness-0", "staleness-2", "steps-x0.5", "steps-x2"]
+    names = ["npd", "filter-band", "filter-fence", "drop-unfinished", "staleness-0"]
+    names += ["staleness-2", "steps-x0.5", "steps-x2"]
     assert [n for n in known if n not in ("sft", "onpolicy")] == names
     res = {n: known[n].run(ctx, 0, HYPER) for n in names}
     store = Store(ctx.out, create=False)
@@ -89,7 +90,9 @@ def test_npd_and_each_ablation_run_one_round(ctx):
         )
         assert r.generated_tokens == produced > 0
     settings = {n: r.settings for n, r in res.items()}
-    assert settings["no-filter"]["filter"] == "none" and settings["npd"]["filter"] == "band"
+    assert settings["filter-band"]["filter"] == "band" and settings["npd"]["filter"] == "none"
+    assert settings["filter-fence"]["filter"] == "fence"
+    assert settings["drop-unfinished"]["drop_unfinished"] and not settings["npd"]["drop_unfinished"]
     assert settings["staleness-0"]["staleness"] == 0 and settings["staleness-2"]["staleness"] == 2
     assert settings["steps-x0.5"]["steps_per_round"] == 1
     assert settings["steps-x2"]["epochs_per_round"] == 20
@@ -101,7 +104,7 @@ def test_npd_and_each_ablation_run_one_round(ctx):
         x["run_id"]: x["n"]
         for x in store.query("select run_id, count(*) n from filtered group by run_id").to_pylist()
     }
-    assert kept[res["no-filter"].run_id] > kept[res["npd"].run_id]
+    assert kept[res["filter-band"].run_id] < kept[res["npd"].run_id]
     assert sorted(_children(ctx).values()) == sorted(f"{n}-s0" for n in names)
 
 
@@ -147,7 +150,7 @@ def test_onpolicy_flow_samples_every_step_on_the_clock(ctx):
 def test_unknown_variant_is_a_config_error(tmp_path):
     res = CliRunner().invoke(app, ["bench", "--variants", "npd,nope", "--out", str(tmp_path)])
     assert isinstance(res.exception, ConfigError) and res.exception.exit_code == 2
-    assert "unknown nope" in str(res.exception) and "no-filter" in str(res.exception)
+    assert "unknown nope" in str(res.exception) and "filter-band" in str(res.exception)
 
 
 @pytest.mark.slow
