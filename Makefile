@@ -4,7 +4,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint vllm test-vllm
+.PHONY: setup demo test lint vllm test-vllm peers test-peers
 
 $(BIN)/npd: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -42,4 +42,23 @@ vllm: $(VENV)/.vllm
 # The tests marked vllm (vLLM against HF); `make test` runs them too where vLLM is installed.
 test-vllm: vllm
 	@$(BIN)/python -m pytest -m vllm $(ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; exit 1; fi; exit $$rc
+
+# External peers (`npd bench --peers trl`): `make peers VENV=.venv-peers` installs the peers extra
+# (TRL) beside dev into its own venv, torch==2.13.0 first as above; TRL's own dependencies
+# (accelerate, datasets) leave that torch in place, which the last line checks.
+$(VENV)/.peers: pyproject.toml
+	[ -x $(BIN)/python ] || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev,peers]'
+	$(BIN)/python -c "import torch, trl; v = torch.__version__; \
+	  assert v.startswith('2.13.0'), f'the peers extra replaced torch 2.13.0 with {v}'; \
+	  print('trl', trl.__version__, 'torch', v, 'in $(VENV)')"
+	touch $@
+
+peers: $(VENV)/.peers
+
+# The tests marked peers: TRL's DistillationTrainer on the tiny world, `npd bench --peers trl`.
+test-peers: peers
+	@$(BIN)/python -m pytest -m peers $(ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; exit 1; fi; exit $$rc

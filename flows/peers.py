@@ -3,7 +3,8 @@ the function here that returns each one's ``Variant`` (``flows.variants``).
 
 ``trl`` is TRL's own on-policy distillation (``npd_core.baselines.peers.trl_peer``), run with the
 hyperparameters searched for ``onpolicy`` on the same world, checkpoints and budget, as its own
-flow run with its own MLflow run under the bench's.
+flow run with its own MLflow run under the bench's; a main variant, so it runs ``--seeds`` seeds
+as npd, sft and onpolicy do.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def trl_flow(
     mlflow_parent: str | None = None,
 ) -> dict[str, Any]:
     """TRL's DistillationTrainer for ``budget_s`` training seconds, scored at ``eval_at``."""
-    mlf = tracking.start_run(spec.root, spec.run_id, "trl", spec.config)
+    mlf = tracking.start_run(spec.root, spec.run_id, spec.cfg.name, spec.config)  # trl-s0, …
     if mlflow_parent:
         nest_run(spec.root, mlf, mlflow_parent)
     res = trl_train(spec, prompts_per_step, budget_s, eval_at, mlf)
@@ -46,5 +47,5 @@ def run_trl_variant(ctx: BenchContext, seed: int, hyper: Hyper) -> VariantResult
 
 
 def trl_variant() -> Variant:
-    """``--peers trl``: searched and run with ``onpolicy``'s hyperparameters."""
-    return Variant("trl", "onpolicy", run_trl_variant)
+    """``--peers trl``: run with ``onpolicy``'s searched hyperparameters, ``--seeds`` seeds."""
+    return Variant("trl", "onpolicy", run_trl_variant, main=True)
