@@ -286,7 +286,7 @@ def test_failed_run_then_npd_retry(tmp_path, tiny_world, prefect_api):
     rules = "select round, filter_rule, count(*) n from samples group by all order by round"
     assert json.loads(_cli("sql", rules, "--db", db, "--json").stdout) == [
         {"round": 1, "filter_rule": None, "n": 32},  # written before: no rule recorded
-        {"round": 2, "filter_rule": "band", "n": 32},
+        {"round": 2, "filter_rule": "none", "n": 32},
     ]
     assert json.loads((out / "npd-store.json").read_text())["schema_version"] == 3
     missing = _cli("retry", "nope", "--out", str(out))

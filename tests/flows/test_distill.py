@@ -24,6 +24,9 @@ CFG = dict(
     train={"steps_per_round": 3, "rows_per_step": 4, "epochs_per_round": 10},
     pack={"max_seq_len": 128},
     eval={"batch_size": 64},
+    # the Δ-IFD band, so that every view, the filter's histogram and its dropped KL mass are
+    # exercised end to end (the default, rule none, is the lean path of test_stages)
+    filter={"rule": "band", "drop_unfinished": True},
 )
 
 

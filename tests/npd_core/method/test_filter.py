@@ -24,7 +24,8 @@ def test_band_and_reasons():
     delta = np.array([np.nan, 0.0, -5.0, 5.0, 0.1, 0.2, 0.3, np.inf, -0.1, 0.05])
     tokens = np.array([3, 0, 3, 3, 3, 3, 3, 3, 3, 3])
     finished = np.array([True, True, True, True, False, True, True, True, True, True])
-    res = _run(delta, FilterConfig(rule="band", q_low=0.2, q_high=0.8), tokens, finished)
+    cfg = FilterConfig(rule="band", q_low=0.2, q_high=0.8, drop_unfinished=True)
+    res = _run(delta, cfg, tokens, finished)
     assert res.reasons[0] == "non_finite" and res.reasons[7] == "non_finite"
     assert res.reasons[1] == "empty"
     assert res.reasons[4] == "unfinished"
@@ -47,7 +48,7 @@ def test_absolute_bounds_and_one_tail_rules():
     up = _run(delta, FilterConfig(rule="upper", abs_high=0.25))
     assert up.low == -np.inf and list(np.flatnonzero(~up.kept)) == [7, 8, 9, 10]
     assert set(up.reasons) == {None, "above_band"}
-    lo = _run(delta, FilterConfig(rule="lower", q_low=0.1))
+    lo = _run(delta, FilterConfig(rule="lower", q_low=0.1, drop_unfinished=True))
     assert lo.high == np.inf and lo.low == pytest.approx(-0.8)
     assert list(np.flatnonzero(~lo.kept)) == [0]
     assert lo.params == dict(q_low=0.1, abs_low=None, drop_unfinished=True)
@@ -59,7 +60,9 @@ def test_none_needs_no_delta_and_keeps_unfinished_when_asked():
     assert list(res.kept) == [True, False, True]
     assert res.reasons == [None, "empty", None]
     assert (res.low, res.high) == (-np.inf, np.inf)
-    dropping = _run(None, FilterConfig(rule="none"), finished=[False, True, True])
+    dropping = _run(
+        None, FilterConfig(rule="none", drop_unfinished=True), finished=[False, True, True]
+    )
     assert dropping.reasons == ["unfinished", None, None]
     # a non-finite teacher log-likelihood is ill-formed whatever the rule
     assert _run(None, cfg, teacher=[0.0, np.nan, -np.inf]).reasons == [
