@@ -15,6 +15,7 @@ from typing import Any
 from prefect import flow
 
 from npd_core.baselines.sft import DATA_ROUND, teacher_as_generator
+from npd_core.pipeline.kernels import choose_attention
 from npd_core.pipeline.spec import RunSpec
 from tasks import baselines as b
 from tasks import run as run_tasks
@@ -65,7 +66,9 @@ def sft_flow(
 ) -> dict[str, Any]:
     """Sequence-level KD: the teacher answers every training prompt once (on the clock), then
     packed CE on its answers until the last checkpoint time. ``spec.config`` should come from
-    ``npd_core.baselines.sft.sft_config``."""
+    ``npd_core.baselines.sft.sft_config``. Its learner's packed attention is chosen as NPD's
+    is (``choose_attention``), before the clock starts."""
+    spec = choose_attention(spec, roles=("train",))
 
     def teacher_answers() -> dict:
         return t.generate(teacher_as_generator(spec), DATA_ROUND)

@@ -89,6 +89,9 @@ def packing(
     ] = None,
     rows_per_step: Annotated[int, typer.Option(help="packed rows per optimizer step", min=1)] = 4,
     model_size: Annotated[str, typer.Option(help="student: tiny (0.2 M), small, 100m")] = "tiny",
+    model: Annotated[
+        Path | None, typer.Option(help="HF checkpoint to train instead (e.g. the toy student)")
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, …")] = "auto",
     attention: Annotated[
         str, typer.Option(help="packed: auto (fastest exact), sdpa, eager, sdpa_varlen, …")
@@ -104,17 +107,23 @@ def packing(
     ] = None,
     peak_tflops: Annotated[float | None, typer.Option(help="for MFU; CUDA: looked up")] = None,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile both students")] = False,
+    learner_steps: Annotated[
+        int, typer.Option(help="timed train_round steps per exact kernel (0: skip)", min=0)
+    ] = 8,
     seed: Annotated[int, typer.Option(help="seeds lengths, tokens, init and packing")] = 0,
 ) -> None:
-    """Packed vs padded (length-grouped) training of the same student on the same samples."""
+    """Packed vs padded (length-grouped) training of the same student on the same samples;
+    which packed-attention kernel ``train.attention: auto`` picks, and the real learner timed
+    with each."""
     from npd_core.bench.packing import read_lengths, run_bench
 
     knobs: dict[str, Any] = dict(
         n_samples=n_samples, median_len=median_len, p99_len=p99_len, max_seq_len=max_seq_len,
-        rows_per_step=rows_per_step, model_size=model_size, device=device, attention=attention,
+        rows_per_step=rows_per_step, model_size=model_size, model=str(model) if model else None,
+        device=device, attention=attention,
         padded_attention=padded_attention, bf16=bf16, sft_weight=sft_weight,
         mega_batch_mult=mega_batch_mult, threads=threads, peak_tflops=peak_tflops,
-        compile=compile, seed=seed,
+        compile=compile, learner_steps=learner_steps, seed=seed,
     )  # fmt: skip
     pairs = read_lengths(lengths) if lengths else None
     res = run_bench(

@@ -19,6 +19,7 @@ from prefect.futures import PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.remote import remote_rounds
+from npd_core.pipeline.kernels import choose_attention
 from npd_core.pipeline.spec import RunSpec, generator_round
 from npd_core.store import lease
 from tasks import run as run_tasks
@@ -58,10 +59,11 @@ def distill_flow(spec: RunSpec) -> dict[str, Any]:
 
     The process holds the run's lease meanwhile (so ``npd status`` tells a killed run from a
     running one, and a second process cannot resume it at the same time), and first sweeps
-    away the temp folders a killed process may have left."""
+    away the temp folders a killed process may have left. The packed-attention kernels are
+    chosen before the first stage (a retried spec keeps its recorded ones), off every clock."""
     with lease.hold(spec.root, spec.run_id):
         spec.store.sweep(spec.run_id)
-        return _rounds(spec)
+        return _rounds(choose_attention(spec))
 
 
 def _rounds(spec: RunSpec) -> dict[str, Any]:

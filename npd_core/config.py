@@ -85,6 +85,11 @@ class ScoreConfig(Section):
     )
     top_k: int = Field(16, ge=1, le=1024, description="teacher log-probs kept per position")
     batch_tokens: int = Field(16384, ge=64, description="tokens per packed scoring forward")
+    attention: Literal["auto", "sdpa", "sdpa_varlen"] = Field(
+        "auto",
+        description="packed attention of the hf scoring forwards: auto | sdpa | sdpa_varlen as "
+        "train.attention, timed on each scored model",
+    )
 
 
 class FilterConfig(Section):
@@ -175,6 +180,13 @@ class TrainConfig(Section):
     rows_per_step: int = Field(16, ge=1, description="packed rows per optimizer step")
     gradient_checkpointing: bool = Field(
         False, description="recompute activations in backward: less memory, ~1 more forward"
+    )
+    attention: Literal["auto", "sdpa", "sdpa_varlen"] = Field(
+        "auto",
+        description="packed attention of the learner: auto = the faster exact kernel of the "
+        "device, timed once at the run's start and recorded in its spec (a retry reuses it); "
+        "sdpa = SDPA with the block-diagonal mask from position ids; sdpa_varlen = SDPA per "
+        "sequence",
     )
 
 

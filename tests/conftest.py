@@ -7,6 +7,9 @@ import os
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# runs use the fixed packed-attention kernels, never a timed choice (npd_core/pipeline/kernels.py),
+# so no test result depends on the load of the machine; subprocesses inherit it
+os.environ.setdefault("NPD_ATTENTION", "fixed")
 
 import pytest  # noqa: E402
 

@@ -201,6 +201,7 @@ def npd_env(api: PrefectAPI, home: Path, **extra: str) -> dict[str, str]:
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         PREFECT_RUNNER_POLL_FREQUENCY="1",
         NPD_COUNT_STAGES="1",
+        NPD_ATTENTION="fixed",  # no timed kernel choice: results comparable across processes
         **extra,
     )
     return env

@@ -74,7 +74,7 @@ def sft_segment(
         )
     lrn = resume(spec, k, clock0_s)
     lrn.start()
-    with for_training(lrn.model):
+    with for_training(lrn.model, spec.kernel("train")):  # the run's recorded choice
         lrn.model.train()
         while lrn.elapsed() < until_s:
             t0 = time.perf_counter()

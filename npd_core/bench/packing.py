@@ -20,7 +20,12 @@ What it does, in order:
 4. picks, per layout, the fastest attention among the exact ones this device has (each candidate
    is timed on a throwaway copy and its loss checked against the padded reference);
 5. trains two copies of the same initial student, one per layout, alternating steps so that
-   background load hits both alike, and reports tokens/s on real response tokens.
+   background load hits both alike, and reports tokens/s on real response tokens;
+6. reports the kernel the pipeline's own selection picks for these rows
+   (``npd_core.method.attention.select``, what ``train.attention: auto`` records in a run's spec)
+   and times the real learner, ``train_round`` as the train stage calls it (collation included),
+   with each exact kernel of the device: ``selection`` and ``learner`` in the output.
+   ``--model DIR`` trains an HF checkpoint (e.g. the toy world's student) instead of a random one.
 
 Timed: forward, loss, backward, clip, optimizer step (batches are collated beforehand, as a
 DataLoader with workers would). CPU runs use one intra-op thread unless ``--threads`` says
@@ -40,17 +45,30 @@ import random
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoModelForCausalLM, PreTrainedModel, Qwen2Config, Qwen2ForCausalLM
 
 from npd_core.errors import ConfigError
-from npd_core.method.attention import VARLEN, register_varlen_attention
+from npd_core.method.attention import (
+    VARLEN,
+    Shape,
+    kernels,
+    register_varlen_attention,
+    select,
+)
 from npd_core.method.packing import PackedBatch, Sample, collate, fit_lengths, pack
-from npd_core.method.train import StepSpec, Targets, make_optimizer, optimizer_step, step_loss
+from npd_core.method.train import (
+    StepSpec,
+    Targets,
+    make_optimizer,
+    optimizer_step,
+    step_loss,
+    train_round,
+)
 
 # Qwen2-style students; head size 64 everywhere (what flash/vLLM kernels accept).
 MODEL_SIZES: dict[str, dict[str, int]] = {
@@ -105,8 +123,8 @@ def attention_candidates(device: torch.device) -> tuple[list[str], list[str]]:
         except ImportError:
             fa = []
         return fa + ["sdpa", VARLEN], fa + ["sdpa"]
-    # CPU: flex attention has no backward on CPU; eager and sdpa build a block-diagonal mask
-    return [VARLEN, "sdpa", "eager"], ["sdpa", "eager"]
+    # CPU: the pipeline's candidates (flex attention has no CPU backward), and eager
+    return [*kernels(device.type), "eager"], ["sdpa", "eager"]
 
 
 # ---------------------------------------------------------------- data
@@ -199,6 +217,15 @@ def build_student(size: str, seed: int, device: torch.device) -> Qwen2ForCausalL
     )
     cfg._attn_implementation = "sdpa"
     return Qwen2ForCausalLM(cfg).to(device)
+
+
+def load_student(path: str | Path, device: torch.device) -> PreTrainedModel:
+    """An HF checkpoint as the student (float32 master weights, as the learner loads it)."""
+    if not (Path(path) / "config.json").is_file():
+        raise ConfigError(f"--model {path}: not an HF checkpoint (no config.json)")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.set_attn_implementation("sdpa")
+    return model.to(device)
 
 
 @dataclass
@@ -306,6 +333,104 @@ def pick_attention(
     return min(per_step, key=per_step.get), per_step, errors
 
 
+# ---------------------------------------------------------------- the pipeline's choice
+@dataclass(frozen=True)
+class RoundSpec(StepSpec):
+    """``train_round``'s settings beyond one step, by ``TrainConfig``'s names and defaults (no
+    pydantic on a bare box); ``epochs_per_round`` high so the steps asked for are taken."""
+
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10
+    steps_per_round: int = 1
+    epochs_per_round: float = 100.0
+    rows_per_step: int = 4
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    """``PackConfig``'s one field ``train_round`` reads."""
+
+    max_seq_len: int
+
+
+def kernel_selection(
+    config: Any, dev: torch.device, rows_per_step: int, max_seq_len: int, seq_len: float
+) -> dict[str, Any]:
+    """What ``train.attention: auto`` picks for this student on these rows (one measurement,
+    remembered by this process), with the probe's times."""
+    shape = Shape.bucket(
+        backward=True,
+        rows=rows_per_step,
+        row_len=max_seq_len,
+        seq_len=seq_len,
+        threads=torch.get_num_threads(),
+        device=dev.type,
+    )
+    c = select(config, shape)
+    return {"kernel": c.kernel, "source": c.source, "probe_s": c.seconds, "shape": asdict(shape)}
+
+
+def time_learner(
+    base: PreTrainedModel,
+    samples: list[Sample],
+    targets: Targets,
+    rows: list[list[int]],
+    names: list[str],
+    *,
+    max_seq_len: int,
+    rows_per_step: int,
+    steps: int,
+    bf16: bool,
+    seed: int,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """``train_round`` (the NPD learner as the train stage calls it) on ``rows`` with each
+    kernel in ``names``: copies of one initial student, the same rows in the same order. One
+    untimed step each, then ``steps`` timed ones in two halves, the order of the kernels
+    reversed for the second so that drifting background load hits all alike."""
+    half = max(1, steps // 2)
+    row_spec = RowSpec(max_seq_len)
+    runs = {}
+    for name in names:
+        m = with_attention(base, name)
+        runs[name] = {"model": m, "opt": make_optimizer(m, StepSpec()), "s": 0.0, "steps": 0}
+
+    def go(name: str, n: int, start: int) -> Any:
+        r = runs[name]
+        spec = RoundSpec(steps_per_round=n, rows_per_step=rows_per_step)
+        t0 = time.perf_counter()
+        stats = train_round(
+            r["model"], r["opt"], samples, targets, rows, spec, row_spec,  # type: ignore[arg-type]
+            start_step=start, total_steps=1 + 2 * half, seed=seed, pad_id=0, bf16=bf16,
+        )  # fmt: skip
+        return time.perf_counter() - t0, stats
+
+    first = {}
+    for name in names:
+        _, stats = go(name, 1, 0)
+        first[name] = stats.log[0].loss
+    for k, order in enumerate((names, names[::-1])):
+        for name in order:
+            dt, stats = go(name, half, 1 + k * half)
+            runs[name]["s"] += dt
+            runs[name]["steps"] += stats.steps
+    out = {
+        name: {
+            "s_per_step": r["s"] / max(1, r["steps"]),
+            "steps": r["steps"],
+            "first_step_loss": first[name],
+        }
+        for name, r in runs.items()
+    }
+    ref = first[names[0]]
+    log("learner: " + ", ".join(f"{n} {1e3 * v['s_per_step']:.1f} ms/step" for n, v in out.items()))
+    return {
+        "kernels": out,
+        "fastest": min(out, key=lambda n: out[n]["s_per_step"]),
+        "max_abs_first_loss_diff": max(abs(first[n] - ref) for n in names),
+    }
+
+
 # ---------------------------------------------------------------- the bench
 def device_name(dev: torch.device) -> str:
     if dev.type == "cuda":
@@ -331,6 +456,7 @@ def run_bench(
     max_seq_len: int | None = None,
     rows_per_step: int = 4,
     model_size: str = "tiny",
+    model: str | None = None,
     device: str = "auto",
     attention: str = "auto",
     padded_attention: str = "auto",
@@ -343,10 +469,14 @@ def run_bench(
     peak_tflops: float | None = None,
     compile: bool = False,
     threads: int | None = None,
+    learner_steps: int = 8,
     seed: int = 0,
     log: Callable[[str], None] = lambda m: None,
 ) -> dict[str, Any]:
     """Train the same student on the same samples packed and padded; return the figures.
+
+    ``model``: an HF checkpoint to train instead of a random ``model_size`` student;
+    ``learner_steps``: timed ``train_round`` steps per kernel (0: no ``learner`` section).
 
     ``threads``: torch's CPU intra-op threads for the run (restored afterwards); ``None`` = 1 on
     CPU, where the small student's ops gain nothing from a second thread and, on a shared box,
@@ -374,6 +504,7 @@ def _run_bench(
     max_seq_len: int | None,
     rows_per_step: int,
     model_size: str,
+    model: str | None,
     device: str,
     attention: str,
     padded_attention: str,
@@ -385,6 +516,7 @@ def _run_bench(
     overlong: str,
     peak_tflops: float | None,
     compile: bool,
+    learner_steps: int,
     seed: int,
     log: Callable[[str], None],
 ) -> dict[str, Any]:
@@ -404,13 +536,14 @@ def _run_bench(
     totals = sorted(p + r for p, r in pairs)
     p99 = totals[min(len(totals) - 1, math.ceil(0.99 * len(totals)) - 1)]
     msl = max_seq_len or 16 * math.ceil(2 * p99 / 16)
-    base = build_student(model_size, seed, dev)
+    base = load_student(model, dev) if model else build_student(model_size, seed, dev)
     vocab = base.config.vocab_size
     samples, _ = make_data(pairs, vocab, topk, seed)
     kept, _ = fit_lengths(samples, msl, overlong)  # a sample never spans two rows
     targets = targets_for(kept, vocab, topk, seed)  # on the CPU, as the learner keeps them
     spec = StepSpec(sft_weight=sft_weight)  # the default config's loss, lr and clip
-    log(f"{len(kept)} samples (p99 {p99}, max_seq_len {msl}), {model_size} student on {dev}")
+    student = model or model_size
+    log(f"{len(kept)} samples (p99 {p99}, max_seq_len {msl}), {student} student on {dev}")
 
     # packed schedule: BFD rows, rows_per_step rows a step
     rows = pack([len(s) for s in kept], msl, "bfd", seed)
@@ -495,15 +628,26 @@ def _run_bench(
     assert (resp, real) == (resp_b, real_b), "both layouts must hold the same tokens"
     n_params = sum(p.numel() for p in base.parameters())
     cfg = base.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     attn_flops = (
         6
         * cfg.num_hidden_layers
         * cfg.num_attention_heads
-        * cfg.head_dim
+        * head_dim
         * sum(len(s) ** 2 for s in kept)
     )
     useful = 6 * n_params * real + attn_flops
     peak = peak_flops(dev, peak_tflops)
+    mean_len = sum(totals) / len(totals)
+    selection = kernel_selection(base.config, dev, rows_per_step, msl, mean_len)
+    log(f"selection (train.attention: auto): {selection['kernel']} {selection['probe_s']}")
+    learner = None
+    if learner_steps > 0:
+        names = kernels(dev.type) or [att_p]
+        learner = time_learner(
+            base, kept, targets, rows, names, max_seq_len=msl, rows_per_step=rows_per_step,
+            steps=learner_steps, bf16=bf16, seed=seed, log=log,
+        )  # fmt: skip
     out = {
         "fill_ratio": real / cap,
         "padded_fill_ratio": real_b / cap_b,
@@ -520,8 +664,9 @@ def _run_bench(
         "n_kept": len(kept),
         "p99_len": p99,
         "median_len": totals[len(totals) // 2],
-        "mean_len": sum(totals) / len(totals),
-        "model_size": model_size,
+        "mean_len": mean_len,
+        "model_size": model_size if model is None else None,
+        "model": model,
         "params": n_params,
         "bf16": bf16,
         "loss": "forward_kl_topk" + (f" + {sft_weight} sft" if sft_weight else ""),
@@ -541,6 +686,8 @@ def _run_bench(
         "attention_s_per_step": {"packed": times_p, "padded": times_b},
         "exact_check_abs_loss_diff": errs,
         "collate_seconds": {"packed": collate_packed_s, "padded": collate_padded_s},
+        "selection": selection,
+        "learner": learner,
         "packed_mfu": useful / sec["packed"] / peak if peak else None,
         "padded_mfu": useful / sec["padded"] / peak if peak else None,
         "peak_flops": peak,
@@ -564,6 +711,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seq-len", type=int, default=None, help="default: 2 x p99 sample length")
     p.add_argument("--rows-per-step", type=int, default=4)
     p.add_argument("--model-size", choices=list(MODEL_SIZES), default="tiny")
+    p.add_argument("--model", default=None, help="HF checkpoint dir to train (default: random)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument(
         "--attention",
@@ -584,6 +732,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peak-tflops", type=float, default=None, help="for MFU; CUDA: looked up")
     p.add_argument("--compile", action="store_true", help="torch.compile both students")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default 1; 0 = torch's)")
+    p.add_argument(
+        "--learner-steps", type=int, default=8, help="timed train_round steps per kernel (0: off)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     return p

@@ -30,6 +30,11 @@ class RunSpec:
     deployment: str | None = None  # lineage of scheduled runs ("<flow>/<deployment>")
     parent_run_id: str | None = None  # the run whose checkpoint ``student`` is
     parent_round: int | None = None
+    # packed-attention kernel per role ("train", "score_teacher", "score_student"), chosen once
+    # at the run's start (``kernels.choose_attention``) and reused by every retry and resume;
+    # None = not chosen yet; {} or a missing role = the fixed kernel (``attention.FIXED``), what
+    # runs begun before choices were recorded used
+    attention: dict[str, str] | None = None
 
     @property
     def cfg(self) -> NPDConfig:
@@ -61,7 +66,12 @@ class RunSpec:
                 f"{Path(root) / 'npd.duckdb'}: no run {run_id!r} to retry; "
                 f"`npd status --out {root}` lists the runs"
             )
-        return cls(**{**json.loads(path.read_text()), "root": str(root)})
+        data = {"attention": {}, **json.loads(path.read_text()), "root": str(root)}
+        return cls(**data)  # a spec saved before ``attention`` existed: the fixed kernels
+
+    def kernel(self, role: str) -> str | None:
+        """The recorded packed-attention kernel of ``role``; None = the fixed one."""
+        return (self.attention or {}).get(role)
 
     def checkpoint(self, k: int) -> str:
         """Directory of θ_k (θ_0 is the initial student, not copied)."""

@@ -34,7 +34,7 @@ from npd_core.backends import vllm as vllm_backend
 from npd_core.config import NPDConfig
 from npd_core.data import read_prompts, round_prompts
 from npd_core.errors import TrainingError
-from npd_core.method.attention import for_training
+from npd_core.method.attention import for_training, packed_attention
 from npd_core.method.evaluate import exact_match, greedy_decoded, teacher_loglik
 from npd_core.method.filter import apply_filter, dropped_kl_share
 from npd_core.method.generate import Generation, apply_stop_strings, generate
@@ -211,9 +211,11 @@ def _score_with(
     cfg: NPDConfig,
     progress: Progress,
     targets: TopK | None = None,
+    kernel: str | None = None,
 ) -> tuple[Scores, dict[str, float]]:
     """Score with the HF or the vLLM engine: the scores and vLLM's engine timings. The
-    prompt-less view only when the filter needs it; the KL to ``targets`` with HF only."""
+    prompt-less view only when the filter needs it; the KL to ``targets`` and the packed
+    attention ``kernel`` (the run's recorded choice; None = the model's own) with HF only."""
     f = cfg.filter
     view = None
     if f.needs_views:
@@ -224,17 +226,19 @@ def _score_with(
             model_dir, role, prompts, resps, view=view, top_k=top_k, options=opts, progress=progress
         )
         return res, _engine_times(times, f"{role}_")
-    res = score(
-        load_model(model_dir, frozen_dtype(cfg.models.frozen_dtype)),
-        prompts,
-        resps,
-        view=view,
-        top_k=top_k,
-        batch_tokens=cfg.score.batch_tokens,
-        bf16=use_bf16(cfg.models.bf16),
-        targets=targets,
-        progress=progress,
-    )
+    model = load_model(model_dir, frozen_dtype(cfg.models.frozen_dtype))
+    with packed_attention(model, kernel):
+        res = score(
+            model,
+            prompts,
+            resps,
+            view=view,
+            top_k=top_k,
+            batch_tokens=cfg.score.batch_tokens,
+            bf16=use_bf16(cfg.models.bf16),
+            targets=targets,
+            progress=progress,
+        )
     return res, {}
 
 
@@ -257,7 +261,15 @@ def score_stage(
         knob = "score.backend" if cfg.score.backend else "generate.backend"
         backend = vllm_backend.resolve(cfg.score.backend or cfg.generate.backend, knob)
         t, t_engine = _score_with(
-            backend, spec.teacher, "teacher", prompts, resps, cfg.score.top_k, cfg, progress
+            backend,
+            spec.teacher,
+            "teacher",
+            prompts,
+            resps,
+            cfg.score.top_k,
+            cfg,
+            progress,
+            kernel=spec.kernel("score_teacher"),
         )
         n = np.array([len(x) for x in resps])
         st, s_engine = None, {}
@@ -266,7 +278,16 @@ def score_stage(
             student_dir = spec.checkpoint(generator_round(r, cfg.staleness))
             top = TopK(t.topk_ids, t.topk_logprobs)
             st, s_engine = _score_with(
-                backend, student_dir, "student", prompts, resps, None, cfg, None, top
+                backend,
+                student_dir,
+                "student",
+                prompts,
+                resps,
+                None,
+                cfg,
+                None,
+                top,
+                kernel=spec.kernel("score_student"),
             )
             ifd_t = log_ifd(t.cond_logprob_sum, t.resp_logprob_sum, n)
             ifd_s = log_ifd(st.cond_logprob_sum, st.resp_logprob_sum, n)
@@ -481,7 +502,7 @@ def train_stage(
         src = spec.checkpoint(r - 1)
         tok, model, opt, start_step = _learner(src, cfg, resume=r > 1)
         torch.manual_seed(seed_for(cfg.seed, "dropout", r))  # for models that have dropout
-        with for_training(model), _stopped_round(r, src):
+        with for_training(model, spec.kernel("train")), _stopped_round(r, src):
             stats = train_round(
                 model,
                 opt,
@@ -552,15 +573,17 @@ def evaluate_stage(
         if all(p.answer is not None for p in prompts):
             res = exact_match(texts, [p.answer for p in prompts])
         else:
-            res = teacher_loglik(
-                load_model(spec.teacher, frozen),
-                ids,
-                resp,
-                texts,
-                eos_id=tok.eos_token_id,
-                batch_tokens=cfg.score.batch_tokens,
-                bf16=use_bf16(cfg.models.bf16),
-            )
+            teacher = load_model(spec.teacher, frozen)
+            with packed_attention(teacher, spec.kernel("score_teacher")):
+                res = teacher_loglik(
+                    teacher,
+                    ids,
+                    resp,
+                    texts,
+                    eos_id=tok.eos_token_id,
+                    batch_tokens=cfg.score.batch_tokens,
+                    bf16=use_bf16(cfg.models.bf16),
+                )
         row = dict(
             run_id=spec.run_id,
             round=k,

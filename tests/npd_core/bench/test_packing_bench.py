@@ -1,5 +1,6 @@
 """The packing benchmark's helpers (synthetic lengths, the length-grouped baseline sampler) and
-a tiny run of the benchmark itself on CPU."""
+a tiny run of the benchmark itself on CPU, with the kernel selection and the learner timed per
+kernel."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import statistics
 import pytest
 
 from npd_core.bench import packing as bench_packing
-from npd_core.method.attention import VARLEN
+from npd_core.method.attention import SDPA, VARLEN
 
 
 def test_length_grouped_batches_match_the_trainer_sampler():
@@ -48,3 +49,9 @@ def test_bench_runs_and_reports_the_figures():
         assert res[f"{layout}_tokens_per_s"] == pytest.approx(res["response_tokens"] / seconds)
         assert math.isfinite(res[f"{layout}_mean_loss"]) and res[f"{layout}_mean_loss"] > 0
     assert max(res["exact_check_abs_loss_diff"].values()) <= 1e-4
+    # the pipeline's choice for these rows, and the real learner (train_round) with each kernel
+    sel, learner = res["selection"], res["learner"]
+    assert sel["kernel"] in (SDPA, VARLEN) and set(sel["probe_s"]) == {SDPA, VARLEN}
+    assert set(learner["kernels"]) == {SDPA, VARLEN} and learner["fastest"] in (SDPA, VARLEN)
+    assert all(k["steps"] == 8 and k["s_per_step"] > 0 for k in learner["kernels"].values())
+    assert learner["max_abs_first_loss_diff"] <= 1e-5  # same student, same rows, exact kernels

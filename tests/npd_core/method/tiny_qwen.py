@@ -14,7 +14,8 @@ from npd_core.method.packing import Sample
 from npd_core.method.train import Targets
 
 VOCAB, PAD, K = 48, 0, 4
-ATTENTIONS = ["sdpa", "eager", attention.register_varlen_attention()]
+# every exact kernel the CPU choice may pick (attention.KERNELS), and eager
+ATTENTIONS = [*attention.kernels("cpu"), "eager"]
 # hypothesis settings of the tests that run the model (each example is a forward or two)
 FAST = settings(
     max_examples=20,

@@ -14,6 +14,7 @@ import pyarrow.compute as pc
 import pytest
 
 from npd_core.config import NPDConfig
+from npd_core.pipeline import stages
 from npd_core.pipeline.spec import RunSpec
 from npd_core.pipeline.stages import (
     filter_stage,
@@ -220,6 +221,51 @@ def test_train_consumes_exactly_the_packed_rows(scored):
     tr = train_stage(spec, 1, PROV).metrics
     assert tr["steps"] == 1 and tr["loss_tokens"] == len(row0)
     assert tr["train_tokens"] == sum(x["length"] for x in row0)
+
+
+def test_score_and_train_run_with_the_kernels_recorded_in_the_spec(scored, monkeypatch):
+    """Each stage takes its role's kernel from the spec (a retry reads the same spec); a spec
+    without a choice trains with the fixed sdpa_varlen; every kernel gives the same numbers."""
+    seen = []
+    real = stages.packed_attention
+
+    def spy(model, name):
+        seen.append(name)
+        return real(model, name)
+
+    monkeypatch.setattr(stages, "packed_attention", spy)
+    before = scored.store.read_stage("r", 1, "score", "scores")
+    spec = dataclasses.replace(
+        scored, attention={"train": "sdpa", "score_teacher": "sdpa_varlen", "score_student": "sdpa"}
+    )
+    try:
+        score_stage(spec, 1, PROV)
+        after = spec.store.read_stage("r", 1, "score", "scores")
+    finally:
+        score_stage(scored, 1, PROV)  # the other tests' data, bitwise
+    assert seen == ["sdpa_varlen", "sdpa", None, None]  # teacher, student; then no choice
+    for name in ("teacher_logprob_sum", "student_logprob_sum", "delta_ifd"):
+        got, want = (np.array(t.column(name).to_pylist(), float) for t in (after, before))
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-4, err_msg=name)
+    flat = [pc.list_flatten(pc.list_flatten(t.column("topk_logprobs"))) for t in (after, before)]
+    got, want = (np.array(x) for x in flat)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)  # ids may swap where values tie
+
+    class Stop(Exception):
+        pass
+
+    used = []
+
+    def train_round(model, *args, **kw):
+        used.append(model.config._attn_implementation)
+        raise Stop  # the kernel is all this test needs of the round
+
+    monkeypatch.setattr(stages, "train_round", train_round)
+    pack_stage(scored, 1, PROV)
+    for s in (spec, scored, dataclasses.replace(scored, attention={})):
+        with pytest.raises(Stop):
+            train_stage(s, 1, PROV)
+    assert used == ["sdpa", "sdpa_varlen", "sdpa_varlen"]
 
 
 def test_everything_filtered_trains_nothing_and_goes_on(tmp_path, tiny_world):

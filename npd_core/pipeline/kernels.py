@@ -1,0 +1,142 @@
+"""Which packed-attention kernel each role of a run uses, chosen once at the run's start.
+
+Roles: ``train`` (the learner: forward and backward on rows of ``pack.max_seq_len``),
+``score_teacher`` and ``score_student`` (the hf backend's packed scoring forwards). A role's
+knob (``train.attention``, ``score.attention``) pins its kernel; ``auto`` times the device's
+exact kernels (``attention.select``) on the stage's shape bucket, cached in
+``<out>/kernels.json`` so later runs in the same directory reuse the measurement. The choice is
+written into the run spec before any stage runs: every stage, retry and resume reads it from
+there, so a run's results never depend on a timing taken after it began.
+
+``NPD_ATTENTION`` stands in for ``auto`` where it is set: ``fixed`` (the kernels npd used before
+the choice existed, ``attention.FIXED``) or a kernel name. The test suite sets ``fixed`` so that
+no test result depends on a timing.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+from transformers import AutoConfig
+
+from npd_core.config import NPDConfig
+from npd_core.data import read_prompts
+from npd_core.errors import ConfigError
+from npd_core.method.attention import Choice, Shape, fixed_kernel, kernels, select
+from npd_core.models import device, format_prompts, frozen_dtype, load_tokenizer
+from npd_core.pipeline.spec import RunSpec
+
+ENV = "NPD_ATTENTION"
+CACHE = "kernels.json"  # in the output directory
+SAMPLE_PROMPTS = 256  # prompts tokenized to estimate the sequence lengths
+
+
+def choose_attention(
+    spec: RunSpec, log: Callable[[str], None] = print, roles: tuple[str, ...] | None = None
+) -> RunSpec:
+    """``spec`` with ``attention`` filled in: unchanged when it is already recorded (a retry or
+    a resume reuses the choice, never re-measures), else each role's pinned or measured kernel
+    (only ``roles`` where given: the sft baseline scores nothing)."""
+    if spec.attention is not None:
+        return spec
+    cfg = spec.cfg
+    dev = device().type
+    env = _env_setting()
+    shapes: dict[str, Shape] = {}
+    chosen: dict[str, str] = {}
+    for role, knob, setting, model_dir in _roles(spec, cfg):
+        if roles is not None and role not in roles:
+            continue
+        kind = "train" if role == "train" else "score"
+        if setting != "auto":
+            kernel, why = setting, f"pinned by {knob}"
+        elif env == "fixed":
+            kernel, why = fixed_kernel(kind, dev), f"{ENV}=fixed"
+        elif env:
+            kernel, why = env, f"pinned by {ENV}"
+        else:
+            shapes = shapes or stage_shapes(spec, cfg, dev)
+            c = select(
+                AutoConfig.from_pretrained(model_dir), shapes[kind], cache=Path(spec.root) / CACHE
+            )
+            kernel, why = c.kernel, describe(c)
+        if kernel is not None:
+            chosen[role] = kernel
+        log(f"packed attention, {role}: {kernel or 'the model default'} ({why})")
+    return replace(spec, attention=chosen)
+
+
+def _roles(spec: RunSpec, cfg: NPDConfig) -> list[tuple[str, str, str, str]]:
+    """(role, knob, setting, model dir) of every role this run has."""
+    roles = [("train", "train.attention", cfg.train.attention, spec.student)]
+    if (cfg.score.backend or cfg.generate.backend) != "vllm":
+        roles.append(("score_teacher", "score.attention", cfg.score.attention, spec.teacher))
+        if cfg.filter.needs_views:
+            roles.append(("score_student", "score.attention", cfg.score.attention, spec.student))
+    return roles
+
+
+def _env_setting() -> str:
+    value = os.environ.get(ENV, "").strip()
+    names = {n for dev in ("cpu", "cuda") for n in kernels(dev)} | {"sdpa", "sdpa_varlen"}
+    if value and value != "fixed" and value not in names:
+        raise ConfigError(
+            f"{ENV}={value!r}: use fixed or one of {', '.join(sorted(names))}, or unset it"
+        )
+    return value
+
+
+def stage_shapes(spec: RunSpec, cfg: NPDConfig, dev: str) -> dict[str, Shape]:
+    """The shape buckets of the train and score stages, estimated before any sample exists from
+    up to ``SAMPLE_PROMPTS`` prompts: a sequence is a prompt plus its reference answer and EOS
+    (half of ``generate.max_new_tokens`` where the prompts have no answers), median over the
+    prompts; a scoring row is as long as the longest prompt plus ``max_new_tokens`` (scoring
+    packs into rows of the round's longest sample, which often runs to the cap)."""
+    tok = load_tokenizer(spec.student)
+    prompts = read_prompts(spec.train_prompts)[:SAMPLE_PROMPTS]
+    ids = format_prompts(tok, [p.prompt for p in prompts], cfg.data.chat_template)
+    new = cfg.generate.max_new_tokens
+    if prompts and all(p.answer is not None for p in prompts):
+        resp = [
+            min(new, len(tok(p.answer, add_special_tokens=False)["input_ids"]) + 1) for p in prompts
+        ]
+    else:
+        resp = [max(1, new // 2)] * len(ids)
+    seqs = sorted(len(x) + r for x, r in zip(ids, resp, strict=True)) or [1]
+    seq = seqs[len(seqs) // 2]
+    threads = cfg.stage_threads(concurrent=cfg.staleness > 0)
+    msl = cfg.pack.max_seq_len
+    row = max((len(x) for x in ids), default=1) + new
+    frozen = str(frozen_dtype(cfg.models.frozen_dtype)).removeprefix("torch.")
+    return {
+        "train": Shape.bucket(
+            backward=True,
+            rows=cfg.train.rows_per_step,
+            row_len=msl,
+            seq_len=min(seq, msl),
+            threads=threads,
+            device=dev,
+        ),
+        "score": Shape.bucket(
+            backward=False,
+            rows=max(1, cfg.score.batch_tokens // row),
+            row_len=row,
+            seq_len=seq,
+            threads=threads,
+            device=dev,
+            dtype=frozen,
+        ),
+    }
+
+
+def describe(c: Choice) -> str:
+    """Why a kernel was chosen, with the probe's times."""
+    if c.source == "none":
+        return "no exact kernels listed for this device"
+    if c.source == "only":
+        return "the only candidate"
+    ms = ", ".join(f"{n} {1e3 * s:.2f} ms" for n, s in sorted(c.seconds.items()))
+    return f"{c.source} on bucket {c.key}: {ms}"
