@@ -46,10 +46,15 @@ def _train_and_evaluate(
     stage_s = {k.removesuffix("_s"): v for k, v in counters.items() if k.endswith("_s")}
     stage_s["evaluate"] = sum(e["seconds"] for e in evals)
     clocks = [0.0] + [x["metrics"]["clock_s"] for x in segments]
+    upfront = data["metrics"]["teacher_tokens"] if data else 0  # sft: the teacher's answers
+    teacher = [0] + [upfront + x["metrics"]["counters"].get("teacher_tokens", 0) for x in segments]
     return {
         "run_id": spec.run_id,
         "mlflow_run_id": mlf,
-        "curve": [{"wall_s": w, "score": s} for w, s in zip(clocks, scores, strict=True)],
+        "curve": [
+            {"wall_s": w, "score": s, "teacher_tokens": int(n)}
+            for w, s, n in zip(clocks, scores, teacher, strict=True)
+        ],
         "wall_s": last["clock_s"],
         "steps": last["step"],
         "total_steps": last["total_steps"],
@@ -71,7 +76,12 @@ def sft_flow(
     spec = choose_attention(spec, roles=("train",))
 
     def teacher_answers() -> dict:
-        return t.generate(teacher_as_generator(spec), DATA_ROUND)
+        res = t.generate(teacher_as_generator(spec), DATA_ROUND)
+        m = res["metrics"]  # the teacher's forwards: each prompt once, then each token it wrote
+        return {
+            **res,
+            "metrics": {**m, "teacher_tokens": m.get("prompt_tokens", 0) + m["generated_tokens"]},
+        }
 
     def segment(k: int, until: float, prev: dict | None, mlf: str) -> dict:
         clock0 = prev["seconds"] if k == 1 else 0.0  # the teacher's generation is on the clock

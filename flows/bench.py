@@ -39,7 +39,8 @@ def headline(
         bool, typer.Option("--quick", help="npd, sft, onpolicy; 1 seed; a quarter of the budget")
     ] = False,
     seeds: Annotated[
-        int | None, typer.Option(help="seeds of npd, sft, onpolicy (default 3; ablations 1)", min=1)
+        int | None,
+        typer.Option(help="seeds of npd, sft, onpolicy and peers (default 3; ablations 1)", min=1),
     ] = None,
     out: Annotated[Path, typer.Option("--out", help="output directory")] = Path("npd-out"),
     config: Annotated[

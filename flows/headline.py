@@ -104,27 +104,19 @@ def run_npd(
     res = distill_flow(spec)
     _nest(ctx, res["mlflow_run_id"])
     intervals = res["stage_intervals"]
-    clock, wall_s = _npd_clock(intervals)
-    ends = {r: e for stage, r, _, e in intervals if stage == "train"}
-    curve = [{"wall_s": 0.0, "score": res["start_score"]}] + [
-        {"wall_s": clock(ends[x["round"]]), "score": x["score"]} for x in res["rounds"]
-    ]
-    stage_s: dict[str, float] = {}
+    curve, covered, end = _npd_curve(res, ctx.budget_s * (1 + SLACK))
+    stage_s: dict[str, float] = {}  # the part of the run the curve covers: clipped at its end
     for stage, _, s, e in intervals:
-        stage_s[stage] = stage_s.get(stage, 0.0) + e - s
-    generated = (
-        spec.store.query(
-            "SELECT coalesce(sum(response_tokens), 0) FROM samples WHERE run_id = ?", [spec.run_id]
-        )
-        .column(0)[0]
-        .as_py()
-    )
+        stage_s[stage] = stage_s.get(stage, 0.0) + max(0.0, min(e, end) - s)
+    made = {r for stage, r, _, e in intervals if stage == "generate" and e <= end}
     cfg = spec.cfg
     return VariantResult(
         curve=curve,
-        wall_s=wall_s,
-        train_tokens=int(sum(x["train_tokens"] or 0 for x in res["rounds"])),
-        generated_tokens=int(generated),
+        wall_s=curve[-1]["wall_s"],
+        train_tokens=int(sum(x["train_tokens"] or 0 for x in covered)),
+        generated_tokens=int(
+            sum(x["generated_tokens"] for x in res["rounds"] if x["round"] in made)
+        ),
         stage_seconds=stage_s,
         settings={
             "rounds": cfg.rounds,
@@ -139,6 +131,30 @@ def run_npd(
         run_id=spec.run_id,
         mlflow_run_id=res["mlflow_run_id"],
     )
+
+
+def _npd_curve(
+    res: dict[str, Any], limit_s: float
+) -> tuple[list[dict[str, float]], list[dict[str, Any]], float]:
+    """An NPD run's curve on its clock, cut at ``limit_s``: θ_0, then every round whose
+    checkpoint came in time, with the teacher tokens scored for the rounds it was trained on
+    (every view, dropped samples included). Also those rounds and the absolute time the last
+    one ended (the totals stop there)."""
+    intervals = res["stage_intervals"]
+    clock, _ = _npd_clock(intervals)
+    ends = {r: e for stage, r, _, e in intervals if stage == "train"}
+    curve = [{"wall_s": 0.0, "score": res["start_score"], "teacher_tokens": 0}]
+    covered, teacher = [], 0
+    end = min(s for _, _, s, _ in intervals)
+    for x in res["rounds"]:
+        teacher += x["teacher_tokens"]
+        wall = clock(ends[x["round"]])
+        if wall > limit_s:
+            break
+        curve.append({"wall_s": wall, "score": x["score"], "teacher_tokens": teacher})
+        covered.append(x)
+        end = ends[x["round"]]
+    return curve, covered, end
 
 
 def _npd_clock(
@@ -335,16 +351,30 @@ def _batch(method: str, h: Hyper) -> int:
 # ---------------------------------------------------------------- aggregation
 def summarize(results: list[VariantResult], budget_s: float) -> dict[str, Any]:
     """Means over seeds (curves on the union of their checkpoint times) with 95% intervals."""
-    curves = [
-        cv.truncate([(p["wall_s"], p["score"]) for p in r.curve], budget_s * (1 + SLACK))
-        for r in results
-    ]
-    finals = [c[-1][1] for c in curves]
+    limit = budget_s * (1 + SLACK)
+    kept = [r.curve[:1] + [p for p in r.curve[1:] if p["wall_s"] <= limit] for r in results]
+    curves = [[(p["wall_s"], p["score"]) for p in c] for c in kept]
+    finals = [cv.final_score(c, budget_s) for c in curves]
     stages = sorted({k for r in results for k in r.stage_seconds})
+    by_tokens = None  # score vs teacher forward tokens, where every point carries them
+    if all("teacher_tokens" in p for c in kept for p in c):
+        by_tokens = cv.mean_curve([[(p["teacher_tokens"], p["score"]) for p in c] for c in kept])
     return {
         "final_score": float(np.mean(finals)),
         "final_score_ci95": cv.mean_ci(finals),
         "final_scores": finals,
+        "final_points": [len(cv.final_points(c, budget_s)) for c in curves],
+        "curve_teacher_tokens": (
+            [{"teacher_tokens": t, "score": s} for t, s in by_tokens] if by_tokens else None
+        ),
+        "seed_curves_teacher_tokens": (
+            [
+                [{"teacher_tokens": p["teacher_tokens"], "score": p["score"]} for p in c]
+                for c in kept
+            ]
+            if by_tokens
+            else None
+        ),
         "wall_s": float(np.mean([c[-1][0] for c in curves])),
         "train_tokens": float(np.mean([r.train_tokens for r in results])),
         "generated_tokens": float(np.mean([r.generated_tokens for r in results])),
@@ -368,22 +398,34 @@ def headline_numbers(table: dict[str, dict[str, Any]]) -> dict[str, Any]:
         c = table[name]["seed_curves"]
         return [[(p["wall_s"], p["score"]) for p in x] for x in c]
 
+    def token_curves(name: str) -> list[cv.Curve] | None:
+        c = table[name].get("seed_curves_teacher_tokens")
+        return [[(p["teacher_tokens"], p["score"]) for p in x] for x in c] if c else None
+
     out: dict[str, Any] = {}
     if "npd" in table and "onpolicy" in table:
-        s = cv.speedup(curves("onpolicy"), curves("npd"))
+        on, nd, finals = curves("onpolicy"), curves("npd"), table["onpolicy"]["final_scores"]
+        s = cv.speedup(on, nd, 1.0, finals)
         out.update(
             speedup_vs_onpolicy=s.value,
             speedup_reason=s.reason,
             speedup_target_score=s.target,
             onpolicy_s_to_target=s.onpolicy_s,
             npd_s_to_target=s.npd_s,
-            speedup_ci95=cv.speedup_ci(curves("onpolicy"), curves("npd")),
+            speedup_ci95=cv.speedup_ci(on, nd, fraction=1.0, finals=finals),
+            speedups=[_at_target(on, nd, f, finals) for f in cv.TARGET_FRACTIONS],
+        )
+        ton, tnd = token_curves("onpolicy"), token_curves("npd")
+        out["teacher_token_ratios"] = (
+            [_at_target(ton, tnd, f, finals) for f in cv.TARGET_FRACTIONS] if ton and tnd else None
         )
     else:
         out.update(
             speedup_vs_onpolicy=None,
             speedup_ci95=None,
             speedup_reason="needs both npd and onpolicy in --variants",
+            speedups=None,
+            teacher_token_ratios=None,
         )
     for other in ("sft", "onpolicy"):
         key = f"npd_minus_{other}_points"
@@ -394,6 +436,23 @@ def headline_numbers(table: dict[str, dict[str, Any]]) -> dict[str, Any]:
         else:
             out[key], out[f"{key}_ci95"] = None, None
     return out
+
+
+def _at_target(
+    onpolicy: list[cv.Curve], npd: list[cv.Curve], fraction: float, finals: list[float]
+) -> dict[str, Any]:
+    """onpolicy's x ÷ npd's x to ``fraction`` of onpolicy's gain, with its bootstrap interval
+    (x is seconds or teacher tokens, whatever the curves are on)."""
+    s = cv.speedup(onpolicy, npd, fraction, finals)
+    return {
+        "fraction": fraction,
+        "target_score": s.target,
+        "ratio": s.value,
+        "ci95": cv.speedup_ci(onpolicy, npd, fraction=fraction, finals=finals),
+        "onpolicy": s.onpolicy_s,
+        "npd": s.npd_s,
+        "reason": s.reason,
+    }
 
 
 def machine() -> dict[str, Any]:
@@ -597,10 +656,16 @@ def publish(
     out, parent = ctx.out, ctx.mlflow_parent
     folder = out / ctx.bench_id
     folder.mkdir(parents=True, exist_ok=True)
+    by_tokens = {
+        n: [(p["teacher_tokens"], p["score"]) for p in t["curve_teacher_tokens"]]
+        for n, t in table.items()
+        if t.get("curve_teacher_tokens")
+    }
     png = bench_curves(
         {n: [(p["wall_s"], p["score"]) for p in t["curve"]] for n, t in table.items()},
         report,
         folder / "bench.png",
+        by_tokens or None,
     )
     report["plot"] = str(png.resolve())
     report["wall_s"] = time.time() - t_start
@@ -687,6 +752,14 @@ def print_report(rep: dict[str, Any]) -> None:
         f"speedup vs onpolicy: {f'{sp:.2f}×' if sp is not None else 'n/a'}{ci('speedup')}"
         + (f" — {rep['speedup_reason']}" if rep.get("speedup_reason") else "")
     )
+    for key, unit in (("speedups", "time"), ("teacher_token_ratios", "teacher tokens")):
+        for x in rep.get(key) or []:
+            c = x["ci95"]
+            shown = f"{x['ratio']:.2f}×" if x["ratio"] is not None else "n/a"
+            err.print(
+                f"  {unit} to {x['fraction']:.0%} of onpolicy's gain ({x['target_score']:.1f}): "
+                f"{shown}" + (f" [{c[0]:.2f}, {c[1]:.2f}]" if c else "")
+            )
     for key in ("npd_minus_sft_points", "npd_minus_onpolicy_points"):
         if rep[key] is not None:
             err.print(f"{key}: {rep[key]:+.2f}{ci(key)}")

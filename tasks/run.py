@@ -89,6 +89,7 @@ def record_round(spec: RunSpec, r: int, results: dict[str, dict], mlflow_run: st
         "train_tokens": trn["train_tokens"],
         "mean_loss": trn["mean_loss"],
         "fill_ratio": m["pack"]["fill_ratio"],
+        "teacher_tokens": m["score"]["scored_tokens"],
         "delta_ifd_q05": flt["delta_ifd_q05"],
         "delta_ifd_q50": flt["delta_ifd_q50"],
         "delta_ifd_q95": flt["delta_ifd_q95"],
@@ -114,6 +115,8 @@ def record_round(spec: RunSpec, r: int, results: dict[str, dict], mlflow_run: st
     return {
         "round": r,
         **{k: row[k] for k in ("n_generated", "n_kept", "train_tokens", "mean_loss", "score")},
+        "teacher_tokens": m["score"]["scored_tokens"],  # every view, dropped samples included
+        "generated_tokens": m["generate"]["generated_tokens"],
         "drop_reasons": flt["drop_reasons"],
         "stage_seconds": seconds,
         "backends": {k: m[k].get("backend", "hf") for k in ("generate", "score")},

@@ -8,8 +8,10 @@ and a failed segment can be retried from the last one.
 
 Learning-rate schedule: the same as NPD's (``train.lr_at``: linear warmup, cosine to
 ``min_lr_ratio × lr``), over a horizon of steps that a time budget does not give up front. The
-horizon is fixed once, after the warmup (at least ``CALIBRATION_STEPS`` steps), as the number of
-steps that fit the budget at the speed measured so far; warmup itself does not depend on it.
+horizon is set after the warmup (at least ``CALIBRATION_STEPS`` steps) as the number of steps
+that fit the budget at the mean speed so far, and set again whenever that prediction drifts more
+than ``HORIZON_DRIFT`` from it (steps get slower or faster as responses change length), so the
+cosine ends with the budget; warmup itself does not depend on it.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from npd_core.seeds import seed_for
 from npd_core.store import table_from_rows
 
 CALIBRATION_STEPS = 5
+HORIZON_DRIFT = 0.10  # re-fit the lr horizon when the predicted steps move this much
 NO_HORIZON = 10**9  # before the horizon is known: past the warmup the lr stays at its peak
 
 
@@ -75,15 +78,22 @@ class Learner:
     def stepped(
         self, loss: float, lr: float, tokens: int, seconds: float, budget_s: float, warmup: int
     ) -> None:
-        """Count one optimizer step; fix the lr horizon once the calibration steps are done."""
+        """Count one optimizer step; set the lr horizon once the calibration steps are done and
+        re-fit it when the steps that fit the budget drift more than ``HORIZON_DRIFT``."""
         now = self.elapsed()
         if self.train_start_s is None:  # the first step's one-time costs stay out of the rate
             self.train_start_s = now
         self.log.append(StepLog(self.step, loss, lr, tokens, tokens / max(seconds, 1e-9)))
         self.step += 1
-        if self.total_steps is None and self.step >= max(warmup, CALIBRATION_STEPS):
-            per_step = (now - self.train_start_s) / (self.step - 1)
-            self.total_steps = self.step + max(0, round((budget_s - now) / per_step))
+        if self.step < max(warmup, CALIBRATION_STEPS):
+            return
+        per_step = (now - self.train_start_s) / (self.step - 1)
+        predicted = self.step + max(0, round((budget_s - now) / per_step))
+        if self.total_steps is None:
+            self.total_steps = predicted
+        elif abs(predicted - self.total_steps) > HORIZON_DRIFT * self.total_steps:
+            self.total_steps = predicted
+            self.add(horizon_refits=1)
 
 
 def resume(spec: RunSpec, k: int, clock0_s: float = 0.0) -> Learner:

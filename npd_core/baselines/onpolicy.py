@@ -128,6 +128,7 @@ def onpolicy_segment(
             train_s=t3 - t2,
             generated_tokens=sum(len(s.response_ids) for s in samples),
             train_tokens=batch.n_real_tokens,
+            teacher_tokens=batch.n_real_tokens,  # one teacher forward over the same batch
         )
         lrn.stepped(loss.item(), lr, batch.n_real_tokens, t3 - t0, budget_s, tc.warmup_steps)
     return save(spec, k, lrn, time.perf_counter() - p_start, t_start)

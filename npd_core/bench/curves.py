@@ -11,9 +11,15 @@ it. Decisions, stated once here and in the README:
   being charged a whole interval.
 - **Mean curve over seeds**: every seed's curve interpolated on the union of all their times,
   then averaged. Its last value is the mean of the seeds' final scores.
-- **Speedup** = (time for ``onpolicy``'s mean curve to reach its own final mean score) ÷ (time
-  for ``npd``'s mean curve to first reach that score). Undefined (``None`` with a reason) when
-  npd never reaches it, or when onpolicy ends no higher than it started (nothing to reach).
+- **Final score** of a run = the mean of its evaluations in the last ``FINAL_TAIL`` (25%) of the
+  budget's clock, and at least ``FINAL_MIN`` (2) of them: where fewer fall in that window, its
+  last ``FINAL_MIN`` evaluations. One rule for every variant (``final_score``).
+- **Speedup at a target** = (time for ``onpolicy``'s mean curve to first reach the target) ÷ (time
+  for ``npd``'s mean curve to first reach it). Targets are fractions of onpolicy's gain: start
+  + f × (mean final − start), f in ``TARGET_FRACTIONS``; f = 1 is onpolicy's own final score.
+  Undefined (``None`` with a reason) when npd never reaches it, or when onpolicy ends no higher
+  than it started (nothing to reach). The same arithmetic on another x axis (teacher forward
+  tokens instead of seconds) gives the sample-efficiency ratio.
 - **Intervals (95%)**: a mean over seeds gets a Student-t interval; a difference of two means a
   Welch t-interval; the speedup, a ratio of crossing times, a percentile bootstrap over seeds
   (each method's seeds resampled independently). With one seed there is no interval (``None``).
@@ -28,6 +34,9 @@ import numpy as np
 from scipy import stats
 
 Curve = list[tuple[float, float]]
+FINAL_TAIL = 0.25  # the final score averages the evaluations in this last share of the clock
+FINAL_MIN = 2  # … and at least this many of them
+TARGET_FRACTIONS = (0.5, 0.75, 0.9, 1.0)  # speedup targets, as fractions of onpolicy's gain
 
 
 def time_to_reach(curve: Curve, target: float) -> float | None:
@@ -64,32 +73,55 @@ def truncate(curve: Curve, budget_s: float) -> Curve:
     return [curve[0]] + [p for p in curve[1:] if p[0] <= budget_s]
 
 
+def final_points(curve: Curve, budget_s: float) -> Curve:
+    """The evaluations the final score averages: those at or after ``(1 − FINAL_TAIL) ×
+    budget_s``, or the last ``FINAL_MIN`` when fewer fall there (θ_0 at 0 s never counts)."""
+    evals = curve[1:] or curve
+    tail = [p for p in evals if p[0] >= (1 - FINAL_TAIL) * budget_s]
+    return tail if len(tail) >= FINAL_MIN else evals[-FINAL_MIN:]
+
+
+def final_score(curve: Curve, budget_s: float) -> float:
+    """Mean score of ``final_points`` (module docstring)."""
+    return float(np.mean([s for _, s in final_points(curve, budget_s)]))
+
+
 @dataclass
 class Speedup:
     value: float | None  # onpolicy_s ÷ npd_s; None when undefined (see reason)
-    target: float  # onpolicy's final mean score
-    onpolicy_s: float | None
+    target: float  # the score both curves are timed to
+    onpolicy_s: float | None  # (or tokens, on another axis)
     npd_s: float | None
     reason: str | None = None
+    fraction: float = 1.0  # of onpolicy's gain the target stands for
 
 
-def speedup(onpolicy: Sequence[Curve], npd: Sequence[Curve]) -> Speedup:
-    """Speedup of npd over onpolicy to onpolicy's final mean score (module docstring)."""
+def speedup(
+    onpolicy: Sequence[Curve],
+    npd: Sequence[Curve],
+    fraction: float = 1.0,
+    finals: Sequence[float] | None = None,
+) -> Speedup:
+    """Speedup of npd over onpolicy to ``fraction`` of onpolicy's gain (module docstring).
+    ``finals``: onpolicy's final scores per seed (``final_score``); default its curves' last
+    points."""
     on, nd = mean_curve(onpolicy), mean_curve(npd)
-    target = on[-1][1]
+    final = float(np.mean(finals)) if finals is not None else on[-1][1]
+    target = on[0][1] + fraction * (final - on[0][1])
     t_on, t_npd = time_to_reach(on, target), time_to_reach(nd, target)
     if not t_on:  # reached at 0 s: onpolicy ended no higher than it started
         return Speedup(
-            None, target, t_on, t_npd, "onpolicy's final score is not above its start score"
-        )
+            None, target, t_on, t_npd, "onpolicy's final score is not above its start score",
+            fraction,
+        )  # fmt: skip
     if t_npd is None:
         best = max(s for _, s in nd)
-        return Speedup(
-            None, target, t_on, None, f"npd never reached {target:.2f} (its best: {best:.2f})"
-        )
+        why = f"npd never reached {target:.2f} (its best: {best:.2f})"
+        return Speedup(None, target, t_on, None, why, fraction)
     if t_npd == 0:
-        return Speedup(None, target, t_on, 0.0, "npd's start score is already at the target")
-    return Speedup(t_on / t_npd, target, t_on, t_npd)
+        why = "npd's start score is already at the target"
+        return Speedup(None, target, t_on, 0.0, why, fraction)
+    return Speedup(t_on / t_npd, target, t_on, t_npd, None, fraction)
 
 
 def bootstrap_ci(
@@ -117,17 +149,29 @@ def bootstrap_ci(
 
 
 def speedup_ci(
-    onpolicy: Sequence[Curve], npd: Sequence[Curve], n_resamples: int = 2000, seed: int = 0
+    onpolicy: Sequence[Curve],
+    npd: Sequence[Curve],
+    n_resamples: int = 2000,
+    seed: int = 0,
+    fraction: float = 1.0,
+    finals: Sequence[float] | None = None,
 ) -> tuple[float, float] | None:
-    """Bootstrap interval of the speedup; a resample where npd never gets there counts as 0."""
+    """Bootstrap interval of the speedup; a resample where npd never gets there counts as 0.
+    ``finals`` (onpolicy's per seed, in its curves' order) are resampled with their curves."""
+    paired = list(zip(onpolicy, finals, strict=True)) if finals is not None else None
 
     def stat(on: Sequence[Curve], nd: Sequence[Curve]) -> float | None:
-        s = speedup(on, nd)
+        if paired is not None:  # `on` holds indices into paired
+            picks = [paired[i] for i in on]
+            s = speedup([c for c, _ in picks], nd, fraction, [f for _, f in picks])
+        else:
+            s = speedup(on, nd, fraction)
         if s.value is None and s.onpolicy_s and s.npd_s is None:
             return 0.0
         return s.value
 
-    return bootstrap_ci([onpolicy, npd], stat, n_resamples, seed)
+    first = list(range(len(onpolicy))) if paired is not None else onpolicy
+    return bootstrap_ci([first, npd], stat, n_resamples, seed)
 
 
 def mean_ci(values: Sequence[float]) -> tuple[float, float] | None:

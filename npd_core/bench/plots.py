@@ -57,17 +57,34 @@ def rule_curves(curves: dict[str, list[tuple[int, float]]], title: str, path: Pa
     return path
 
 
-def bench_curves(curves: dict[str, list[tuple[float, float]]], report: dict, path: Path) -> Path:
+def bench_curves(
+    curves: dict[str, list[tuple[float, float]]],
+    report: dict,
+    path: Path,
+    by_tokens: dict[str, list[tuple[float, float]]] | None = None,
+) -> Path:
     """Held-out score vs training wall clock, one line per variant (mean over seeds), with the
-    speedup over onpolicy marked: onpolicy's final score as a level, the two crossing times."""
+    speedup over onpolicy marked: onpolicy's final score as a level, the two crossing times.
+    With ``by_tokens``, a second panel: the same scores vs teacher forward tokens (sample
+    efficiency, free of any clock)."""
     main = {"npd": ("#c44e52", 2.6), "onpolicy": ("#4c72b0", 2.0), "sft": ("#55a868", 2.0)}
-    others = iter(["#8172b3", "#937860", "#da8bc3", "#8c8c8c", "#ccb974", "#64b5cd", "#dd8452"])
-    fig, ax = plt.subplots(figsize=(8, 4.8), dpi=120)
-    for name, c in curves.items():
-        t, s = np.array(c, dtype=float).T
-        color, width = main.get(name) or (next(others, None), 1.2)
-        style = "-" if name in main else "--"
-        ax.plot(t, s, style, color=color, lw=width, marker="o", ms=3, label=name)
+    palette = ["#8172b3", "#937860", "#da8bc3", "#8c8c8c", "#ccb974", "#64b5cd", "#dd8452"]
+    colors = dict(zip([n for n in curves if n not in main], palette, strict=False))
+    panels = 2 if by_tokens else 1
+    fig, axes = plt.subplots(1, panels, figsize=(8 * panels, 4.8), dpi=120, squeeze=False)
+    ax = axes[0][0]
+
+    def draw(a, data: dict[str, list[tuple[float, float]]]) -> None:
+        for name, c in data.items():
+            t, s = np.array(c, dtype=float).T
+            color, width = main.get(name) or (colors.get(name), 1.2)
+            a.plot(t, s, "-" if name in main else "--", color=color, lw=width, marker="o", ms=3,
+                   label=name)  # fmt: skip
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8, loc="lower right")
+        a.set_ylabel("held-out score")
+
+    draw(ax, curves)
     keys = ("speedup_target_score", "onpolicy_s_to_target", "npd_s_to_target")
     target, t_on, t_npd = (report.get(k) for k in keys)
     sp = report.get("speedup_vs_onpolicy")
@@ -97,14 +114,19 @@ def bench_curves(curves: dict[str, list[tuple[float, float]]], report: dict, pat
             bbox=dict(boxstyle="round", facecolor="white", alpha=0.9, edgecolor="grey"),
         )
     ax.set_xlabel("training wall clock, s (evaluation excluded)")
-    ax.set_ylabel("held-out score")
     ax.set_title(
         f"npd bench: {report.get('budget_s', 0):.0f} s per variant, "
         f"held-out {report.get('held_out_size')}, mean over seeds",
         fontsize=10,
     )
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    if by_tokens:
+        tx = axes[0][1]
+        draw(tx, by_tokens)
+        if target is not None:
+            tx.axhline(target, color="grey", lw=0.8, ls=":")
+        tx.set_xscale("symlog", linthresh=1e5)
+        tx.set_xlabel("teacher forward tokens (every view, dropped samples included)")
+        tx.set_title("the same runs by teacher tokens (sample efficiency)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

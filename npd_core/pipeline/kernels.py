@@ -35,11 +35,13 @@ SAMPLE_PROMPTS = 256  # prompts tokenized to estimate the sequence lengths
 
 
 def choose_attention(
-    spec: RunSpec, log: Callable[[str], None] = print, roles: tuple[str, ...] | None = None
+    spec: RunSpec, log: Callable[[str], None] | None = None, roles: tuple[str, ...] | None = None
 ) -> RunSpec:
     """``spec`` with ``attention`` filled in: unchanged when it is already recorded (a retry or
     a resume reuses the choice, never re-measures), else each role's pinned or measured kernel
-    (only ``roles`` where given: the sft baseline scores nothing)."""
+    (only ``roles`` where given: the sft baseline scores nothing). ``log`` defaults to the
+    ``print`` of the moment, so inside a flow with ``log_prints`` the lines go to Prefect's
+    logger (stderr), never to the stdout of ``--json``."""
     if spec.attention is not None:
         return spec
     cfg = spec.cfg
@@ -65,7 +67,7 @@ def choose_attention(
             kernel, why = c.kernel, describe(c)
         if kernel is not None:
             chosen[role] = kernel
-        log(f"packed attention, {role}: {kernel or 'the model default'} ({why})")
+        (log or print)(f"packed attention, {role}: {kernel or 'the model default'} ({why})")
     return replace(spec, attention=chosen)
 
 

@@ -193,6 +193,7 @@ def generate_stage(
         return _table_digest(table), {
             "n_generated": len(rows),
             "generated_tokens": n_tok,
+            "prompt_tokens": int(sum(x["prompt_tokens"] for x in rows)),
             "backend": backend,
             **engine,
         }

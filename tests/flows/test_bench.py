@@ -8,6 +8,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -53,8 +54,8 @@ def ctx(tmp_path, tiny_world, prefect_server, monkeypatch) -> BenchContext:
         "bench-t",
         _paths(tiny_world),
         cfg,
-        2.0,
-        [1.0, 2.0],
+        1e4,  # NPD's budget: the probe figures size its runs to one round, all of it on the curve
+        [1.0, 2.0],  # the baselines' checkpoints
         parent,
         lambda m: None,
         calibration={str(HYPER.rows_per_step): dict(ONE_ROUND)},
@@ -184,9 +185,19 @@ def test_bench_quick_json_has_every_field(tmp_path, tiny_world, prefect_server, 
     assert set(rep["variants"]) == {"npd", "sft", "onpolicy"}
     start = rep["variants"]["npd"]["curve"][0]
     for name, v in rep["variants"].items():
-        # every curve starts from θ_0's score at 0 s and ends at the final score, in the budget
+        # every curve starts from θ_0's score at 0 s; the final score is the mean of the last
+        # quarter of the clock's evaluations, at least two of them
         assert v["curve"][0] == start and start["wall_s"] == 0.0 and 0 <= start["score"] <= 100
-        assert v["final_score"] == v["curve"][-1]["score"] and v["final_score_ci95"] is None
+        evals = v["curve"][1:]
+        tail = [p["score"] for p in evals if p["wall_s"] >= 0.75 * rep["budget_s"]]
+        tail = tail if len(tail) >= 2 else [p["score"] for p in evals[-2:]]
+        assert v["final_score"] == pytest.approx(np.mean(tail)) and v["final_score_ci95"] is None
+        assert v["final_points"] == [len(tail)]
+        # the same curve by teacher forward tokens: cumulative, from 0
+        by_tok = v["seed_curves_teacher_tokens"][0]
+        assert [p["score"] for p in by_tok] == [p["score"] for p in v["curve"]]
+        tokens = [p["teacher_tokens"] for p in by_tok]
+        assert tokens[0] == 0 < tokens[-1] and tokens == sorted(tokens)
         assert 0 <= v["wall_s"] == v["curve"][-1]["wall_s"] <= 2.0 * 1.05  # later points cut
         assert v["train_tokens"] > 0 and v["generated_tokens"] > 0
         assert v["stage_seconds"]["train"] > 0 and min(v["stage_seconds"].values()) >= 0
@@ -194,6 +205,9 @@ def test_bench_quick_json_has_every_field(tmp_path, tiny_world, prefect_server, 
     # one seed each: the differences are those of the final scores, with no interval
     assert rep["speedup_vs_onpolicy"] is not None or rep["speedup_reason"]
     assert rep["speedup_ci95"] is None
+    for key in ("speedups", "teacher_token_ratios"):
+        assert [x["fraction"] for x in rep[key]] == [0.5, 0.75, 0.9, 1.0]
+        assert all(x["ci95"] is None for x in rep[key])  # one seed: no interval
     for other in ("sft", "onpolicy"):
         assert rep[f"npd_minus_{other}_points"] == pytest.approx(
             rep["variants"]["npd"]["final_score"] - rep["variants"][other]["final_score"]

@@ -58,7 +58,7 @@ def test_batch_indices_cover_every_prompt_once_per_epoch():
     assert batch_indices(3, 7, 0, seed=0)[:3] != [] and len(batch_indices(3, 7, 0, seed=0)) == 7
 
 
-def test_lr_horizon_is_fixed_from_the_measured_step_time():
+def test_lr_horizon_follows_the_measured_step_time_and_refits_on_drift():
     lrn = Learner(model=None, tok=None, optimizer=None)
     lrn.start()
     for _ in range(CALIBRATION_STEPS):
@@ -68,7 +68,14 @@ def test_lr_horizon_is_fixed_from_the_measured_step_time():
     assert lrn.step == CALIBRATION_STEPS and lrn.total_steps == CALIBRATION_STEPS + 45
     lrn._t0 -= 2.0
     lrn.stepped(0.5, 1e-3, 100, 2.0, budget_s=100.0, warmup=0)
-    assert lrn.total_steps == 50  # fixed once
+    assert lrn.total_steps == 50 and "horizon_refits" not in lrn.counters  # on course
+    # a slow step: at 18.8 s, 6 steps since the first took 2.8 s each; 81.2 s left hold 29
+    lrn._t0 -= 6.8
+    lrn.stepped(0.5, 1e-3, 100, 6.8, budget_s=100.0, warmup=0)
+    assert lrn.total_steps == 7 + 29 and lrn.counters["horizon_refits"] == 1  # > 10% off 50
+    lrn._t0 -= 2.8  # on the new pace: 8 + 28 = 36 again, no refit
+    lrn.stepped(0.5, 1e-3, 100, 2.8, budget_s=100.0, warmup=0)
+    assert lrn.total_steps == 36 and lrn.counters["horizon_refits"] == 1
 
 
 @pytest.fixture

@@ -101,3 +101,36 @@ def test_paused_clock_skips_only_evaluation_alone():
 def test_truncate_keeps_the_start():
     c = [(0.0, 1.0), (50.0, 2.0), (101.0, 3.0)]
     assert cv.truncate(c, 100.0) == [(0.0, 1.0), (50.0, 2.0)]
+
+
+def test_final_score_is_the_mean_of_the_last_quarter_and_at_least_two_points():
+    dense = [(0, 1.0), (20, 10.0), (70, 20.0), (80, 30.0), (90, 40.0), (100, 50.0)]
+    # last 25% of a 100 s budget: evaluations at 80, 90, 100 s
+    assert cv.final_points(dense, 100.0) == [(80, 30.0), (90, 40.0), (100, 50.0)]
+    assert cv.final_score(dense, 100.0) == pytest.approx(40.0)
+    sparse = [(0, 1.0), (30, 10.0), (60, 20.0), (99, 30.0)]  # one point in the window
+    assert cv.final_points(sparse, 100.0) == [(60, 20.0), (99, 30.0)]
+    assert cv.final_score(sparse, 100.0) == pytest.approx(25.0)
+    assert cv.final_score([(0, 1.0), (50, 9.0)], 100.0) == 9.0  # θ_0 never counts
+
+
+def test_speedup_at_fractions_of_onpolicys_gain():
+    onpolicy = [[(0, 10), (100, 30), (200, 50)]]
+    npd = [[(0, 10), (20, 30), (60, 50)]]
+    half = cv.speedup(onpolicy, npd, fraction=0.5)  # target 10 + 0.5·40 = 30
+    assert half.target == 30 and half.onpolicy_s == 100 and half.npd_s == 20
+    assert half.value == pytest.approx(5.0) and half.fraction == 0.5
+    # the target follows the final-score rule when finals are given: mean of 46 → target 46
+    s = cv.speedup(onpolicy, npd, fraction=1.0, finals=[46.0])
+    assert s.target == 46 and s.onpolicy_s == pytest.approx(180) and s.npd_s == pytest.approx(52)
+
+
+def test_speedup_ci_resamples_finals_with_their_curves():
+    on = [[(0, 0), (100, 40)], [(0, 0), (100, 60)]]
+    nd = [[(0, 0), (50, 60)], [(0, 0), (50, 60)]]
+    ci = cv.speedup_ci(on, nd, n_resamples=300, fraction=1.0, finals=[40.0, 60.0])
+    # every resample: onpolicy's mean curve reaches its mean final at 100 s; npd reaches any
+    # target in 0–60 at ≤ 50 s, the target ≤ 60, so the ratio is ≥ 2
+    assert ci is not None and ci[0] >= 2.0 - 1e-9
+    with pytest.raises(ValueError):
+        cv.speedup_ci(on, nd, finals=[40.0])  # one final per onpolicy curve
