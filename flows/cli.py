@@ -180,19 +180,27 @@ def demo(
     config: Annotated[
         Path | None, typer.Option("--config", help="YAML overriding defaults")
     ] = None,
+    world: Annotated[
+        str,
+        typer.Option(
+            "--world",
+            help="embedded world: toy (short sorted lists) or long (selection-sort traces, "
+            "graded on their final line)",
+        ),
+    ] = "toy",
     as_json: JsonOpt = False,
 ) -> None:
-    """Build (or reuse) the toy world and distill its student for a few rounds."""
+    """Build (or reuse) an embedded world and distill its student for a few rounds."""
     from flows.spec import resolve_spec
     from npd_core.config import load_config
 
     overrides = {"rounds": rounds} if rounds is not None else None
     cfg = load_config(config, overrides)
-    spec, world = resolve_spec(cfg, out, new_run_id(), log=lambda m: err.print(m))
-    if world is not None:
+    spec, built = resolve_spec(cfg, out, new_run_id(), log=lambda m: err.print(m), world=world)
+    if built is not None:
         err.print(
-            f"toy world: teacher {world.teacher_score:.1f}, student {world.student_score:.1f} "
-            f"held-out exact match ({world.root})"
+            f"{world} world: teacher {built.teacher_score:.1f}, student "
+            f"{built.student_score:.1f} held-out {cfg.eval.metric} match ({built.root})"
         )
     err.print(f"run {spec['run_id']}: {cfg.rounds} rounds, staleness {cfg.staleness}")
     emit(run_flow(spec, out, show=True), as_json)

@@ -1,5 +1,6 @@
-"""From a validated config to a ``RunSpec``: the toy world fills in what the config leaves out,
-and every input is checked before anything is written for the run."""
+"""From a validated config to a ``RunSpec``: an embedded world (the toy by default, or ``long``)
+fills in what the config leaves out, and every input is checked before anything is written for
+the run."""
 
 from __future__ import annotations
 
@@ -10,36 +11,55 @@ from typing import Any
 
 from npd_core.config import NPDConfig
 from npd_core.data import Prompt, write_prompts
-from npd_core.errors import DataError
+from npd_core.errors import ConfigError, DataError
 from npd_core.pipeline.spec import RunSpec
 from npd_core.preflight import check_backends, check_run
 from npd_core.store import Store
 from npd_core.store.lineage import used_prompt_ids
-from npd_core.toy.world import ToyWorld, build_toy_world
+from npd_core.toy.world import WORLDS, ToyWorld, build_toy_world, world_spec
 
 
 def resolve_spec(
-    cfg: NPDConfig, out: Path, run_id: str, log: Callable[[str], None] = print
+    cfg: NPDConfig,
+    out: Path,
+    run_id: str,
+    log: Callable[[str], None] = print,
+    world: str = "toy",
 ) -> tuple[dict[str, Any], ToyWorld | None]:
-    """The run's spec as plain data (and the toy world when the config leaves a model or a
-    prompt file out); raises a one-line NPDError on a bad input. Without the toy world nothing
-    is written before the checks pass; with it, the store is opened first (the world lives in it).
-    """
+    """The run's spec as plain data (and the embedded world ``world`` when the config leaves a
+    model or a prompt file out); raises a one-line NPDError on a bad input. Without the world
+    nothing is written before the checks pass; with it, the store is opened first (the world lives
+    in it), and ``cfg`` takes the world's config defaults where it sets no value of its own
+    (``apply_world_defaults``: the long world's response cap, row length and metric)."""
+    if world not in WORLDS:
+        raise ConfigError(f"--world {world}: unknown world; choose from {', '.join(WORLDS)}")
     given = (cfg.models.teacher, cfg.models.student, cfg.data.prompts, cfg.data.eval_prompts)
     paths = dict(zip(("teacher", "student", "train_prompts", "eval_prompts"), given, strict=True))
-    world = None
-    check_backends(cfg)  # before the toy world: building it takes minutes
+    built = None
+    check_backends(cfg)  # before the world: building it takes minutes
     if not all(given):
+        ws = world_spec(world)
+        apply_world_defaults(cfg, ws.config_defaults())
         Store(out)
-        world = build_toy_world(out / "toy", log=log)
-        paths = {k: v or str(getattr(world, k)) for k, v in paths.items()}
+        built = build_toy_world(out / "toy", ws, log=log)
+        paths = {k: v or str(getattr(built, k)) for k, v in paths.items()}
     prompts, _ = check_run(cfg, *paths.values())
     Store(out)
     if cfg.schedule.skip_used_prompts or glob.has_magic(paths["train_prompts"]):
         frozen = _freeze_prompts(prompts, cfg, paths["train_prompts"], out, run_id)
         paths["train_prompts"] = str(frozen)
     spec = dict(root=str(out), run_id=run_id, config=cfg.model_dump(mode="json"), **paths)
-    return spec, world
+    return spec, built
+
+
+def apply_world_defaults(cfg: NPDConfig, defaults: dict[str, dict[str, Any]]) -> None:
+    """Set ``defaults`` (section → field → value) on ``cfg`` in place, except the fields the
+    config gave itself (a YAML or an override that names a field keeps its value)."""
+    for name, values in defaults.items():
+        section = getattr(cfg, name)
+        for key, value in values.items():
+            if key not in section.model_fields_set:
+                setattr(section, key, value)
 
 
 def _freeze_prompts(

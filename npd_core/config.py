@@ -193,6 +193,11 @@ class TrainConfig(Section):
 class EvalConfig(Section):
     max_new_tokens: int | None = Field(None, ge=1, description="none = generate.max_new_tokens")
     batch_size: int = Field(512, ge=1, description="sequences decoded together (greedy)")
+    metric: Literal["exact", "final_line"] = Field(
+        "exact",
+        description="what must equal the prompt's answer: exact = the whole normalized "
+        "response, final_line = its last non-empty line (a worked answer graded on its result)",
+    )
     regression_margin: float = Field(
         3.0,
         ge=0.0,

@@ -1,5 +1,6 @@
-"""Held-out evaluation: greedy decoding, then exact match in points (0–100), or, where prompts
-have no reference answer, the teacher's mean log-likelihood per token of the greedy answers."""
+"""Held-out evaluation: greedy decoding, then exact match in points (0–100) under the run's
+``eval.metric`` (``METRICS``: the whole response, or its final line), or, where prompts have no
+reference answer, the teacher's mean log-likelihood per token of the greedy answers."""
 
 from __future__ import annotations
 
@@ -18,13 +19,23 @@ from npd_core.models import use_bf16
 @dataclass
 class EvalResult:
     score: float  # exact match in points, or mean teacher log-likelihood per token
-    metric: str  # "exact_match" | "teacher_loglik"
-    correct: np.ndarray  # (N,) bool, exact match per prompt (all False for teacher_loglik)
+    metric: str  # "exact_match" | "final_line" | "teacher_loglik"
+    correct: np.ndarray  # (N,) bool, match per prompt (all False for teacher_loglik)
     responses: list[str]
 
 
 def normalize(text: str) -> str:
     return " ".join(text.strip().split())
+
+
+def final_line(text: str) -> str:
+    """The last non-empty line, normalized: a worked answer graded on its result."""
+    lines = [x for x in text.split("\n") if x.strip()]
+    return normalize(lines[-1]) if lines else ""
+
+
+# eval.metric → (what is compared of a response and of its reference, the name in `evals`)
+METRICS = {"exact": (normalize, "exact_match"), "final_line": (final_line, "final_line")}
 
 
 def greedy_responses(
@@ -77,12 +88,12 @@ def greedy_decoded(
     return resp, [tok.decode(x, skip_special_tokens=True) for x in resp]
 
 
-def exact_match(responses: list[str], answers: list[str]) -> EvalResult:
-    correct = np.array(
-        [normalize(r) == normalize(a) for r, a in zip(responses, answers, strict=True)]
-    )
+def exact_match(responses: list[str], answers: list[str], metric: str = "exact") -> EvalResult:
+    """Points (0–100) of responses equal to their reference under ``metric`` (``METRICS``)."""
+    view, name = METRICS[metric]
+    correct = np.array([view(r) == view(a) for r, a in zip(responses, answers, strict=True)])
     return EvalResult(
-        100.0 * float(correct.mean()) if len(correct) else 0.0, "exact_match", correct, responses
+        100.0 * float(correct.mean()) if len(correct) else 0.0, name, correct, responses
     )
 
 

@@ -1,9 +1,15 @@
-"""The embedded toy world: a verifiable synthetic task, a real HF tokenizer, a Qwen2 teacher
+"""The embedded worlds: a verifiable synthetic task, a real HF tokenizer, a Qwen2 teacher
 trained here to ≥ 90% held-out exact match, and a smaller student warm-started well below it.
 
+Two worlds (``WORLDS``): ``toy`` (``ToySpec``: sort a short list, answers of ~8 tokens; the
+teacher's prefill dominates an on-policy step) and ``long`` (``LongSpec``: the selection-sort
+trace of ``npd_core.toy.long_task``, answers of ~80 tokens graded on their final line; student
+decoding dominates an on-policy step, as at model scale). A spec also names the config defaults
+its world needs (``config_defaults``: response and row lengths, the metric).
+
 Nothing can be downloaded on the machines this runs on, so the project builds its own models.
-The world is cached by a hash of its spec under ``<cache>/toy-<hash>/``: the second run reuses
-it. Teacher and student are plain ``save_pretrained`` directories that
+A world is cached by a hash of its spec under ``<cache>/toy-<hash>/`` (``long-<hash>/``): the
+second run reuses it. Teacher and student are plain ``save_pretrained`` directories that
 ``AutoModelForCausalLM.from_pretrained`` loads with nothing of ours imported.
 """
 
@@ -27,6 +33,7 @@ from npd_core.method.evaluate import exact_match, greedy_responses
 from npd_core.method.packing import Sample, packed_rows
 from npd_core.method.train import make_optimizer, train_round
 from npd_core.models import n_params, save_checkpoint
+from npd_core.toy import long_task
 from npd_core.toy import task as toy_task
 
 WORLD_FILE = "world.json"
@@ -62,6 +69,21 @@ class ToySpec:
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
 
+    # the task, as the builder uses it (methods, not fields: the digest covers fields only)
+    prefix = "toy"
+    metric = "exact"
+    max_new_tokens = toy_task.MAX_NEW_TOKENS
+
+    def examples(self, n: int) -> list[dict]:
+        return toy_task.make_examples(n, self.seed)
+
+    def response_text(self, answer: str) -> str:
+        return toy_task.response_text(answer)
+
+    def config_defaults(self) -> dict:
+        """Config values this world needs that the config's own defaults do not give: none."""
+        return {}
+
     @classmethod
     def tiny(cls) -> ToySpec:
         """Seconds to build; for tests of the pipeline, not of the method."""
@@ -74,6 +96,71 @@ class ToySpec:
             rows_per_step=8,
             max_seq_len=128,
         )
+
+
+@dataclass(frozen=True)
+class LongSpec:
+    """The long-answer world: selection-sort traces of ``min_len``–``max_len`` words
+    (``long_task``), ``n² − 1`` response tokens each. Sizes chosen by the search in
+    npd-out/world-search/REPORT.md (criteria and measurements in the README)."""
+
+    n_train: int = 4000
+    n_eval: int = 500
+    n_fit: int = 30000
+    teacher: ModelSpec = ModelSpec(128, 4, 2, 512, 1200, 2e-3)
+    student: ModelSpec = ModelSpec(64, 1, 1, 128, 60, 3e-3)
+    min_len: int = 4  # words a prompt holds
+    max_len: int = 13
+    rows_per_step: int = 16
+    max_seq_len: int = 512  # a row holds the longest sample (prompt + trace + EOS) twice over
+    seed: int = 0
+    bf16: bool = False
+    task: str = field(default_factory=lambda: long_task.__doc__.splitlines()[0])
+
+    prefix = "long"
+    metric = "final_line"
+
+    @property
+    def max_new_tokens(self) -> int:
+        """The longest trace plus EOS, with a line to spare."""
+        return long_task.trace_tokens(self.max_len) + self.max_len + 1
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+    def examples(self, n: int) -> list[dict]:
+        return long_task.make_examples(n, self.seed, self.min_len, self.max_len)
+
+    def response_text(self, answer: str) -> str:
+        return long_task.response_text(answer)
+
+    def config_defaults(self) -> dict:
+        """Response cap, row length and metric for runs on this world (a config that sets
+        them keeps its own)."""
+        return {
+            "generate": {"max_new_tokens": self.max_new_tokens},
+            "pack": {"max_seq_len": self.max_seq_len},
+            "eval": {"metric": self.metric},
+        }
+
+    @classmethod
+    def tiny(cls) -> LongSpec:
+        """Seconds to build; for tests of the pipeline, not of the method."""
+        return cls(
+            n_train=64,
+            n_eval=32,
+            n_fit=256,
+            teacher=ModelSpec(128, 2, 2, 256, 20, 3e-3),
+            student=ModelSpec(64, 1, 1, 128, 5, 3e-3),
+            min_len=3,
+            max_len=5,
+            rows_per_step=8,
+            max_seq_len=128,
+        )
+
+
+WORLDS: dict[str, type[ToySpec] | type[LongSpec]] = {"toy": ToySpec, "long": LongSpec}
+WorldSpec = ToySpec | LongSpec
 
 
 @dataclass
@@ -105,12 +192,10 @@ def _model(spec: ModelSpec, tok) -> Qwen2ForCausalLM:
     return Qwen2ForCausalLM(cfg)
 
 
-def _samples(tok, prompts: list[Prompt]) -> list[Sample]:
+def _samples(tok, prompts: list[Prompt], world: WorldSpec | None = None) -> list[Sample]:
+    text = (world or ToySpec()).response_text
     return [
-        Sample(
-            tok(p.prompt)["input_ids"],
-            tok(toy_task.response_text(p.answer))["input_ids"] + [tok.eos_token_id],
-        )
+        Sample(tok(p.prompt)["input_ids"], tok(text(p.answer))["input_ids"] + [tok.eos_token_id])
         for p in prompts
     ]
 
@@ -121,16 +206,18 @@ def score_exact(
     prompts: list[Prompt],
     max_new_tokens: int = toy_task.MAX_NEW_TOKENS,
     bf16: bool = False,
+    metric: str = "exact",
+    batch_size: int = 512,
 ) -> float:
     ids = [tok(p.prompt)["input_ids"] for p in prompts]
     resp = greedy_responses(
-        model, tok, ids, max_new_tokens=max_new_tokens, batch_size=512, bf16=bf16
+        model, tok, ids, max_new_tokens=max_new_tokens, batch_size=batch_size, bf16=bf16
     )
     texts = [tok.decode(r, skip_special_tokens=True) for r in resp]
-    return exact_match(texts, [p.answer for p in prompts]).score
+    return exact_match(texts, [p.answer for p in prompts], metric).score
 
 
-def fit(model, tok, prompts: list[Prompt], spec: ModelSpec, toy: ToySpec) -> None:
+def fit(model, tok, prompts: list[Prompt], spec: ModelSpec, toy: WorldSpec) -> None:
     """Plain SFT on true answers, packed (the same trainer the pipeline uses, with CE)."""
     cfg = TrainConfig(
         loss="ce",
@@ -143,7 +230,7 @@ def fit(model, tok, prompts: list[Prompt], spec: ModelSpec, toy: ToySpec) -> Non
     )
     pack = PackConfig(max_seq_len=toy.max_seq_len)
     samples, _, rows = packed_rows(
-        _samples(tok, prompts), pack.max_seq_len, pack.overlong, pack.mode, toy.seed
+        _samples(tok, prompts, toy), pack.max_seq_len, pack.overlong, pack.mode, toy.seed
     )
     opt = make_optimizer(model, cfg)
     torch.manual_seed(toy.seed)
@@ -164,17 +251,22 @@ def fit(model, tok, prompts: list[Prompt], spec: ModelSpec, toy: ToySpec) -> Non
         )
 
 
+def world_spec(name: str) -> WorldSpec:
+    """The default spec of world ``name`` (``WORLDS``)."""
+    return WORLDS[name]()
+
+
 def build_toy_world(
-    cache: str | Path, spec: ToySpec | None = None, log: Callable[[str], None] = print
+    cache: str | Path, spec: WorldSpec | None = None, log: Callable[[str], None] = print
 ) -> ToyWorld:
-    """Build (or load from the cache) the toy world described by ``spec``."""
+    """Build (or load from the cache) the world described by ``spec`` (default: the toy)."""
     spec = spec or ToySpec()
-    root = Path(cache) / f"toy-{spec.digest()}"
+    root = Path(cache) / f"{spec.prefix}-{spec.digest()}"
     if (root / WORLD_FILE).is_file():
         return _load(root)
     with atomic_dir(root) as tmp:
         t0 = time.time()
-        examples = toy_task.make_examples(spec.n_train + spec.n_eval + spec.n_fit, spec.seed)
+        examples = spec.examples(spec.n_train + spec.n_eval + spec.n_fit)
         prompts = [Prompt(e["id"], e["prompt"], e["answer"]) for e in examples]
         train, held = prompts[: spec.n_train], prompts[spec.n_train : spec.n_train + spec.n_eval]
         fit_set = prompts[spec.n_train + spec.n_eval :]
@@ -187,12 +279,15 @@ def build_toy_world(
             model = _model(ms, tok)
             t1 = time.time()
             log(
-                f"toy world: training {name} ({n_params(model) / 1e6:.2f} M params, "
+                f"{spec.prefix} world: training {name} ({n_params(model) / 1e6:.2f} M params, "
                 f"{ms.train_steps} steps)"
             )
             fit(model, tok, fit_set + train if name == "teacher" else fit_set, ms, spec)
-            score = score_exact(model, tok, held, bf16=spec.bf16)
-            log(f"toy world: {name} held-out exact match {score:.1f} ({time.time() - t1:.0f} s)")
+            score = score_exact(
+                model, tok, held, spec.max_new_tokens, bf16=spec.bf16, metric=spec.metric
+            )
+            took = time.time() - t1
+            log(f"{spec.prefix} world: {name} held-out exact match {score:.1f} ({took:.0f} s)")
             save_checkpoint(model, tok, tmp / name)
             meta[name] = {
                 "params": n_params(model),

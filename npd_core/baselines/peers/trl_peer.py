@@ -225,7 +225,7 @@ def heldout_score(model: PreTrainedModel, tok: Any, prompts: list[Prompt], cfg: 
     was_training = model.training
     _, texts = greedy_decoded(model, tok, ids, cfg)
     model.train(was_training)
-    return exact_match(texts, [p.answer for p in prompts]).score
+    return exact_match(texts, [p.answer for p in prompts], cfg.eval.metric).score
 
 
 def run_trl(
