@@ -54,6 +54,10 @@ def headline(
         str | None, typer.Option(help="comma-separated, e.g. npd,sft,onpolicy,filter-band")
     ] = None,
     peers: Annotated[str | None, typer.Option(help="external peers to add, e.g. trl")] = None,
+    world: Annotated[
+        str,
+        typer.Option("--world", help="embedded world when the config names no models: toy, long"),
+    ] = "toy",
 ) -> None:
     """The headline benchmark (when no subcommand is given)."""
     if ctx.invoked_subcommand is not None:
@@ -69,6 +73,7 @@ def headline(
         budget_s=budget_s,
         names=[v.strip() for v in variants.split(",") if v.strip()] if variants else None,
         peers=[p.strip() for p in peers.split(",") if p.strip()] if peers else [],
+        world=world,
     )
 
 

@@ -515,6 +515,7 @@ def plan_bench(
     names: list[str] | None,
     peers: list[str],
     log: Callable[[str], None],
+    world: str = "toy",
 ) -> BenchPlan:
     """Load the config, pick the variants (unknown names are a ConfigError), resolve the world
     (built or loaded) and lay the search grid around the config's own lr and batch size."""
@@ -533,7 +534,7 @@ def plan_bench(
         )
     selected = [known[n] for n in chosen_names] + [peer_variant(p) for p in peers]
     bench_id = f"bench-{datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:4]}"
-    spec, _ = resolve_spec(cfg, out, bench_id, log=log)
+    spec, _ = resolve_spec(cfg, out, bench_id, log=log, world=world)
     paths = {k: spec[k] for k in ("teacher", "student", "train_prompts", "eval_prompts")}
     tok = load_tokenizer(paths["student"])
     train = read_prompts(paths["train_prompts"])

@@ -572,7 +572,7 @@ def evaluate_stage(
         frozen = frozen_dtype(cfg.models.frozen_dtype)
         resp, texts = greedy_decoded(load_model(ckpt, frozen), tok, ids, cfg, progress)
         if all(p.answer is not None for p in prompts):
-            res = exact_match(texts, [p.answer for p in prompts])
+            res = exact_match(texts, [p.answer for p in prompts], cfg.eval.metric)
         else:
             teacher = load_model(spec.teacher, frozen)
             with packed_attention(teacher, spec.kernel("score_teacher")):
