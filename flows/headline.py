@@ -65,6 +65,9 @@ GRID = {"lr": (1.0, 0.5, 2.0), "batch": (1.0, 0.5)}  # multipliers of the config
 QUICK_GRID = {"lr": (1.0,), "batch": (1.0,)}
 MAIN = ("npd", "sft", "onpolicy")
 FILTER_RULES = ("none", "band", "fence")  # the ablations' rules: the filter study's confirm set
+LENGTH_SAMPLE = 256  # θ_0's answers to this many prompts size the on-policy batch
+EXTEND = 2.0  # a grid edge extends by this factor of its multiplier…
+MAX_EXTENSIONS = 2  # …at most this many times per axis
 STEP_FACTORS = (0.5, 2.0)  # the steps-per-round ablations: half and twice the default's steps
 PEERS = {"trl": "flows.peers:trl_variant"}  # --peers name → "module:function" returning a Variant
 
@@ -264,24 +267,43 @@ def peer_variant(name: str) -> Variant:
 
 
 # ---------------------------------------------------------------- search, calibration
-def base_hyper(cfg: NPDConfig, prompt_tokens: float) -> Hyper:
-    """The config's own values; on-policy prompts fill the packed rows' token capacity."""
-    per_row = cfg.pack.max_seq_len / (prompt_tokens + cfg.generate.max_new_tokens)
+def base_hyper(cfg: NPDConfig, prompt_tokens: float, response_tokens: float) -> Hyper:
+    """The config's own values; on-policy prompts fill the packed rows' token capacity, at the
+    mean prompt and response lengths (``response_tokens``: what θ_0 writes, not the cap)."""
+    per_row = cfg.pack.max_seq_len / (prompt_tokens + response_tokens)
     rows = cfg.train.rows_per_step
     return Hyper(cfg.train.lr, rows, max(1, round(rows * per_row)))
 
 
+def response_tokens(paths: dict[str, str], prompts: list[list[int]], cfg: NPDConfig) -> float:
+    """Mean length (EOS included) of θ_0's answers to the first ``LENGTH_SAMPLE`` training
+    prompts, sampled with the run's settings: the on-policy batch is sized from it."""
+    from npd_core.method.generate import generate
+    from npd_core.models import load_model, load_tokenizer, use_bf16
+    from npd_core.seeds import seed_for
+
+    tok = load_tokenizer(paths["student"])
+    sample = prompts[:LENGTH_SAMPLE]
+    g = cfg.generate
+    gens = generate(
+        load_model(paths["student"]),
+        sample,
+        n_per_prompt=1,
+        max_new_tokens=g.max_new_tokens,
+        eos_ids={tok.eos_token_id},
+        pad_id=tok.pad_token_id,
+        temperature=g.temperature,
+        top_p=g.top_p,
+        seeds=[[seed_for(cfg.seed, "bench-lengths", None, i)] for i in range(len(sample))],
+        batch_size=g.batch_size,
+        bf16=use_bf16(cfg.models.bf16),
+    )
+    return float(np.mean([len(x[0].token_ids) for x in gens]))
+
+
 def grid_points(base: Hyper, grid: dict[str, tuple[float, ...]]) -> list[Hyper]:
     """Every (lr, batch) multiplier pair, the base point first."""
-    return [
-        Hyper(
-            base.lr * a,
-            max(1, round(base.rows_per_step * b)),
-            max(1, round(base.prompts_per_step * b)),
-        )
-        for b in grid["batch"]
-        for a in grid["lr"]
-    ]
+    return [scaled(base, a, b) for b in grid["batch"] for a in grid["lr"]]
 
 
 def calibrate(ctx: BenchContext, hyper: Hyper) -> dict[str, float]:
@@ -320,28 +342,84 @@ def calibrate(ctx: BenchContext, hyper: Hyper) -> dict[str, float]:
 
 
 def search(
-    ctx: BenchContext, methods: dict[str, Variant], points: list[Hyper]
+    ctx: BenchContext, methods: dict[str, Variant], base: Hyper, grid: dict[str, tuple[float, ...]]
 ) -> tuple[dict[str, Hyper], dict[str, list[dict[str, Any]]]]:
-    """Per method, a short run (seed 0) at every grid point; the best final score wins."""
+    """Per method, a short run (seed 0) at every grid point; the best final score wins (ties:
+    the earlier point). Where the winner sits at the edge of an axis that has several values,
+    that axis extends one step past it (× or ÷ ``EXTEND`` of the edge multiplier, the other
+    axis at the winner's value), at most ``MAX_EXTENSIONS`` times per axis, until the choice is
+    interior."""
     chosen: dict[str, Hyper] = {}
     scores: dict[str, list[dict[str, Any]]] = {}
-    budget = ctx.budget_s * SEARCH_FRACTION
     for method, variant in methods.items():
-        if len(points) == 1:
-            chosen[method], scores[method] = points[0], []
-            continue
-        scores[method] = []
-        for i, h in enumerate(points):
-            sub = replace(ctx, budget_s=budget, eval_at=[budget], tag=f"search{i}-")
-            res = variant.run(sub, 0, h)
-            scores[method].append({**asdict(h), "score": res.curve[-1]["score"]})
-            ctx.log(
-                f"search {method} lr={h.lr:.3g} batch={_batch(method, h)}: "
-                f"{res.curve[-1]['score']:.2f}"
-            )
-        best = max(range(len(points)), key=lambda i: (scores[method][i]["score"], -i))
-        chosen[method] = points[best]
+        chosen[method], scores[method] = _search_one(ctx, method, variant, base, grid)
     return chosen, scores
+
+
+def _search_one(
+    ctx: BenchContext,
+    method: str,
+    variant: Variant,
+    base: Hyper,
+    grid: dict[str, tuple[float, ...]],
+) -> tuple[Hyper, list[dict[str, Any]]]:
+    points = [(a, b) for b in grid["batch"] for a in grid["lr"]]
+    if len(points) == 1:
+        return scaled(base, *points[0]), []
+    budget = ctx.budget_s * SEARCH_FRACTION
+    tried: dict[tuple[float, float], float] = {}  # (lr mult, batch mult) → score, in run order
+    rows: list[dict[str, Any]] = []
+
+    def run(point: tuple[float, float], extension: bool) -> None:
+        h = scaled(base, *point)
+        sub = replace(ctx, budget_s=budget, eval_at=[budget], tag=f"search{len(tried)}-")
+        score = variant.run(sub, 0, h).curve[-1]["score"]
+        tried[point] = score
+        rows.append({**asdict(h), "score": score, "extension": extension})
+        ctx.log(f"search {method} lr={h.lr:.3g} batch={_batch(method, h)}: {score:.2f}")
+
+    for p in points:
+        run(p, extension=False)
+    extensions = {0: 0, 1: 0}  # axis (0 lr, 1 batch) → extensions so far
+    while True:
+        order = list(tried)
+        best = max(order, key=lambda k: (tried[k], -order.index(k)))
+        nxt = _extension(best, grid, tried, extensions, base)
+        if nxt is None:
+            return scaled(base, *best), rows
+        extensions[nxt[0]] += 1
+        run(nxt[1], extension=True)
+
+
+def _extension(
+    best: tuple[float, float],
+    grid: dict[str, tuple[float, ...]],
+    tried: dict[tuple[float, float], float],
+    extensions: dict[int, int],
+    base: Hyper,
+) -> tuple[int, tuple[float, float]] | None:
+    """The next point past the edge ``best`` sits on, if an axis allows one more extension."""
+    for axis, name in ((0, "lr"), (1, "batch")):
+        if len(grid[name]) < 2 or extensions[axis] >= MAX_EXTENSIONS:
+            continue
+        values = sorted({k[axis] for k in tried})
+        if best[axis] not in (values[0], values[-1]):
+            continue
+        m = best[axis] / EXTEND if best[axis] == values[0] else best[axis] * EXTEND
+        point = (m, best[1]) if axis == 0 else (best[0], m)
+        if point in tried or (axis == 1 and scaled(base, *point) == scaled(base, *best)):
+            continue  # rounding gives the same batch: nothing left on this side
+        return axis, point
+    return None
+
+
+def scaled(base: Hyper, lr_mult: float, batch_mult: float) -> Hyper:
+    """``base`` with its lr and both batch sizes multiplied (batches rounded, at least 1)."""
+    return Hyper(
+        base.lr * lr_mult,
+        max(1, round(base.rows_per_step * batch_mult)),
+        max(1, round(base.prompts_per_step * batch_mult)),
+    )
 
 
 def _batch(method: str, h: Hyper) -> int:
@@ -490,6 +568,8 @@ class BenchPlan:
     budget_s: float
     n_seeds: int
     grid: dict[str, tuple[float, ...]]
+    base: Hyper  # the config's own values (on-policy batch from the responses θ_0 writes)
+    lengths: dict[str, float]  # mean prompt and θ_0 response tokens that sized that batch
     points: list[Hyper]
     held_out: int  # held-out prompts each checkpoint is scored on
     quick: bool
@@ -498,7 +578,7 @@ class BenchPlan:
 def run_bench(plan: BenchPlan, log: Callable[[str], None]) -> dict[str, Any]:
     """Run the benchmark ``plan`` settles; return its JSON object (also in ``<out>/<id>/``)."""
     ctx = open_bench(plan, log)
-    chosen, search_scores = search(ctx, plan.methods, plan.points)
+    chosen, search_scores = search(ctx, plan.methods, plan.base, plan.grid)
     run_variants(ctx, plan, chosen)
     table = results_table(ctx, plan, chosen)
     report = make_report(ctx, plan, table, chosen, search_scores)
@@ -539,7 +619,11 @@ def plan_bench(
     tok = load_tokenizer(paths["student"])
     train = read_prompts(paths["train_prompts"])
     ids = format_prompts(tok, [p.prompt for p in train], cfg.data.chat_template)
-    base = base_hyper(cfg, float(np.mean([len(x) for x in ids])))
+    lengths = {
+        "prompt_tokens": float(np.mean([len(x) for x in ids])),
+        "response_tokens": response_tokens(paths, ids, cfg),
+    }
+    base = base_hyper(cfg, lengths["prompt_tokens"], lengths["response_tokens"])
     grid = QUICK_GRID if quick else GRID
     n_eval = len(read_prompts(paths["eval_prompts"]))
     return BenchPlan(
@@ -553,6 +637,8 @@ def plan_bench(
         budget_s=(budget_s or DEFAULT_BUDGET_S) * (QUICK_FRACTION if quick else 1.0),
         n_seeds=seeds or (1 if quick else 3),
         grid=grid,
+        base=base,
+        lengths=lengths,
         points=grid_points(base, grid),
         held_out=min(n_eval, cfg.data.eval_size or n_eval),
         quick=quick,
@@ -632,6 +718,9 @@ def make_report(
         "grid": {
             "multipliers": {k: list(v) for k, v in plan.grid.items()},
             "points": [asdict(h) for h in plan.points],
+            "base": asdict(plan.base),
+            "base_lengths": plan.lengths,
+            "extend": {"factor": EXTEND, "max_per_axis": MAX_EXTENSIONS},
             "search_budget_s": plan.budget_s * SEARCH_FRACTION if len(plan.points) > 1 else None,
             "chosen": {m: asdict(h) for m, h in chosen.items()},
             "scores": search_scores,

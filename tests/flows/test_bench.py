@@ -5,6 +5,7 @@ briefly as its own flow run with its own MLflow run under the bench's parent; ``
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -215,6 +216,11 @@ def test_bench_quick_json_has_every_field(tmp_path, tiny_world, prefect_server, 
         assert rep[f"npd_minus_{other}_points_ci95"] is None
     assert rep["seeds"] == {"npd": 1, "sft": 1, "onpolicy": 1} and rep["held_out_size"] == 16
     assert rep["machine"]["cores"] >= 1 and rep["budget_s"] == 2.0
+    # on-policy prompts per step fill the rows' tokens at the lengths θ_0 actually writes
+    lengths, base = rep["grid"]["base_lengths"], rep["grid"]["base"]
+    assert 0 < lengths["response_tokens"] <= CFG["generate"]["max_new_tokens"]
+    per_row = CFG["pack"]["max_seq_len"] / (lengths["prompt_tokens"] + lengths["response_tokens"])
+    assert base["prompts_per_step"] == round(base["rows_per_step"] * per_row)
     (probe,) = rep["calibration"].values()  # one batch size, one two-round probe
     assert 1.0 <= probe["overlap_gain"] <= 2.0 and probe["train_s_per_row"] > 0
     png = Path(rep["plot"])
@@ -308,3 +314,42 @@ def test_npd_rounds_fill_the_budget_without_passing_it(staleness, learn_s, gain,
         "overlap_gain": gain,
     }
     assert npd_rounds(cfg, cal, budget_s) == rounds
+
+
+def _fake_search(score_of) -> tuple[Hyper, list[dict]]:
+    """The search against a variant whose score is ``score_of(lr, rows)`` (no model runs)."""
+    from flows.headline import GRID, search
+    from flows.variants import Variant, VariantResult
+
+    def run(ctx, seed, h):
+        point = {"wall_s": ctx.budget_s, "score": score_of(h.lr, h.rows_per_step)}
+        return VariantResult([point], ctx.budget_s, 0, 0, {})
+
+    ctx = BenchContext(Path("."), "b", {}, {}, 100.0, [], "", lambda m: None)
+    chosen, scores = search(ctx, {"npd": Variant("npd", "npd", run)}, HYPER_BASE, GRID)
+    return chosen["npd"], scores["npd"]
+
+
+HYPER_BASE = Hyper(lr=1e-3, rows_per_step=16, prompts_per_step=64)
+
+
+def test_search_extends_an_edge_until_the_choice_is_interior():
+    # the best lr is 4e-3: past the grid's top (2 × 1e-3), reached by one extension to 4e-3,
+    # then a second (8e-3) shows it is interior; batch prefers the larger (16 rows, the edge):
+    # one extension to 32 rows is worse, so 16 stays
+    h, rows = _fake_search(lambda lr, r: -abs(math.log2(lr / 4e-3)) - abs(r - 16) / 16)
+    assert (h.lr, h.rows_per_step, h.prompts_per_step) == (pytest.approx(4e-3), 16, 64)
+    ext = [(x["lr"], x["rows_per_step"]) for x in rows if x["extension"]]
+    assert [(pytest.approx(a), b) for a, b in ext] == [(4e-3, 16), (8e-3, 16), (4e-3, 32)]
+    assert len(rows) == 6 + 3
+
+
+def test_search_extends_each_axis_at_most_twice_and_keeps_ties_on_the_earlier_point():
+    h, rows = _fake_search(lambda lr, r: lr * 1e3)  # ever larger lr is better
+    ext = [(x["lr"], x["rows_per_step"]) for x in rows if x["extension"]]
+    # lr: two extensions, then it stops; batch (at its top edge, 16 rows) once, a tie
+    assert [(pytest.approx(a), b) for a, b in ext] == [(4e-3, 16), (8e-3, 16), (8e-3, 32)]
+    assert h.lr == pytest.approx(8e-3) and h.rows_per_step == 16  # the tie keeps the earlier
+    flat, rows = _fake_search(lambda lr, r: 1.0)  # all tied: the base point stays
+    assert flat == HYPER_BASE
+    assert [x["rows_per_step"] for x in rows if x["extension"]] == [32]  # batch was at its edge
