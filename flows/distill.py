@@ -100,10 +100,18 @@ def _local_rounds(spec: RunSpec, mlf: str) -> tuple[list[dict], list[dict]]:
             f.wait()
         return f
 
-    evals = {0: done(t.evaluate.submit(spec, 0))}
+    at_end = cfg.eval.when == "end"  # every evaluation after the last round: off the learner's path
+    evals = {} if at_end else {0: done(t.evaluate.submit(spec, 0))}
     trains: dict[int, PrefectFuture | None] = {0: None}
     produced: dict[int, dict[str, PrefectFuture]] = {}
     rounds = []
+
+    def evaluate(r: int) -> None:
+        wait = [trains[cfg.rounds], evals[r - 1]] if at_end else None  # at the end: one by one
+        evals[r] = done(t.evaluate.submit(spec, r, upstream=trains[r], wait_for=wait))
+        stage_results = {k: f for k, f in produced[r].items()}
+        stage_results.update(train=trains[r], evaluate=evals[r])
+        rounds.append(run_tasks.record_round.submit(spec, r, stage_results, mlf))
 
     def produce_ready(upto: int) -> None:
         """Submit every producer chain whose generator checkpoint is trained or in training."""
@@ -117,17 +125,18 @@ def _local_rounds(spec: RunSpec, mlf: str) -> tuple[list[dict], list[dict]]:
     produce_ready(0)
     for r in range(1, cfg.rounds + 1):
         upstream = [produced[r]["pack"], trains[r - 1]] if trains[r - 1] else [produced[r]["pack"]]
-        trains[r] = done(
-            t.train.submit(spec, r, upstream=upstream, mlflow_run=mlf, wait_for=[evals[r - 1]])
-        )
+        after = None if at_end else [evals[r - 1]]
+        trains[r] = done(t.train.submit(spec, r, upstream=upstream, mlflow_run=mlf, wait_for=after))
         if not strict:
             produce_ready(r)
-        evals[r] = done(t.evaluate.submit(spec, r, upstream=trains[r]))
-        stage_results = {k: f for k, f in produced[r].items()}
-        stage_results.update(train=trains[r], evaluate=evals[r])
-        rounds.append(run_tasks.record_round.submit(spec, r, stage_results, mlf))
+        if not at_end:
+            evaluate(r)
         if strict:
             produce_ready(r)
+    if at_end:
+        evals[0] = done(t.evaluate.submit(spec, 0, wait_for=[trains[cfg.rounds]]))
+        for r in range(1, cfg.rounds + 1):
+            evaluate(r)
     stage_futures = [
         *evals.values(),
         *(f for p in produced.values() for f in p.values()),

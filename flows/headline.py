@@ -65,6 +65,7 @@ GRID = {"lr": (1.0, 0.5, 2.0), "batch": (1.0, 0.5)}  # multipliers of the config
 QUICK_GRID = {"lr": (1.0,), "batch": (1.0,)}
 MAIN = ("npd", "sft", "onpolicy")
 FILTER_RULES = ("none", "band", "fence")  # the ablations' rules: the filter study's confirm set
+NPD_BENCH = {"eval": {"when": "end"}}  # NPD's evaluations after its last round: off its clock
 LENGTH_SAMPLE = 256  # θ_0's answers to this many prompts size the on-policy batch
 EXTEND = 2.0  # a grid edge extends by this factor of its multiplier…
 MAX_EXTENSIONS = 2  # …at most this many times per axis
@@ -99,7 +100,11 @@ def run_npd(
 
     config = merge(
         ctx.config,
-        {"train": {"lr": hyper.lr, "rows_per_step": hyper.rows_per_step}, **(overrides or {})},
+        {
+            "train": {"lr": hyper.lr, "rows_per_step": hyper.rows_per_step},
+            **NPD_BENCH,
+            **(overrides or {}),
+        },
     )
     cal = calibrate(ctx, hyper)
     config["rounds"] = npd_rounds(NPDConfig.model_validate(config), cal, ctx.budget_s)
@@ -318,7 +323,7 @@ def calibrate(ctx: BenchContext, hyper: Hyper) -> dict[str, float]:
         return ctx.calibration[key]
     config = merge(
         ctx.config,
-        {"rounds": 2, "train": {"lr": hyper.lr, "rows_per_step": hyper.rows_per_step}},
+        {"rounds": 2, "train": {"lr": hyper.lr, "rows_per_step": hyper.rows_per_step}, **NPD_BENCH},
     )
     spec = replace(ctx, tag="").spec(f"probe-b{key}", 0, config)
     res = distill_flow(spec)

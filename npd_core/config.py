@@ -204,6 +204,12 @@ class EvalConfig(Section):
         description="`npd status` flags a round scoring more than this below the best earlier "
         "round (score units: points)",
     )
+    when: Literal["round", "end"] = Field(
+        "round",
+        description="round = evaluate θ_r as soon as it is trained (the next round's training "
+        "waits for it); end = evaluate every checkpoint after the last round, so evaluation is "
+        "never on the learner's path (npd bench; in-process rounds only)",
+    )
 
 
 class ScheduleConfig(Section):
@@ -255,6 +261,12 @@ class NPDConfig(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
+
+    @model_validator(mode="after")
+    def _eval_at_end_in_process(self) -> NPDConfig:
+        if self.eval.when == "end" and self.orchestration.generate_pool is not None:
+            raise ValueError("eval.when: end runs in-process rounds only; unset the work pools")
+        return self
 
     def digest(self) -> str:
         """Short content hash of the resolved config (cache keys, provenance)."""

@@ -52,6 +52,10 @@ def _cli(*args, cwd=None):
         ("trian: {}\n", "did you mean 'train'"),
         ("score: {top_k: 0}\n", "score.top_k"),
         ("rounds: [\n", "invalid YAML"),
+        (
+            "eval: {when: end}\norchestration: {generate_pool: a, train_pool: b}\n",
+            "eval.when: end runs in-process rounds only",
+        ),
     ],
 )
 def test_bad_config_is_one_line_exit_2(tmp_path, content, needle):

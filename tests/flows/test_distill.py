@@ -245,3 +245,21 @@ def test_injected_failure_then_rerun_resumes_from_cache(
     assert [r["n"] for r in after] == [48, 48] and res["rounds"][-1]["round"] == 2
     status = query(db, "select status from runs").column(0).to_pylist()
     assert status == ["completed"]
+
+
+def test_evaluation_at_the_end_is_off_the_learners_path_and_changes_nothing(
+    e2e, tmp_path, tiny_world, prefect_server
+):
+    """eval.when: end (the bench's setting): no evaluation starts before the last round is
+    trained, and the run's samples, weights and scores are those of per-round evaluation."""
+    spec, res = _run(tmp_path, tiny_world, "at-end", rounds=E2E_ROUNDS, eval={"when": "end"})
+    last_train = max(e for stage, _, _, e in res["stage_intervals"] if stage == "train")
+    evals = sorted((s, r) for stage, r, s, _ in res["stage_intervals"] if stage == "evaluate")
+    assert [r for _, r in evals] == [0, 1, 2, 3] and evals[0][0] >= last_train
+    q = f"select {SAMPLE_COLS} from samples order by round, prompt_id, sample_idx"
+    assert query(e2e.db, q).equals(query(tmp_path / "npd.duckdb", q))
+    for r in (1, 2, 3):
+        wa = load_file(f"{e2e.spec.checkpoint(r)}/model.safetensors")
+        wb = load_file(f"{spec.checkpoint(r)}/model.safetensors")
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert [x["score"] for x in res["rounds"]] == [x["score"] for x in e2e.res["rounds"]]
