@@ -63,7 +63,7 @@ def distill_flow(spec: RunSpec) -> dict[str, Any]:
     chosen before the first stage (a retried spec keeps its recorded ones), off every clock."""
     with lease.hold(spec.root, spec.run_id):
         spec.store.sweep(spec.run_id)
-        return _rounds(choose_attention(spec))
+        return _rounds(choose_attention(spec.with_threads()))
 
 
 def _rounds(spec: RunSpec) -> dict[str, Any]:

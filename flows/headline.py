@@ -82,14 +82,53 @@ def npd_rounds(cfg: NPDConfig, cal: dict[str, float], budget_s: float) -> int:
     takes M = max(P, L, (P + L) / g), g being the probe's overlap gain (the two stages share the
     cores): P + (R − 1)·M + L. Never more than the budget, since a checkpoint past it is dropped;
     the unused tail is under one round."""
+    produce, learn, middle = _round_costs(cfg, cal)
+    if middle is not None:
+        return max(1, 1 + math.floor((budget_s - produce - learn) / middle))
+    return max(1, math.floor(budget_s / (learn + produce)))
+
+
+def predicted_clock(cfg: NPDConfig, cal: dict[str, float], rounds: int) -> float:
+    """The clock ``rounds`` rounds take at the probe's speed (``npd_rounds``' model)."""
+    produce, learn, middle = _round_costs(cfg, cal)
+    if middle is not None:
+        return produce + (rounds - 1) * middle + learn
+    return rounds * (produce + learn)
+
+
+def _round_costs(cfg: NPDConfig, cal: dict[str, float]) -> tuple[float, float, float | None]:
+    """P, L and (overlapped runs) M of ``npd_rounds``."""
     samples = cfg.data.prompts_per_round * cfg.generate.n_per_prompt
     steps = round_steps(round(cal["rows_per_sample"] * samples), cfg.train)
     learn = steps * cfg.train.rows_per_step * cal["train_s_per_row"]
     produce = samples * cal["produce_s_per_sample"]
     if cfg.staleness > 0 and cfg.overlap:
-        middle = max(produce, learn, (produce + learn) / cal["overlap_gain"])
-        return max(1, 1 + math.floor((budget_s - produce - learn) / middle))
-    return max(1, math.floor(budget_s / (learn + produce)))
+        return produce, learn, max(produce, learn, (produce + learn) / cal["overlap_gain"])
+    return produce, learn, None
+
+
+def thread_options(cfg: NPDConfig) -> list[int]:
+    """Threads per stage the probe tries: the config's own when it sets them; else half the
+    cores (two overlapped stages side by side) and all of them (a stage that runs alone, or
+    two that share them)."""
+    if cfg.threads:
+        return [cfg.threads]
+    cores = os.cpu_count() or 1
+    return sorted({max(1, cores // 2), cores})
+
+
+def choose_threads(
+    cfg: NPDConfig, cals: dict[str, dict[str, float]], budget_s: float
+) -> tuple[int, dict[str, float]]:
+    """The probed thread count that fits the most rounds in the budget (ties: the shorter
+    predicted clock, then fewer threads), and its probe figures."""
+
+    def rank(t: str) -> tuple[int, float, int]:
+        rounds = npd_rounds(cfg, cals[t], budget_s)
+        return (-rounds, predicted_clock(cfg, cals[t], rounds), int(t))
+
+    best = min(cals, key=rank)
+    return int(best), cals[best]
 
 
 def run_npd(
@@ -106,7 +145,10 @@ def run_npd(
             **(overrides or {}),
         },
     )
-    cal = calibrate(ctx, hyper)
+    threads, cal = choose_threads(
+        NPDConfig.model_validate(config), calibrate(ctx, hyper), ctx.budget_s
+    )
+    config["threads"] = threads  # fixed for the run (its spec records it; a retry reuses it)
     config["rounds"] = npd_rounds(NPDConfig.model_validate(config), cal, ctx.budget_s)
     spec = ctx.spec(name, seed, config)
     res = distill_flow(spec)
@@ -114,8 +156,12 @@ def run_npd(
     intervals = res["stage_intervals"]
     curve, covered, end = _npd_curve(res, ctx.budget_s * (1 + SLACK))
     stage_s: dict[str, float] = {}  # the part of the run the curve covers: clipped at its end
-    for stage, _, s, e in intervals:
-        stage_s[stage] = stage_s.get(stage, 0.0) + max(0.0, min(e, end) - s)
+    on_curve = {0, *(x["round"] for x in covered)}
+    for stage, r, s, e in intervals:
+        if stage == "evaluate":  # off the clock (at the end): those of the curve's checkpoints
+            stage_s[stage] = stage_s.get(stage, 0.0) + (e - s if r in on_curve else 0.0)
+        else:
+            stage_s[stage] = stage_s.get(stage, 0.0) + max(0.0, min(e, end) - s)
     made = {r for stage, r, _, e in intervals if stage == "generate" and e <= end}
     cfg = spec.cfg
     return VariantResult(
@@ -134,6 +180,7 @@ def run_npd(
             "staleness": cfg.staleness,
             "filter": cfg.filter.rule,
             "drop_unfinished": cfg.filter.drop_unfinished,
+            "threads": cfg.threads,
             "prompts_per_round": cfg.data.prompts_per_round,
         },
         run_id=spec.run_id,
@@ -311,21 +358,34 @@ def grid_points(base: Hyper, grid: dict[str, tuple[float, ...]]) -> list[Hyper]:
     return [scaled(base, a, b) for b in grid["batch"] for a in grid["lr"]]
 
 
-def calibrate(ctx: BenchContext, hyper: Hyper) -> dict[str, float]:
-    """Two NPD rounds (the probe, once per batch size): seconds per packed row trained and per
-    sample produced, each alone (round 1's producer, round 2's learner), and the overlap gain:
-    how much faster the overlapped middle (round 1 learning while round 2 is produced) ran than
+def calibrate(ctx: BenchContext, hyper: Hyper) -> dict[str, dict[str, float]]:
+    """The probe's figures at each of ``thread_options`` threads per stage, by thread count
+    (``{"1": …, "2": …}``; once per batch size)."""
+    key = str(hyper.rows_per_step)
+    if key not in ctx.calibration:
+        cfg = NPDConfig.model_validate(ctx.config)
+        ctx.calibration[key] = {str(t): _probe(ctx, hyper, t) for t in thread_options(cfg)}
+    return ctx.calibration[key]
+
+
+def _probe(ctx: BenchContext, hyper: Hyper, threads: int) -> dict[str, float]:
+    """Two NPD rounds at ``threads`` per stage: seconds per packed row trained and per sample
+    produced, each alone (round 1's producer, round 2's learner), and the overlap gain: how
+    much faster the overlapped middle (round 1 learning while round 2 is produced) ran than
     the same two stages in order."""
     from flows.distill import distill_flow
 
     key = str(hyper.rows_per_step)
-    if key in ctx.calibration:
-        return ctx.calibration[key]
     config = merge(
         ctx.config,
-        {"rounds": 2, "train": {"lr": hyper.lr, "rows_per_step": hyper.rows_per_step}, **NPD_BENCH},
+        {
+            "rounds": 2,
+            "threads": threads,
+            "train": {"lr": hyper.lr, "rows_per_step": hyper.rows_per_step},
+            **NPD_BENCH,
+        },
     )
-    spec = replace(ctx, tag="").spec(f"probe-b{key}", 0, config)
+    spec = replace(ctx, tag="").spec(f"probe-b{key}-t{threads}", 0, config)
     res = distill_flow(spec)
     _nest(ctx, res["mlflow_run_id"])
     first, second = (x["stage_seconds"] for x in res["rounds"])
@@ -341,8 +401,10 @@ def calibrate(ctx: BenchContext, hyper: Hyper) -> dict[str, float]:
         "overlap_gain": min(2.0, max(1.0, (produce + learn) / max(1e-9, total - produce - learn))),
         "probe_s": total,
     }
-    ctx.calibration[key] = cal
-    ctx.log(f"probe at batch {key}: 2 NPD rounds in {total:.1f} s, gain {cal['overlap_gain']:.2f}")
+    ctx.log(
+        f"probe at batch {key}, {threads} threads: 2 NPD rounds in {total:.1f} s, "
+        f"gain {cal['overlap_gain']:.2f}"
+    )
     return cal
 
 
@@ -464,6 +526,12 @@ def summarize(results: list[VariantResult], budget_s: float) -> dict[str, Any]:
         "stage_seconds": {
             s: float(np.mean([r.stage_seconds.get(s, 0.0) for r in results])) for s in stages
         },
+        # share of the clock each stage was not running (evaluation is off the clock)
+        "idle_fraction": {
+            s: float(np.mean([_idle(r.stage_seconds.get(s, 0.0), r.wall_s) for r in results]))
+            for s in stages
+            if s != "evaluate"
+        },
         "curve": [{"wall_s": t, "score": s} for t, s in cv.mean_curve(curves)],
         "seed_curves": [[{"wall_s": t, "score": s} for t, s in c] for c in curves],
         "dropped_points": sum(len(r.curve) - len(c) for r, c in zip(results, curves, strict=True)),
@@ -472,6 +540,10 @@ def summarize(results: list[VariantResult], budget_s: float) -> dict[str, Any]:
         "run_ids": [r.run_id for r in results],
         "mlflow_run_ids": [r.mlflow_run_id for r in results],
     }
+
+
+def _idle(busy_s: float, clock_s: float) -> float:
+    return min(1.0, max(0.0, 1.0 - busy_s / clock_s)) if clock_s > 0 else 1.0
 
 
 def headline_numbers(table: dict[str, dict[str, Any]]) -> dict[str, Any]:

@@ -109,7 +109,7 @@ def stage_shapes(spec: RunSpec, cfg: NPDConfig, dev: str) -> dict[str, Shape]:
         resp = [max(1, new // 2)] * len(ids)
     seqs = sorted(len(x) + r for x, r in zip(ids, resp, strict=True)) or [1]
     seq = seqs[len(seqs) // 2]
-    threads = cfg.stage_threads(concurrent=cfg.staleness > 0)
+    threads = spec.stage_threads()
     msl = cfg.pack.max_seq_len
     row = max((len(x) for x in ids), default=1) + new
     frozen = str(frozen_dtype(cfg.models.frozen_dtype)).removeprefix("torch.")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,10 @@ class RunSpec:
     # None = not chosen yet; {} or a missing role = the fixed kernel (``attention.FIXED``), what
     # runs begun before choices were recorded used
     attention: dict[str, str] | None = None
+    # torch threads of each stage, fixed at the run's start (``with_threads``) so a retry or a
+    # resume on another machine computes in the same order; None (runs begun before it was
+    # recorded) = resolved from the config on the machine that runs the stage, as they were
+    threads: int | None = None
 
     @property
     def cfg(self) -> NPDConfig:
@@ -68,6 +72,18 @@ class RunSpec:
             )
         data = {"attention": {}, **json.loads(path.read_text()), "root": str(root)}
         return cls(**data)  # a spec saved before ``attention`` existed: the fixed kernels
+
+    def stage_threads(self) -> int:
+        """Torch threads of every stage of this run (``threads``, else the config's rule)."""
+        cfg = self.cfg
+        return self.threads or cfg.stage_threads(concurrent=cfg.staleness > 0)
+
+    def with_threads(self) -> RunSpec:
+        """This spec with its stages' threads recorded (unchanged when they already are, or
+        when it is an old run's spec, which never recorded them: it keeps resolving them)."""
+        if self.threads is not None or self.attention is not None:
+            return self
+        return replace(self, threads=self.stage_threads())
 
     def kernel(self, role: str) -> str | None:
         """The recorded packed-attention kernel of ``role``; None = the fixed one."""

@@ -90,8 +90,8 @@ def _timed(stage: str, r: int, body: Callable[[], tuple[str, dict[str, Any]]]) -
     return StageResult(stage, r, digest, time.perf_counter() - p0, t0, time.time(), metrics)
 
 
-def _threads(cfg: NPDConfig) -> None:
-    torch.set_num_threads(cfg.stage_threads(concurrent=cfg.staleness > 0))
+def _threads(spec: RunSpec) -> None:
+    torch.set_num_threads(spec.stage_threads())
 
 
 def _engine_times(times: vllm_backend.EngineTimes, prefix: str = "") -> dict[str, float]:
@@ -140,7 +140,7 @@ def generate_stage(
 ) -> StageResult:
     """θ_{g(r)} samples ``n_per_prompt`` responses for the round's prompts."""
     cfg = spec.cfg
-    _threads(cfg)
+    _threads(spec)
 
     def body() -> tuple[str, dict[str, Any]]:
         prompts = round_prompts(
@@ -253,7 +253,7 @@ def score_stage(
     """Teacher top-k targets and log-likelihood; with the filter's views (``needs_views``) also
     both models' prompt-less log-likelihoods, Δ-IFD and the student's KL from the teacher."""
     cfg = spec.cfg
-    _threads(cfg)
+    _threads(spec)
 
     def body() -> tuple[str, dict[str, Any]]:
         s = spec.store.read_stage(spec.run_id, r, "generate", "samples")
@@ -496,7 +496,7 @@ def train_stage(
 ) -> StageResult:
     """θ_{r−1} → θ_r on D_r: packed SFT on the stored teacher targets, ≤ steps_per_round steps."""
     cfg = spec.cfg
-    _threads(cfg)
+    _threads(spec)
 
     def body() -> tuple[str, dict[str, Any]]:
         samples, rows, targets = _packed_round(spec, r)
@@ -562,7 +562,7 @@ def evaluate_stage(
     """Held-out score of θ_k: greedy exact match against ``answer``, else the teacher's mean
     log-likelihood per token of the greedy answers."""
     cfg = spec.cfg
-    _threads(cfg)
+    _threads(spec)
 
     def body() -> tuple[str, dict[str, Any]]:
         prompts = read_prompts(spec.eval_prompts)[: cfg.data.eval_size or None]
