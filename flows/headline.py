@@ -5,9 +5,9 @@ Fairness rules (fixed here and in the README before any comparison is looked at)
 - every variant starts from the same warm-start student, with the same teacher, training prompts,
   held-out prompts and generation backend (our batched KV-cache sampler);
 - every variant gets the same training clock, ``budget_s``; evaluation is off the clock (the
-  baselines stop their clock between segments; NPD's clock skips the time when evaluation was
-  the only stage running, see ``curves.paused_clock``); points past ``budget_s × (1 + SLACK)``
-  are dropped;
+  baselines stop their clock between segments; NPD evaluates after its last round and its clock
+  skips the time when evaluation was the only stage running and the gaps between stages, see
+  ``curves.paused_clock``); points past ``budget_s × (1 + SLACK)`` are dropped;
 - the held-out score is taken at fixed clock times for the baselines (``eval_at``) and at every
   round boundary for NPD (a round is its natural checkpoint);
 - learning rate and batch size come from one grid, searched the same way for each method (a

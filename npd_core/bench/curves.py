@@ -202,17 +202,17 @@ def paused_clock(intervals: Sequence[tuple[float, float, bool]]) -> Callable[[fl
     """A training clock from stage intervals ``(start, end, is_evaluation)`` (absolute times).
 
     ``clock(T)`` = time since the first stage started, minus the time before ``T`` during which
-    evaluation was the only thing running: the clock pauses while evaluating. Evaluation that
-    overlaps another stage is not subtracted (that stage's work is real time), so this never
-    credits a variant with more than the paused-clock baselines get.
+    no stage but evaluation ran: the clock pauses while evaluating alone and in the gaps between
+    stages (orchestration: the baselines' clocks stop between their segments too). Evaluation
+    that overlaps another stage is not subtracted (that stage's work is real time), so this
+    never credits a variant with more than the paused-clock baselines get.
     """
     t0 = min(s for s, _, _ in intervals)
     edges = sorted({x for s, e, _ in intervals for x in (s, e)})
     paused = []
     for a, b in zip(edges[:-1], edges[1:], strict=True):
         mid = (a + b) / 2
-        running = [ev for s, e, ev in intervals if s <= mid < e]
-        if running and all(running):
+        if all(ev for s, e, ev in intervals if s <= mid < e):  # evaluation alone, or nothing
             paused.append((a, b))
 
     def clock(t: float) -> float:

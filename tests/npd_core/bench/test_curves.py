@@ -83,19 +83,21 @@ def test_speedup_ci_brackets_the_estimate_and_counts_never_as_zero():
     assert cv.speedup_ci(on[:1], nd, n_resamples=10) is None  # one seed: no interval
 
 
-def test_paused_clock_skips_only_evaluation_alone():
+def test_paused_clock_skips_evaluation_alone_and_the_gaps_between_stages():
     intervals = [
         (100.0, 110.0, False),  # generate
         (105.0, 108.0, True),  # evaluate overlapping generate: not paused
         (110.0, 130.0, False),  # train
         (130.0, 135.0, True),  # evaluate alone: paused
         (135.0, 150.0, False),  # train
+        (152.0, 160.0, False),  # train, after a 2 s gap (orchestration): paused
     ]
     clock = cv.paused_clock(intervals)
     assert clock(100.0) == 0.0
     assert clock(130.0) == 30.0
     assert clock(133.0) == 30.0  # frozen while evaluating alone
     assert clock(150.0) == 45.0  # 50 s of real time, 5 s of it paused
+    assert clock(151.0) == 45.0 and clock(160.0) == 53.0  # the gap is off the clock
 
 
 def test_truncate_keeps_the_start():
