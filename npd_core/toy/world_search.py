@@ -6,7 +6,9 @@ read off the same kind of run the world's build makes. Not part of the pipeline.
         --out npd-out/world-search
 
 writes ``<out>/<tag>/curve.jsonl`` (one line per evaluation: step, seconds, final-line and
-whole-trace exact match, by list length) and the model as an HF checkpoint.
+whole-trace exact match, by list length) and the model as an HF checkpoint. With ``--build``
+the candidate is a whole world instead (``build_toy_world`` of a ``LongSpec`` with these sizes,
+cached under ``<out>/cache``), its teacher's and student's curves logged as they train.
 
     python -m npd_core.toy.world_search --share TEACHER_DIR STUDENT_DIR --batch 48 96
 
@@ -29,13 +31,14 @@ import torch
 from npd_core.baselines.onpolicy import teacher_topk
 from npd_core.config import PackConfig, TrainConfig
 from npd_core.data import Prompt
+from npd_core.method.attention import packed_attention
 from npd_core.method.evaluate import final_line, greedy_responses, normalize
 from npd_core.method.generate import generate
 from npd_core.method.packing import Sample, collate, packed_rows
 from npd_core.method.train import make_optimizer, optimizer_step, train_round
 from npd_core.models import load_model, load_tokenizer, n_params, save_checkpoint
 from npd_core.toy import long_task
-from npd_core.toy.world import LongSpec, ModelSpec, _model, _samples
+from npd_core.toy.world import LongSpec, ModelSpec, _model, _samples, build_toy_world
 
 
 def held_out_scores(model, tok, prompts: list[Prompt], max_new_tokens: int) -> dict:
@@ -80,9 +83,11 @@ def onpolicy_step_times(
     ids = [tok(p.prompt)["input_ids"] for p in prompts]
     cap = max_new_tokens or LongSpec().max_new_tokens
     phases: dict[str, list[float]] = {"generate": [], "teacher": [], "train": []}
+    cpu: dict[str, list[float]] = {k: [] for k in phases}  # process CPU seconds: load-proof
     resp_tokens: list[float] = []
     for step in range(steps + 1):
         chunk = [ids[(step * batch + i) % len(ids)] for i in range(batch)]
+        c0 = time.process_time()
         t0 = time.perf_counter()
         gens = generate(
             student,
@@ -98,25 +103,31 @@ def onpolicy_step_times(
             bf16=False,
         )
         samples = [Sample(p, g[0].token_ids) for p, g in zip(chunk, gens, strict=True)]
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         offsets = np.cumsum([0] + [len(x.response_ids) for x in samples])[:-1].tolist()
         rows = [[i] for i in range(len(samples))]
         b = collate(samples, rows, tok.pad_token_id, target_offsets=offsets)
         targets = teacher_topk(teacher, b, offsets, 16, False)
-        t2 = time.perf_counter()
+        t2, c2 = time.perf_counter(), time.process_time()
         student.train()
         optimizer_step(student, opt, b, targets, cfg, lr=1e-4, step=step, bf16=False)
-        t3 = time.perf_counter()
+        t3, c3 = time.perf_counter(), time.process_time()
         if step:
-            for k, v in zip(phases, (t1 - t0, t2 - t1, t3 - t2), strict=True):
+            walls, cpus = (t1 - t0, t2 - t1, t3 - t2), (c1 - c0, c2 - c1, c3 - c2)
+            for k, v, c in zip(phases, walls, cpus, strict=True):
                 phases[k].append(v)
+                cpu[k].append(c)
             resp_tokens.append(float(np.mean([len(x.response_ids) for x in samples])))
     med = {k: statistics.median(v) for k, v in phases.items()}
-    total = sum(med.values())
+    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
+    total, total_cpu = sum(med.values()), sum(med_cpu.values())
     return {
         "batch": batch,
+        "threads": threads,
         "seconds": {k: round(v, 4) for k, v in med.items()},
         "share": {k: round(v / total, 3) for k, v in med.items()},
+        "cpu_seconds": {k: round(v, 4) for k, v in med_cpu.items()},
+        "cpu_share": {k: round(v / total_cpu, 3) for k, v in med_cpu.items()},
         "mean_response_tokens": round(statistics.mean(resp_tokens), 1),
         "params": {"teacher": n_params(teacher), "student": n_params(student)},
     }
@@ -138,6 +149,15 @@ def main() -> None:
     ap.add_argument("--n-eval", type=int, default=200)
     ap.add_argument("--eval-every", type=int, default=150)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--build", action="store_true", help="build the whole world")
+    ap.add_argument(
+        "--student",
+        type=int,
+        nargs=4,
+        default=[64, 1, 128, 60],
+        metavar=("HIDDEN", "LAYERS", "INTER", "STEPS"),
+        help="--build: student",
+    )
     ap.add_argument(
         "--threads", type=int, default=1, help="torch threads (1: the machine is shared)"
     )
@@ -157,6 +177,9 @@ def main() -> None:
             print(line, flush=True)
             with (Path(a.out) / "share.jsonl").open("a") as f:
                 f.write(line + "\n")
+        return
+    if a.build:
+        build(a)
         return
     ms = ModelSpec(a.hidden, a.layers, a.hidden // 64, a.inter or 3 * a.hidden, a.steps, a.lr)
     spec = replace(
@@ -228,6 +251,48 @@ def main() -> None:
     )
     evaluate(ms.train_steps)
     save_checkpoint(model, tok, out / "model")
+
+
+def build(a: argparse.Namespace) -> None:
+    """One candidate as a whole world: ``build_toy_world`` with curves."""
+    teacher = ModelSpec(a.hidden, a.layers, a.hidden // 64, a.inter or 3 * a.hidden, a.steps, a.lr)
+    h, n_layers, inter, steps = a.student
+    spec = replace(
+        LongSpec(),
+        teacher=teacher,
+        student=ModelSpec(h, n_layers, h // 64, inter, steps, 3e-3),
+        min_len=a.min_len,
+        max_len=a.max_len,
+        rows_per_step=a.rows,
+        seed=a.seed,
+    )
+    out = Path(a.out) / a.tag
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "spec.json").write_text(json.dumps({"digest": spec.digest(), **asdict(spec)}, indent=2))
+    tok = long_task.build_tokenizer()
+    t0 = time.time()
+    model_steps = {"teacher": spec.teacher.train_steps, "student": spec.student.train_steps}
+
+    def watch(name: str, model, held: list[Prompt]):
+        def on_step(entry) -> None:
+            if (entry.step + 1) % a.eval_every or entry.step + 1 >= model_steps[name]:
+                return
+            was = model.training
+            with packed_attention(model, "sdpa"):
+                res = held_out_scores(model, tok, held[: a.n_eval], spec.max_new_tokens)
+            model.train(was)
+            row = {"model": name, "step": entry.step + 1, "s": round(time.time() - t0), **res}
+            with (out / "curve.jsonl").open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(json.dumps(row), flush=True)
+
+        return on_step
+
+    world = build_toy_world(
+        Path(a.out) / "cache", spec, log=lambda m: print(m, flush=True), watch=watch
+    )
+    keep = ("teacher", "student", "build_s")
+    print(json.dumps({"world": str(world.root), **{k: world.meta[k] for k in keep}}), flush=True)
 
 
 if __name__ == "__main__":
