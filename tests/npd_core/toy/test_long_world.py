@@ -142,3 +142,26 @@ def test_demo_unknown_world_is_a_config_error(tmp_path):
 
     with pytest.raises(ConfigError, match="choose from toy, long"):
         resolve_spec(load_config(None), tmp_path, "r", world="huge")
+
+
+def test_bench_plan_on_the_long_world_carries_its_defaults(tmp_path, monkeypatch):
+    """``npd bench --world long`` plans on the long world: its paths, and a config whose
+    response cap (which sizes onpolicy's batch) and metric are the world's."""
+    import flows.spec
+    from flows.headline import plan_bench
+
+    monkeypatch.setattr(flows.spec, "world_spec", lambda name: TINY)
+    plan = plan_bench(
+        out=tmp_path,
+        config=None,
+        quick=True,
+        seeds=None,
+        budget_s=None,
+        names=None,
+        peers=[],
+        log=lambda m: None,
+        world="long",
+    )
+    assert f"long-{TINY.digest()}" in plan.paths["teacher"]
+    assert plan.cfg.generate.max_new_tokens == TINY.max_new_tokens
+    assert plan.cfg.eval.metric == "final_line"
