@@ -84,13 +84,18 @@ def sft_flow(
         }
 
     def segment(k: int, until: float, prev: dict | None, mlf: str) -> dict:
-        clock0 = prev["seconds"] if k == 1 else 0.0  # the teacher's generation is on the clock
+        clock0 = _counted_s(prev) if k == 1 else 0.0  # the teacher's answers are on the clock
         return b.sft_train(spec, k, until, eval_at[-1], clock0, upstream=prev, mlflow_run=mlf)
 
     res = _train_and_evaluate(spec, eval_at, mlflow_parent, segment, before=teacher_answers)
     res["generated_tokens"] = res["data"]["metrics"]["generated_tokens"]
-    res["stage_seconds"]["generate"] = res["data"]["seconds"]
+    res["stage_seconds"]["generate"] = _counted_s(res["data"])
     return res
+
+
+def _counted_s(stage: dict) -> float:
+    """A stage's seconds less its loads and writes (``io_spans``), as the clocks count them."""
+    return stage["seconds"] - sum(e - s for s, e in stage["metrics"].get("io_spans", []))
 
 
 @flow(name="npd-onpolicy", flow_run_name="{spec.run_id}", log_prints=True)

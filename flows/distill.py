@@ -87,6 +87,11 @@ def _rounds(spec: RunSpec) -> dict[str, Any]:
         "stage_intervals": [
             (x["stage"], x["round"], x["started"], x["ended"]) for x in stage_results
         ],
+        "io_intervals": [  # loads and byte moves inside those stages (npd_core.iotime)
+            (x["stage"], x["round"], s, e)
+            for x in stage_results
+            for s, e in x["metrics"].get("io_spans", [])
+        ],
     }
 
 

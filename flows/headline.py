@@ -6,8 +6,8 @@ Fairness rules (fixed here and in the README before any comparison is looked at)
   held-out prompts and generation backend (our batched KV-cache sampler);
 - every variant gets the same training clock, ``budget_s``; evaluation is off the clock (the
   baselines stop their clock between segments; NPD evaluates after its last round and its clock
-  skips the time when evaluation was the only stage running and the gaps between stages, see
-  ``curves.paused_clock``); points past ``budget_s × (1 + SLACK)`` are dropped;
+  skips the time when evaluation, loading or writing was all that ran and the gaps between
+  stages, see ``_npd_clock``); points past ``budget_s × (1 + SLACK)`` are dropped;
 - the held-out score is taken at fixed clock times for the baselines (``eval_at``) and at every
   round boundary for NPD (a round is its natural checkpoint);
 - learning rate and batch size come from one grid, searched the same way for each method (a
@@ -48,6 +48,7 @@ from rich.table import Table
 
 from flows.env import finite, prefect_env
 from flows.variants import BenchContext, Hyper, Variant, VariantResult
+from npd_core import iotime
 from npd_core.bench import curves as cv
 from npd_core.config import NPDConfig, load_config, merge
 from npd_core.errors import ConfigError
@@ -155,13 +156,20 @@ def run_npd(
     _nest(ctx, res["mlflow_run_id"])
     intervals = res["stage_intervals"]
     curve, covered, end = _npd_curve(res, ctx.budget_s * (1 + SLACK))
-    stage_s: dict[str, float] = {}  # the part of the run the curve covers: clipped at its end
+    # seconds as the clock counts them (loads and writes left out), clipped where the curve ends
+    stage_s: dict[str, float] = {}
     on_curve = {0, *(x["round"] for x in covered)}
+    io: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    for stage, r, s, e in res.get("io_intervals", []):
+        io.setdefault((stage, r), []).append((s, e))
     for stage, r, s, e in intervals:
         if stage == "evaluate":  # off the clock (at the end): those of the curve's checkpoints
             stage_s[stage] = stage_s.get(stage, 0.0) + (e - s if r in on_curve else 0.0)
         else:
-            stage_s[stage] = stage_s.get(stage, 0.0) + max(0.0, min(e, end) - s)
+            work = _between(s, e, iotime.merged(io.get((stage, r), [])))
+            stage_s[stage] = stage_s.get(stage, 0.0) + sum(
+                max(0.0, min(b, end) - a) for a, b in work
+            )
     made = {r for stage, r, _, e in intervals if stage == "generate" and e <= end}
     cfg = spec.cfg
     return VariantResult(
@@ -196,7 +204,7 @@ def _npd_curve(
     (every view, dropped samples included). Also those rounds and the absolute time the last
     one ended (the totals stop there)."""
     intervals = res["stage_intervals"]
-    clock, _ = _npd_clock(intervals)
+    clock, _ = _npd_clock(res)
     ends = {r: e for stage, r, _, e in intervals if stage == "train"}
     curve = [{"wall_s": 0.0, "score": res["start_score"], "teacher_tokens": 0}]
     covered, teacher = [], 0
@@ -212,13 +220,45 @@ def _npd_curve(
     return curve, covered, end
 
 
-def _npd_clock(
-    intervals: list[tuple[str, int, float, float]],
-) -> tuple[Callable[[float], float], float]:
-    """An NPD run's training clock (paused while only evaluation runs) and its reading when the
-    last non-evaluation stage ended."""
-    clock = cv.paused_clock([(s, e, stage == "evaluate") for stage, _, s, e in intervals])
+def _npd_clock(res: dict[str, Any]) -> tuple[Callable[[float], float], float]:
+    """An NPD run's training clock and its reading when the last non-evaluation stage ended.
+    It runs while a stage computes: not while evaluation or loading and writing (models,
+    checkpoints, Parquet: ``io_intervals``) are all that runs, nor between stages; the
+    baselines' clocks leave out the same."""
+    intervals = res["stage_intervals"]
+    io: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    for stage, r, s, e in res.get("io_intervals", []):
+        io.setdefault((stage, r), []).append((s, e))
+    pieces: list[tuple[float, float, bool]] = []
+    for stage, r, s, e in intervals:
+        if stage == "evaluate":
+            pieces.append((s, e, True))
+            continue
+        spans = iotime.merged(io.get((stage, r), []))
+        pieces += [(a, b, True) for a, b in spans]
+        pieces += [(a, b, False) for a, b in _between(s, e, spans)]
+    clock = cv.paused_clock(pieces)
     return clock, clock(max(e for stage, _, _, e in intervals if stage != "evaluate"))
+
+
+def _between(s: float, e: float, spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """``[s, e)`` less the disjoint sorted ``spans``."""
+    out, at = [], s
+    for a, b in spans:
+        if a > at:
+            out.append((at, min(a, e)))
+        at = max(at, b)
+    if at < e:
+        out.append((at, e))
+    return [(a, b) for a, b in out if b > a]
+
+
+def _work_seconds(res: dict[str, Any]) -> dict[tuple[str, int], float]:
+    """Each stage's seconds less its loads and writes, by (stage, round)."""
+    io: dict[tuple[str, int], float] = {}
+    for stage, r, s, e in res.get("io_intervals", []):
+        io[(stage, r)] = io.get((stage, r), 0.0) + e - s
+    return {(st, r): e - s - io.get((st, r), 0.0) for st, r, s, e in res["stage_intervals"]}
 
 
 def _optimizer_steps(spec: RunSpec) -> int:
@@ -388,10 +428,10 @@ def _probe(ctx: BenchContext, hyper: Hyper, threads: int) -> dict[str, float]:
     spec = replace(ctx, tag="").spec(f"probe-b{key}-t{threads}", 0, config)
     res = distill_flow(spec)
     _nest(ctx, res["mlflow_run_id"])
-    first, second = (x["stage_seconds"] for x in res["rounds"])
-    produce = sum(first[s] for s in ("generate", "score", "filter", "pack"))
-    learn = second["train"]
-    _, total = _npd_clock(res["stage_intervals"])
+    work = _work_seconds(res)  # the same seconds the clock counts: loads and writes left out
+    produce = sum(work[(s, 1)] for s in ("generate", "score", "filter", "pack"))
+    learn = work[("train", 2)]
+    _, total = _npd_clock(res)
     pack = spec.store.read_stage(spec.run_id, 1, "pack", "pack")
     n = res["rounds"][0]["n_generated"]
     cal = {

@@ -20,6 +20,7 @@ from transformers.utils import logging as hf_logging
 
 from npd_core.atomic import atomic_dir
 from npd_core.errors import ModelError
+from npd_core.iotime import timed
 
 TRAINER_STATE = "trainer_state.pt"
 hf_logging.disable_progress_bar()  # our own progress bars; HF's per-load bars are noise
@@ -49,6 +50,7 @@ def frozen_dtype(setting: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[setting]
 
 
+@timed
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """Load an HF causal LM on CPU/GPU with weights in ``dtype``: float32 for a learner (master
     weights; autocast does the bf16 compute), ``frozen_dtype`` for a model that only runs
@@ -123,6 +125,7 @@ def rng_state() -> dict[str, Any]:
 SHARD_SIZE = "2GB"  # safetensors shards above this (an index file names them): any disk copes
 
 
+@timed
 def save_checkpoint(
     model: PreTrainedModel,
     tok: Any,
@@ -144,6 +147,7 @@ def save_checkpoint(
     return path
 
 
+@timed
 def load_trainer_state(path: Path) -> dict[str, Any] | None:
     f = Path(path) / TRAINER_STATE
     return torch.load(f, weights_only=False) if f.is_file() else None

@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from npd_core import iotime
 from npd_core.backends import vllm as vllm_backend
 from npd_core.config import NPDConfig
 from npd_core.data import read_prompts, round_prompts
@@ -84,9 +85,13 @@ def _table_digest(t: pa.Table) -> str:
 
 
 def _timed(stage: str, r: int, body: Callable[[], tuple[str, dict[str, Any]]]) -> StageResult:
+    """Run a stage's body; its result carries its seconds and, in ``io_spans``, the wall-time
+    spans it spent loading models and moving bytes (``npd_core.iotime``)."""
     t0 = time.time()
     p0 = time.perf_counter()
-    digest, metrics = body()
+    with iotime.recording() as spans:
+        digest, metrics = body()
+    metrics = {**metrics, "io_spans": spans}
     return StageResult(stage, r, digest, time.perf_counter() - p0, t0, time.time(), metrics)
 
 

@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 
 from npd_core.atomic import LEFTOVER_RE, atomic_dir, atomic_file
 from npd_core.errors import StoreError, StoreUsageError, first_line
+from npd_core.iotime import timed
 from npd_core.store.schema import (
     SCHEMA_VERSION,
     SCHEMAS,
@@ -225,6 +226,7 @@ class Store:
 
     # ---- writing --------------------------------------------------------------------------
 
+    @timed
     def write_stage(
         self, run_id: str, round: int | None, stage: str, tables: Mapping[str, pa.Table]
     ) -> Path:
@@ -272,6 +274,7 @@ class Store:
 
     # ---- reading --------------------------------------------------------------------------
 
+    @timed
     def read_stage(self, run_id: str, round: int | None, stage: str, name: str) -> pa.Table:
         """One table of a written stage, as stored."""
         _check_id("table name", name)
