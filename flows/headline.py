@@ -568,7 +568,14 @@ def summarize(results: list[VariantResult], budget_s: float) -> dict[str, Any]:
         },
         # share of the clock each stage was not running (evaluation is off the clock)
         "idle_fraction": {
-            s: float(np.mean([_idle(r.stage_seconds.get(s, 0.0), r.wall_s) for r in results]))
+            s: float(
+                np.mean(
+                    [
+                        _idle(r.stage_seconds.get(s, 0.0), c[-1][0])
+                        for r, c in zip(results, curves, strict=True)
+                    ]
+                )
+            )
             for s in stages
             if s != "evaluate"
         },
