@@ -220,16 +220,11 @@ def score_exact(
     return exact_match(texts, [p.answer for p in prompts], metric).score
 
 
-def fit(
-    model,
-    tok,
-    prompts: list[Prompt],
-    spec: ModelSpec,
-    toy: WorldSpec,
-    on_step: Callable[[StepLog], None] | None = None,
-) -> None:
-    """Plain SFT on true answers, packed (the same trainer the pipeline uses, with CE);
-    ``on_step`` sees every step (the world search logs its curves through it)."""
+def fit_plan(
+    tok, prompts: list[Prompt], spec: ModelSpec, toy: WorldSpec
+) -> tuple[TrainConfig, PackConfig, list[Sample], list[list[int]]]:
+    """What ``fit`` trains with: its CE config, packing, samples and packed rows (the world
+    search trains a single model with the same plan)."""
     cfg = TrainConfig(
         loss="ce",
         lr=spec.lr,
@@ -243,6 +238,20 @@ def fit(
     samples, _, rows = packed_rows(
         _samples(tok, prompts, toy), pack.max_seq_len, pack.overlong, pack.mode, toy.seed
     )
+    return cfg, pack, samples, rows
+
+
+def fit(
+    model,
+    tok,
+    prompts: list[Prompt],
+    spec: ModelSpec,
+    toy: WorldSpec,
+    on_step: Callable[[StepLog], None] | None = None,
+) -> None:
+    """Plain SFT on true answers, packed (the same trainer the pipeline uses, with CE);
+    ``on_step`` sees every step (the world search logs its curves through it)."""
+    cfg, pack, samples, rows = fit_plan(tok, prompts, spec, toy)
     opt = make_optimizer(model, cfg)
     torch.manual_seed(toy.seed)
     with for_training(model):

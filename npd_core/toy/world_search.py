@@ -29,16 +29,16 @@ import numpy as np
 import torch
 
 from npd_core.baselines.onpolicy import teacher_topk
-from npd_core.config import PackConfig, TrainConfig
+from npd_core.config import TrainConfig
 from npd_core.data import Prompt
 from npd_core.method.attention import packed_attention
 from npd_core.method.evaluate import final_line, greedy_responses, normalize
 from npd_core.method.generate import generate
-from npd_core.method.packing import Sample, collate, packed_rows
+from npd_core.method.packing import Sample, collate
 from npd_core.method.train import make_optimizer, optimizer_step, train_round
 from npd_core.models import load_model, load_tokenizer, n_params, save_checkpoint
 from npd_core.toy import long_task
-from npd_core.toy.world import LongSpec, ModelSpec, _model, _samples, build_toy_world
+from npd_core.toy.world import LongSpec, ModelSpec, _model, build_toy_world, fit_plan
 
 
 def held_out_scores(model, tok, prompts: list[Prompt], max_new_tokens: int) -> dict:
@@ -199,19 +199,7 @@ def main() -> None:
     fit_set = prompts[spec.n_train + spec.n_eval :] + prompts[: spec.n_train]
     torch.manual_seed(a.seed)
     model = _model(ms, tok)
-    cfg = TrainConfig(
-        loss="ce",
-        lr=ms.lr,
-        warmup_steps=max(1, ms.train_steps // 20),
-        steps_per_round=ms.train_steps,
-        epochs_per_round=100.0,
-        rows_per_step=spec.rows_per_step,
-        min_lr_ratio=0.05,
-    )
-    pack = PackConfig(max_seq_len=spec.max_seq_len)
-    samples, _, rows = packed_rows(
-        _samples(tok, fit_set, spec), pack.max_seq_len, pack.overlong, pack.mode, spec.seed
-    )
+    cfg, pack, samples, rows = fit_plan(tok, fit_set, ms, spec)
     meta = {"model": asdict(ms), "params": n_params(model), "spec": asdict(spec), "args": vars(a)}
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
     print(f"{a.tag}: {meta['params'] / 1e6:.3f} M params, {len(rows)} rows", flush=True)
