@@ -159,14 +159,12 @@ def run_npd(
     # seconds as the clock counts them (loads and writes left out), clipped where the curve ends
     stage_s: dict[str, float] = {}
     on_curve = {0, *(x["round"] for x in covered)}
-    io: dict[tuple[str, int], list[tuple[float, float]]] = {}
-    for stage, r, s, e in res.get("io_intervals", []):
-        io.setdefault((stage, r), []).append((s, e))
+    io = _io_spans(res)
     for stage, r, s, e in intervals:
         if stage == "evaluate":  # off the clock (at the end): those of the curve's checkpoints
             stage_s[stage] = stage_s.get(stage, 0.0) + (e - s if r in on_curve else 0.0)
         else:
-            work = _between(s, e, iotime.merged(io.get((stage, r), [])))
+            work = _between(s, e, io.get((stage, r), []))
             stage_s[stage] = stage_s.get(stage, 0.0) + sum(
                 max(0.0, min(b, end) - a) for a, b in work
             )
@@ -226,15 +224,13 @@ def _npd_clock(res: dict[str, Any]) -> tuple[Callable[[float], float], float]:
     checkpoints, Parquet: ``io_intervals``) are all that runs, nor between stages; the
     baselines' clocks leave out the same."""
     intervals = res["stage_intervals"]
-    io: dict[tuple[str, int], list[tuple[float, float]]] = {}
-    for stage, r, s, e in res.get("io_intervals", []):
-        io.setdefault((stage, r), []).append((s, e))
+    io = _io_spans(res)
     pieces: list[tuple[float, float, bool]] = []
     for stage, r, s, e in intervals:
         if stage == "evaluate":
             pieces.append((s, e, True))
             continue
-        spans = iotime.merged(io.get((stage, r), []))
+        spans = io.get((stage, r), [])
         pieces += [(a, b, True) for a, b in spans]
         pieces += [(a, b, False) for a, b in _between(s, e, spans)]
     clock = cv.paused_clock(pieces)
@@ -255,10 +251,16 @@ def _between(s: float, e: float, spans: list[tuple[float, float]]) -> list[tuple
 
 def _work_seconds(res: dict[str, Any]) -> dict[tuple[str, int], float]:
     """Each stage's seconds less its loads and writes, by (stage, round)."""
-    io: dict[tuple[str, int], float] = {}
-    for stage, r, s, e in res.get("io_intervals", []):
-        io[(stage, r)] = io.get((stage, r), 0.0) + e - s
+    io = {k: sum(e - s for s, e in v) for k, v in _io_spans(res).items()}
     return {(st, r): e - s - io.get((st, r), 0.0) for st, r, s, e in res["stage_intervals"]}
+
+
+def _io_spans(res: dict[str, Any]) -> dict[tuple[str, int], list[tuple[float, float]]]:
+    """A run's load-and-write spans (``io_intervals``) by (stage, round), merged."""
+    io: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    for stage, r, s, e in res.get("io_intervals", []):
+        io.setdefault((stage, r), []).append((s, e))
+    return {k: iotime.merged(v) for k, v in io.items()}
 
 
 def _optimizer_steps(spec: RunSpec) -> int:
