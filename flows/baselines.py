@@ -48,12 +48,13 @@ def _train_and_evaluate(
     clocks = [0.0] + [x["metrics"]["clock_s"] for x in segments]
     upfront = data["metrics"]["teacher_tokens"] if data else 0  # sft: the teacher's answers
     teacher = [0] + [upfront + x["metrics"]["counters"].get("teacher_tokens", 0) for x in segments]
+    steps = [0] + [x["metrics"]["step"] for x in segments]
     return {
         "run_id": spec.run_id,
         "mlflow_run_id": mlf,
         "curve": [
-            {"wall_s": w, "score": s, "teacher_tokens": int(n)}
-            for w, s, n in zip(clocks, scores, teacher, strict=True)
+            {"wall_s": w, "score": s, "teacher_tokens": int(n), "steps": int(k)}
+            for w, s, n, k in zip(clocks, scores, teacher, steps, strict=True)
         ],
         "wall_s": last["clock_s"],
         "steps": last["step"],

@@ -309,3 +309,42 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         elif v is not None:
             out[f"{prefix}{k}"] = v
     return out
+
+
+@bench_app.command("cost")
+def cost(
+    bench: Annotated[
+        Path | None,
+        typer.Option("--bench", help="an `npd bench` JSON (default: docs/bench-WORLD.json)"),
+    ] = None,
+    world: Annotated[str, typer.Option("--world", help="the bench's world: toy, long")] = "toy",
+    out: Annotated[
+        Path, typer.Option("--out", help="output directory holding the world cache")
+    ] = Path("npd-out"),
+    as_json: Annotated[
+        bool, typer.Option("--json", help="print one JSON object on stdout")
+    ] = False,
+) -> None:
+    """Cost model: each variant's seconds per stage from unit costs measured here and the
+    bench's sample efficiency (seed 0), against what seeds 1-2 measured."""
+    from npd_core.bench import cost as cost_model
+    from npd_core.errors import ConfigError
+    from npd_core.toy.world import WORLDS, build_toy_world, world_spec
+
+    if world not in WORLDS:
+        raise ConfigError(f"--world {world}: unknown world; choose from {', '.join(WORLDS)}")
+    path = bench or Path("docs") / f"bench-{world}.json"
+    if not path.is_file():
+        raise ConfigError(f"--bench {path}: no such file; run `npd bench --world {world}` first")
+    report = json.loads(path.read_text())
+    built = build_toy_world(out / "toy", world_spec(world), log=lambda m: err.print(m))
+    # this machine's copy of the world (the bench may have run elsewhere); the same digest
+    report["paths"] = {
+        k: str(getattr(built, k)) for k in ("teacher", "student", "train_prompts", "eval_prompts")
+    }
+    report["out"] = str(out.resolve())
+    local = out / f".cost-{path.stem}.json"
+    local.write_text(json.dumps(report))
+    res = cost_model.run(local, log=lambda m: err.print(m, markup=False))
+    res["bench"] = str(path)
+    print(json.dumps(res, indent=1) if as_json else cost_model.summary(res))

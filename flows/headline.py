@@ -50,6 +50,7 @@ from flows.env import finite, prefect_env
 from flows.variants import BenchContext, Hyper, Variant, VariantResult
 from npd_core import iotime
 from npd_core.bench import curves as cv
+from npd_core.bench.cost import pipeline_clock
 from npd_core.config import NPDConfig, load_config, merge
 from npd_core.errors import ConfigError
 from npd_core.method.train import round_steps
@@ -60,7 +61,8 @@ err = Console(stderr=True)
 DEFAULT_BUDGET_S = 140.0  # the one setting: training seconds per variant (sizes everything else)
 QUICK_FRACTION = 0.25  # --quick: a quarter of the budget, one seed, the three main variants
 SEARCH_FRACTION = 0.25  # each grid point's search run gets this share of the budget
-CHECKPOINTS = 8  # held-out evaluations per baseline run (NPD: one per round)
+CHECKPOINTS = 8  # held-out evaluations per baseline run before the final stretch (NPD: a round)…
+TAIL_CHECKPOINTS = 4  # …and this many more in the last FINAL_TAIL of the budget (the final score)
 SLACK = 0.05  # a checkpoint at most 5% past the budget still counts
 GRID = {"lr": (1.0, 0.5, 2.0), "batch": (1.0, 0.5)}  # multipliers of the config's values
 QUICK_GRID = {"lr": (1.0,), "batch": (1.0,)}
@@ -92,9 +94,7 @@ def npd_rounds(cfg: NPDConfig, cal: dict[str, float], budget_s: float) -> int:
 def predicted_clock(cfg: NPDConfig, cal: dict[str, float], rounds: int) -> float:
     """The clock ``rounds`` rounds take at the probe's speed (``npd_rounds``' model)."""
     produce, learn, middle = _round_costs(cfg, cal)
-    if middle is not None:
-        return produce + (rounds - 1) * middle + learn
-    return rounds * (produce + learn)
+    return pipeline_clock(produce, learn, rounds, None if middle is None else cal["overlap_gain"])
 
 
 def _round_costs(cfg: NPDConfig, cal: dict[str, float]) -> tuple[float, float, float | None]:
@@ -155,7 +155,7 @@ def run_npd(
     res = distill_flow(spec)
     _nest(ctx, res["mlflow_run_id"])
     intervals = res["stage_intervals"]
-    curve, covered, end = _npd_curve(res, ctx.budget_s * (1 + SLACK))
+    curve, covered, end = _npd_curve(res, ctx.budget_s * (1 + SLACK), _round_steps(spec))
     # seconds as the clock counts them (loads and writes left out), clipped where the curve ends
     stage_s: dict[str, float] = {}
     on_curve = {0, *(x["round"] for x in covered)}
@@ -195,16 +195,16 @@ def run_npd(
 
 
 def _npd_curve(
-    res: dict[str, Any], limit_s: float
+    res: dict[str, Any], limit_s: float, steps: dict[int, int]
 ) -> tuple[list[dict[str, float]], list[dict[str, Any]], float]:
     """An NPD run's curve on its clock, cut at ``limit_s``: θ_0, then every round whose
     checkpoint came in time, with the teacher tokens scored for the rounds it was trained on
-    (every view, dropped samples included). Also those rounds and the absolute time the last
-    one ended (the totals stop there)."""
+    (every view, dropped samples included) and its optimizer steps (``steps`` by round). Also
+    those rounds and the absolute time the last one ended (the totals stop there)."""
     intervals = res["stage_intervals"]
     clock, _ = _npd_clock(res)
     ends = {r: e for stage, r, _, e in intervals if stage == "train"}
-    curve = [{"wall_s": 0.0, "score": res["start_score"], "teacher_tokens": 0}]
+    curve = [{"wall_s": 0.0, "score": res["start_score"], "teacher_tokens": 0, "steps": 0}]
     covered, teacher = [], 0
     end = min(s for _, _, s, _ in intervals)
     for x in res["rounds"]:
@@ -212,7 +212,8 @@ def _npd_curve(
         wall = clock(ends[x["round"]])
         if wall > limit_s:
             break
-        curve.append({"wall_s": wall, "score": x["score"], "teacher_tokens": teacher})
+        point = {"wall_s": wall, "score": x["score"], "teacher_tokens": teacher}
+        curve.append({**point, "steps": steps[x["round"]]})
         covered.append(x)
         end = ends[x["round"]]
     return curve, covered, end
@@ -267,6 +268,13 @@ def _optimizer_steps(spec: RunSpec) -> int:
     """Optimizer steps of an NPD run so far (its last checkpoint's step)."""
     q = "SELECT coalesce(max(step), 0) FROM checkpoints WHERE run_id = ?"
     return int(spec.store.query(q, [spec.run_id]).column(0)[0].as_py())
+
+
+def _round_steps(spec: RunSpec) -> dict[int, int]:
+    """An NPD run's optimizer steps at the end of each round (its checkpoints' steps)."""
+    q = "SELECT round, step FROM checkpoints WHERE run_id = ?"
+    t = spec.store.query(q, [spec.run_id])
+    return dict(zip(t.column(0).to_pylist(), t.column(1).to_pylist(), strict=True))
 
 
 def _nest(ctx: BenchContext, mlflow_run: str) -> None:
@@ -582,13 +590,26 @@ def summarize(results: list[VariantResult], budget_s: float) -> dict[str, Any]:
             if s != "evaluate"
         },
         "curve": [{"wall_s": t, "score": s} for t, s in cv.mean_curve(curves)],
-        "seed_curves": [[{"wall_s": t, "score": s} for t, s in c] for c in curves],
+        # each seed's points as measured: wall_s, score and, where the variant counts them,
+        # teacher_tokens and optimizer steps (the cost model's sample efficiency)
+        "seed_curves": [[{k: p[k] for k in POINT_KEYS if k in p} for p in c] for c in kept],
+        "seed_totals": [
+            {
+                "stage_seconds": r.stage_seconds,
+                "train_tokens": r.train_tokens,
+                "generated_tokens": r.generated_tokens,
+            }
+            for r in results
+        ],
         "dropped_points": sum(len(r.curve) - len(c) for r, c in zip(results, curves, strict=True)),
         "seeds": len(results),
         "settings": [r.settings for r in results],
         "run_ids": [r.run_id for r in results],
         "mlflow_run_ids": [r.mlflow_run_id for r in results],
     }
+
+
+POINT_KEYS = ("wall_s", "score", "teacher_tokens", "steps")
 
 
 def _idle(busy_s: float, clock_s: float) -> float:
@@ -771,6 +792,17 @@ def plan_bench(
     )
 
 
+def checkpoint_times(budget_s: float) -> list[float]:
+    """The baselines' evaluation times: every 1/CHECKPOINTS of the budget up to the final
+    stretch (its last ``FINAL_TAIL``), then ``TAIL_CHECKPOINTS`` evenly spaced in it, ending
+    at the budget, so the final score averages more than two points."""
+    tail_from = (1 - cv.FINAL_TAIL) * budget_s
+    early = [budget_s * k / CHECKPOINTS for k in range(1, CHECKPOINTS + 1)]
+    step = (budget_s - tail_from) / TAIL_CHECKPOINTS
+    late = [tail_from + step * k for k in range(1, TAIL_CHECKPOINTS + 1)]
+    return [t for t in early if t <= tail_from] + late
+
+
 def open_bench(plan: BenchPlan, log: Callable[[str], None]) -> BenchContext:
     """The bench's MLflow parent run (every variant's run nests under it) and the context the
     runners share; the baselines' checkpoints split the budget evenly."""
@@ -785,7 +817,7 @@ def open_bench(plan: BenchPlan, log: Callable[[str], None]) -> BenchContext:
     }
     config = plan.cfg.model_dump(mode="json")
     parent = tracking.start_run(str(plan.out), plan.bench_id, "bench", {**knobs, "config": config})
-    eval_at = [plan.budget_s * k / CHECKPOINTS for k in range(1, CHECKPOINTS + 1)]
+    eval_at = checkpoint_times(plan.budget_s)
     ctx = BenchContext(
         plan.out, plan.bench_id, plan.paths, config, plan.budget_s, eval_at, parent, log
     )
@@ -832,6 +864,7 @@ def make_report(
     search_scores: dict[str, list[dict[str, Any]]],
 ) -> dict[str, Any]:
     """The bench's JSON object: the table, the headline numbers and how they were obtained."""
+    from npd_core.data import read_prompts
     from tasks import tracking
 
     return {
@@ -840,7 +873,10 @@ def make_report(
         **headline_numbers(table),
         "seeds": {v.name: len(ctx.results[v.name]) for v in plan.selected},
         "held_out_size": plan.held_out,
+        "train_prompts": len(read_prompts(plan.paths["train_prompts"])),
         "machine": machine(),
+        "config": ctx.config,  # the bench's config (each variant's overrides are in settings)
+        "paths": plan.paths,  # the world: teacher, student, prompts (the cost model's input)
         "grid": {
             "multipliers": {k: list(v) for k, v in plan.grid.items()},
             "points": [asdict(h) for h in plan.points],

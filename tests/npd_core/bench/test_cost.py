@@ -1,0 +1,148 @@
+"""The cost model's arithmetic on hand-made curves and unit costs: counts read off a curve, each
+variant's seconds per stage, NPD's pipelined clock, and the validation against later seeds."""
+
+from __future__ import annotations
+
+import pytest
+
+from npd_core.bench import cost
+
+UNITS = {
+    "workload": {},
+    "1": {
+        "decode": {"8": 100.0, "32": 400.0, "128": 1000.0, "512": 2000.0, "1024": 2000.0},
+        "score_packed_tokens_per_s": 5000.0,
+        "train_packed": {"4": {"c0_s": 0.1, "tokens_per_s": 2000.0}},
+    },
+    "2": {
+        "decode": {"8": 150.0, "32": 600.0, "128": 1500.0, "512": 3000.0, "1024": 3000.0},
+        "teacher_decode_tokens_per_s": 500.0,
+        "score_padded_tokens_per_s": 4000.0,
+        "train_packed": {"4": {"c0_s": 0.05, "tokens_per_s": 4000.0}},
+        "train_padded": {"c0_s": 0.05, "tokens_per_s": 3000.0},
+    },
+}
+WORK = {
+    "gen_batch": 128,
+    "n_per_prompt": 1,
+    "onpolicy_prompts": 32,
+    "npd_rows": 4,
+    "sft_rows": 4,
+    "threads": {"npd": 1, "baselines": 2},
+    "overlap_gain": 1.5,
+}
+
+
+def test_at_score_interpolates_like_time_to_reach():
+    curve = [
+        {"score": 10.0, "teacher_tokens": 0, "steps": 0},
+        {"score": 30.0, "teacher_tokens": 1000, "steps": 10},
+        {"score": 50.0, "teacher_tokens": 3000, "steps": 30},
+    ]
+    assert cost.at_score(curve, 40.0, "teacher_tokens") == 2000.0
+    assert cost.at_score(curve, 40.0, "steps") == 20.0
+    assert cost.at_score(curve, 5.0, "steps") == 0.0
+    assert cost.at_score(curve, 60.0, "steps") is None
+
+
+def test_pipeline_clock_in_order_and_overlapped():
+    assert cost.pipeline_clock(2.0, 3.0, 4, None) == 20.0
+    # overlapped: P + (R − 1)·max(P, L, (P + L)/g) + L
+    assert cost.pipeline_clock(2.0, 3.0, 4, 2.0) == 2.0 + 3 * 3.0 + 3.0
+    assert cost.pipeline_clock(2.0, 3.0, 4, 1.25) == 2.0 + 3 * 4.0 + 3.0
+    assert cost.pipeline_clock(2.0, 3.0, 1, 2.0) == 5.0
+
+
+def test_decode_rate_is_linear_in_log_batch():
+    rates = UNITS["1"]["decode"]
+    assert cost.decode_rate(rates, 32) == 400.0
+    assert cost.decode_rate(rates, 64) == pytest.approx(700.0)  # halfway in log between 32, 128
+    assert cost.decode_rate(rates, 4) == 100.0 and cost.decode_rate(rates, 4096) == 2000.0
+
+
+def test_each_variant_pays_count_times_unit_cost():
+    counts = {
+        "teacher_tokens": 10_000.0,
+        "generated_tokens": 4_000.0,
+        "steps": 20.0,
+        "train_tokens": 8_000.0,
+        "rounds": 4.0,
+    }
+    on = cost.predict("onpolicy", counts, UNITS, WORK)["stage_seconds"]
+    assert on == pytest.approx(
+        {
+            "generate": 4000 / 600,  # batch 32 at 2 threads
+            "score": 10_000 / 4000,
+            "train": 20 * (0.05 + 400 / 3000),
+        }
+    )
+    sft = cost.predict("sft", counts, UNITS, WORK)
+    assert sft["stage_seconds"] == pytest.approx(
+        {"generate": 4000 / 500, "train": 20 * (0.05 + 400 / 4000)}
+    )
+    assert sft["clock_s"] == pytest.approx(sum(sft["stage_seconds"].values()))
+    npd = cost.predict("npd", counts, UNITS, WORK)
+    st = npd["stage_seconds"]
+    assert st == pytest.approx(
+        {"generate": 4000 / 1000, "score": 10_000 / 5000, "train": 20 * (0.1 + 400 / 2000)}
+    )
+    p, learn = (st["generate"] + st["score"]) / 4, st["train"] / 4
+    assert npd["clock_s"] == pytest.approx(cost.pipeline_clock(p, learn, 4, 1.5))
+    with pytest.raises(ValueError, match="no cost model"):
+        cost.predict("trl", counts, UNITS, WORK)
+
+
+def _run(name: str, rate: float, seed: int) -> tuple[list[dict], dict]:
+    """A run whose counts grow linearly with its clock and whose score rises by ``rate`` points
+    per 1000 teacher tokens; its stage seconds are what the model predicts for its counts."""
+    curve = [{"wall_s": 0.0, "score": 10.0, "teacher_tokens": 0, "steps": 0}]
+    for r in range(1, 9):
+        x = 2000.0 * r
+        counts = {
+            "teacher_tokens": x,
+            "generated_tokens": x / 2 if name != "sft" else 3000.0,
+            "steps": 5.0 * r,
+            "train_tokens": 5.0 * r * 400,
+            "rounds": float(r),
+        }
+        p = cost.predict(name, counts, UNITS, WORK)
+        curve.append(
+            {"wall_s": p["clock_s"], "score": 10.0 + rate * x / 1000, "teacher_tokens": x,
+             "steps": 5 * r}
+        )  # fmt: skip
+    totals = {
+        "stage_seconds": p["stage_seconds"],
+        "train_tokens": counts["train_tokens"],
+        "generated_tokens": counts["generated_tokens"],
+    }
+    return curve, totals
+
+
+def test_model_bench_recovers_the_speedup_of_runs_that_follow_it():
+    """Runs made of the model's own seconds: the prediction from seed 0 equals what seeds 1–2
+    measured, stage by stage and in speedup."""
+    variants = {}
+    for name, rate in (("npd", 4.0), ("sft", 2.0), ("onpolicy", 3.0)):
+        runs = [_run(name, rate, s) for s in range(3)]
+        curves = [c for c, _ in runs]
+        variants[name] = {
+            "seed_curves": curves,
+            "seed_totals": [t for _, t in runs],
+            "final_scores": [c[-1]["score"] for c in curves],
+        }
+    res = cost.model_bench({"variants": variants}, UNITS, WORK)
+    s = res["speedup"]
+    assert s["measured_seeds_1_2"] is not None and s["predicted"] == pytest.approx(
+        s["measured_seeds_1_2"], rel=1e-6
+    )
+    assert s["within_tolerance"] is True and abs(s["relative_error"]) < 1e-6
+    for name in ("npd", "sft", "onpolicy"):
+        assert [r["seed"] for r in res[name]["runs"]] == [1, 2]
+        for r in res[name]["runs"]:
+            assert r["predicted"]["clock_s"] == pytest.approx(r["measured"]["clock_s"])
+            for stage, v in r["measured"]["stage_seconds"].items():
+                assert r["predicted"]["stage_seconds"][stage] == pytest.approx(v)
+    assert res["sft"]["to_target"] is None  # sft tops out at 42 < the target, 46
+    assert res["target_score"] == pytest.approx(10 + 0.75 * 48)
+    # npd's learner (20 steps at 0.3 s) outweighs its producer; onpolicy's decoding at batch 32
+    assert res["bottleneck"] == {"npd": "train", "onpolicy": "generate"}
