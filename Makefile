@@ -6,17 +6,20 @@ BIN := $(VENV)/bin
 
 .PHONY: setup demo test lint vllm test-vllm peers test-peers
 
+# Recipes are silent (@) and setup writes to stderr, so that stdout of `make demo ARGS=--json`
+# is the JSON object alone.
 $(BIN)/npd: pyproject.toml
-	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
-	touch $(BIN)/npd
+	@echo "setting up $(VENV) (torch==2.13.0, then npd)" >&2
+	@$(PY) -m venv $(VENV) >&2
+	@$(BIN)/pip install -q --upgrade pip >&2
+	@$(BIN)/pip install -q torch==2.13.0 >&2
+	@$(BIN)/pip install -q -e '.[dev]' >&2
+	@touch $(BIN)/npd
 
 setup: $(BIN)/npd
 
 demo: setup
-	$(BIN)/npd demo $(ARGS)
+	@$(BIN)/npd demo $(ARGS)
 
 # pytest exits 5 when it collected no test: that is a failure here, not a pass. JOBS pytest-xdist
 # workers, a test file per worker (its module fixtures built once): the suite waits on Prefect
