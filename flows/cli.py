@@ -8,6 +8,7 @@ shows the traceback instead.
 from __future__ import annotations
 
 import csv
+import inspect
 import json
 import sys
 import time
@@ -470,6 +471,16 @@ def export(
     err.print(f"exported {run_id} round {info['round']}{score} to {info['dir']}")
 
 
+def _one_line_short_help(typer_app: typer.Typer) -> None:
+    """Command lists show the first paragraph of each command's docstring with its line breaks
+    (typer's rich help): give every command that paragraph reflowed as its short help."""
+    for c in typer_app.registered_commands:
+        doc = c.help or inspect.getdoc(c.callback) or ""
+        c.short_help = c.short_help or " ".join(doc.split("\n\n")[0].split())
+    for g in typer_app.registered_groups:
+        _one_line_short_help(g.typer_instance)
+
+
 STATUS_RUNS_SQL = """
 SELECT run_id, name, status, start_score, final_score, created_at, finished_at, flow_run_id,
        mlflow_run_id
@@ -481,3 +492,6 @@ SELECT c.run_id, c.round, c.score, r.kept_fraction, r.mean_loss, r.stage_seconds
 FROM checkpoints AS c LEFT JOIN rounds AS r ON r.run_id = c.run_id AND r.round = c.round
 ORDER BY c.run_id, c.round
 """
+
+
+_one_line_short_help(app)  # last: every command is registered by now

@@ -295,3 +295,21 @@ def test_failed_run_then_npd_retry(tmp_path, tiny_world, prefect_api):
     assert json.loads((out / "npd-store.json").read_text())["schema_version"] == 3
     missing = _cli("retry", "nope", "--out", str(out))
     assert missing.returncode != 0 and "no run 'nope'" in missing.stderr
+
+
+def test_command_lists_show_each_commands_help_reflowed():
+    """`npd --help` (and `npd bench --help`, `npd config --help`) list every command with the
+    first paragraph of its docstring on one line, as prose: typer's rich help kept the
+    docstring's line breaks there ("… are picked" / "up. Each run …")."""
+    import inspect
+
+    for args, typer_app in [
+        ([], app),
+        *(([g.name], g.typer_instance) for g in app.registered_groups),
+    ]:
+        res = runner.invoke(app, [*args, "--help"], env={"COLUMNS": "1000"})
+        assert res.exit_code == 0, res.output
+        lines = res.output.splitlines()
+        for c in typer_app.registered_commands:
+            para = " ".join(inspect.getdoc(c.callback).split("\n\n")[0].split())
+            assert any(para in line for line in lines), (args, c.callback.__name__)
