@@ -4,13 +4,12 @@ the run."""
 
 from __future__ import annotations
 
-import glob
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from npd_core.config import NPDConfig
-from npd_core.data import Prompt, write_prompts
+from npd_core.data import Prompt, reads_as_is, write_prompts
 from npd_core.errors import ConfigError, DataError
 from npd_core.pipeline.spec import RunSpec
 from npd_core.preflight import check_backends, check_run
@@ -43,11 +42,13 @@ def resolve_spec(
         Store(out)
         built = build_toy_world(out / "toy", ws, log=log)
         paths = {k: v or str(getattr(built, k)) for k, v in paths.items()}
-    prompts, _ = check_run(cfg, *paths.values())
+    prompts, evals = check_run(cfg, *paths.values())
     Store(out)
-    if cfg.schedule.skip_used_prompts or glob.has_magic(paths["train_prompts"]):
+    if cfg.schedule.skip_used_prompts or not reads_as_is(paths["train_prompts"], cfg.data):
         frozen = _freeze_prompts(prompts, cfg, paths["train_prompts"], out, run_id)
         paths["train_prompts"] = str(frozen)
+    if not reads_as_is(paths["eval_prompts"], cfg.data):
+        paths["eval_prompts"] = str(freeze(evals, out, run_id, "eval_prompts"))
     spec = dict(root=str(out), run_id=run_id, config=cfg.model_dump(mode="json"), **paths)
     return spec, built
 
@@ -65,9 +66,9 @@ def apply_world_defaults(cfg: NPDConfig, defaults: dict[str, dict[str, Any]]) ->
 def _freeze_prompts(
     prompts: list[Prompt], cfg: NPDConfig, source: str, out: Path, run_id: str
 ) -> Path:
-    """The run's own copy of its train prompts (the glob's files as of now, minus the ids
-    earlier runs used when ``schedule.skip_used_prompts``), so a retry sees the same prompts
-    however the folder grows."""
+    """The run's own copy of its train prompts (the glob's files or the dataset as of now, minus
+    the ids earlier runs used when ``schedule.skip_used_prompts``), so a retry sees the same
+    prompts however the folder grows."""
     if cfg.schedule.skip_used_prompts:
         used = used_prompt_ids(out, except_run=run_id)
         prompts = [p for p in prompts if p.id not in used]
@@ -76,7 +77,14 @@ def _freeze_prompts(
                 f"data.prompts: every prompt of {source} was used by an earlier run in "
                 f"{out}; add new prompt files or set schedule.skip_used_prompts: false"
             )
-    path = RunSpec.path(out, run_id).with_name("train_prompts.jsonl")
+    return freeze(prompts, out, run_id, "train_prompts")
+
+
+def freeze(prompts: list[Prompt], out: Path, run_id: str, name: str) -> Path:
+    """``runs/<run_id>/run/<name>.jsonl``: a prompt set as npd's own JSONL, which every stage,
+    retry and resume reads with the default options, whatever form and field names the
+    user's set has (Parquet, a folder of shards, a save_to_disk folder, a glob)."""
+    path = RunSpec.path(out, run_id).with_name(f"{name}.jsonl")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".jsonl.tmp")
     write_prompts(tmp, prompts)

@@ -9,14 +9,27 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from npd_core.errors import ConfigError
+from npd_core.method.answers import METRIC_NAMES, PYTHON_METRIC
+
+# a hub dataset name (owner/name): refused with a hint when no local path of that name exists
+HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 def deprecated(message: str) -> None:
@@ -50,12 +63,41 @@ class ModelsConfig(Section):
 class DataConfig(Section):
     prompts: str | None = Field(
         None,
-        description="train prompts JSONL (prompt, id?, answer?), or a glob of them "
-        "(files read in sorted order; ids unique across files)",
+        description="train prompts: a JSONL or Parquet file, a glob of them (read in sorted "
+        "order), a folder of shards or a datasets save_to_disk folder; ids unique across it",
     )
-    eval_prompts: str | None = Field(None, description="held-out prompts JSONL; none = toy world")
+    eval_prompts: str | None = Field(
+        None, description="held-out prompts, in any form data.prompts takes; none = toy world"
+    )
+    prompt_field: str = Field(
+        "prompt",
+        min_length=1,
+        description="field holding the prompt: a string, or a list of {role, content} turns "
+        "(a 'messages' field is read when the row has no such field)",
+    )
+    answer_field: str = Field(
+        "answer",
+        min_length=1,
+        description="field holding the reference answer (optional; a conversation's trailing "
+        "assistant turn is the answer when it is absent)",
+    )
+    id_field: str = Field(
+        "id", min_length=1, description="field holding the prompt id (optional; unique)"
+    )
+    split: str | None = Field(
+        None,
+        description="split of a save_to_disk DatasetDict folder; none = its only split",
+    )
+    allow_overlap: bool = Field(
+        False,
+        description="accept eval prompts that are also train prompts (exact text), with a "
+        "warning and their count; false = refuse the run",
+    )
     chat_template: Literal["auto", "none"] = Field(
-        "auto", description="format prompts with the tokenizer's chat template when it has one"
+        "auto",
+        description="auto = format prompts with the tokenizer's chat template when it has one "
+        "(add_generation_prompt; a string is one user turn); none = plain strings tokenised "
+        "raw (conversations need a template)",
     )
     stop: list[str] = Field(
         default_factory=list, description="extra stop strings (EOS always stops)"
@@ -64,6 +106,15 @@ class DataConfig(Section):
         2048, ge=1, le=10_000_000, description="prompts sampled per round"
     )
     eval_size: int | None = Field(None, ge=1, description="held-out prompts evaluated; none = all")
+
+    def reader_options(self) -> dict[str, Any]:
+        """The keyword arguments of ``data.read_prompts`` this section sets."""
+        return dict(
+            prompt_field=self.prompt_field,
+            answer_field=self.answer_field,
+            id_field=self.id_field,
+            split=self.split,
+        )
 
 
 class GenerateConfig(Section):
@@ -193,10 +244,18 @@ class TrainConfig(Section):
 class EvalConfig(Section):
     max_new_tokens: int | None = Field(None, ge=1, description="none = generate.max_new_tokens")
     batch_size: int = Field(512, ge=1, description="sequences decoded together (greedy)")
-    metric: Literal["exact", "final_line"] = Field(
+    metric: str = Field(
         "exact",
-        description="what must equal the prompt's answer: exact = the whole normalized "
-        "response, final_line = its last non-empty line (a worked answer graded on its result)",
+        description="how a response is graded against the prompt's answer: exact (the whole "
+        "response, spaces collapsed), normalized (also case and punctuation), contains, regex "
+        "(eval.answer_regex), boxed (the last \\boxed{...}), gsm8k (the number after ####), "
+        "final_line (its last non-empty line), or python:module:function (your own "
+        "(prediction, reference) -> float, importable)",
+    )
+    answer_regex: str | None = Field(
+        None,
+        description="metric regex: the pattern whose first match's first group is the answer "
+        "(in the response, and in the reference when it matches there)",
     )
     regression_margin: float = Field(
         3.0,
@@ -210,6 +269,29 @@ class EvalConfig(Section):
         "waits for it); end = evaluate every checkpoint after the last round, so evaluation is "
         "never on the learner's path (npd bench; in-process rounds only)",
     )
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, value: str) -> str:
+        if value not in METRIC_NAMES and not PYTHON_METRIC.fullmatch(value):
+            raise ValueError(
+                f"unknown metric {value!r}; choose from {', '.join(METRIC_NAMES)} or "
+                "python:module:function"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _regex(self) -> EvalConfig:
+        if self.metric == "regex" and not self.answer_regex:
+            raise ValueError("metric regex needs eval.answer_regex (a pattern with one group)")
+        if self.answer_regex is not None:
+            try:
+                re.compile(self.answer_regex)
+            except re.error as err:
+                raise ValueError(
+                    f"answer_regex {self.answer_regex!r} is not a regex ({err})"
+                ) from None
+        return self
 
 
 class ScheduleConfig(Section):
@@ -333,8 +415,17 @@ def build_config(
         if value and "\0" in value:  # the OS refuses such a path with a bare ValueError
             raise ConfigError(f"{source}: field '{sec}.{key}': path contains a NUL byte; fix it")
         if base is not None and value and not Path(value).expanduser().is_absolute():
+            if sec == "data" and _remote(value, base):
+                continue  # kept as written: read_prompts refuses it with a hint
             setattr(section, key, str((base / value).resolve()))
     return cfg
+
+
+def _remote(value: str, base: Path) -> bool:
+    """A URL, or a hub name (owner/name) that is no path next to the config."""
+    return "://" in value or (
+        HUB_NAME.fullmatch(value) is not None and not os.path.exists(base / value)
+    )
 
 
 def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> NPDConfig:

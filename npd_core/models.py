@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import random
 import threading
+from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from jinja2 import TemplateError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
 from npd_core.atomic import atomic_dir
-from npd_core.errors import ModelError
+from npd_core.data import Turn
+from npd_core.errors import DataError, ModelError
 from npd_core.iotime import timed
 
 TRAINER_STATE = "trainer_state.pt"
@@ -100,18 +103,48 @@ def view_prefix(tok: Any, view: str, text: str, chat_template: str) -> list[int]
     return [start_token_id(tok)]
 
 
-def format_prompts(tok: Any, prompts: list[str], chat_template: str) -> list[list[int]]:
-    """Token ids of each prompt, through the chat template when asked for and present."""
-    if chat_template == "auto" and getattr(tok, "chat_template", None):
-        return [
-            list(
-                tok.apply_chat_template(
-                    [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True
-                )
+def templated(tok: Any, chat_template: str) -> bool:
+    """Whether prompts go through the tokenizer's chat template (``data.chat_template``)."""
+    return chat_template == "auto" and bool(getattr(tok, "chat_template", None))
+
+
+def prompt_texts(
+    tok: Any, prompts: Sequence[str | Sequence[Turn]], chat_template: str
+) -> list[str]:
+    """The exact text each prompt is tokenised from: its turns (a string is one user turn)
+    through the chat template with ``add_generation_prompt``, or a string itself when no
+    template applies. A conversation without a template is a DataError."""
+    if not templated(tok, chat_template):
+        if any(not isinstance(p, str) for p in prompts):
+            why = "data.chat_template is none" if chat_template == "none" else "it has none"
+            raise DataError(
+                f"conversational prompts need the tokenizer's chat template and {why}; "
+                "set data.chat_template: auto with a tokenizer that has a template, or give "
+                "plain prompt strings"
             )
-            for p in prompts
-        ]
-    return [tok(p, add_special_tokens=True)["input_ids"] for p in prompts]
+        return list(prompts)
+    texts = []
+    for p in prompts:
+        turns = [{"role": "user", "content": p}] if isinstance(p, str) else list(p)
+        try:
+            texts.append(tok.apply_chat_template(turns, add_generation_prompt=True, tokenize=False))
+        except TemplateError as err:
+            raise DataError(f"the tokenizer's chat template refused a prompt ({err})") from None
+    return texts
+
+
+def encode_prompts(tok: Any, texts: list[str], chat_template: str) -> list[list[int]]:
+    """Token ids of ``prompt_texts``: a rendered template holds its special tokens as text (as
+    ``apply_chat_template(tokenize=True)`` encodes it); a raw prompt gets the tokenizer's own."""
+    special = not templated(tok, chat_template)
+    return [tok(t, add_special_tokens=special)["input_ids"] for t in texts]
+
+
+def format_prompts(
+    tok: Any, prompts: Sequence[str | Sequence[Turn]], chat_template: str
+) -> list[list[int]]:
+    """Token ids of each prompt, through the chat template when asked for and present."""
+    return encode_prompts(tok, prompt_texts(tok, prompts, chat_template), chat_template)
 
 
 def rng_state() -> dict[str, Any]:

@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
+from typing import Any
 
 from transformers import AutoConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from npd_core.backends import vllm as vllm_backend
 from npd_core.config import NPDConfig
-from npd_core.data import Prompt, read_prompt_glob, read_prompts
+from npd_core.data import Prompt, read_prompts, shared_prompts
 from npd_core.errors import ConfigError, DataError, ModelError
-from npd_core.models import format_prompts, load_tokenizer
+from npd_core.method.answers import metric_fn
+from npd_core.models import format_prompts, load_tokenizer, prompt_texts
 
 
 def _model_config(path: str, role: str) -> dict:
@@ -80,11 +83,13 @@ def check_run(
             f"different vocabularies ({len(tok_t)} vs {len(tok_s)} tokens); npd needs "
             "one shared tokenizer (no vocabulary mapping is configured)"
         )
-    prompts = read_prompt_glob(train)
-    evals = read_prompts(held_out)
+    prompts = read_prompts(train, **cfg.data.reader_options())
+    evals = read_prompts(held_out, **cfg.data.reader_options())
+    check_overlap(prompts, {"data.eval_prompts": evals}, cfg.data.allow_overlap)
+    metric_fn(cfg.eval.metric, cfg.eval.answer_regex)  # a user's metric is imported now
     context = min(c.get("max_position_embeddings") or 1 << 30 for c in cfgs.values())
     for name, ps in (("data.prompts", prompts), ("data.eval_prompts", evals)):
-        ids = format_prompts(tok_s, [p.prompt for p in ps], cfg.data.chat_template)
+        ids = _formatted(tok_s, student, name, ps, cfg.data.chat_template)
         longest = max(range(len(ids)), key=lambda i: len(ids[i]))
         n = len(ids[longest])
         if n + cfg.generate.max_new_tokens > context:
@@ -99,3 +104,35 @@ def check_run(
                 f"{ps[longest].id!r} ({n} tokens) of {name}; raise pack.max_seq_len"
             )
     return prompts, evals
+
+
+def check_overlap(train: list[Prompt], sets: dict[str, list[Prompt]], allow: bool) -> None:
+    """Held-out prompts that are also train prompts (exact text) measure memory, not skill:
+    refused, or with ``data.allow_overlap`` one warning per set with their count."""
+    for name, held_out in sets.items():
+        shared = shared_prompts(train, held_out)
+        if not shared:
+            continue
+        what = f"{name}: {len(shared)} of its {len(held_out)} prompts are also train prompts"
+        if not allow:
+            raise DataError(
+                f"{what} (exact text, first id {shared[0]!r}); remove them from one of the "
+                "sets, or set data.allow_overlap: true to accept them"
+            )
+        warnings.warn(f"{what} (data.allow_overlap: true)", UserWarning, stacklevel=2)
+
+
+def _formatted(
+    tok: Any, where: str, name: str, prompts: list[Prompt], chat_template: str
+) -> list[list[int]]:
+    """Token ids of a prompt set; a prompt the chat template of the tokenizer at ``where``
+    cannot format is named by id."""
+    try:
+        return format_prompts(tok, [p.prompt for p in prompts], chat_template)
+    except DataError:
+        for p in prompts:  # find the first one at fault
+            try:
+                prompt_texts(tok, [p.prompt], chat_template)
+            except DataError as err:
+                raise DataError(f"{name}: prompt {p.id!r}: {err} (tokenizer: {where})") from None
+        raise

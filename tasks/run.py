@@ -45,7 +45,7 @@ def open_run(spec: RunSpec) -> str:
     spec.save()
     mlf = tracking.start_run(spec.root, spec.run_id, spec.cfg.name, spec.config)
     prompts = [
-        dict(run_id=spec.run_id, prompt_id=p.id, prompt=p.prompt, answer=p.answer, split=split)
+        dict(run_id=spec.run_id, prompt_id=p.id, prompt=p.text, answer=p.answer, split=split)
         for split, path in (("train", spec.train_prompts), ("eval", spec.eval_prompts))
         for p in read_prompts(path)
     ]

@@ -1,6 +1,7 @@
-"""Held-out evaluation: greedy decoding, then exact match in points (0–100) under the run's
-``eval.metric`` (``METRICS``: the whole response, or its final line), or, where prompts have no
-reference answer, the teacher's mean log-likelihood per token of the greedy answers."""
+"""Held-out evaluation: greedy decoding, then the run's ``eval.metric`` (``answers.METRICS``:
+exact, normalized, contains, regex, boxed, gsm8k, final_line or the user's own function) in
+points (0–100), or, where prompts have no reference answer, the teacher's mean log-likelihood per
+token of the greedy answers."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ import numpy as np
 from transformers import PreTrainedModel
 
 from npd_core.config import NPDConfig
+from npd_core.method.answers import STORED_NAMES, metric_fn
+from npd_core.method.answers import final_line as final_line  # the toy's world search
+from npd_core.method.answers import normalize as normalize  # imports these from here
 from npd_core.method.generate import generate
 from npd_core.method.score import score
 from npd_core.models import use_bf16
@@ -18,24 +22,10 @@ from npd_core.models import use_bf16
 
 @dataclass
 class EvalResult:
-    score: float  # exact match in points, or mean teacher log-likelihood per token
-    metric: str  # "exact_match" | "final_line" | "teacher_loglik"
-    correct: np.ndarray  # (N,) bool, match per prompt (all False for teacher_loglik)
+    score: float  # mean metric in points, or mean teacher log-likelihood per token
+    metric: str  # "exact_match" (eval.metric exact), the eval.metric, or "teacher_loglik"
+    correct: np.ndarray  # (N,) metric per prompt, 1.0 = match (all 0 for teacher_loglik)
     responses: list[str]
-
-
-def normalize(text: str) -> str:
-    return " ".join(text.strip().split())
-
-
-def final_line(text: str) -> str:
-    """The last non-empty line, normalized: a worked answer graded on its result."""
-    lines = [x for x in text.split("\n") if x.strip()]
-    return normalize(lines[-1]) if lines else ""
-
-
-# eval.metric → (what is compared of a response and of its reference, the name in `evals`)
-METRICS = {"exact": (normalize, "exact_match"), "final_line": (final_line, "final_line")}
 
 
 def greedy_responses(
@@ -88,10 +78,16 @@ def greedy_decoded(
     return resp, [tok.decode(x, skip_special_tokens=True) for x in resp]
 
 
-def exact_match(responses: list[str], answers: list[str], metric: str = "exact") -> EvalResult:
-    """Points (0–100) of responses equal to their reference under ``metric`` (``METRICS``)."""
-    view, name = METRICS[metric]
-    correct = np.array([view(r) == view(a) for r, a in zip(responses, answers, strict=True)])
+def exact_match(
+    responses: list[str], answers: list[str], metric: str = "exact", answer_regex: str | None = None
+) -> EvalResult:
+    """Points (0–100): the mean of ``metric`` (``answers.metric_fn``) over the responses, each
+    graded against its reference answer."""
+    fn = metric_fn(metric, answer_regex)
+    correct = np.array(
+        [float(fn(r, a)) for r, a in zip(responses, answers, strict=True)], dtype=np.float64
+    )
+    name = STORED_NAMES.get(metric, metric)
     return EvalResult(
         100.0 * float(correct.mean()) if len(correct) else 0.0, name, correct, responses
     )
@@ -120,4 +116,4 @@ def teacher_loglik(
     )
     n = sum(len(x) + 1 for x in responses)
     value = float(scores.cond_logprob_sum.sum() / n)
-    return EvalResult(value, "teacher_loglik", np.zeros(len(responses), dtype=bool), texts)
+    return EvalResult(value, "teacher_loglik", np.zeros(len(responses)), texts)

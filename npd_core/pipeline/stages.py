@@ -50,11 +50,13 @@ from npd_core.method.train import (
     train_round,
 )
 from npd_core.models import (
+    encode_prompts,
     format_prompts,
     frozen_dtype,
     load_model,
     load_tokenizer,
     load_trainer_state,
+    prompt_texts,
     rng_state,
     save_checkpoint,
     use_bf16,
@@ -153,7 +155,8 @@ def generate_stage(
         )
         ckpt = spec.checkpoint(generator_round(r, cfg.staleness))
         tok = load_tokenizer(ckpt)
-        ids = format_prompts(tok, [p.prompt for p in prompts], cfg.data.chat_template)
+        texts = prompt_texts(tok, [p.prompt for p in prompts], cfg.data.chat_template)
+        ids = encode_prompts(tok, texts, cfg.data.chat_template)
         g = cfg.generate
         seeds = [
             [seed_for(cfg.seed, "generate", r, p.id, k) for k in range(g.n_per_prompt)]
@@ -163,7 +166,7 @@ def generate_stage(
         gens, engine = _generate_with(backend, ckpt, tok, ids, seeds, cfg, progress)
         now = _now()
         rows = []
-        for p, pid, outs, p_seeds in zip(prompts, ids, gens, seeds, strict=True):
+        for p, ptext, pid, outs, p_seeds in zip(prompts, texts, ids, gens, seeds, strict=True):
             for k, gen in enumerate(outs):
                 gen, text = apply_stop_strings(
                     gen, lambda t: tok.decode(t, skip_special_tokens=True), cfg.data.stop
@@ -174,7 +177,7 @@ def generate_stage(
                         round=r,
                         prompt_id=p.id,
                         sample_idx=k,
-                        prompt=p.prompt,
+                        prompt=ptext,  # the exact text tokenised (chat template applied)
                         response=text,
                         prompt_token_ids=pid,
                         response_token_ids=gen.token_ids,
@@ -577,7 +580,8 @@ def evaluate_stage(
         frozen = frozen_dtype(cfg.models.frozen_dtype)
         resp, texts = greedy_decoded(load_model(ckpt, frozen), tok, ids, cfg, progress)
         if all(p.answer is not None for p in prompts):
-            res = exact_match(texts, [p.answer for p in prompts], cfg.eval.metric)
+            answers = [p.answer for p in prompts]
+            res = exact_match(texts, answers, cfg.eval.metric, cfg.eval.answer_regex)
         else:
             teacher = load_model(spec.teacher, frozen)
             with packed_attention(teacher, spec.kernel("score_teacher")):

@@ -21,7 +21,10 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
+import datasets
 import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from resume_checks import NPD
@@ -285,6 +288,110 @@ def test_missing_prompts_file(capfd, store, tmp_path, tiny_world):
     missing = tmp_path / "gone.jsonl"
     cfg = run_config(tmp_path, tiny_world, data={"eval_prompts": str(missing)})
     refused(capfd, store, ["run", cfg, "--out", store], [str(missing), "not found"], 2)
+
+
+# ------------------------------------------------------------------------------ datasets
+
+
+def _parquet(rows: list[dict]):
+    def write(d: Path) -> Path:
+        pq.write_table(pa.Table.from_pylist(rows), d / "train.parquet")
+        return d / "train.parquet"
+
+    return write
+
+
+def _bytes_as_parquet(d: Path) -> Path:
+    (d / "train.parquet").write_text('id,prompt\n1,"1,2="\n')  # a CSV under a Parquet name
+    return d / "train.parquet"
+
+
+def _several_splits(d: Path) -> Path:
+    ds = datasets.Dataset.from_list([{"prompt": "1,2="}])
+    datasets.DatasetDict({"train": ds, "test": ds}).save_to_disk(str(d / "saved"))
+    return d / "saved"
+
+
+def _shards_sharing_an_id(d: Path) -> Path:
+    (d / "shards").mkdir()
+    for i in range(2):
+        rows = [{"id": f"own-{i}", "prompt": "1,2="}, {"id": "same", "prompt": f"{i},3="}]
+        pq.write_table(pa.Table.from_pylist(rows), d / "shards" / f"part-{i}.parquet")
+    return d / "shards"
+
+
+def _hub_name(d: Path) -> str:
+    return "openai/gsm8k"  # relative, and no such folder beside the config
+
+
+USER = {"role": "user", "content": "1,2="}
+DATA_CASES = {
+    "missing_column": (
+        _parquet([{"question": "1,2="}]),
+        ["no column 'prompt' or 'messages' (columns: question)", "data.prompt_field"],
+    ),
+    "messages_as_a_json_string": (
+        _parquet([{"messages": json.dumps([USER])}]),
+        ["column 'messages' holds string, not a list of turns", "json.loads"],
+    ),
+    "turn_without_role": (
+        _parquet([{"messages": [{"content": "1,2="}]}]),
+        ["row 0: field 'messages'[0]: turn without a string 'role'"],
+    ),
+    "turn_without_content": (
+        _parquet([{"messages": [USER]}, {"messages": [{"role": "user"}]}]),
+        ["row 1: field 'messages'[0]: 'content' of a user turn is null"],
+    ),
+    "content_null": (
+        _parquet([{"messages": [{"role": "system", "content": None}, USER]}]),
+        ["row 0: field 'messages'[0]: 'content' of a system turn is null"],
+    ),
+    "unknown_role": (
+        _parquet([{"messages": [{"role": "bot", "content": "1,2="}]}]),
+        ["row 0: field 'messages'[0]: unknown role 'bot'", "system, user, assistant"],
+    ),
+    "empty_messages": (
+        _parquet([{"messages": [USER]}, {"messages": []}]),
+        ["row 1: field 'messages': empty list of turns"],
+    ),
+    "not_parquet": (_bytes_as_parquet, ["not a Parquet file"]),
+    "several_splits_and_no_split": (
+        _several_splits,
+        ["splits train, test and no data.split is set", "set data.split"],
+    ),
+    "duplicate_ids_across_shards": (
+        _shards_sharing_an_id,
+        ["part-1.parquet: row 1: duplicate id 'same' (also at ", "part-0.parquet: row 1)"],
+    ),
+    "hub_name": (_hub_name, ["npd never downloads", "save_to_disk(DIR)"]),
+    "conversation_without_a_chat_template": (  # the toy's tokenizer has none
+        _parquet([{"messages": [{"role": "system", "content": "sort"}, USER]}]),
+        ["data.prompts: prompt 'train-0'", "need the tokenizer's chat template and it has none"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", DATA_CASES)
+def test_bad_dataset(case, capfd, store, tmp_path, tiny_world):
+    """Parquet, folders of shards, save_to_disk folders and conversational rows: one line naming
+    the file, the row and the field; nothing written."""
+    write, needles = DATA_CASES[case]
+    (tmp_path / "data").mkdir()
+    source = write(tmp_path / "data")
+    cfg = run_config(tmp_path, tiny_world, data={"prompts": str(source)})
+    at_fault = tiny_world.student if case == "conversation_without_a_chat_template" else source
+    refused(capfd, store, ["run", cfg, "--out", store], [str(at_fault), *needles], 2)
+
+
+def test_train_prompts_in_the_eval_set(capfd, store, tmp_path, tiny_world):
+    """A held-out prompt that is also a train prompt (exact text) refuses the run, naming the set,
+    the count and data.allow_overlap."""
+    train = tiny_world.train_prompts.read_text().splitlines()
+    held = tmp_path / "held.jsonl"
+    held.write_text("\n".join([*train[3:5], *tiny_world.eval_prompts.read_text().splitlines()]))
+    cfg = run_config(tmp_path, tiny_world, data={"eval_prompts": str(held)})
+    needles = ["data.eval_prompts: 2 of its 66 prompts are also train prompts", "allow_overlap"]
+    refused(capfd, store, ["run", cfg, "--out", store], needles, 2)
 
 
 # ------------------------------------------------------------------------------ store

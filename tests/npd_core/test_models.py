@@ -1,4 +1,5 @@
-"""Frozen models in the precision they run in: resident memory of a ~200 M-parameter load."""
+"""Frozen models in the precision they run in (resident memory of a ~200 M-parameter load), and
+prompts formatted for a model: the exact text through its chat template, and its ids."""
 
 from __future__ import annotations
 
@@ -6,10 +7,13 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
+from chat_models import chat_tokenizer
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from npd_core.models import frozen_dtype
+from npd_core.errors import DataError
+from npd_core.models import format_prompts, frozen_dtype, prompt_texts
 
 # Loads one checkpoint with the given dtype in a fresh interpreter and prints how much its
 # resident memory grew (torch and transformers imported first, so only the weights count).
@@ -81,3 +85,41 @@ def test_large_weights_are_sharded_and_load_with_plain_from_pretrained(tmp_path,
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "c")
     for (name, a), b in zip(model.state_dict().items(), back.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_prompts_go_through_the_chat_template_with_their_system_turn():
+    """A conversation is rendered with ``add_generation_prompt`` and its system turn; a string is
+    one user turn; the ids are the rendered text's tokens, as ``apply_chat_template`` gives."""
+    tok = chat_tokenizer()
+    convo = (
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is 6 * 7?"},
+    )
+    texts = prompt_texts(tok, [convo, "Hi"], "auto")
+    assert texts == [
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nWhat is 6 * 7?<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n",
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n",
+    ]
+    ids = format_prompts(tok, [convo, "Hi"], "auto")
+    want = tok.apply_chat_template(list(convo), add_generation_prompt=True)["input_ids"]
+    assert ids[0] == want and ids[0][0] == tok.bos_token_id and ids[0].count(tok.eos_token_id) == 2
+    assert tok.decode(ids[1]) == texts[1]
+
+
+def test_raw_prompts_and_conversations_without_a_template():
+    """``chat_template: none`` tokenises a string as it is (the tokenizer's own specials); a
+    conversation then, or with a tokenizer that has no template, is one DataError."""
+    tok = chat_tokenizer()
+    assert prompt_texts(tok, ["Hi"], "none") == ["Hi"]
+    assert format_prompts(tok, ["Hi"], "none") == [tok("Hi")["input_ids"]]
+    convo = ({"role": "user", "content": "Hi"},)
+    with pytest.raises(DataError, match="need the tokenizer's chat template and data.chat_"):
+        format_prompts(tok, [convo], "none")
+    with pytest.raises(DataError, match="chat template and it has none"):
+        format_prompts(chat_tokenizer(template=None), [convo], "auto")
+    strict = chat_tokenizer("{{ raise_exception('roles must alternate') }}")
+    with pytest.raises(DataError, match=r"chat template refused a prompt \(roles must alternate"):
+        format_prompts(strict, [convo], "auto")

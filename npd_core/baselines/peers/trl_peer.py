@@ -55,7 +55,7 @@ from npd_core.data import Prompt
 from npd_core.errors import ConfigError
 from npd_core.method.evaluate import exact_match, greedy_decoded
 from npd_core.method.train import lr_at
-from npd_core.models import format_prompts, load_model, load_tokenizer, use_bf16
+from npd_core.models import format_prompts, load_model, load_tokenizer, templated, use_bf16
 
 LOSS_BETA = {"forward_kl": 0.0, "reverse_kl": 1.0}  # TRL's β for our loss names ("jsd": our β)
 
@@ -225,7 +225,8 @@ def heldout_score(model: PreTrainedModel, tok: Any, prompts: list[Prompt], cfg: 
     was_training = model.training
     _, texts = greedy_decoded(model, tok, ids, cfg)
     model.train(was_training)
-    return exact_match(texts, [p.answer for p in prompts], cfg.eval.metric).score
+    answers = [p.answer for p in prompts]
+    return exact_match(texts, answers, cfg.eval.metric, cfg.eval.answer_regex).score
 
 
 def run_trl(
@@ -254,11 +255,9 @@ def run_trl(
     tok = load_tokenizer(student)
     tok.padding_side = "left"
     model, teacher_model = load_model(student), load_model(teacher)
-    texts = [p.prompt for p in train_prompts]
-    if cfg.data.chat_template == "auto" and getattr(tok, "chat_template", None):
-        rows: list[Any] = [[{"role": "user", "content": x}] for x in texts]
-    else:
-        rows = texts
+    rows: list[Any] = [p.prompt for p in train_prompts]
+    if templated(tok, cfg.data.chat_template):  # TRL applies the template to turns
+        rows = [[{"role": "user", "content": x}] if isinstance(x, str) else list(x) for x in rows]
     schedule = _Schedule(cfg.train, max_steps)
     score = partial(heldout_score, model, tok, eval_prompts, cfg)
     clock = _Clock(budget_s, eval_at, score, schedule)
