@@ -196,19 +196,14 @@ def _load_saved(source: Path, split: str | None) -> pa.Table:
 
 
 def _check_columns(source: Path, schema: pa.Schema, fields: _Fields) -> None:
-    """The columns a tabular source must have (and the type a conversation column needs)."""
+    """The prompt column a tabular source must have (and the type a conversation column
+    needs); answer and id columns are optional, as the fields of a JSONL row are."""
     names = schema.names
     if fields.prompt not in names and "messages" not in names:
         raise DataError(
             f"{source}: no column '{fields.prompt}' or 'messages' (columns: "
             f"{', '.join(names)}); set data.prompt_field to the prompt's column"
         )
-    for field, default in ((fields.answer, "answer"), (fields.id, "id")):
-        if field != default and field not in names:
-            raise DataError(
-                f"{source}: no column '{field}' (columns: {', '.join(names)}); fix "
-                f"data.{default}_field or leave it out for '{default}'"
-            )
     if "messages" in names and fields.prompt not in names:
         kind = schema.field("messages").type
         if not (pa.types.is_list(kind) or pa.types.is_large_list(kind)):

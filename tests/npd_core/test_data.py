@@ -121,8 +121,8 @@ def test_field_mapping_and_plain_strings(tmp_path):
     assert got == [Prompt("7", "What is 2 + 2?", "4")]
     with pytest.raises(DataError, match=r"gsm.parquet: no column 'prompt' or 'messages' \(col"):
         read_prompts(tmp_path / "gsm.parquet")
-    with pytest.raises(DataError, match=r"no column 'label'.*data.answer_field"):
-        read_prompts(tmp_path / "gsm.parquet", prompt_field="question", answer_field="label")
+    unmapped = read_prompts(tmp_path / "gsm.parquet", prompt_field="question")
+    assert unmapped == [Prompt("gsm-0", "What is 2 + 2?", None)]  # id and answer optional
 
 
 def test_npd_jsonl_round_trips_and_is_read_as_is(tmp_path):
