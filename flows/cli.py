@@ -88,6 +88,15 @@ def _union_seconds(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
+def overhead_seconds(res: dict[str, Any]) -> float:
+    """Seconds of the flow's rounds in which none of this process's stages ran: orchestration
+    overhead. Stages reused from an earlier process's cache (a resumed run) ran outside this
+    flow's time, so they do not count."""
+    reused = {tuple(x) for x in res["reused_stages"]}
+    ran = [(s, e) for st, r, s, e in res["stage_intervals"] if (st, r) not in reused]
+    return res["flow_wall_s"] - res["open_s"] - _union_seconds(ran)
+
+
 def run_flow(spec_kwargs: dict[str, Any], out: Path, show: bool) -> dict[str, Any]:
     """Run the distill flow and return the run summary (the ``--json`` object)."""
     prefect_env(out)
@@ -104,16 +113,19 @@ def run_flow(spec_kwargs: dict[str, Any], out: Path, show: bool) -> dict[str, An
     with bars.progress:
         res = distill_flow(spec)
     wall = time.time() - t0
-    intervals = [(s, e) for _, _, s, e in res["stage_intervals"]]
     rounds_wall = res["flow_wall_s"] - res["open_s"]
     startup = res["flow_started"] - t0 + res["open_s"]
-    overhead = rounds_wall - _union_seconds(intervals)
+    overhead = overhead_seconds(res)
     return {
         "run_id": spec.run_id,
         "start_score": res["start_score"],
+        "start_scores": res["start_scores"],  # θ_0 on every eval set
+        "primary_set": spec.cfg.eval.primary_set,  # the set of start_score and final_score
         "final_score": res["final_score"],
         "gain_points": res["final_score"] - res["start_score"],
         "rounds": res["rounds"],
+        "reused_stages": [list(x) for x in res["reused_stages"]],
+        "registered": res["registered"],
         "db": str((out / "npd.duckdb").resolve()),
         "mlflow_uri": tracking_uri(out),
         "mlflow_run_id": res["mlflow_run_id"],
@@ -125,11 +137,19 @@ def run_flow(spec_kwargs: dict[str, Any], out: Path, show: bool) -> dict[str, An
     }
 
 
+def _score_columns(sets: list[str], primary: str) -> list[str]:
+    """One score column per eval set (the primary one starred), or "score" for the one set."""
+    return ["score"] if len(sets) == 1 else [f"{n}*" if n == primary else n for n in sets]
+
+
 def print_summary(summary: dict[str, Any]) -> None:
     t = Table(title=f"npd run {summary['run_id']}", title_justify="left")
-    for col in ("round", "generated", "kept", "train tok", "loss", "score", "seconds"):
+    sets = list(summary["start_scores"])
+    for col in ("round", "generated", "kept", "train tok", "loss"):
         t.add_column(col, justify="right")
-    t.add_row("0", "", "", "", "", f"{summary['start_score']:.1f}", "")
+    for col in (*_score_columns(sets, summary["primary_set"]), "seconds"):
+        t.add_column(col, justify="right")
+    t.add_row("0", "", "", "", "", *(f"{summary['start_scores'][n]:.1f}" for n in sets), "")
     for r in summary["rounds"]:
         t.add_row(
             str(r["round"]),
@@ -137,10 +157,18 @@ def print_summary(summary: dict[str, Any]) -> None:
             str(r["n_kept"]),
             str(r["train_tokens"]),
             f"{r['mean_loss']:.4f}",
-            f"{r['score']:.1f}",
+            *(f"{r['scores'][n]:.1f}" for n in sets),
             f"{sum(r['stage_seconds'].values()):.1f}",
         )
     err.print(t)
+    if summary["reused_stages"]:
+        from tasks.artifacts import reused_text
+
+        reused = reused_text(summary["reused_stages"])
+        err.print(f"reused from an earlier process's cache: {reused}")
+    if summary["registered"]:
+        reg = summary["registered"]
+        err.print(f"registered in the MLflow Model Registry: {reg['name']} v{reg['version']}")
     err.print(
         f"score {summary['start_score']:.1f} → {summary['final_score']:.1f} "
         f"({summary['gain_points']:+.1f} points) in {summary['wall_s']:.0f} s; "
@@ -218,14 +246,14 @@ def run(
     from npd_core.config import load_config
 
     cfg = load_config(config)
-    for sec, key in (
-        ("models", "teacher"),
-        ("models", "student"),
-        ("data", "prompts"),
-        ("data", "eval_prompts"),
-    ):
+    for sec, key in (("models", "teacher"), ("models", "student"), ("data", "prompts")):
         if not getattr(getattr(cfg, sec), key):
             raise ConfigError(f"{config}: field '{sec}.{key}' is required by `npd run`; set it")
+    if not (cfg.data.eval_prompts or cfg.eval.sets):
+        raise ConfigError(
+            f"{config}: `npd run` needs held-out prompts; set data.eval_prompts, or eval.sets "
+            "for several sets"
+        )
     spec, _ = resolve_spec(cfg, out, new_run_id())
     err.print(f"run {spec['run_id']}: {cfg.rounds} rounds, staleness {cfg.staleness}")
     emit(run_flow(spec, out, show=True), as_json)
@@ -384,13 +412,14 @@ def status(
     out: OutOpt = Path("npd-out"),
     as_json: JsonOpt = False,
 ) -> None:
-    """Runs with their rounds (scores, kept fractions, stage seconds) from the store; marks each
-    run's best checkpoint and flags rounds that regressed (eval.regression_margin). A run whose
-    process was killed shows as 'crashed' (its lease holder is gone), one that failed as
-    'failed'; `npd retry` resumes both."""
-    from npd_core.store import lease, query
+    """Runs with their rounds (scores, kept fractions, stage seconds) from the store, a score
+    column per eval set (the primary one starred when there are several); marks each run's
+    best checkpoint and flags rounds that regressed on the primary set (eval.regression_margin).
+    A run whose process was killed shows as 'crashed' (its lease holder is gone), one that
+    failed as 'failed'; `npd retry` resumes both."""
+    from npd_core.store import Store, lease, query
 
-    db = out / "npd.duckdb"
+    db = Store(out, create=False).db_path  # a store of an older npd gets the current views
     runs = query(db, STATUS_RUNS_SQL).to_pylist()
     if run_id is not None:
         runs = [r for r in runs if r["run_id"] == run_id]
@@ -399,9 +428,14 @@ def status(
                 f"{db}: no run {run_id!r}; `npd status --out {out}` lists the runs"
             )
     rounds = query(db, STATUS_ROUNDS_SQL).to_pylist()
+    scores: dict[tuple[str, int], dict[str, float]] = {}
+    for e in query(db, STATUS_EVALS_SQL).to_pylist():
+        scores.setdefault((e["run_id"], e["round"]), {})[e["eval_set"]] = e["score"]
     for r in runs:
         r["status"] = lease.run_status(out, r["run_id"], r["status"])  # killed: 'crashed'
         r["rounds"] = [x for x in rounds if x["run_id"] == r["run_id"]]
+        for x in r["rounds"]:  # score is the primary set's (x["eval_set"]); scores every set's
+            x["scores"] = scores.get((r["run_id"], x["round"]), {})
         best = [x for x in r["rounds"] if x["is_best"]]
         r["best_round"] = best[0]["round"] if best else None
         r["regressed_rounds"] = [x["round"] for x in r["rounds"] if x["regressed"]]
@@ -413,8 +447,12 @@ def status(
         if r["status"] in ("crashed", "failed"):
             title += f"  — `npd retry {r['run_id']} --out {out}` resumes it"
         t = Table(title=title, title_justify="left")
-        for col in ("round", "score", "kept", "loss", "seconds", "best / flag"):
+        primary = next((x["eval_set"] for x in r["rounds"] if x["eval_set"]), None)
+        names = {n for x in r["rounds"] for n in x["scores"]} or {primary}
+        sets = sorted(names, key=lambda n: (n != primary, n))  # the primary set first
+        for col in ("round", *_score_columns(sets, primary), "kept", "loss", "seconds"):
             t.add_column(col, justify="right")
+        t.add_column("best / flag", justify="right")
         for x in r["rounds"]:
             secs = x["stage_seconds_json"] and sum(json.loads(x["stage_seconds_json"]).values())
             flag = "best" if x["is_best"] else ""
@@ -422,7 +460,7 @@ def status(
                 flag = f"[red]regressed {x['score'] - x['best_before']:+.1f}[/red]"
             t.add_row(
                 str(x["round"]),
-                _fmt(x["score"], ".1f"),
+                *(_fmt(x["scores"].get(n), ".1f") for n in sets),
                 _fmt(x["kept_fraction"], ".2f"),
                 _fmt(x["mean_loss"], ".4f"),
                 _fmt(secs, ".1f"),
@@ -452,23 +490,44 @@ def ui(
 @app.command()
 def export(
     run_id: Annotated[str, typer.Argument(help="the run to export from")],
-    dest: Annotated[Path, typer.Argument(help="new or empty directory to write")],
+    dest: Annotated[
+        Path | None, typer.Argument(help="new or empty directory to write (or only --register)")
+    ] = None,
     round_: Annotated[
         str, typer.Option("--round", help="'best' (highest held-out score) or a round number")
     ] = "best",
+    register: Annotated[
+        str | None,
+        typer.Option(
+            "--register",
+            help="also add the checkpoint to the MLflow Model Registry as a new version of "
+            "this model name",
+        ),
+    ] = None,
     out: OutOpt = Path("npd-out"),
     as_json: JsonOpt = False,
 ) -> None:
     """Write a run's checkpoint as a plain HF model directory (weights, config, tokenizer) that
-    AutoModelForCausalLM/AutoTokenizer.from_pretrained load without npd."""
-    from flows.export import export_checkpoint, parse_round
+    AutoModelForCausalLM/AutoTokenizer.from_pretrained load without npd, and/or register it in
+    the MLflow Model Registry (--register NAME: a transformers model with its tokenizer, tagged
+    with run id, round and score)."""
+    from flows.export import export_checkpoint, parse_round, register_checkpoint
 
-    info = export_checkpoint(out, run_id, parse_round(round_), dest)
+    if dest is None and register is None:
+        raise StoreUsageError("npd export: give a directory to write, --register NAME, or both")
+    k = parse_round(round_)
+    info = export_checkpoint(out, run_id, k, dest) if dest is not None else {}
+    if register is not None:
+        info |= register_checkpoint(out, run_id, k, register)
     if as_json:
         sys.stdout.write(json.dumps(info) + "\n")
         return
     score = "" if info["score"] is None else f" ({info['metric']} {info['score']:.4g})"
-    err.print(f"exported {run_id} round {info['round']}{score} to {info['dir']}")
+    what = f"{run_id} round {info['round']}{score}"
+    if dest is not None:
+        err.print(f"exported {what} to {info['dir']}")
+    if register is not None:
+        err.print(f"registered {what} as MLflow model {register} version {info['version']}")
 
 
 def _one_line_short_help(typer_app: typer.Typer) -> None:
@@ -487,11 +546,12 @@ SELECT run_id, name, status, start_score, final_score, created_at, finished_at, 
 FROM runs ORDER BY created_at
 """
 STATUS_ROUNDS_SQL = """
-SELECT c.run_id, c.round, c.score, r.kept_fraction, r.mean_loss, r.stage_seconds_json,
-       c.is_best, c.best_before, c.regressed
+SELECT c.run_id, c.round, c.eval_set, c.score, r.kept_fraction, r.mean_loss,
+       r.stage_seconds_json, c.is_best, c.best_before, c.regressed
 FROM checkpoints AS c LEFT JOIN rounds AS r ON r.run_id = c.run_id AND r.round = c.round
 ORDER BY c.run_id, c.round
 """
+STATUS_EVALS_SQL = "SELECT run_id, round, eval_set, score FROM evals ORDER BY run_id, round"
 
 
 _one_line_short_help(app)  # last: every command is registered by now

@@ -20,7 +20,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.remote import remote_rounds
 from npd_core.pipeline.kernels import choose_attention
-from npd_core.pipeline.spec import RunSpec, generator_round
+from npd_core.pipeline.spec import RunSpec, generator_round, set_scores
 from npd_core.store import lease
 from tasks import run as run_tasks
 from tasks import stages as t
@@ -73,14 +73,21 @@ def _rounds(spec: RunSpec) -> dict[str, Any]:
     on_pools = spec.cfg.orchestration.generate_pool is not None
     stage_results, summaries = (remote_rounds if on_pools else _local_rounds)(spec, mlf)
     start = next(x for x in stage_results if x["stage"] == "evaluate" and x["round"] == 0)
-    start, final = start["metrics"]["score"], summaries[-1]["score"]
-    run_tasks.close_run(spec, mlf, start, final)
+    start, final = set_scores(start["metrics"], spec.cfg.eval.primary_set), summaries[-1]["score"]
+    # a stage that started before this flow run did was run by an earlier process (a killed or
+    # failed run resumed by a retry): its result came from the cache
+    reused = [(x["stage"], x["round"]) for x in stage_results if x["started"] < t0]
+    registered = run_tasks.report_run(spec, mlf, start, summaries, reused)
+    run_tasks.close_run(spec, mlf, start["score"], final)
     return {
         "run_id": spec.run_id,
         "mlflow_run_id": mlf,
-        "start_score": start,
+        "start_score": start["score"],
+        "start_scores": start["scores"],  # θ_0 on every eval set
         "final_score": final,
         "rounds": summaries,
+        "reused_stages": reused,
+        "registered": registered,
         "flow_started": t0,
         "open_s": t_open,
         "flow_wall_s": time.time() - t0,

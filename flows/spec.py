@@ -32,7 +32,9 @@ def resolve_spec(
     (``apply_world_defaults``: the long world's response cap, row length and metric)."""
     if world not in WORLDS:
         raise ConfigError(f"--world {world}: unknown world; choose from {', '.join(WORLDS)}")
-    given = (cfg.models.teacher, cfg.models.student, cfg.data.prompts, cfg.data.eval_prompts)
+    primary = cfg.eval.primary_set
+    held_out = cfg.data.eval_prompts or cfg.eval.sets.get(primary)
+    given = (cfg.models.teacher, cfg.models.student, cfg.data.prompts, held_out)
     paths = dict(zip(("teacher", "student", "train_prompts", "eval_prompts"), given, strict=True))
     built = None
     check_backends(cfg)  # before the world: building it takes minutes
@@ -42,14 +44,25 @@ def resolve_spec(
         Store(out)
         built = build_toy_world(out / "toy", ws, log=log)
         paths = {k: v or str(getattr(built, k)) for k, v in paths.items()}
-    prompts, evals = check_run(cfg, *paths.values())
+    sets = dict(cfg.eval.sets) or {primary: paths["eval_prompts"]}
+    teacher, student, train = paths["teacher"], paths["student"], paths["train_prompts"]
+    prompts, evals = check_run(cfg, teacher, student, train, sets)
     Store(out)
     if cfg.schedule.skip_used_prompts or not reads_as_is(paths["train_prompts"], cfg.data):
         frozen = _freeze_prompts(prompts, cfg, paths["train_prompts"], out, run_id)
         paths["train_prompts"] = str(frozen)
-    if not reads_as_is(paths["eval_prompts"], cfg.data):
-        paths["eval_prompts"] = str(freeze(evals, out, run_id, "eval_prompts"))
-    spec = dict(root=str(out), run_id=run_id, config=cfg.model_dump(mode="json"), **paths)
+    for name, path in sets.items():
+        if not reads_as_is(path, cfg.data):
+            file = "eval_prompts" if name == primary else f"eval_prompts-{name}"
+            sets[name] = str(freeze(evals[name], out, run_id, file))
+    paths["eval_prompts"] = sets[primary]  # what reads one held-out set (the bench, peers)
+    spec = dict(
+        root=str(out),
+        run_id=run_id,
+        config=cfg.model_dump(mode="json"),
+        eval_set_paths=sets,
+        **paths,
+    )
     return spec, built
 
 

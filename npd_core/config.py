@@ -21,6 +21,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -35,6 +36,10 @@ HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 def deprecated(message: str) -> None:
     """One ``warning:`` line per message and process (old configs are reloaded by retries)."""
     warnings.warn(f"{message}; update the config", FutureWarning, stacklevel=2)
+
+
+DEFAULT_EVAL_SET = "heldout"  # the one eval set of a run without eval.sets
+SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 class Section(BaseModel):
@@ -269,6 +274,49 @@ class EvalConfig(Section):
         "waits for it); end = evaluate every checkpoint after the last round, so evaluation is "
         "never on the learner's path (npd bench; in-process rounds only)",
     )
+    sets: dict[str, str] = Field(
+        default_factory=dict,
+        description="eval sets, name: path (any form data.prompts takes), each scored every "
+        f"round; empty = one set, {DEFAULT_EVAL_SET!r}, from data.eval_prompts (or the toy world)",
+    )
+    primary: str | None = Field(
+        None,
+        description="the eval set whose score is each round's score and picks the best "
+        "checkpoint (npd status, npd export, the next scheduled run's θ_0); none = the first "
+        f"of eval.sets ({DEFAULT_EVAL_SET!r} without them)",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _first_set_is_primary(cls, data: Any) -> Any:
+        """Name the default primary set, so that a run's stored config says which it is."""
+        if isinstance(data, dict) and data.get("sets") and data.get("primary") is None:
+            data = {**data, "primary": next(iter(data["sets"]))}
+        return data
+
+    @field_validator("sets")
+    @classmethod
+    def _set_names(cls, sets: dict[str, str]) -> dict[str, str]:
+        for name in sets:
+            if not SET_NAME.fullmatch(name):
+                raise ValueError(
+                    f"set name {name!r}: use letters, digits, '_', '-' and '.' (it names "
+                    "MLflow metrics and `npd status` columns)"
+                )
+        return sets
+
+    @field_validator("primary")
+    @classmethod
+    def _primary_is_a_set(cls, primary: str | None, info: ValidationInfo) -> str | None:
+        names = list(info.data.get("sets") or {DEFAULT_EVAL_SET: ""})
+        if primary is not None and primary not in names:
+            raise ValueError(f"{primary!r} names no eval set; name one of: {', '.join(names)}")
+        return primary
+
+    @property
+    def primary_set(self) -> str:
+        """The name of the set that decides (the default set's when it is the only one)."""
+        return self.primary or DEFAULT_EVAL_SET
 
     @field_validator("metric")
     @classmethod
@@ -292,6 +340,21 @@ class EvalConfig(Section):
                     f"answer_regex {self.answer_regex!r} is not a regex ({err})"
                 ) from None
         return self
+
+
+class MlflowConfig(Section):
+    register_best: str | None = Field(
+        None,
+        min_length=1,
+        description="registered model name: each completed run adds its best checkpoint "
+        "(eval.primary) to the MLflow Model Registry as a new version (a transformers model "
+        "with its tokenizer, tagged with run id, round and score); none = no registry",
+    )
+    ui_url: str | None = Field(
+        None,
+        description="the MLflow UI that the links in Prefect's round artifacts open; none = the "
+        "tracking URI when it is http(s), else http://127.0.0.1:5000 (npd ui's default)",
+    )
 
 
 class ScheduleConfig(Section):
@@ -343,11 +406,21 @@ class NPDConfig(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
 
     @model_validator(mode="after")
     def _eval_at_end_in_process(self) -> NPDConfig:
         if self.eval.when == "end" and self.orchestration.generate_pool is not None:
             raise ValueError("eval.when: end runs in-process rounds only; unset the work pools")
+        return self
+
+    @model_validator(mode="after")
+    def _one_source_of_eval_sets(self) -> NPDConfig:
+        if self.eval.sets and self.data.eval_prompts:
+            raise ValueError(
+                "data.eval_prompts and eval.sets are both set; list the file under eval.sets "
+                f"(e.g. {DEFAULT_EVAL_SET}: PATH) and remove data.eval_prompts"
+            )
         return self
 
     def digest(self) -> str:
@@ -412,13 +485,24 @@ def build_config(
     for sec, key in PATH_FIELDS:
         section = getattr(cfg, sec)
         value = getattr(section, key)
-        if value and "\0" in value:  # the OS refuses such a path with a bare ValueError
-            raise ConfigError(f"{source}: field '{sec}.{key}': path contains a NUL byte; fix it")
-        if base is not None and value and not Path(value).expanduser().is_absolute():
-            if sec == "data" and _remote(value, base):
-                continue  # kept as written: read_prompts refuses it with a hint
-            setattr(section, key, str((base / value).resolve()))
+        if value:
+            setattr(section, key, _resolve(value, f"{sec}.{key}", source, base))
+    cfg.eval.sets = {
+        name: _resolve(value, f"eval.sets.{name}", source, base)
+        for name, value in cfg.eval.sets.items()
+    }
     return cfg
+
+
+def _resolve(value: str, field: str, source: str, base: Path | None) -> str:
+    """A path field's value made absolute against ``base`` (the config's folder)."""
+    if "\0" in value:  # the OS refuses such a path with a bare ValueError
+        raise ConfigError(f"{source}: field '{field}': path contains a NUL byte; fix it")
+    if base is None or Path(value).expanduser().is_absolute():
+        return value
+    if not field.startswith("models.") and _remote(value, base):
+        return value  # kept as written: read_prompts refuses it with a hint
+    return str((base / value).resolve())
 
 
 def _remote(value: str, base: Path) -> bool:

@@ -68,9 +68,10 @@ def check_backends(cfg: NPDConfig) -> None:
 
 
 def check_run(
-    cfg: NPDConfig, teacher: str, student: str, train: str, held_out: str
-) -> tuple[list[Prompt], list[Prompt]]:
-    """Validate models, tokenizers and prompt files against the config; returns the prompts."""
+    cfg: NPDConfig, teacher: str, student: str, train: str, eval_sets: dict[str, str]
+) -> tuple[list[Prompt], dict[str, list[Prompt]]]:
+    """Validate models, tokenizers and prompt files (train, and each eval set by name) against
+    the config; returns the train prompts and each eval set's."""
     check_backends(cfg)
     cfgs = {}
     for role, path in (("teacher", teacher), ("student", student)):
@@ -84,11 +85,12 @@ def check_run(
             "one shared tokenizer (no vocabulary mapping is configured)"
         )
     prompts = read_prompts(train, **cfg.data.reader_options())
-    evals = read_prompts(held_out, **cfg.data.reader_options())
-    check_overlap(prompts, {"data.eval_prompts": evals}, cfg.data.allow_overlap)
+    fields = {name: eval_set_field(cfg, name) for name in eval_sets}
+    evals = {name: _read_set(fields[name], path, cfg) for name, path in eval_sets.items()}
+    check_overlap(prompts, {fields[n]: ps for n, ps in evals.items()}, cfg.data.allow_overlap)
     metric_fn(cfg.eval.metric, cfg.eval.answer_regex)  # a user's metric is imported now
     context = min(c.get("max_position_embeddings") or 1 << 30 for c in cfgs.values())
-    for name, ps in (("data.prompts", prompts), ("data.eval_prompts", evals)):
+    for name, ps in (("data.prompts", prompts), *((fields[n], ps) for n, ps in evals.items())):
         ids = _formatted(tok_s, student, name, ps, cfg.data.chat_template)
         longest = max(range(len(ids)), key=lambda i: len(ids[i]))
         n = len(ids[longest])
@@ -104,6 +106,18 @@ def check_run(
                 f"{ps[longest].id!r} ({n} tokens) of {name}; raise pack.max_seq_len"
             )
     return prompts, evals
+
+
+def eval_set_field(cfg: NPDConfig, name: str) -> str:
+    """The config field an eval set comes from, as error messages name it."""
+    return f"eval.sets.{name}" if cfg.eval.sets else "data.eval_prompts"
+
+
+def _read_set(field: str, path: str, cfg: NPDConfig) -> list[Prompt]:
+    try:
+        return read_prompts(path, **cfg.data.reader_options())
+    except DataError as err:
+        raise DataError(f"{field}: {err}") from None
 
 
 def check_overlap(train: list[Prompt], sets: dict[str, list[Prompt]], allow: bool) -> None:

@@ -54,7 +54,7 @@ def record_checkpoint(spec: RunSpec, r: int, segment: dict, evaluation: dict, ml
         spec.root,
         mlflow_run,
         {
-            "score": evaluation["metrics"]["score"],
+            **tracking.eval_metrics(evaluation["metrics"]),
             "wall_s": m["clock_s"],
             "optimizer_steps": m["step"],
             **m["counters"],

@@ -1,4 +1,5 @@
-"""Run-level tasks: open the run (store rows, MLflow parent run), record each round, close it."""
+"""Run-level tasks: open the run (store rows, MLflow parent run), record each round (and
+publish it to the Prefect UI), report the run's results at its end, close it."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ from prefect.runtime import flow_run
 
 from npd_core.bench.plots import delta_ifd_histogram
 from npd_core.data import read_prompts
-from npd_core.pipeline.spec import RunSpec
+from npd_core.pipeline.spec import RunSpec, set_scores
 from npd_core.store import Store, table_from_rows
-from tasks import tracking
+from npd_core.store.lineage import checkpoint
+from tasks import artifacts, tracking
 
 
 def _runs_row(spec: RunSpec, **kw: Any) -> dict[str, Any]:
@@ -44,9 +46,18 @@ def open_run(spec: RunSpec) -> str:
     store = Store(spec.root)
     spec.save()
     mlf = tracking.start_run(spec.root, spec.run_id, spec.cfg.name, spec.config)
+    sources = [("train", None, spec.train_prompts)]
+    sources += [("eval", name, path) for name, path in spec.eval_sets().items()]
     prompts = [
-        dict(run_id=spec.run_id, prompt_id=p.id, prompt=p.text, answer=p.answer, split=split)
-        for split, path in (("train", spec.train_prompts), ("eval", spec.eval_prompts))
+        dict(
+            run_id=spec.run_id,
+            prompt_id=p.id,
+            prompt=p.text,
+            answer=p.answer,
+            split=split,
+            eval_set=name,
+        )
+        for split, name, path in sources
         for p in read_prompts(path)
     ]
     store.write_stage(spec.run_id, None, "run", {"prompts": table_from_rows("prompts", prompts)})
@@ -60,7 +71,8 @@ def record_round(spec: RunSpec, r: int, results: dict[str, dict], mlflow_run: st
     store = spec.store
     m = {k: v["metrics"] for k, v in results.items()}
     seconds = {k: round(v["seconds"], 3) for k, v in results.items()}
-    flt, trn, ev = m["filter"], m["train"], m["evaluate"]
+    flt, trn = m["filter"], m["train"]
+    ev = set_scores(m["evaluate"], spec.cfg.eval.primary_set)
     row = dict(
         run_id=spec.run_id,
         round=r,
@@ -82,7 +94,7 @@ def record_round(spec: RunSpec, r: int, results: dict[str, dict], mlflow_run: st
     store.write_stage(spec.run_id, r, "summary", {"rounds": table_from_rows("rounds", [row])})
     child = tracking.round_run(spec.root, mlflow_run, spec.run_id, r)
     metrics = {
-        "score": ev["score"],
+        **tracking.eval_metrics(ev),
         "kept_fraction": flt["kept_fraction"],
         "n_kept": flt["n_kept"],
         "dropped_kl_share": flt["dropped_kl_share"],
@@ -112,9 +124,11 @@ def record_round(spec: RunSpec, r: int, results: dict[str, dict], mlflow_run: st
             )
             tracking.log_artifact(spec.root, child, png, "plots")
             tracking.log_artifact(spec.root, mlflow_run, png, "plots")
-    return {
+    summary = {
         "round": r,
         **{k: row[k] for k in ("n_generated", "n_kept", "train_tokens", "mean_loss", "score")},
+        "scores": ev["scores"],  # per eval set; "score" is the primary set's
+        "metrics": ev["metrics"],
         "teacher_tokens": m["score"]["scored_tokens"],  # every view, dropped samples included
         "generated_tokens": m["generate"]["generated_tokens"],
         "drop_reasons": flt["drop_reasons"],
@@ -122,6 +136,39 @@ def record_round(spec: RunSpec, r: int, results: dict[str, dict], mlflow_run: st
         "backends": {k: m[k].get("backend", "hf") for k in ("generate", "score")},
         "engine_refresh_s": m["generate"].get("engine_refresh_s"),
     }
+    url = tracking.run_url(spec.root, child, spec.cfg.mlflow.ui_url)
+    artifacts.publish_round(spec.run_id, summary, spec.cfg.eval.primary_set, url)
+    return summary
+
+
+@task(name="report-run", task_run_name="report-run")
+def report_run(
+    spec: RunSpec,
+    mlflow_run: str,
+    start: dict[str, Any],
+    rounds: list[dict[str, Any]],
+    reused: list[tuple[str, int]],
+) -> dict[str, str] | None:
+    """At the run's end: register its best checkpoint when ``mlflow.register_best`` names a
+    model (a new version per run), then publish the results as a markdown artifact. ``start``
+    is θ_0's evaluation; returns the registered ``{name, version}``, if any."""
+    best = checkpoint(spec.root, spec.run_id)
+    registered = None
+    if name := spec.cfg.mlflow.register_best:
+        version = tracking.register_checkpoint(spec.root, mlflow_run, name, best)
+        registered = {"name": name, "version": version}
+    markdown = artifacts.summary_markdown(
+        spec.run_id,
+        start,
+        rounds,
+        spec.cfg.eval.primary_set,
+        best,
+        reused,
+        registered,
+        tracking.run_url(spec.root, mlflow_run, spec.cfg.mlflow.ui_url),
+    )
+    artifacts.publish_summary(spec.run_id, markdown)
+    return registered
 
 
 @task(name="close-run", task_run_name="close-run")

@@ -115,8 +115,7 @@ def train(spec: RunSpec, r: int, upstream: list[dict], mlflow_run: str) -> dict:
 
 @task(name="evaluate", task_run_name="r{r}-evaluate", **STAGE)
 def evaluate(spec: RunSpec, r: int, upstream: dict | None = None) -> dict:
+    """θ_r's score on every eval set (the sets are read once more to size the progress bar)."""
     enter_stage(spec, "evaluate", r)
-    with open(spec.eval_prompts, encoding="utf-8") as f:
-        n = sum(1 for line in f if line.strip())
-    n = min(n, spec.cfg.data.eval_size or n)
+    n = sum(len(ps) for ps in stages.eval_prompts(spec).values())
     return stages.evaluate_stage(spec, r, _prov(), progress.bar("evaluate", r, n)).to_dict()

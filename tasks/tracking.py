@@ -15,6 +15,8 @@ from typing import Any
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
+from npd_core.store.lineage import Checkpoint
+
 EXPERIMENT = "npd"
 
 
@@ -142,3 +144,55 @@ def log_artifact(out: str, run: str, path: str | Path, subdir: str | None = None
 
 def end_run(out: str, run: str, status: str = "FINISHED") -> None:
     client(out).set_terminated(run, status=status)
+
+
+def eval_metrics(evaluation: dict[str, Any]) -> dict[str, float]:
+    """An evaluate stage's scores as MLflow metrics: ``score`` (the primary set's) and
+    ``score_<set>`` per eval set."""
+    return {"score": evaluation["score"]} | {
+        f"score_{name}": v for name, v in evaluation["scores"].items()
+    }
+
+
+UI_DEFAULT = "http://127.0.0.1:5000"  # what `npd ui` serves MLflow's UI on
+
+
+def run_url(out: str | Path, run: str, ui_url: str | None = None) -> str:
+    """The MLflow UI page of ``run``: under ``ui_url``, else the tracking server when the
+    tracking URI is one (it serves the UI), else ``npd ui``'s address."""
+    uri = tracking_uri(out)
+    base = ui_url or (uri if uri.startswith(("http://", "https://")) else UI_DEFAULT)
+    exp = client(out).get_run(run).info.experiment_id
+    return f"{base.rstrip('/')}/#/experiments/{exp}/runs/{run}"
+
+
+def register_checkpoint(out: str | Path, run: str, name: str, ck: Checkpoint) -> str:
+    """Add checkpoint ``ck`` to the Model Registry as a new version of model ``name``: a
+    transformers text-generation model with its tokenizer, logged to MLflow run ``run`` and
+    tagged with its run id, round, eval set, metric and score; returns the version. The model
+    and tokenizer are loaded and logged, so the trainer state beside them stays out."""
+    import mlflow
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    c = client(out)
+    # the fluent API writes the files: point it at this store and at the run's experiment
+    mlflow.set_tracking_uri(tracking_uri(out))
+    mlflow.set_experiment(experiment_id=c.get_run(run).info.experiment_id)
+    parts = {
+        "model": AutoModelForCausalLM.from_pretrained(ck.path),
+        "tokenizer": AutoTokenizer.from_pretrained(ck.path),
+    }
+    info = mlflow.transformers.log_model(
+        parts,
+        name="model",
+        task="text-generation",
+        registered_model_name=name,
+        run_id=run,
+        pip_requirements=[f"{pkg}=={version(pkg)}" for pkg in ("transformers", "torch")],
+    )
+    v = str(info.registered_model_version)
+    tags = {"run_id": ck.run_id, "round": ck.round, "eval_set": ck.eval_set}
+    tags |= {"metric": ck.metric, "score": ck.score}
+    for k, value in tags.items():
+        c.set_model_version_tag(name, v, f"npd.{k}", str(value))
+    return v

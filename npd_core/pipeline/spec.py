@@ -26,7 +26,7 @@ class RunSpec:
     teacher: str  # checkpoint dir
     student: str  # θ_0 checkpoint dir
     train_prompts: str  # JSONL
-    eval_prompts: str  # JSONL
+    eval_prompts: str  # the primary eval set's prompts (eval.sets names the others)
     deployment: str | None = None  # lineage of scheduled runs ("<flow>/<deployment>")
     parent_run_id: str | None = None  # the run whose checkpoint ``student`` is
     parent_round: int | None = None
@@ -39,6 +39,9 @@ class RunSpec:
     # resume on another machine computes in the same order; None (runs begun before it was
     # recorded) = resolved from the config on the machine that runs the stage, as they were
     threads: int | None = None
+    # eval set name → its prompts file, in the config's order (eval.sets); None (runs begun
+    # before eval sets) = the one set ``eval_prompts`` under the primary set's name
+    eval_set_paths: dict[str, str] | None = None
 
     @property
     def cfg(self) -> NPDConfig:
@@ -89,6 +92,10 @@ class RunSpec:
         """The recorded packed-attention kernel of ``role``; None = the fixed one."""
         return (self.attention or {}).get(role)
 
+    def eval_sets(self) -> dict[str, str]:
+        """Eval set name → prompts file of every set this run scores."""
+        return self.eval_set_paths or {self.cfg.eval.primary_set: self.eval_prompts}
+
     def checkpoint(self, k: int) -> str:
         """Directory of θ_k (θ_0 is the initial student, not copied)."""
         if k == 0:
@@ -108,6 +115,14 @@ class StageResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def set_scores(evaluation: dict[str, Any], primary: str) -> dict[str, Any]:
+    """An evaluate stage's metrics with ``scores`` and ``metrics`` per eval set, also for a
+    result that npd persisted before eval sets (a resumed run's cache): its one set, scored
+    under the name of the run's primary set."""
+    one = {"scores": {primary: evaluation["score"]}, "metrics": {primary: evaluation["metric"]}}
+    return one | evaluation
 
 
 def generator_round(r: int, staleness: int) -> int:

@@ -33,7 +33,7 @@ import torch
 from npd_core import iotime
 from npd_core.backends import vllm as vllm_backend
 from npd_core.config import NPDConfig
-from npd_core.data import read_prompts, round_prompts
+from npd_core.data import Prompt, read_prompts, round_prompts
 from npd_core.errors import TrainingError
 from npd_core.method.attention import for_training, packed_attention
 from npd_core.method.evaluate import exact_match, greedy_decoded, teacher_loglik
@@ -564,28 +564,42 @@ def _stopped_round(r: int, last_good: str) -> Iterator[None]:
 
 
 # ---------------------------------------------------------------- evaluate
+def eval_prompts(spec: RunSpec) -> dict[str, list[Prompt]]:
+    """Each eval set's prompts by set name, the first ``data.eval_size`` of each."""
+    n = spec.cfg.data.eval_size or None
+    return {name: read_prompts(path)[:n] for name, path in spec.eval_sets().items()}
+
+
 def evaluate_stage(
     spec: RunSpec, k: int, prov: dict[str, str], progress: Progress = None
 ) -> StageResult:
-    """Held-out score of θ_k: greedy exact match against ``answer``, else the teacher's mean
-    log-likelihood per token of the greedy answers."""
+    """Held-out scores of θ_k on every eval set: its greedy answers graded by ``eval.metric``
+    against ``answer``, or, in a set without answers, the teacher's mean log-likelihood per
+    token of them. One ``evals`` row per set; the stage's ``score`` is the primary set's."""
     cfg = spec.cfg
     _threads(spec)
 
     def body() -> tuple[str, dict[str, Any]]:
-        prompts = read_prompts(spec.eval_prompts)[: cfg.data.eval_size or None]
         ckpt = spec.checkpoint(k)
         tok = load_tokenizer(ckpt)
-        ids = format_prompts(tok, [p.prompt for p in prompts], cfg.data.chat_template)
         frozen = frozen_dtype(cfg.models.frozen_dtype)
-        resp, texts = greedy_decoded(load_model(ckpt, frozen), tok, ids, cfg, progress)
-        if all(p.answer is not None for p in prompts):
-            answers = [p.answer for p in prompts]
-            res = exact_match(texts, answers, cfg.eval.metric, cfg.eval.answer_regex)
-        else:
-            teacher = load_model(spec.teacher, frozen)
+        model = load_model(ckpt, frozen)
+        decoded = {}
+        for name, prompts in eval_prompts(spec).items():
+            ids = format_prompts(tok, [p.prompt for p in prompts], cfg.data.chat_template)
+            decoded[name] = (prompts, ids, *greedy_decoded(model, tok, ids, cfg, progress))
+        del model  # the teacher, when a set needs it, is loaded after the student is gone
+        teacher = None
+        results = {}
+        for name, (prompts, ids, resp, texts) in decoded.items():
+            if all(p.answer is not None for p in prompts):
+                answers = [p.answer for p in prompts]
+                results[name] = exact_match(texts, answers, cfg.eval.metric, cfg.eval.answer_regex)
+                continue
+            if teacher is None:
+                teacher = load_model(spec.teacher, frozen)
             with packed_attention(teacher, spec.kernel("score_teacher")):
-                res = teacher_loglik(
+                results[name] = teacher_loglik(
                     teacher,
                     ids,
                     resp,
@@ -594,18 +608,30 @@ def evaluate_stage(
                     batch_tokens=cfg.score.batch_tokens,
                     bf16=use_bf16(cfg.models.bf16),
                 )
-        row = dict(
-            run_id=spec.run_id,
-            round=k,
-            checkpoint=rel_path(spec.root, ckpt),
-            metric=res.metric,
-            score=res.score,
-            n=len(prompts),
-            created_at=_now(),
-            flow_run_id=prov.get("flow_run_id"),
-        )
-        table = table_from_rows("evals", [row])
+        rows = [
+            dict(
+                run_id=spec.run_id,
+                round=k,
+                eval_set=name,
+                checkpoint=rel_path(spec.root, ckpt),
+                metric=res.metric,
+                score=res.score,
+                n=len(decoded[name][0]),
+                created_at=_now(),
+                flow_run_id=prov.get("flow_run_id"),
+            )
+            for name, res in results.items()
+        ]
+        table = table_from_rows("evals", rows)
         spec.store.write_stage(spec.run_id, k, "evaluate", {"evals": table})
-        return _digest(k, res.score), {"score": res.score, "metric": res.metric}
+        scores = {name: res.score for name, res in results.items()}
+        metrics = {name: res.metric for name, res in results.items()}
+        primary = cfg.eval.primary_set
+        return _digest(k, *scores.values()), {
+            "score": scores[primary],  # what the round reports and the bench's curves read
+            "metric": metrics[primary],
+            "scores": scores,
+            "metrics": metrics,
+        }
 
     return _timed("evaluate", k, body)

@@ -12,10 +12,11 @@ from npd_core.store import MARKER_NAME, Store, query
 
 RUN_EXISTS_SQL = "SELECT count(*) AS n FROM runs WHERE run_id = ?"
 BEST_SQL = """
-SELECT run_id, round, path, metric, score FROM checkpoints WHERE run_id = ? AND is_best
+SELECT run_id, round, path, eval_set, metric, score FROM checkpoints WHERE run_id = ? AND is_best
 """
 ROUND_SQL = """
-SELECT run_id, round, path, metric, score FROM checkpoints WHERE run_id = ? AND round = ?
+SELECT run_id, round, path, eval_set, metric, score FROM checkpoints
+WHERE run_id = ? AND round = ?
 """
 ROUNDS_OF_RUN_SQL = "SELECT round FROM checkpoints WHERE run_id = ? ORDER BY round"
 LAST_COMPLETED_SQL = """
@@ -30,6 +31,7 @@ class Checkpoint:
     run_id: str
     round: int
     path: Path  # absolute
+    eval_set: str | None  # the run's primary eval set, which ``score`` is on
     metric: str | None
     score: float | None
 
@@ -56,7 +58,7 @@ def checkpoint(root: str | Path, run_id: str, round: int | None = None) -> Check
         )
     row = rows[0]
     path = Path(root).resolve() / row["path"]  # stored relative to root, or absolute
-    return Checkpoint(run_id, row["round"], path, row["metric"], row["score"])
+    return Checkpoint(run_id, row["round"], path, row["eval_set"], row["metric"], row["score"])
 
 
 def last_best(root: str | Path, deployment: str) -> Checkpoint | None:

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from npd_core.config import DEFAULT_EVAL_SET
 from npd_core.errors import StoreError, first_line
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # 2: derived best/regressed checkpoints, run lineage columns
 # 3: Δ-IFD columns nullable (not computed when the filter rule needs none), the student's
 #    forward KL per sample, the filter rule and its parameters per row, dropped KL per round
+# 4: the eval set of each evaluation and eval prompt (eval.sets); checkpoints score the run's
+#    eval.primary set
 STAGES = ("generate", "score", "filter", "pack", "train", "evaluate", "summary")
 
 # --------------------------------------------------------------------------------------------
@@ -126,6 +129,7 @@ PROMPTS_SCHEMA = pa.schema(
         _req("prompt", pa.string()),
         _opt("answer", pa.string()),
         _req("split", pa.string()),  # 'train' | 'eval'
+        _opt("eval_set", pa.string()),  # the eval set of an 'eval' prompt (schema 4)
     ]
 )
 
@@ -160,11 +164,12 @@ CHECKPOINTS_SCHEMA = pa.schema(
 )
 # Columns the checkpoints view derives from evals and the run's config (never stored, so a later
 # evaluation or a better round never rewrites a train shard).
-CHECKPOINT_DERIVED = ("metric", "score", "best_before", "is_best", "regressed")
+CHECKPOINT_DERIVED = ("eval_set", "metric", "score", "best_before", "is_best", "regressed")
 
 EVALS_SCHEMA = pa.schema(
     [
         *_RUN_ROUND,
+        _opt("eval_set", pa.string()),  # null in files written before schema 4: the one set
         _req("checkpoint", pa.string()),
         _req("metric", pa.string()),
         _req("score", pa.float64()),
@@ -209,28 +214,37 @@ CREATE OR REPLACE VIEW runs AS
 SELECT * FROM read_parquet(['.npd/empty/runs.parquet', 'runs/*/run/runs.parquet'],
                            hive_partitioning = false, allow_empty = true, union_by_name = true)
 """
-PROMPTS_VIEW_SQL = """
+PROMPTS_VIEW_SQL = f"""
 CREATE OR REPLACE VIEW prompts AS
-SELECT * FROM read_parquet(['.npd/empty/prompts.parquet', 'runs/*/run/prompts.parquet'],
-                           hive_partitioning = false, allow_empty = true)
+SELECT * REPLACE (CASE WHEN split = 'eval' THEN coalesce(eval_set, '{DEFAULT_EVAL_SET}') END
+                  AS eval_set)
+FROM read_parquet(['.npd/empty/prompts.parquet', 'runs/*/run/prompts.parquet'],
+                  hive_partitioning = false, allow_empty = true, union_by_name = true)
 """
 ROUNDS_VIEW_SQL = """
 CREATE OR REPLACE VIEW rounds AS
 SELECT * FROM read_parquet(['.npd/empty/rounds.parquet', 'runs/*/round=*/summary/rounds.parquet'],
                            hive_partitioning = false, allow_empty = true, union_by_name = true)
 """
-EVALS_VIEW_SQL = """
+# Evaluations written before schema 4 scored the run's one set: they read as the default set.
+EVALS_VIEW_SQL = f"""
 CREATE OR REPLACE VIEW evals AS
-SELECT * FROM read_parquet(['.npd/empty/evals.parquet', 'runs/*/round=*/evaluate/evals.parquet'],
-                           hive_partitioning = false, allow_empty = true)
+SELECT * REPLACE (coalesce(eval_set, '{DEFAULT_EVAL_SET}') AS eval_set)
+FROM read_parquet(['.npd/empty/evals.parquet', 'runs/*/round=*/evaluate/evals.parquet'],
+                  hive_partitioning = false, allow_empty = true, union_by_name = true)
 """
 # Every evaluated checkpoint of a run, θ_0 (round 0, the run's starting student) included, with
-# its score. is_best: the run's highest score (ties: the later round). best_before: the best
+# its score on the run's primary eval set (eval.primary; runs without it have only the default
+# set). is_best: the run's highest score (ties: the later round). best_before: the best
 # score of the earlier rounds; regressed: more than the run's eval.regression_margin below it.
 # union_by_name: shards of schema 1 still carry the score/is_best placeholders they had then.
-CHECKPOINTS_VIEW_SQL = """
+CHECKPOINTS_VIEW_SQL = f"""
 CREATE OR REPLACE VIEW checkpoints AS
-WITH trained AS (
+WITH primary_evals AS (
+    SELECT e.* FROM evals AS e LEFT JOIN runs AS r ON r.run_id = e.run_id
+    WHERE e.eval_set = coalesce(json_extract_string(r.config_json, '$.eval.primary'),
+                                '{DEFAULT_EVAL_SET}')
+), trained AS (
     SELECT run_id, round, path, step, train_tokens, created_at
     FROM read_parquet(['.npd/empty/checkpoints.parquet',
                        'runs/*/round=*/train/checkpoints.parquet'],
@@ -239,8 +253,9 @@ WITH trained AS (
     SELECT coalesce(t.run_id, e.run_id) AS run_id, coalesce(t.round, e.round) AS round,
            coalesce(t.path, e.checkpoint) AS path, coalesce(t.step, 0) AS step,
            coalesce(t.train_tokens, 0) AS train_tokens,
-           coalesce(t.created_at, e.created_at) AS created_at, e.metric, e.score
-    FROM trained AS t FULL OUTER JOIN evals AS e ON t.run_id = e.run_id AND t.round = e.round
+           coalesce(t.created_at, e.created_at) AS created_at, e.eval_set, e.metric, e.score
+    FROM trained AS t FULL OUTER JOIN primary_evals AS e
+      ON t.run_id = e.run_id AND t.round = e.round
 ), ranked AS (
     SELECT *,
            max(score) OVER (PARTITION BY run_id ORDER BY round

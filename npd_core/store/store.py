@@ -90,7 +90,9 @@ class Store:
 
     Writers only write Parquet files; ``npd.duckdb`` is (re)written here, at open time, and only
     when it is missing or its recorded schema version differs. So no process holds the database
-    during a run and any number of readers can query it.
+    during a run and any number of readers can query it. ``create=False`` opens an existing
+    store only, and brings one of an older schema up to date as ``create=True`` does (its views
+    and placeholders; the Parquet data stays as it was written).
     """
 
     def __init__(self, root: Path | str, create: bool = True) -> None:
@@ -117,7 +119,8 @@ class Store:
         self._marker_version()
         if not self.db_path.is_file():
             raise StoreError(f"missing {self.db_path}; run `npd demo`/`npd run` to recreate it")
-        self._db_version()
+        if self._db_version() != SCHEMA_VERSION:  # an older npd's store: readers need new views
+            self._open_or_create()
 
     def _open_or_create(self) -> None:
         try:

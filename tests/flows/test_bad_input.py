@@ -173,6 +173,15 @@ CONFIG_CASES = {
     "top_k_zero": ("score: {top_k: 0}\n", ["bad.yaml", "score.top_k"]),
     "not_a_mapping": ("- rounds\n", ["bad.yaml", "mapping"]),
     "nul_in_path": ('models: {teacher: "a\\0b"}\n', ["bad.yaml", "'models.teacher'", "NUL"]),
+    "primary_names_no_set": (
+        "eval: {sets: {gsm: a.jsonl, math: b.jsonl}, primary: mmlu}\n",
+        ["bad.yaml", "'eval.primary'", "'mmlu' names no eval set", "gsm, math"],
+    ),
+    "eval_prompts_and_sets": (
+        "data: {eval_prompts: a.jsonl}\neval: {sets: {gsm: b.jsonl}}\n",
+        ["bad.yaml", "data.eval_prompts and eval.sets are both set", "remove data.eval_prompts"],
+    ),
+    "eval_set_name": ("eval: {sets: {'gsm 8k': a.jsonl}}\n", ["'eval.sets'", "'gsm 8k'"]),
 }
 
 
@@ -288,6 +297,14 @@ def test_missing_prompts_file(capfd, store, tmp_path, tiny_world):
     missing = tmp_path / "gone.jsonl"
     cfg = run_config(tmp_path, tiny_world, data={"eval_prompts": str(missing)})
     refused(capfd, store, ["run", cfg, "--out", store], [str(missing), "not found"], 2)
+
+
+def test_missing_eval_set_file(capfd, store, tmp_path, tiny_world):
+    missing = tmp_path / "gone.jsonl"
+    sets = {"sorted": str(tiny_world.eval_prompts), "math": str(missing)}
+    cfg = run_config(tmp_path, tiny_world, data={"eval_prompts": None}, eval={"sets": sets})
+    needles = ["eval.sets.math", str(missing), "not found"]
+    refused(capfd, store, ["run", cfg, "--out", store], needles, 2)
 
 
 # ------------------------------------------------------------------------------ datasets

@@ -14,7 +14,7 @@ from resume_checks import NPD, npd_env
 from typer.testing import CliRunner
 
 from flows.cli import app
-from npd_core.store import Store, table_from_rows
+from npd_core.store import SCHEMA_VERSION, Store, table_from_rows
 
 runner = CliRunner()
 
@@ -179,12 +179,15 @@ def test_sql_answers_while_a_run_writes(tmp_path, tiny_world, prefect_api):
     assert json.loads(after.stdout) == [{"round": 1, "n": 32}, {"round": 2, "n": 32}]
 
 
-# What schema 3 added, per table: an output directory of schema 2 lacks exactly these columns.
+# What schemas 3 and 4 added, per table: an output directory of schema 2 lacks exactly these
+# columns.
 OLD_CONFIG = Path(__file__).parents[1] / "data" / "config-npd-6a4d80c.json"
 SCHEMA_3_COLUMNS = {
     "scores": ["student_forward_kl_sum"],
     "filter": ["rule", "rule_params"],
     "rounds": ["filter_rule", "dropped_kl_share"],
+    "evals": ["eval_set"],  # schema 4
+    "prompts": ["eval_set"],  # schema 4
 }
 SCHEMA_2_SAMPLES_VIEW = """
 CREATE OR REPLACE VIEW samples AS
@@ -203,7 +206,7 @@ LEFT JOIN read_parquet(['.npd/empty/filter.parquet', 'runs/*/round=*/filter/filt
 
 
 def _as_schema_2(out: Path) -> None:
-    """Turn ``out`` into what npd of store schema 2 wrote: no schema-3 columns in any shard or
+    """Turn ``out`` into what npd of store schema 2 wrote: no schema-3/4 columns in any shard or
     placeholder, the old filter config (``enabled`` + quantiles) in every runs row, the old
     samples view and version 2 in the database and the marker. (The run's spec.json keeps the
     config this run began with: what a retry keys its cache on; that an old run's config gives
@@ -212,7 +215,7 @@ def _as_schema_2(out: Path) -> None:
     import pyarrow.parquet as pq
 
     for table, columns in SCHEMA_3_COLUMNS.items():
-        shards = out.glob(f"runs/*/round=*/*/{table}.parquet")
+        shards = out.glob(f"runs/*/**/{table}.parquet")
         for f in [*shards, out / f".npd/empty/{table}.parquet"]:
             pq.write_table(pq.read_table(f).drop_columns(columns), f)
     old_filter = json.loads(OLD_CONFIG.read_text())["filter"]
@@ -276,6 +279,10 @@ def test_failed_run_then_npd_retry(tmp_path, tiny_world, prefect_api):
     assert status.returncode == 0, status.stderr
     (shown,) = json.loads(status.stdout)
     assert shown["status"] == "failed" and [x["round"] for x in shown["rounds"]] == [0, 1]
+    # evaluations written before eval sets are the one default set's
+    assert [(x["eval_set"], list(x["scores"])) for x in shown["rounds"]] == [
+        ("heldout", ["heldout"])
+    ] * 2
     retry = subprocess.run(
         [*NPD, "retry", run_id["run_id"], "--out", str(out), "--json"],
         capture_output=True,
@@ -292,7 +299,7 @@ def test_failed_run_then_npd_retry(tmp_path, tiny_world, prefect_api):
         {"round": 1, "filter_rule": None, "n": 32},  # written before: no rule recorded
         {"round": 2, "filter_rule": "none", "n": 32},
     ]
-    assert json.loads((out / "npd-store.json").read_text())["schema_version"] == 3
+    assert json.loads((out / "npd-store.json").read_text())["schema_version"] == SCHEMA_VERSION
     missing = _cli("retry", "nope", "--out", str(out))
     assert missing.returncode != 0 and "no run 'nope'" in missing.stderr
 
@@ -313,3 +320,23 @@ def test_command_lists_show_each_commands_help_reflowed():
         for c in typer_app.registered_commands:
             para = " ".join(inspect.getdoc(c.callback).split("\n\n")[0].split())
             assert any(para in line for line in lines), (args, c.callback.__name__)
+
+
+def test_a_resumed_runs_overhead_counts_only_this_process_and_is_never_negative():
+    """`npd retry` of a run killed mid-round printed 'orchestration overhead -11.2 s': the
+    stages reused from the cache had run in the killed process, before this flow run began,
+    yet counted as this flow's work. Now only this process's stages count."""
+    from flows.cli import overhead_seconds
+
+    res = {
+        "flow_wall_s": 10.0,  # this flow run: t = 100 … 110, its rounds from t = 101
+        "open_s": 1.0,
+        "stage_intervals": [
+            ("generate", 1, 10.0, 30.0),  # the killed process's, reused
+            ("score", 1, 30.0, 50.0),
+            ("train", 1, 102.0, 106.0),  # this process's
+            ("evaluate", 1, 106.0, 108.0),
+        ],
+        "reused_stages": [["generate", 1], ["score", 1]],
+    }
+    assert overhead_seconds(res) == 9.0 - 6.0

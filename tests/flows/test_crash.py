@@ -89,6 +89,9 @@ def test_kill_9_then_retry_resumes(point, killed, tmp_path, tiny_world, prefect_
 
     resumed = npd("retry", run_id, "--out", str(out), "--json", env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # the summary names what came from the cache; the overhead counts the rest only
+    summary = json.loads(resumed.stdout)
+    assert {tuple(x) for x in summary["reused_stages"]} == done and summary["overhead_s"] >= 0
     assert _status(out, run_id, env)["status"] == "completed"
     # the stages Prefect saw complete before the kill did not run again; the killed one did
     counts = stage_counts(out, run_id)

@@ -121,5 +121,6 @@ def test_random_prompts_through_preflight(tmp_path, tiny_world, rows):
     p.write_text("\n".join(json.dumps(r) for r in rows))
     w = tiny_world
     cfg = NPDConfig(data={"allow_overlap": True})
-    out = _clean(check_run, cfg, str(w.teacher), str(w.student), str(p), str(p))
+    held = {"heldout": str(p)}
+    out = _clean(check_run, cfg, str(w.teacher), str(w.student), str(p), held)
     assert out is None or all(q.text.strip() for q in out[0])

@@ -13,12 +13,23 @@ from npd_core.preflight import check_run
 
 
 def _args(w):
-    return [str(w.teacher), str(w.student), str(w.train_prompts), str(w.eval_prompts)]
+    return [str(w.teacher), str(w.student), str(w.train_prompts), {"heldout": str(w.eval_prompts)}]
 
 
 def test_valid_world_passes(tiny_world):
     train, held = check_run(NPDConfig(), *_args(tiny_world))
-    assert len(train) == 128 and len(held) == 64
+    assert len(train) == 128 and {k: len(v) for k, v in held.items()} == {"heldout": 64}
+
+
+def test_every_eval_set_is_read_and_a_missing_one_is_named_by_its_field(tiny_world, tmp_path):
+    a = _args(tiny_world)
+    sets = {"sorted": str(tiny_world.eval_prompts), "gone": str(tmp_path / "gone.jsonl")}
+    cfg = NPDConfig(eval={"sets": sets})
+    with pytest.raises(DataError, match=r"^eval\.sets\.gone: .*gone\.jsonl"):
+        check_run(cfg, *a[:3], sets)
+    sets["gone"] = sets["sorted"]
+    _, held = check_run(cfg, *a[:3], sets)
+    assert {k: len(v) for k, v in held.items()} == {"sorted": 64, "gone": 64}
 
 
 def test_missing_and_non_hf_checkpoint(tiny_world, tmp_path):

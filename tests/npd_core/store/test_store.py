@@ -345,3 +345,54 @@ def test_schema_version_in_database(tmp_path: Path) -> None:
         else:
             with pytest.raises(StoreError, match="npd.duckdb was written by a newer npd"):
                 Store(root)
+
+
+def test_a_store_of_schema_3_keeps_its_evaluations_as_the_default_eval_set(tmp_path: Path) -> None:
+    """An output directory written before eval sets (schema 3: no eval_set column in evals or
+    prompts) opens with its history, for readers too: every evaluation and eval prompt reads as
+    the one default set, and the checkpoints view still scores and ranks the run's rounds."""
+    import pyarrow.parquet as pq
+
+    root = tmp_path / "out"
+    store = Store(root)
+    config = json.dumps({"eval": {"regression_margin": 3.0}})  # a config of schema 3: no sets
+    store.write_run(
+        dict(run_id="old", status="completed", config_json=config, config_hash="h", created_at=NOW)
+    )
+    for r, score in ((0, 10.0), (1, 30.0), (2, 20.0)):
+        row = dict(run_id="old", round=r, checkpoint=f"c{r}", metric="exact_match", score=score)
+        evals = table_from_rows("evals", [dict(row, n=4, created_at=NOW)])
+        store.write_stage("old", r, "evaluate", {"evals": evals})
+    prompts = [
+        dict(run_id="old", prompt_id=f"{split}{i}", prompt="q", split=split)
+        for split in ("train", "eval")
+        for i in range(2)
+    ]
+    store.write_stage("old", None, "run", {"prompts": table_from_rows("prompts", prompts)})
+    # what npd of schema 3 left: no eval_set column in any file, version 3 recorded
+    for table in ("evals", "prompts"):
+        for f in [*root.glob(f"runs/*/**/{table}.parquet"), root / f".npd/empty/{table}.parquet"]:
+            pq.write_table(pq.read_table(f).drop_columns(["eval_set"]), f)
+    (root / "npd-store.json").write_text(json.dumps({"schema_version": 3, "project": "npd"}))
+    with duckdb.connect(str(root / "npd.duckdb")) as con:
+        con.execute("CREATE OR REPLACE VIEW store_meta AS SELECT 3 AS schema_version")
+
+    reopened = Store(root, create=False)  # as a reader opens it: `npd status`, `npd export`
+    assert json.loads((root / "npd-store.json").read_text())["schema_version"] == SCHEMA_VERSION
+    q = "SELECT round, eval_set, score FROM evals ORDER BY round"
+    assert [tuple(x.values()) for x in reopened.query(q).to_pylist()] == [
+        (0, "heldout", 10.0),
+        (1, "heldout", 30.0),
+        (2, "heldout", 20.0),
+    ]
+    q = "SELECT round, eval_set, score, is_best, regressed FROM checkpoints ORDER BY round"
+    assert [tuple(x.values()) for x in reopened.query(q).to_pylist()] == [
+        (0, "heldout", 10.0, False, None),
+        (1, "heldout", 30.0, True, False),
+        (2, "heldout", 20.0, False, True),
+    ]
+    q = "SELECT split, eval_set, count(*) AS n FROM prompts GROUP BY ALL ORDER BY split"
+    assert reopened.query(q).to_pylist() == [
+        {"split": "eval", "eval_set": "heldout", "n": 2},
+        {"split": "train", "eval_set": None, "n": 2},
+    ]
