@@ -337,11 +337,11 @@ def cost(
     if not path.is_file():
         raise ConfigError(f"--bench {path}: no such file; run `npd bench --world {world}` first")
     report = json.loads(path.read_text())
-    built = build_toy_world(out / "toy", world_spec(world), log=lambda m: err.print(m))
-    # this machine's copy of the world (the bench may have run elsewhere); the same digest
-    report["paths"] = {
-        k: str(getattr(built, k)) for k in ("teacher", "student", "train_prompts", "eval_prompts")
-    }
+    if not all(Path(p).exists() for p in report["paths"].values()):
+        # the bench ran elsewhere: this machine's copy of its embedded world (the same digest)
+        built = build_toy_world(out / "toy", world_spec(world), log=lambda m: err.print(m))
+        keys = ("teacher", "student", "train_prompts", "eval_prompts")
+        report["paths"] = {k: str(getattr(built, k)) for k in keys}
     report["out"] = str(out.resolve())
     local = out / f".cost-{path.stem}.json"
     local.write_text(json.dumps(report))

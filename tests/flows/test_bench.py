@@ -15,7 +15,15 @@ import yaml
 from typer.testing import CliRunner
 
 from flows.cli import app
-from flows.headline import BenchContext, Hyper, npd_rounds, run_onpolicy, run_sft, variants
+from flows.headline import (
+    BenchContext,
+    Hyper,
+    checkpoint_times,
+    npd_rounds,
+    run_onpolicy,
+    run_sft,
+    variants,
+)
 from npd_core.config import NPDConfig
 from npd_core.data import read_prompts
 from npd_core.errors import ConfigError
@@ -241,6 +249,37 @@ def test_bench_quick_json_has_every_field(tmp_path, tiny_world, prefect_server, 
         "sft-s0",
     ]
     assert {a.path for a in c.list_artifacts(rep["mlflow_run_id"])} >= {"bench.png", "bench.json"}
+
+    # what the cost model reads: optimizer steps on every point, per-seed totals, the world
+    assert rep["eval_at"] == checkpoint_times(5.0)
+    for v in rep["variants"].values():
+        steps = [p["steps"] for p in v["seed_curves"][0]]
+        assert steps[0] == 0 and steps == sorted(steps)
+        (tot,) = v["seed_totals"]
+        assert tot["train_tokens"] == v["train_tokens"] and tot["stage_seconds"]["train"] > 0
+    assert all(Path(p).exists() for p in rep["paths"].values()) and rep["config"]["threads"] == 1
+    bench_json = Path(rep["plot"]).with_name("bench.json")
+    res = CliRunner().invoke(app, ["bench", "cost", "--bench", str(bench_json), "--out", str(out),
+                                   "--json"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    model = json.loads(res.stdout)
+    units = model["units"]["1"]  # every stage at the config's one thread
+    assert sorted(map(int, units["decode"])) == [8, 32, 128, 512, 1024]
+    assert min(units["decode"].values()) > 0 and units["score_packed_tokens_per_s"] > 0
+    line = units["train_packed"][str(rep["grid"]["chosen"]["npd"]["rows_per_step"])]
+    assert line["tokens_per_s"] > 0 and line["c0_s"] >= 0
+    # one seed: predictions to the target, no validation (needs seeds 1-2)
+    assert model["speedup"]["measured_seeds_1_2"] is None
+    assert "--seeds 3" in model["speedup"]["measured_reason"]
+    for name in ("npd", "sft", "onpolicy"):
+        assert model[name]["runs"] == []
+        if model[name]["to_target"]:  # reached: no time where θ_0 already scores the target
+            st, clock = (
+                model[name]["to_target"]["stage_seconds"],
+                model[name]["to_target"]["clock_s"],
+            )
+            assert min(st.values()) >= 0 and clock >= 0
+            assert (clock > 0) == (model["target_score"] > v["curve"][0]["score"])
 
 
 def test_report_tables_fit_an_80_column_terminal(monkeypatch):
