@@ -8,8 +8,9 @@ import shutil
 import pytest
 
 from npd_core.config import NPDConfig
+from npd_core.data import Prompt
 from npd_core.errors import ConfigError, DataError, ModelError
-from npd_core.preflight import check_run
+from npd_core.preflight import check_overlap, check_run
 
 
 def _args(w):
@@ -72,3 +73,18 @@ def test_prompt_too_long_for_context_and_rows(tiny_world, tmp_path):
     long.write_text(json.dumps({"id": "big", "prompt": "1," * 20 + "="}) + "\n")  # 41 tokens
     with pytest.raises(ConfigError, match="pack.max_seq_len=16 .* prompt 'big'"):
         check_run(NPDConfig(pack={"max_seq_len": 16}), *a[:2], str(long), a[3])
+
+
+def test_overlap_of_train_and_eval_sets_is_refused_or_warned_with_its_count():
+    """Held-out prompts that are also train prompts (exact text): a DataError naming the set,
+    the count and the first id; with ``allow`` one warning per set instead."""
+    train = [Prompt("t1", "1,2="), Prompt("t2", "3,4=")]
+    sets = {"eval.sets.a": [Prompt("x", "3,4="), Prompt("y", "5=")], "eval.sets.b": [train[0]]}
+    with pytest.raises(DataError, match=r"eval.sets.a: 1 of its 2 prompts .*first id 'x'"):
+        check_overlap(train, sets, allow=False)
+    with pytest.warns(UserWarning) as seen:
+        check_overlap(train, sets, allow=True)
+    assert [str(w.message) for w in seen] == [
+        "eval.sets.a: 1 of its 2 prompts are also train prompts (data.allow_overlap: true)",
+        "eval.sets.b: 1 of its 1 prompts are also train prompts (data.allow_overlap: true)",
+    ]
