@@ -42,8 +42,6 @@ from typing import Any
 
 import numpy as np
 
-from npd_core.bench import curves as cv
-
 BATCHES = (8, 32, 128, 512, 1024)  # student decoding batch sizes measured
 TARGET = 0.75  # of onpolicy's gain: the speedup the model is validated on
 TOLERANCE = 0.25  # predicted speedup within ±25% of the measured one
@@ -150,11 +148,13 @@ def model_bench(
     """Predictions for npd, sft and onpolicy of ``bench`` (its JSON) at ``units`` measured at
     ``work``: to the target from seed 0's counts, over each run of seeds 1–2, and the speedup
     against the one seeds 1–2 measured."""
+    from npd_core.bench import curves as cv  # scipy: not on a bare GPU box (``project``)
+
     table = bench["variants"]
     names = [n for n in ("npd", "sft", "onpolicy") if n in table]
     on = table["onpolicy"]
 
-    def seed_curves(name: str, seeds: slice) -> list[cv.Curve]:
+    def seed_curves(name: str, seeds: slice) -> list[list[tuple[float, float]]]:
         return [[(p["wall_s"], p["score"]) for p in c] for c in table[name]["seed_curves"][seeds]]
 
     later = slice(1, 3)
@@ -213,6 +213,40 @@ def model_bench(
         for n in names
         if (e := out[n])["to_target"]
     }
+    return out
+
+
+def project(
+    bench: dict[str, Any],
+    units: dict[str, Any],
+    overlap_gain: float | None = None,
+    work: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """NPD's and onpolicy's clocks to the target on another device: ``units`` (one set, in
+    ``measure_units``' format, e.g. from the GPU bench) with the sample efficiency of ``bench``'s
+    seed-0 curves, the target ``TARGET`` of onpolicy's gain on seed 0. ``overlap_gain`` None:
+    NPD's stages share one device and run in turn (no overlap gain is assumed). ``work``:
+    the batches, default ``workload(bench)``'s."""
+    table = bench["variants"]
+    work = {
+        **(work or workload(bench)),
+        "threads": {"npd": "device", "baselines": "device"},
+        "overlap_gain": overlap_gain,
+    }
+    on = table["onpolicy"]
+    start = on["seed_curves"][0][0]["score"]
+    target = start + TARGET * (on["final_scores"][0] - start)
+    out: dict[str, Any] = {"target_fraction": TARGET, "target_score": target}
+    for name in ("npd", "onpolicy"):
+        curve, totals = table[name]["seed_curves"][0], table[name]["seed_totals"][0]
+        x, steps = (at_score(curve, target, k) for k in ("teacher_tokens", "steps"))
+        if x is None or steps is None:
+            out[name] = None
+            continue
+        counts = counts_at(name, curve, totals, x, steps)
+        out[name] = {"counts": counts, **predict(name, counts, {"device": units}, work)}
+    ok = out["npd"] and out["onpolicy"] and out["npd"]["clock_s"] > 0
+    out["speedup"] = out["onpolicy"]["clock_s"] / out["npd"]["clock_s"] if ok else None
     return out
 
 

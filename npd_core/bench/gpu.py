@@ -23,8 +23,10 @@ outside still reports what finished, and a section that runs out says ``"truncat
    ``method.score`` materialises tokens × vocabulary logits and copies them to the host).
 5. ``onpolicy_step``: one synchronous on-policy step as the ``onpolicy`` baseline takes it
    (generate with the live student → teacher top-k → one update on the padded batch).
-6. ``projection``: the NPD-vs-on-policy speedup needs issue 16's cost model (not built yet); the
-   per-sample cost split it will use is computed from the measured rates.
+6. ``projection``: the per-sample cost split at the measured rates, and the cost model's
+   NPD-vs-on-policy speedup at these sizes (``cost.project``: this device's rates with the
+   sample efficiency of a bench JSON's seed-0 curves, ``--cost-bench``; by default the
+   long-answer world's ``docs/bench-long.json``, else the toy world's).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ import transformers
 from transformers import AttentionInterface, Qwen2Config, Qwen2ForCausalLM
 from transformers.masking_utils import AttentionMaskInterface
 
+from npd_core.bench import cost
 from npd_core.bench.packing import make_data, peak_flops, synthetic_lengths
 from npd_core.jsonsafe import finite
 from npd_core.method.attention import VARLEN, register_varlen_attention
@@ -73,6 +76,9 @@ from npd_core.method.train import (
 )
 from npd_core.models import autocast
 
+DOCS_BENCHES = tuple(
+    Path(__file__).resolve().parents[2] / "docs" / f"bench-{w}.json" for w in ("long", "toy")
+)  # the projection's default sample efficiency: the long-answer world's, else the toy's
 SECTIONS = ("device", "train", "generate", "score", "onpolicy_step", "projection")
 MFU_FORMULA = (
     "(6 * params * tokens_per_step + 6 * layers * heads * head_dim * sum_seq_len_sq) "
@@ -464,6 +470,7 @@ class Bench:
     optimizer: torch.optim.Optimizer | None = None
     report: dict[str, Any] = field(default_factory=dict)
     spec: StepSpec = field(default_factory=StepSpec)
+    cost_bench: Path | None = None  # the bench JSON whose sample efficiency ``projection`` uses
     log: Callable[[str], None] = lambda m: None
 
 
@@ -934,9 +941,53 @@ def _onpolicy_step(b: Bench, n: int, step: int) -> dict[str, Any]:
 
 
 def section_projection(b: Bench, box: TimeBox, res: dict[str, Any]) -> None:
-    """The per-sample cost split at the measured rates (what issue 16's cost model will use)."""
+    """The per-sample cost split at the measured rates, then the cost model's speedup."""
+    _per_sample_split(b, res)
+    path = b.cost_bench
+    if path is None or not path.is_file():
+        res.update(available=False, why=f"no bench JSON for the sample efficiency ({path})")
+        return
+    bench = json.loads(path.read_text())
+    work = cost.workload(bench)
+    try:
+        units = device_units(b.report, {work["npd_rows"], work["sft_rows"]})
+    except (KeyError, ZeroDivisionError) as e:
+        res.update(available=False, why=f"a rate the cost model needs was not measured: {e}")
+        return
+    proj = cost.project(bench, units)
+    res.update(
+        available=proj["speedup"] is not None,
+        bench=str(path),
+        assumes=(
+            "the bench's sample efficiency (seed 0: teacher tokens and steps to the target) and "
+            "its batches; NPD's stages take turns on the one device (no overlap gain)"
+        ),
+        units=units,
+        **proj,
+    )
+
+
+def device_units(rep: dict[str, Any], rows: set[int]) -> dict[str, Any]:
+    """The measured rates of ``rep`` in the cost model's units (``cost.measure_units``): full
+    rows only, so no per-step fixed cost is separated (``c0_s`` 0)."""
+    op = rep["onpolicy_step"]
+    train = {"c0_s": 0.0, "tokens_per_s": rep["train"]["best_tokens_per_s"]}
+    return {
+        "decode": {
+            k: v["tokens_per_s"]
+            for k, v in rep["generate"]["batches"].items()
+            if "tokens_per_s" in v
+        },
+        "score_packed_tokens_per_s": rep["score"]["tokens_per_s"],
+        "score_padded_tokens_per_s": op["train_tokens"] / op["teacher_score_s"],
+        "train_packed": {str(r): train for r in rows},
+        "train_padded": {"c0_s": 0.0, "tokens_per_s": op["train_tokens"] / op["student_update_s"]},
+    }
+
+
+def _per_sample_split(b: Bench, res: dict[str, Any]) -> None:
+    """One sample's seconds per stage at the measured rates and the on-policy batch."""
     p, rep = b.plan, b.report
-    res.update(available=False, why="cost model (issue 16) not built yet")
     train = rep.get("train", {}).get("best_tokens_per_s")
     gen = rep.get("generate", {}).get("batches", {})
     score = rep.get("score", {}).get("tokens_per_s")
@@ -1007,12 +1058,16 @@ def run_bench(
     only: tuple[str, ...] = SECTIONS,
     seed: int = 0,
     log: Callable[[str], None] = lambda m: None,
+    cost_bench: Path | None = None,
 ) -> dict[str, Any]:
     """Run the sections in ``only`` (``device`` always: it builds the models) in order, each
     under its time box; return the report (also written to ``out`` after every section)."""
     plan = TINY_PLAN if tiny else GPU_PLAN
     dev = torch.device("cpu" if tiny or not torch.cuda.is_available() else "cuda")
-    b = Bench(plan, dev, bf16=dev.type == "cuda", seed=seed, peak_tflops=peak_tflops, log=log)
+    b = Bench(
+        plan, dev, bf16=dev.type == "cuda", seed=seed, peak_tflops=peak_tflops, log=log,
+        cost_bench=cost_bench,
+    )  # fmt: skip
     register_attention()
     box_s = {**plan.boxes, **(boxes or {})}
     t_run = time.perf_counter()
@@ -1070,6 +1125,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peak-tflops", type=float, help="override the peak used for MFU")
     ap.add_argument("--only", help="comma-separated sections to run (device always runs)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--cost-bench",
+        type=Path,
+        default=next((f for f in DOCS_BENCHES if f.is_file()), DOCS_BENCHES[0]),
+        help="bench JSON whose sample efficiency the projection uses",
+    )
     a = ap.parse_args(argv)
     report = run_bench(
         tiny=a.tiny,
@@ -1079,6 +1140,7 @@ def main(argv: list[str] | None = None) -> int:
         only=tuple(a.only.split(",")) if a.only else SECTIONS,
         seed=a.seed,
         log=lambda m: print(m, file=sys.stderr, flush=True),
+        cost_bench=a.cost_bench,
     )
     if a.json:
         print(json.dumps(finite(report), allow_nan=False, default=str))

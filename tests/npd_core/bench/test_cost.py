@@ -146,3 +146,32 @@ def test_model_bench_recovers_the_speedup_of_runs_that_follow_it():
     assert res["target_score"] == pytest.approx(10 + 0.75 * 48)
     # npd's learner (20 steps at 0.3 s) outweighs its producer; onpolicy's decoding at batch 32
     assert res["bottleneck"] == {"npd": "train", "onpolicy": "generate"}
+
+
+def test_project_uses_another_devices_rates_with_the_benchs_sample_efficiency():
+    """The GPU bench's projection: seed 0's counts to the target, one set of device rates."""
+    variants = {}
+    for name, rate in (("npd", 4.0), ("onpolicy", 3.0)):
+        curve, totals = _run(name, rate, 0)
+        variants[name] = {
+            "seed_curves": [curve],
+            "seed_totals": [totals],
+            "final_scores": [curve[-1]["score"]],
+        }
+    bench = {"variants": variants}
+    device = {
+        **UNITS["2"],
+        "score_packed_tokens_per_s": 9000.0,
+        "train_packed": {"4": {"c0_s": 0.0, "tokens_per_s": 8000.0}},
+    }
+    work = {**WORK, "threads": {"npd": "device", "baselines": "device"}, "overlap_gain": None}
+    res = cost.project(bench, device, overlap_gain=None, work=work)
+    target = 10 + 0.75 * 48  # onpolicy's seed 0 goes from 10 to 58
+    assert res["target_score"] == pytest.approx(target)
+    # npd reaches 46 at 9000 teacher tokens, onpolicy at 12000 (4 and 3 points per 1000)
+    assert res["npd"]["counts"]["teacher_tokens"] == pytest.approx(9000)
+    assert res["onpolicy"]["counts"]["teacher_tokens"] == pytest.approx(12000)
+    expect = {n: cost.predict(n, res[n]["counts"], {"device": device}, work) for n in res
+              if n in ("npd", "onpolicy")}  # fmt: skip
+    assert res["npd"]["clock_s"] == pytest.approx(expect["npd"]["clock_s"])
+    assert res["speedup"] == pytest.approx(expect["onpolicy"]["clock_s"] / expect["npd"]["clock_s"])
