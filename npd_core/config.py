@@ -26,11 +26,9 @@ from pydantic import (
     model_validator,
 )
 
+from npd_core.data import ANSWER_FIELD, HUB_NAME, ID_FIELD, PROMPT_FIELD
 from npd_core.errors import ConfigError
 from npd_core.method.answers import METRIC_NAMES, PYTHON_METRIC
-
-# a hub dataset name (owner/name): refused with a hint when no local path of that name exists
-HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 def deprecated(message: str) -> None:
@@ -75,19 +73,19 @@ class DataConfig(Section):
         None, description="held-out prompts, in any form data.prompts takes; none = toy world"
     )
     prompt_field: str = Field(
-        "prompt",
+        PROMPT_FIELD,
         min_length=1,
         description="field holding the prompt: a string, or a list of {role, content} turns "
         "(a 'messages' field is read when the row has no such field)",
     )
     answer_field: str = Field(
-        "answer",
+        ANSWER_FIELD,
         min_length=1,
         description="field holding the reference answer (optional; a conversation's trailing "
         "assistant turn is the answer when it is absent)",
     )
     id_field: str = Field(
-        "id", min_length=1, description="field holding the prompt id (optional; unique)"
+        ID_FIELD, min_length=1, description="field holding the prompt id (optional; unique)"
     )
     split: str | None = Field(
         None,

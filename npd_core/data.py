@@ -12,21 +12,26 @@ from __future__ import annotations
 import glob
 import json
 import random
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
-from npd_core.config import HUB_NAME, DataConfig
 from npd_core.errors import DataError, first_line
 from npd_core.seeds import seed_for
 
+if TYPE_CHECKING:  # pyarrow is imported where a table is read: a bare GPU box has none
+    import pyarrow as pa
+
+    from npd_core.config import DataConfig
+
 ROLES = ("system", "user", "assistant", "tool")
 Turn = dict[str, str]  # {"role": ..., "content": ...}
-_DEFAULTS = DataConfig()
+# the field names read by default (``data.prompt_field`` etc. default to them)
+PROMPT_FIELD, ANSWER_FIELD, ID_FIELD = "prompt", "answer", "id"
+# a hub dataset name (owner/name): refused with a hint when no local path of that name exists
+HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _SHARDS = (".parquet", ".jsonl")
 
 
@@ -55,10 +60,10 @@ class _Fields:
 def read_prompts(
     path: str | Path,
     *,
-    prompt_field: str = _DEFAULTS.prompt_field,
-    answer_field: str = _DEFAULTS.answer_field,
-    id_field: str = _DEFAULTS.id_field,
-    split: str | None = _DEFAULTS.split,
+    prompt_field: str = PROMPT_FIELD,
+    answer_field: str = ANSWER_FIELD,
+    id_field: str = ID_FIELD,
+    split: str | None = None,
 ) -> list[Prompt]:
     """Read and validate every prompt of ``path``: a JSONL or Parquet file, a glob of them (read
     in sorted path order), a folder of such shards, or a ``save_to_disk`` folder (``split``
@@ -91,8 +96,8 @@ def reads_as_is(path: str | Path, data: DataConfig) -> bool:
     read: one JSONL file and the default field names. Any other set is copied into a run as
     ``write_prompts`` writes it, so that every stage reads it with the defaults."""
     p = Path(path)
-    fields = ("prompt_field", "answer_field", "id_field")
-    same = all(getattr(data, f) == getattr(_DEFAULTS, f) for f in fields)
+    given = (data.prompt_field, data.answer_field, data.id_field)
+    same = given == (PROMPT_FIELD, ANSWER_FIELD, ID_FIELD)
     return same and not glob.has_magic(str(path)) and p.is_file() and not _is_parquet(p)
 
 
@@ -151,6 +156,9 @@ def _rows(
     source: Path, fields: _Fields, split: str | None
 ) -> Iterator[tuple[str, str, dict[str, Any]]]:
     """(where, default id, row) of each row of one source."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     if source.is_dir():
         table = _load_saved(source, split)
     elif _is_parquet(source):
@@ -198,6 +206,8 @@ def _load_saved(source: Path, split: str | None) -> pa.Table:
 def _check_columns(source: Path, schema: pa.Schema, fields: _Fields) -> None:
     """The prompt column a tabular source must have (and the type a conversation column
     needs); answer and id columns are optional, as the fields of a JSONL row are."""
+    import pyarrow as pa
+
     names = schema.names
     if fields.prompt not in names and "messages" not in names:
         raise DataError(

@@ -12,7 +12,7 @@ import threading
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -21,9 +21,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
 from npd_core.atomic import atomic_dir
-from npd_core.data import Turn
 from npd_core.errors import DataError, ModelError
 from npd_core.iotime import timed
+
+if TYPE_CHECKING:  # a bare GPU box has no pyarrow, which npd_core.data needs
+    from npd_core.data import Turn
 
 TRAINER_STATE = "trainer_state.pt"
 hf_logging.disable_progress_bar()  # our own progress bars; HF's per-load bars are noise
