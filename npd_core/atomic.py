@@ -37,14 +37,10 @@ def fsync_path(path: Path) -> None:
 
 @contextmanager
 def atomic_dir(final: Path, pause_at: str | None = None) -> Iterator[Path]:
-    """Yield an empty hidden folder beside ``final``; when the block ends, make it ``final``.
-
-    On success every file in it and the folder itself are fsynced, the process stops at crash
-    point ``pause_at`` (see :mod:`npd_core.crashpoints`), an existing ``final`` is moved to a
-    hidden trash name, the temp folder is renamed to ``final`` (the old one is put back if that
-    fails), the trash is deleted and the parent fsynced, so the rename survives a power cut.
-    On any error the temp folder is removed and ``final`` is as it was; an error from a full
-    disk becomes one StoreError naming ``final`` (see :func:`npd_core.errors.disk_full`).
+    """Yield an empty hidden folder beside ``final``; when the block ends, make it ``final``
+    (:func:`publish_dir`). On any error the temp folder is removed and ``final`` is as it was;
+    an error from a full disk becomes one StoreError naming ``final``
+    (see :func:`npd_core.errors.disk_full`).
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -52,30 +48,41 @@ def atomic_dir(final: Path, pause_at: str | None = None) -> Iterator[Path]:
     try:
         tmp.mkdir()
         yield tmp
-        for path in sorted(tmp.rglob("*")):
-            if path.is_file():
-                fsync_path(path)
-        fsync_path(tmp)
-        if pause_at is not None:
-            pause_point(pause_at)
-        if final.exists():
-            trash = _hidden(final, "trash")
-            os.rename(final, trash)
-            try:
-                os.rename(tmp, final)
-            except BaseException:
-                os.rename(trash, final)
-                raise
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-        fsync_path(final.parent)
+        publish_dir(tmp, final, pause_at)
     except BaseException as exc:
         full = disk_full(exc, final)  # before freeing the space
         shutil.rmtree(tmp, ignore_errors=True)
         if full is not None:
             raise full from None
         raise
+
+
+def publish_dir(folder: Path, final: Path, pause_at: str | None = None) -> None:
+    """Make the finished ``folder`` (a sibling of ``final``) become ``final`` in one rename.
+
+    Every file in it and the folder itself are fsynced, the process stops at crash point
+    ``pause_at`` (see :mod:`npd_core.crashpoints`), an existing ``final`` is moved to a hidden
+    trash name, ``folder`` is renamed to ``final`` (the old one is put back if that fails), the
+    trash is deleted and the parent fsynced, so the rename survives a power cut.
+    """
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            fsync_path(path)
+    fsync_path(folder)
+    if pause_at is not None:
+        pause_point(pause_at)
+    if final.exists():
+        trash = _hidden(final, "trash")
+        os.rename(final, trash)
+        try:
+            os.rename(folder, final)
+        except BaseException:
+            os.rename(trash, final)
+            raise
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(folder, final)
+    fsync_path(final.parent)
 
 
 @contextmanager

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -38,6 +39,7 @@ def deprecated(message: str) -> None:
 
 DEFAULT_EVAL_SET = "heldout"  # the one eval set of a run without eval.sets
 SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+RAY_EXTRA = ("ray", "prefect_ray")  # orchestration.task_runner: ray
 
 
 class Section(BaseModel):
@@ -367,6 +369,30 @@ class ScheduleConfig(Section):
 
 
 class OrchestrationConfig(Section):
+    task_runner: Literal["threads", "ray"] = Field(
+        "threads",
+        description="where the shard tasks of generate and score run: threads (the flow's "
+        "process) or ray (prefect-ray's RayTaskRunner; the ray extra: pip install -e '.[ray]')",
+    )
+    ray_address: str | None = Field(
+        None,
+        min_length=1,
+        description="Ray cluster of task_runner ray (ray://host:10001, or auto); none = a local "
+        "cluster started for the run and stopped at its end",
+    )
+    shards: int = Field(
+        1,
+        ge=1,
+        le=4096,
+        description="K: a round's prompts split into K shards, each generated and scored by a "
+        "task of its own (K engines in parallel on Ray); same rows for any K",
+    )
+    tensor_parallel_size: int = Field(
+        1, ge=1, le=64, description="vLLM engines (GPU only): GPUs each engine splits a layer over"
+    )
+    data_parallel_size: int = Field(
+        1, ge=1, le=64, description="vLLM engines (GPU only): model replicas inside each engine"
+    )
     generate_pool: str | None = Field(
         None,
         description="work pool of deployment npd-produce/<pool> (generate → pack); "
@@ -382,6 +408,15 @@ class OrchestrationConfig(Section):
     def _both(self) -> OrchestrationConfig:
         if (self.generate_pool is None) != (self.train_pool is None):
             raise ValueError("set both generate_pool and train_pool, or neither")
+        return self
+
+    @model_validator(mode="after")
+    def _ray_installed(self) -> OrchestrationConfig:
+        if self.task_runner == "ray" and not all(map(importlib.util.find_spec, RAY_EXTRA)):
+            raise ValueError(
+                "task_runner 'ray' needs the ray extra (ray, prefect-ray), which is not "
+                "installed; install it with pip install -e '.[ray]' or set task_runner: threads"
+            )
         return self
 
 
@@ -410,6 +445,21 @@ class NPDConfig(Section):
     def _eval_at_end_in_process(self) -> NPDConfig:
         if self.eval.when == "end" and self.orchestration.generate_pool is not None:
             raise ValueError("eval.when: end runs in-process rounds only; unset the work pools")
+        return self
+
+    @model_validator(mode="after")
+    def _shards_fit(self) -> NPDConfig:
+        k, n = self.orchestration.shards, self.data.prompts_per_round
+        if k > n:
+            raise ValueError(
+                f"orchestration.shards ({k}) exceeds data.prompts_per_round ({n}): a shard "
+                f"would have no prompt; set shards to at most {n}"
+            )
+        if k > 1 and self.orchestration.generate_pool is not None:
+            raise ValueError(
+                "orchestration.shards > 1 runs in-process rounds only; unset the work pools or "
+                "set shards: 1"
+            )
         return self
 
     @model_validator(mode="after")

@@ -20,6 +20,7 @@ from npd_core.config import config_digest
 from npd_core.crashpoints import pause_point
 from npd_core.pipeline import stages
 from npd_core.pipeline.spec import RunSpec, StageResult
+from npd_core.store import Shard
 from tasks import progress, tracking
 from tasks.faults import InjectedFault, enter_stage
 
@@ -31,6 +32,9 @@ def _prov() -> dict[str, str]:
     }
 
 
+SUBKEYS = ("stage", "shard")  # parameters that tell apart the runs of one task in one round
+
+
 def stage_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     """run id / round / stage / config digest / upstream digests. The digest is of the config as
     stored with the run, so a run begun by an older npd resumes from its cache."""
@@ -38,7 +42,8 @@ def stage_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     up = parameters.get("upstream") or {}
     ups = "-".join(str(u.get("digest", "")) for u in (up if isinstance(up, list) else [up]) if u)
     digest = config_digest(spec.config)
-    return f"{spec.run_id}/r{parameters['r']}/{context.task.name}/{digest}/{ups or 'root'}"
+    name = "-".join([context.task.name, *(str(parameters[k]) for k in SUBKEYS if k in parameters)])
+    return f"{spec.run_id}/r{parameters['r']}/{name}/{digest}/{ups or 'root'}"
 
 
 def not_injected(task: Any, task_run: Any, state: Any) -> bool:
@@ -69,6 +74,35 @@ def score(spec: RunSpec, r: int, upstream: dict) -> dict:
     res = stages.score_stage(spec, r, _prov(), progress.bar("score", r, total))
     _log_engine(res)
     return res.to_dict()
+
+
+@task(name="generate-shard", task_run_name="r{r}-generate-shard{shard}", **FLAKY, **STAGE)
+def generate_shard(spec: RunSpec, r: int, shard: int, upstream: dict | None = None) -> dict:
+    """Shard ``shard`` of the round's prompts sampled (``orchestration.shards``), kept aside
+    until ``commit`` makes the stage visible."""
+    enter_stage(spec, f"generate-shard{shard}", r)
+    part = Shard(shard, spec.cfg.orchestration.shards)
+    res = stages.generate_stage(spec, r, _prov(), shard=part)
+    _log_engine(res)
+    return res.to_dict()
+
+
+@task(name="score-shard", task_run_name="r{r}-score-shard{shard}", **FLAKY, **STAGE)
+def score_shard(spec: RunSpec, r: int, shard: int, upstream: dict) -> dict:
+    """Shard ``shard`` of the committed generate stage scored, kept aside until ``commit``."""
+    enter_stage(spec, f"score-shard{shard}", r)
+    part = Shard(shard, spec.cfg.orchestration.shards)
+    res = stages.score_stage(spec, r, _prov(), shard=part)
+    _log_engine(res)
+    return res.to_dict()
+
+
+@task(name="commit", task_run_name="r{r}-{stage}", **STAGE)
+def commit(spec: RunSpec, r: int, stage: str, upstream: list[dict]) -> dict:
+    """The sharded ``stage`` made visible once all its shards are in (its stage name in the
+    UI: the sharded stage is done when this is)."""
+    enter_stage(spec, stage, r)
+    return stages.commit_stage(spec, r, stage, upstream).to_dict()
 
 
 def _log_engine(res: StageResult) -> None:

@@ -86,6 +86,8 @@ class EngineOptions:
     max_num_seqs: int  # sequences decoded together
     max_logprobs: int  # largest top-k asked for
     threads: int  # OMP threads of the engine (CPU)
+    tensor_parallel_size: int = 1  # GPUs a layer is split over (GPU only)
+    data_parallel_size: int = 1  # model replicas in the engine (GPU only)
 
     @classmethod
     def of(cls, cfg: NPDConfig) -> EngineOptions:
@@ -95,7 +97,34 @@ class EngineOptions:
             max_num_seqs=cfg.generate.batch_size,
             max_logprobs=max(20, cfg.score.top_k),
             threads=cfg.stage_threads(concurrent=cfg.staleness > 0),
+            tensor_parallel_size=cfg.orchestration.tensor_parallel_size,
+            data_parallel_size=cfg.orchestration.data_parallel_size,
         )
+
+    @property
+    def gpus(self) -> int:
+        """GPUs one engine occupies (what a shard task asks its cluster for)."""
+        return self.tensor_parallel_size * self.data_parallel_size
+
+
+def engine_args(model_dir: str, options: EngineOptions) -> dict[str, Any]:
+    """The keyword arguments of ``vllm.LLM`` for ``model_dir`` under ``options``."""
+    return dict(
+        model=model_dir,
+        dtype=options.dtype,
+        max_num_seqs=options.max_num_seqs,
+        max_logprobs=options.max_logprobs,
+        tensor_parallel_size=options.tensor_parallel_size,
+        data_parallel_size=options.data_parallel_size,
+        gpu_memory_utilization=GPU_MEMORY_UTILIZATION,
+        enforce_eager=True,
+        # vLLM 0.32 on CPU: a seeded request whose prompt is split across steps rewinds its
+        # torch.Generator (set_offset), which CPU generators refuse ("CPU Generator does not
+        # use offset"); whole prompts only.
+        enable_chunked_prefill=False,
+        use_tqdm_on_load=False,
+        seed=0,
+    )
 
 
 @dataclass
@@ -278,20 +307,7 @@ def _serve(conn: Any, model_dir: str, options: dict[str, Any]) -> None:
     try:
         from vllm import LLM
 
-        llm = LLM(
-            model=model_dir,
-            dtype=options["dtype"],
-            max_num_seqs=options["max_num_seqs"],
-            max_logprobs=options["max_logprobs"],
-            gpu_memory_utilization=GPU_MEMORY_UTILIZATION,
-            enforce_eager=True,
-            # vLLM 0.32 on CPU: a seeded request whose prompt is split across steps rewinds its
-            # torch.Generator (set_offset), which CPU generators refuse ("CPU Generator does not
-            # use offset"); whole prompts only.
-            enable_chunked_prefill=False,
-            use_tqdm_on_load=False,
-            seed=0,
-        )
+        llm = LLM(**engine_args(model_dir, EngineOptions(**options)))
         conn.send(("ok", None))
     except Exception as e:  # reported to the parent as one line, then this process ends
         conn.send(("error", f"cannot start on {model_dir}: {type(e).__name__}: {e}"))

@@ -64,7 +64,7 @@ from npd_core.models import (
 )
 from npd_core.pipeline.spec import RunSpec, StageResult, generator_round, rel_path
 from npd_core.seeds import seed_for
-from npd_core.store import table_from_rows
+from npd_core.store import Shard, table_from_rows
 
 Progress = Callable[[int], None] | None
 SAMPLE_KEY = ["prompt_id", "sample_idx"]
@@ -143,9 +143,14 @@ def _generate_with(
 
 
 def generate_stage(
-    spec: RunSpec, r: int, prov: dict[str, str], progress: Progress = None
+    spec: RunSpec,
+    r: int,
+    prov: dict[str, str],
+    progress: Progress = None,
+    shard: Shard | None = None,
 ) -> StageResult:
-    """θ_{g(r)} samples ``n_per_prompt`` responses for the round's prompts."""
+    """θ_{g(r)} samples ``n_per_prompt`` responses for the round's prompts (for ``shard``'s
+    part of them only, when given: :func:`commit_stage` then makes the stage visible)."""
     cfg = spec.cfg
     _threads(spec)
 
@@ -153,6 +158,8 @@ def generate_stage(
         prompts = round_prompts(
             read_prompts(spec.train_prompts), cfg.data.prompts_per_round, cfg.seed, r
         )
+        if shard is not None:
+            prompts = prompts[shard.rows(len(prompts))]
         ckpt = spec.checkpoint(generator_round(r, cfg.staleness))
         tok = load_tokenizer(ckpt)
         texts = prompt_texts(tok, [p.prompt for p in prompts], cfg.data.chat_template)
@@ -196,7 +203,7 @@ def generate_stage(
                     )
                 )
         table = table_from_rows("samples", rows)
-        spec.store.write_stage(spec.run_id, r, "generate", {"samples": table})
+        _write(spec, r, "generate", shard, table)
         n_tok = int(sum(x["response_tokens"] for x in rows))
         return _table_digest(table), {
             "n_generated": len(rows),
@@ -256,15 +263,20 @@ def _nulls(x: np.ndarray | None, i: int) -> float | None:
 
 
 def score_stage(
-    spec: RunSpec, r: int, prov: dict[str, str], progress: Progress = None
+    spec: RunSpec,
+    r: int,
+    prov: dict[str, str],
+    progress: Progress = None,
+    shard: Shard | None = None,
 ) -> StageResult:
     """Teacher top-k targets and log-likelihood; with the filter's views (``needs_views``) also
-    both models' prompt-less log-likelihoods, Δ-IFD and the student's KL from the teacher."""
+    both models' prompt-less log-likelihoods, Δ-IFD and the student's KL from the teacher.
+    With ``shard``, of that shard of the committed generate stage only."""
     cfg = spec.cfg
     _threads(spec)
 
     def body() -> tuple[str, dict[str, Any]]:
-        s = spec.store.read_stage(spec.run_id, r, "generate", "samples")
+        s = spec.store.read_stage(spec.run_id, r, "generate", "samples", shard)
         prompts = s.column("prompt_token_ids").to_pylist()
         resps = s.column("response_token_ids").to_pylist()
         knob = "score.backend" if cfg.score.backend else "generate.backend"
@@ -323,7 +335,7 @@ def score_stage(
             for i, key in enumerate(keys)
         ]
         table = table_from_rows("scores", rows)
-        spec.store.write_stage(spec.run_id, r, "score", {"scores": table})
+        _write(spec, r, "score", shard, table)
         views = 2 if cfg.filter.needs_views else 1
         return _table_digest(table), {
             "scored_tokens": int(views * n.sum() + sum(map(len, prompts))),
@@ -334,6 +346,41 @@ def score_stage(
         }
 
     return _timed("score", r, body)
+
+
+# ---------------------------------------------------------------- shards
+TABLE_OF = {"generate": "samples", "score": "scores"}  # the table of each shardable stage
+ADDITIVE = ("n_generated", "generated_tokens", "prompt_tokens", "scored_tokens")
+
+
+def _write(spec: RunSpec, r: int, stage: str, shard: Shard | None, table: pa.Table) -> None:
+    """A stage's table: visible at once, or one shard of it kept aside until the commit."""
+    tables = {TABLE_OF[stage]: table}
+    if shard is None:
+        spec.store.write_stage(spec.run_id, r, stage, tables)
+    else:
+        spec.store.write_shard(spec.run_id, r, stage, shard, tables)
+
+
+def commit_stage(spec: RunSpec, r: int, stage: str, parts: list[dict[str, Any]]) -> StageResult:
+    """Make a stage written in shards visible (one rename) once every shard is in. Its result
+    is the shards' together: counts summed, engine seconds the longest (the engines ran side by
+    side), the span from the first shard's start to the commit's end; the digest is of theirs."""
+    t0 = time.time()
+    with iotime.recording() as spans:
+        spec.store.commit_shards(spec.run_id, r, stage, [TABLE_OF[stage]], len(parts))
+    ms = [p["metrics"] for p in parts]
+    metrics = {
+        **ms[0],
+        **{k: sum(m[k] for m in ms) for k in ADDITIVE if k in ms[0]},
+        **{k: max(m[k] for m in ms) for k in ms[0] if "engine" in k},
+        "io_spans": [x for m in ms for x in m["io_spans"]] + spans,
+        "shard_seconds": [p["seconds"] for p in parts],
+    }
+    started, ended = min(p["started"] for p in parts), time.time()
+    metrics["commit_s"] = ended - t0
+    digest = _digest(*(p["digest"] for p in parts))
+    return StageResult(stage, r, digest, ended - started, started, ended, metrics)
 
 
 # ---------------------------------------------------------------- filter

@@ -13,7 +13,7 @@ from npd_core.store.schema import (
     empty_table,
     table_from_rows,
 )
-from npd_core.store.store import MARKER_NAME, Store, connect, query
+from npd_core.store.store import MARKER_NAME, Shard, Store, connect, query
 
 __all__ = [
     "CHECKPOINT_DERIVED",
@@ -21,6 +21,7 @@ __all__ = [
     "SCHEMAS",
     "SCHEMA_VERSION",
     "SCORE_COLUMNS",
+    "Shard",
     "STAGES",
     "Store",
     "VIEWS",

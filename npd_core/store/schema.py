@@ -12,12 +12,14 @@ import pyarrow as pa
 from npd_core.config import DEFAULT_EVAL_SET
 from npd_core.errors import StoreError, first_line
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 # 2: derived best/regressed checkpoints, run lineage columns
 # 3: Δ-IFD columns nullable (not computed when the filter rule needs none), the student's
 #    forward KL per sample, the filter rule and its parameters per row, dropped KL per round
 # 4: the eval set of each evaluation and eval prompt (eval.sets); checkpoints score the run's
 #    eval.primary set
+# 5: the generate and score stages of a sharded round hold one file per shard
+#    (samples-00000-of-00002.parquet, …; orchestration.shards): the views read them all
 STAGES = ("generate", "score", "filter", "pack", "train", "evaluate", "summary")
 
 # --------------------------------------------------------------------------------------------
@@ -271,7 +273,7 @@ FROM ranked AS k LEFT JOIN runs AS r ON r.run_id = k.run_id
 """
 SCORES_VIEW_SQL = """
 CREATE OR REPLACE VIEW scores AS
-SELECT * FROM read_parquet(['.npd/empty/scores.parquet', 'runs/*/round=*/score/scores.parquet'],
+SELECT * FROM read_parquet(['.npd/empty/scores.parquet', 'runs/*/round=*/score/scores*.parquet'],
                            hive_partitioning = false, allow_empty = true, union_by_name = true)
 """
 SAMPLES_VIEW_SQL = """
@@ -281,7 +283,7 @@ SELECT g.*,
        s.teacher_resp_logprob_sum, s.student_resp_logprob_sum,
        s.ifd_teacher, s.ifd_student, s.delta_ifd, s.student_forward_kl_sum,
        f.kept, f.filter_reason, f.rule AS filter_rule, f.rule_params AS filter_rule_params
-FROM read_parquet(['.npd/empty/samples.parquet', 'runs/*/round=*/generate/samples.parquet'],
+FROM read_parquet(['.npd/empty/samples.parquet', 'runs/*/round=*/generate/samples*.parquet'],
                   hive_partitioning = false, allow_empty = true) AS g
 LEFT JOIN scores AS s
        ON s.run_id = g.run_id AND s.round = g.round

@@ -7,11 +7,16 @@ Layout, relative to the output directory ``root``::
     .npd/empty/<table>.parquet                       one empty typed file per table (see below)
     runs/<run_id>/run/<table>.parquet                run-scoped tables: runs, prompts
     runs/<run_id>/round=<r>/<stage>/<table>.parquet  round-scoped stages (STAGES)
+    runs/<run_id>/round=<r>/<stage>/<table>-<k>-of-<K>.parquet   the same, written in K shards
+    runs/<run_id>/round=<r>/.<stage>.shards/         shards of a stage not yet committed
 
 Why it looks like this:
 
 - A stage becomes visible whole or not at all: it is written into a hidden sibling
   ``.<stage>.tmp-<uuid>`` and renamed into place, so a reader never sees half a stage.
+- A stage written by K tasks (``orchestration.shards``) collects their files in the hidden
+  ``.<stage>.shards`` and is renamed into place once all K are in (``commit_shards``). That
+  folder outlives a failed attempt (a sweep keeps it), so a retry reruns only missing shards.
 - Files carry their own ``run_id`` and ``round`` columns. Views read with
   ``hive_partitioning = false``, so a folder name like ``round=0`` never overrides them.
 - View paths are relative to ``root``, so the folder can move. DuckDB resolves relative paths
@@ -32,13 +37,14 @@ import re
 import shutil
 import tempfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from npd_core.atomic import LEFTOVER_RE, atomic_dir, atomic_file
+from npd_core.atomic import LEFTOVER_RE, atomic_dir, atomic_file, publish_dir
 from npd_core.errors import StoreError, StoreUsageError, first_line
 from npd_core.iotime import timed
 from npd_core.store.schema import (
@@ -255,6 +261,46 @@ class Store:
                 _write_parquet(tmp / f"{name}.parquet", table)
         return final
 
+    def write_shard(
+        self,
+        run_id: str,
+        round: int,
+        stage: str,
+        shard: Shard,
+        tables: Mapping[str, pa.Table],
+    ) -> Path:
+        """Write shard ``shard`` of a stage's ``tables`` into its hidden shards folder, each
+        file replaced whole (a retried shard rewrites the same name); nothing is visible until
+        :meth:`commit_shards`."""
+        folder = self._shards_path(run_id, round, stage)
+        for name, table in tables.items():
+            _write_parquet_atomic(folder / shard.file(name), _prepare(name, table, run_id, round))
+        return folder
+
+    def commit_shards(
+        self, run_id: str, round: int, stage: str, names: list[str], shards: int
+    ) -> Path:
+        """Make a stage written in ``shards`` shards visible in one rename, once every shard of
+        every table in ``names`` is in; a stage already committed is left as it is (a retried
+        commit after the rename)."""
+        final = self.stage_path(run_id, round, stage)
+        folder = self._shards_path(run_id, round, stage)
+        files = [Shard(k, shards).file(name) for name in names for k in range(shards)]
+        if not folder.is_dir() and all((final / f).is_file() for f in files):
+            return final
+        missing = [f for f in files if not (folder / f).is_file()]
+        if missing:
+            raise StoreError(
+                f"{folder}: shard file(s) {', '.join(missing[:3])} missing; rerun the stage's "
+                "shard tasks (`npd retry`), which rewrite them"
+            )
+        publish_dir(folder, final, pause_at=f"write:{stage}:{round}")
+        return final
+
+    def _shards_path(self, run_id: str, round: int, stage: str) -> Path:
+        final = self.stage_path(run_id, round, stage)
+        return final.parent / f".{final.name}.shards"
+
     def write_run(self, row: dict) -> Path:
         """(Re)write the one-row runs table of ``row['run_id']`` (atomic file replace)."""
         run_id = row.get("run_id")
@@ -278,13 +324,18 @@ class Store:
     # ---- reading --------------------------------------------------------------------------
 
     @timed
-    def read_stage(self, run_id: str, round: int | None, stage: str, name: str) -> pa.Table:
-        """One table of a written stage, as stored."""
+    def read_stage(
+        self, run_id: str, round: int | None, stage: str, name: str, shard: Shard | None = None
+    ) -> pa.Table:
+        """One table of a written stage, as stored: its one file, or its shards in order
+        (only ``shard``'s, when given)."""
         _check_id("table name", name)
-        path = self.stage_path(run_id, round, stage) / f"{name}.parquet"
-        if not path.is_file():
+        folder = self.stage_path(run_id, round, stage)
+        path = folder / (shard.file(name) if shard else f"{name}.parquet")
+        paths = [path] if path.is_file() or shard else sorted(folder.glob(Shard.pattern(name)))
+        if not paths or not paths[0].is_file():
             raise StoreError(f"{path} does not exist; run stage {stage!r} first")
-        return pq.read_table(path, partitioning=None)
+        return pa.concat_tables([pq.read_table(p, partitioning=None) for p in paths])
 
     def connect(self, read_only: bool = True) -> duckdb.DuckDBPyConnection:
         """A DuckDB connection whose relative view paths resolve inside this output directory."""
@@ -293,6 +344,26 @@ class Store:
     def query(self, sql: str, params: list | None = None) -> pa.Table:
         """Read-only SQL over the views; see :func:`query`."""
         return query(self.db_path, sql, params)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Shard ``index`` of ``count``: which rows of a stage one task writes, and its file names."""
+
+    index: int
+    count: int
+
+    def file(self, name: str) -> str:
+        return f"{name}-{self.index:05d}-of-{self.count:05d}.parquet"
+
+    @staticmethod
+    def pattern(name: str) -> str:
+        """Glob of every shard file of table ``name`` (sorted = shard order)."""
+        return f"{name}-[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9].parquet"
+
+    def rows(self, n: int) -> slice:
+        """This shard's contiguous part of ``n`` rows (sizes differ by at most one)."""
+        return slice(self.index * n // self.count, (self.index + 1) * n // self.count)
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ the extra (``make vllm``) and skip with that reason without it; ``make test-vllm
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -42,6 +43,17 @@ def test_backend_resolution_and_missing_extra(monkeypatch):
     assert msg.startswith("score.backend: 'vllm' needs the vllm extra") and "make vllm" in msg
     monkeypatch.setattr(vllm_backend, "available", lambda: True)
     assert vllm_backend.resolve("auto", "generate.backend") == "vllm"
+
+
+def test_parallel_sizes_reach_the_engine_arguments():
+    """orchestration.tensor_parallel_size and data_parallel_size go to vllm.LLM as they are (the
+    engine process rebuilds its options from the dict it is sent); vLLM is not imported."""
+    over = {"orchestration": {"tensor_parallel_size": 2, "data_parallel_size": 4}}
+    opts = vllm_backend.EngineOptions.of(NPDConfig.model_validate(over))
+    args = vllm_backend.engine_args("/m", vllm_backend.EngineOptions(**asdict(opts)))
+    assert (args["model"], args["tensor_parallel_size"], args["data_parallel_size"]) == ("/m", 2, 4)
+    assert opts.gpus == 8  # what a shard task asks a GPU cluster for
+    assert vllm_backend.engine_args("/m", OPTS)["tensor_parallel_size"] == 1 == OPTS.gpus
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ from npd_core.store import (
     SCHEMAS,
     SCORE_COLUMNS,
     VIEWS,
+    Shard,
     Store,
     empty_table,
     query,
@@ -396,3 +397,52 @@ def test_a_store_of_schema_3_keeps_its_evaluations_as_the_default_eval_set(tmp_p
         {"split": "eval", "eval_set": "heldout", "n": 2},
         {"split": "train", "eval_set": None, "n": 2},
     ]
+
+
+def test_a_sharded_stage_is_visible_once_every_shard_is_in(tmp_path: Path) -> None:
+    """Shards go to a hidden folder that readers and the views never see; the commit refuses
+    while a shard is missing, then makes all of them visible in one rename; reads give the
+    shards in order, or one of them; a retried commit after the rename changes nothing, and a
+    sweep keeps the shards of an uncommitted stage (a retry reruns only the missing ones)."""
+    store = Store(tmp_path)
+    gen = samples("r", 1, 10)
+    halves = [gen.slice(Shard(k, 2).rows(10).start, 5) for k in range(2)]
+    store.write_shard("r", 1, "generate", Shard(0, 2), {"samples": halves[0]})
+    with pytest.raises(StoreError, match=r"samples-00001-of-00002.parquet missing"):
+        store.commit_shards("r", 1, "generate", ["samples"], 2)
+    assert store.sweep("r") == [] and not store.has_stage("r", 1, "generate")
+    assert store.query("SELECT count(*) AS n FROM samples").to_pylist() == [{"n": 0}]
+    store.write_shard("r", 1, "generate", Shard(1, 2), {"samples": halves[1]})
+    final = store.commit_shards("r", 1, "generate", ["samples"], 2)
+    assert sorted(p.name for p in final.iterdir()) == [
+        "samples-00000-of-00002.parquet",
+        "samples-00001-of-00002.parquet",
+    ]
+    assert store.read_stage("r", 1, "generate", "samples").equals(gen)
+    assert store.read_stage("r", 1, "generate", "samples", Shard(1, 2)).equals(halves[1])
+    assert store.query("SELECT count(*) AS n FROM samples").to_pylist() == [{"n": 10}]
+    assert store.commit_shards("r", 1, "generate", ["samples"], 2) == final
+    assert [p.name for p in final.parent.iterdir() if p.name.startswith(".")] == []
+    assert [Shard(k, 3).rows(10) for k in range(3)] == [slice(0, 3), slice(3, 6), slice(6, 10)]
+
+
+def test_a_store_of_schema_4_opens_and_reads_sharded_stages(tmp_path: Path) -> None:
+    """Schema 5 only widens the samples and scores views to shard files: a store npd of schema
+    4 wrote opens with its rows, and the sharded rounds written after it show up beside them."""
+    root = tmp_path / "out"
+    store = Store(root)
+    write_round(store, "old", 1, 4)
+    (root / "npd-store.json").write_text(json.dumps({"schema_version": 4, "project": "npd"}))
+    with duckdb.connect(str(root / "npd.duckdb")) as con:
+        con.execute("CREATE OR REPLACE VIEW store_meta AS SELECT 4 AS schema_version")
+    reopened = Store(root, create=False)
+    assert json.loads((root / "npd-store.json").read_text())["schema_version"] == SCHEMA_VERSION
+    gen = samples("new", 1, 4)
+    for k in range(2):
+        part = gen.slice(2 * k, 2)
+        reopened.write_shard("new", 1, "generate", Shard(k, 2), {"samples": part})
+        reopened.write_shard("new", 1, "score", Shard(k, 2), {"scores": scores(part)})
+    for stage, name in (("generate", "samples"), ("score", "scores")):
+        reopened.commit_shards("new", 1, stage, [name], 2)
+    q = "SELECT run_id, count(delta_ifd) AS n FROM samples GROUP BY run_id ORDER BY run_id"
+    assert reopened.query(q).to_pylist() == [{"run_id": "new", "n": 4}, {"run_id": "old", "n": 4}]
