@@ -27,6 +27,11 @@ Why it looks like this:
   typed file first: it always matches and gives the view its columns and types from the start.
   Wildcards never match names starting with '.', so globs skip placeholders, temp and trash dirs.
 
+- Every Parquet byte is read and written through one fsspec filesystem (``Store.fs``, from the
+  output directory's path or URL), so the data plane's place is a configuration. Only
+  filesystems that rename a folder atomically are accepted today (local, or a shared POSIX
+  mount): object storage needs the manifest commit that README's "Scale out" describes.
+
 The tables' schemas and the views' SQL are in :mod:`npd_core.store.schema`.
 """
 
@@ -41,8 +46,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
+import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fsspec import AbstractFileSystem
+from fsspec.implementations.local import LocalFileSystem
 
 from npd_core.atomic import LEFTOVER_RE, atomic_dir, atomic_file, publish_dir
 from npd_core.errors import StoreError, StoreUsageError, first_line
@@ -102,7 +110,14 @@ class Store:
     """
 
     def __init__(self, root: Path | str, create: bool = True) -> None:
-        self.root = Path(root).expanduser().resolve()
+        self.fs, path = fsspec.core.url_to_fs(str(root))
+        if not isinstance(self.fs, LocalFileSystem):
+            raise StoreUsageError(
+                f"{root}: a stage becomes visible by a folder rename, which "
+                f"{str(root).partition('://')[0]}:// storage cannot do, and the manifest commit it "
+                "needs is not implemented (README, 'Scale out'); give a local or shared folder"
+            )
+        self.root = Path(path).resolve()
         self.db_path = self.root / DB_NAME
         self.marker_path = self.root / MARKER_NAME
         if self.root.exists() and not self.root.is_dir():
@@ -198,7 +213,7 @@ class Store:
         for name in SCHEMAS:
             path = self.root / EMPTY_DIR / f"{name}.parquet"
             if force or not path.is_file():
-                _write_parquet_atomic(path, empty_table(name))
+                _write_parquet_atomic(self.fs, path, empty_table(name))
 
     def _write_views(self) -> None:
         """Build the views in a temp file and swap it in, so open readers keep the old one."""
@@ -231,7 +246,7 @@ class Store:
 
     def has_stage(self, run_id: str, round: int | None, stage: str) -> bool:
         """True once the stage is visible (it is renamed into place whole)."""
-        return self.stage_path(run_id, round, stage).is_dir()
+        return self.fs.isdir(self.stage_path(run_id, round, stage))
 
     # ---- writing --------------------------------------------------------------------------
 
@@ -253,12 +268,12 @@ class Store:
         prepared = {name: _prepare(name, table, run_id, round) for name, table in tables.items()}
         if round is None:
             for name, table in prepared.items():
-                _write_parquet_atomic(final / f"{name}.parquet", table)
+                _write_parquet_atomic(self.fs, final / f"{name}.parquet", table)
             return final
 
         with atomic_dir(final, pause_at=f"write:{stage}:{round}") as tmp:
             for name, table in prepared.items():
-                _write_parquet(tmp / f"{name}.parquet", table)
+                _write_parquet(self.fs, tmp / f"{name}.parquet", table)
         return final
 
     def write_shard(
@@ -274,7 +289,8 @@ class Store:
         :meth:`commit_shards`."""
         folder = self._shards_path(run_id, round, stage)
         for name, table in tables.items():
-            _write_parquet_atomic(folder / shard.file(name), _prepare(name, table, run_id, round))
+            table = _prepare(name, table, run_id, round)
+            _write_parquet_atomic(self.fs, folder / shard.file(name), table)
         return folder
 
     def commit_shards(
@@ -286,9 +302,9 @@ class Store:
         final = self.stage_path(run_id, round, stage)
         folder = self._shards_path(run_id, round, stage)
         files = [Shard(k, shards).file(name) for name in names for k in range(shards)]
-        if not folder.is_dir() and all((final / f).is_file() for f in files):
+        if not self.fs.isdir(folder) and all(self.fs.isfile(final / f) for f in files):
             return final
-        missing = [f for f in files if not (folder / f).is_file()]
+        missing = [f for f in files if not self.fs.isfile(folder / f)]
         if missing:
             raise StoreError(
                 f"{folder}: shard file(s) {', '.join(missing[:3])} missing; rerun the stage's "
@@ -332,10 +348,14 @@ class Store:
         _check_id("table name", name)
         folder = self.stage_path(run_id, round, stage)
         path = folder / (shard.file(name) if shard else f"{name}.parquet")
-        paths = [path] if path.is_file() or shard else sorted(folder.glob(Shard.pattern(name)))
-        if not paths or not paths[0].is_file():
+        fs = self.fs
+        if fs.isfile(path) or shard:
+            paths = [str(path)]
+        else:
+            paths = sorted(fs.glob(str(folder / Shard.pattern(name))))
+        if not paths or not fs.isfile(paths[0]):
             raise StoreError(f"{path} does not exist; run stage {stage!r} first")
-        return pa.concat_tables([pq.read_table(p, partitioning=None) for p in paths])
+        return pa.concat_tables([pq.read_table(p, partitioning=None, filesystem=fs) for p in paths])
 
     def connect(self, read_only: bool = True) -> duckdb.DuckDBPyConnection:
         """A DuckDB connection whose relative view paths resolve inside this output directory."""
@@ -493,15 +513,15 @@ def _prepare(name: str, table: pa.Table, run_id: str, round: int | None) -> pa.T
     return table
 
 
-def _write_parquet(path: Path, table: pa.Table) -> None:
+def _write_parquet(fs: AbstractFileSystem, path: Path, table: pa.Table) -> None:
     """Write one Parquet file (the atomic writers fsync it); same table in, same bytes out."""
-    with open(path, "wb") as f:
+    with fs.open(path, "wb") as f:
         pq.write_table(table, f, compression=_PARQUET_COMPRESSION)
 
 
-def _write_parquet_atomic(path: Path, table: pa.Table) -> None:
+def _write_parquet_atomic(fs: AbstractFileSystem, path: Path, table: pa.Table) -> None:
     with atomic_file(path) as tmp:
-        _write_parquet(tmp, table)
+        _write_parquet(fs, tmp, table)
 
 
 def _condense(exc: BaseException) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from datetime import UTC, datetime
 from pathlib import Path
@@ -12,7 +13,7 @@ import duckdb
 import pyarrow as pa
 import pytest
 
-from npd_core.errors import StoreError
+from npd_core.errors import StoreError, StoreUsageError
 from npd_core.store import (
     CHECKPOINT_DERIVED,
     SCHEMA_VERSION,
@@ -198,11 +199,11 @@ def test_io_error_mid_write_removes_temp_dir(tmp_path: Path, monkeypatch) -> Non
     real_write = store_mod._write_parquet
     calls = []
 
-    def failing_write(path: Path, table: pa.Table) -> None:
+    def failing_write(fs, path: Path, table: pa.Table) -> None:
         calls.append(path)
         if len(calls) == 2:
             raise OSError("disk full")
-        real_write(path, table)
+        real_write(fs, path, table)
 
     monkeypatch.setattr(store_mod, "_write_parquet", failing_write)
     with pytest.raises(OSError, match="disk full"):
@@ -446,3 +447,37 @@ def test_a_store_of_schema_4_opens_and_reads_sharded_stages(tmp_path: Path) -> N
         reopened.commit_shards("new", 1, stage, [name], 2)
     q = "SELECT run_id, count(delta_ifd) AS n FROM samples GROUP BY run_id ORDER BY run_id"
     assert reopened.query(q).to_pylist() == [{"run_id": "new", "n": 4}, {"run_id": "old", "n": 4}]
+
+
+def test_parquet_goes_through_the_stores_filesystem(tmp_path: Path, monkeypatch) -> None:
+    """The store on a file:// URL is the store on the path; every Parquet file a stage writes
+    or reads is opened through its fsspec filesystem; a filesystem without folder renames
+    (object storage, here fsspec's memory://) is refused in one line."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    opened: list[str] = []
+
+    class Recording(LocalFileSystem):
+        def _open(self, path, mode="rb", **kw):
+            name = re.sub(r"^\.(.+)\.tmp-[0-9a-f]+$", r"\1", Path(path).name)  # atomic_file's
+            opened.append(f"{mode[0]} {name}")
+            return super()._open(path, mode, **kw)
+
+    store = Store(f"file://{tmp_path}")
+    assert store.root == tmp_path.resolve() and isinstance(store.fs, LocalFileSystem)
+    monkeypatch.setattr(store, "fs", Recording())
+    gen = samples("r", 1, 4)
+    store.write_stage("r", 1, "generate", {"samples": gen})
+    store.write_shard("r", 1, "score", Shard(0, 1), {"scores": scores(gen)})
+    store.commit_shards("r", 1, "score", ["scores"], 1)
+    assert store.read_stage("r", 1, "generate", "samples").equals(gen)
+    assert store.read_stage("r", 1, "score", "scores").num_rows == 4
+    assert [x for x in opened if x.startswith("w")] == [
+        "w samples.parquet",
+        "w scores-00000-of-00001.parquet",
+    ]
+    assert {"r samples.parquet", "r scores-00000-of-00001.parquet"} <= set(opened)
+    assert Store(tmp_path).query("SELECT count(*) AS n FROM samples").to_pylist() == [{"n": 4}]
+    with pytest.raises(StoreUsageError) as e:
+        Store("memory://npd-out")
+    assert "memory:// storage cannot do" in str(e.value) and "\n" not in str(e.value)
