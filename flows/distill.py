@@ -16,8 +16,10 @@ from typing import Any
 
 from prefect import flow
 from prefect.futures import PrefectFuture
-from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+from prefect.tasks import Task
 
+from flows import runners
 from flows.remote import remote_rounds
 from npd_core.pipeline.kernels import choose_attention
 from npd_core.pipeline.spec import RunSpec, generator_round, set_scores
@@ -27,15 +29,49 @@ from tasks import stages as t
 
 
 def _produce(
-    spec: RunSpec, r: int, source: PrefectFuture | None, after: PrefectFuture | None
-) -> dict[str, PrefectFuture]:
+    spec: RunSpec,
+    r: int,
+    source: PrefectFuture | None,
+    after: PrefectFuture | None,
+    runner: TaskRunner | None,
+) -> tuple[dict[str, PrefectFuture], list[PrefectFuture]]:
     """Submit the producer chain of D_r; ``source`` is the train future of its generator and
-    ``after`` the previous chain's last task (one producer at a time)."""
-    gen = t.generate.submit(spec, r, upstream=source, wait_for=[after] if after else None)
-    sc = t.score.submit(spec, r, upstream=gen)
+    ``after`` the previous chain's last task (one producer at a time). Returns the stages'
+    futures and the shard tasks' (none unless ``orchestration.shards`` > 1), which run on
+    ``runner`` (None: the flow's own)."""
+    wait = [after] if after else None
+    shards: list[PrefectFuture] = []
+    if spec.cfg.orchestration.shards == 1:
+        gen = t.generate.submit(spec, r, upstream=source, wait_for=wait)
+        sc = t.score.submit(spec, r, upstream=gen)
+    else:
+        gen = _sharded(runner, t.generate_shard, spec, r, shards, upstream=source, wait_for=wait)
+        sc = _sharded(runner, t.score_shard, spec, r, shards, upstream=gen)
     fl = t.filter_.submit(spec, r, upstream=sc)
     pk = t.pack.submit(spec, r, upstream=fl)
-    return {"generate": gen, "score": sc, "filter": fl, "pack": pk}
+    return {"generate": gen, "score": sc, "filter": fl, "pack": pk}, shards
+
+
+def _sharded(
+    runner: TaskRunner | None,
+    task: Task,
+    spec: RunSpec,
+    r: int,
+    shards: list[PrefectFuture],
+    wait_for: list[PrefectFuture] | None = None,
+    **kw: Any,
+) -> PrefectFuture:
+    """One ``task`` per shard (each asking ``runner`` for one engine's resources), then the
+    commit that makes their stage visible once all are in; the shard futures are appended to
+    ``shards``."""
+    with runners.shard_resources(spec, runner):
+        parts = [
+            runners.submit(runner, task, wait_for, spec=spec, r=r, shard=k, **kw)
+            for k in range(spec.cfg.orchestration.shards)
+        ]
+    shards += parts
+    stage = task.name.removesuffix("-shard")
+    return runners.submit(runner, t.commit, None, spec=spec, r=r, stage=stage, upstream=parts)
 
 
 def _raise_first_failure(futures: list[PrefectFuture]) -> None:
@@ -63,15 +99,20 @@ def distill_flow(spec: RunSpec) -> dict[str, Any]:
     chosen before the first stage (a retried spec keeps its recorded ones), off every clock."""
     with lease.hold(spec.root, spec.run_id):
         spec.store.sweep(spec.run_id)
-        return _rounds(choose_attention(spec.with_threads()))
+        with runners.shard_runner(spec.cfg.orchestration) as runner:
+            return _rounds(choose_attention(spec.with_threads()), runner)
 
 
-def _rounds(spec: RunSpec) -> dict[str, Any]:
+def _rounds(spec: RunSpec, runner: TaskRunner | None) -> dict[str, Any]:
+    """The rounds, in process (the shard tasks on ``runner``) or on the work pools."""
     t0 = time.time()
     mlf = run_tasks.open_run(spec)
     t_open = time.time() - t0
     on_pools = spec.cfg.orchestration.generate_pool is not None
-    stage_results, summaries = (remote_rounds if on_pools else _local_rounds)(spec, mlf)
+    if on_pools:
+        stage_results, summaries = remote_rounds(spec, mlf)
+    else:
+        stage_results, summaries = _local_rounds(spec, mlf, runner)
     start = next(x for x in stage_results if x["stage"] == "evaluate" and x["round"] == 0)
     start, final = set_scores(start["metrics"], spec.cfg.eval.primary_set), summaries[-1]["score"]
     # a stage that started before this flow run did was run by an earlier process (a killed or
@@ -102,7 +143,9 @@ def _rounds(spec: RunSpec) -> dict[str, Any]:
     }
 
 
-def _local_rounds(spec: RunSpec, mlf: str) -> tuple[list[dict], list[dict]]:
+def _local_rounds(
+    spec: RunSpec, mlf: str, runner: TaskRunner | None
+) -> tuple[list[dict], list[dict]]:
     """Every round as tasks of this flow run; returns (all stage results, round summaries)."""
     cfg = spec.cfg
     strict = not cfg.overlap
@@ -116,6 +159,7 @@ def _local_rounds(spec: RunSpec, mlf: str) -> tuple[list[dict], list[dict]]:
     evals = {} if at_end else {0: done(t.evaluate.submit(spec, 0))}
     trains: dict[int, PrefectFuture | None] = {0: None}
     produced: dict[int, dict[str, PrefectFuture]] = {}
+    shards: list[PrefectFuture] = []
     rounds = []
 
     def evaluate(r: int) -> None:
@@ -130,7 +174,9 @@ def _local_rounds(spec: RunSpec, mlf: str) -> tuple[list[dict], list[dict]]:
         for q in range(1, cfg.rounds + 1):
             if q not in produced and generator_round(q, cfg.staleness) <= upto:
                 prev = produced[q - 1]["pack"] if q > 1 else None
-                produced[q] = _produce(spec, q, trains[generator_round(q, cfg.staleness)], prev)
+                source = trains[generator_round(q, cfg.staleness)]
+                produced[q], parts = _produce(spec, q, source, prev, runner)
+                shards.extend(parts)
                 for f in produced[q].values():
                     done(f)
 
@@ -154,7 +200,7 @@ def _local_rounds(spec: RunSpec, mlf: str) -> tuple[list[dict], list[dict]]:
         *(f for p in produced.values() for f in p.values()),
         *(trains[r] for r in range(1, cfg.rounds + 1)),
     ]
-    _raise_first_failure(stage_futures + rounds)
+    _raise_first_failure(shards + stage_futures + rounds)
     return [f.result() for f in stage_futures], [f.result() for f in rounds]
 
 

@@ -377,8 +377,8 @@ class OrchestrationConfig(Section):
     ray_address: str | None = Field(
         None,
         min_length=1,
-        description="Ray cluster of task_runner ray (ray://host:10001, or auto); none = a local "
-        "cluster started for the run and stopped at its end",
+        description="Ray cluster of task_runner ray (ray://<head>:10001, or <head>:6379 from a "
+        "cluster node); none = a local cluster started for the flow run and stopped at its end",
     )
     shards: int = Field(
         1,
