@@ -13,8 +13,6 @@ from transformers import PreTrainedModel
 
 from npd_core.config import NPDConfig
 from npd_core.method.answers import STORED_NAMES, metric_fn
-from npd_core.method.answers import final_line as final_line  # the toy's world search
-from npd_core.method.answers import normalize as normalize  # imports these from here
 from npd_core.method.generate import generate
 from npd_core.method.score import score
 from npd_core.models import use_bf16

@@ -31,8 +31,9 @@ import torch
 from npd_core.baselines.onpolicy import teacher_topk
 from npd_core.config import TrainConfig
 from npd_core.data import Prompt
+from npd_core.method.answers import final_line, normalize
 from npd_core.method.attention import packed_attention
-from npd_core.method.evaluate import final_line, greedy_responses, normalize
+from npd_core.method.evaluate import greedy_responses
 from npd_core.method.generate import generate
 from npd_core.method.packing import Sample, collate
 from npd_core.method.train import make_optimizer, optimizer_step, train_round
