@@ -21,6 +21,7 @@ from prefect.tasks import Task
 
 from flows import runners
 from flows.remote import remote_rounds
+from npd_core.pipeline import workers
 from npd_core.pipeline.kernels import choose_attention
 from npd_core.pipeline.spec import RunSpec, generator_round, set_scores
 from npd_core.store import lease
@@ -96,8 +97,10 @@ def distill_flow(spec: RunSpec) -> dict[str, Any]:
     The process holds the run's lease meanwhile (so ``npd status`` tells a killed run from a
     running one, and a second process cannot resume it at the same time), and first sweeps
     away the temp folders a killed process may have left. The packed-attention kernels are
-    chosen before the first stage (a retried spec keeps its recorded ones), off every clock."""
-    with lease.hold(spec.root, spec.run_id):
+    chosen before the first stage (a retried spec keeps its recorded ones), off every clock.
+    The learner's torchrun ranks (``train.nproc`` > 1) live from the first train stage to the
+    end of the flow run, however it ends."""
+    with lease.hold(spec.root, spec.run_id), workers.scope():
         spec.store.sweep(spec.run_id)
         with runners.shard_runner(spec.cfg.orchestration) as runner:
             return _rounds(choose_attention(spec.with_threads()), runner)

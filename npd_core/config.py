@@ -244,6 +244,27 @@ class TrainConfig(Section):
         "sdpa = SDPA with the block-diagonal mask from position ids; sdpa_varlen = SDPA per "
         "sequence",
     )
+    nproc: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="learner processes (torchrun, one per GPU): each optimizer step's rows are "
+        "split across them, so the update is the 1-process one; 1 = in the flow's process",
+    )
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="with nproc > 1: ddp = replicated weights, all-reduced gradients; fsdp = "
+        "weights, gradients and optimizer state sharded (FSDP2 fully_shard)",
+    )
+
+    @model_validator(mode="after")
+    def _a_row_per_rank(self) -> TrainConfig:
+        if self.rows_per_step < self.nproc:
+            raise ValueError(
+                f"train.rows_per_step ({self.rows_per_step}) < train.nproc ({self.nproc}): each "
+                "learner process needs a packed row a step; raise rows_per_step or lower nproc"
+            )
+        return self
 
 
 class EvalConfig(Section):

@@ -5,7 +5,9 @@ With ``NPD_PAUSE_AT=<point>`` the process sends itself SIGSTOP on reaching that 
 parent sees it stop (``waitpid(pid, WUNTRACED)``) and kills it. Points:
 ``train:<round>:<k>`` after the k-th optimizer step of a round, ``write:<stage>:<round>`` when a
 store stage is written into its temp folder but not yet renamed into place,
-``checkpoint:round=<k>`` when θ_k is written into its temp folder but not yet renamed.
+``checkpoint:round=<k>`` when θ_k is written into its temp folder but not yet renamed (by
+torchrun rank 0 when ``train.nproc`` > 1), ``rank<j>:train:<round>:<k>`` in torchrun rank j of
+such a train stage after its k-th step.
 """
 
 from __future__ import annotations

@@ -54,6 +54,11 @@ class TrainingError(NPDError):
     """A round could not train (e.g. a non-finite loss); the last good checkpoint is kept."""
 
 
+class WorkerError(NPDError):
+    """Worker processes (the train stage's torchrun ranks) did not start, or one failed or died
+    mid-job; the group was stopped."""
+
+
 def first_line(exc: BaseException) -> str:
     """The first non-empty line of ``exc``'s message (or its type), for one-line errors that
     quote a library's multi-line message."""

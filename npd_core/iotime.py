@@ -48,6 +48,14 @@ def timed(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def extend(spans: list[tuple[float, float]]) -> None:
+    """Add spans recorded in another process (a torchrun rank of the stage) to the current
+    ``recording()``, if any: ``time.time`` is one clock for every process of the machine."""
+    current = _spans.get()
+    if current is not None:
+        current.extend((s, e) for s, e in spans)
+
+
 def merged(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
     """The union of ``spans`` as sorted, disjoint spans."""
     out: list[tuple[float, float]] = []

@@ -140,6 +140,9 @@ def train(spec: RunSpec, r: int, upstream: list[dict], mlflow_run: str) -> dict:
         pause_point(f"train:{r}:{next(steps)}")
 
     res = stages.train_stage(spec, r, _prov(), on_step=on_step)
+    if res.metrics.get("ranks_start_s"):
+        n, s = res.metrics["ranks"], res.metrics["ranks_start_s"]
+        get_run_logger().info(f"train r{r}: {n} learner ranks started in {s:.1f} s")
     child = tracking.round_run(spec.root, mlflow_run, spec.run_id, r)
     tracking.log_steps(spec.root, child, res.metrics["log"])
     tracking.log_steps(spec.root, mlflow_run, res.metrics["log"])

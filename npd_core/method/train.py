@@ -29,6 +29,7 @@ from npd_core.models import autocast
 
 if TYPE_CHECKING:
     from npd_core.config import PackConfig, TrainConfig
+    from npd_core.method.data_parallel import DataParallel
 
 
 @dataclass
@@ -61,6 +62,21 @@ class StepLog:
     lr: float
     tokens: int
     tokens_per_s: float
+
+
+@dataclass(frozen=True)
+class StepTotals:
+    """One optimizer step over its whole batch (every rank's rows): the loss per response token
+    and the counts the round's stats add up."""
+
+    loss: float
+    loss_tokens: int  # response tokens (the loss's denominator)
+    real_tokens: int  # non-pad tokens
+    slots: int  # rows × row length
+
+    @classmethod
+    def of(cls, loss: float, batch: PackedBatch) -> StepTotals:
+        return cls(loss, batch.n_loss_tokens, batch.n_real_tokens, batch.input_ids.numel())
 
 
 @dataclass
@@ -212,19 +228,36 @@ def optimizer_step(
     backward → clip → step → zero_grad. Shared by the NPD learner, the baselines and the
     packing bench, so every method takes (and the bench times) exactly the same step. Returns
     the (detached) step loss."""
-    for g in optimizer.param_groups:
-        g["lr"] = lr
     loss = step_loss(model, batch, targets, cfg, bf16=bf16, padded=padded, flatten=flatten)
-    if not torch.isfinite(loss):
+    descend(model, optimizer, loss, cfg, lr=lr, step=step)
+    return loss.detach()
+
+
+def descend(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss: torch.Tensor,
+    cfg: StepSpec | TrainConfig,
+    *,
+    lr: float,
+    step: int,
+    total_loss: float | None = None,
+) -> None:
+    """The update of one step from its ``loss``: check the step's loss is finite → set lr →
+    backward → clip → step → zero_grad. ``total_loss``: the whole step's loss where ``loss`` is
+    only this process's share of it (a data-parallel rank, ``method.data_parallel``)."""
+    value = loss if total_loss is None else torch.tensor(total_loss)
+    if not torch.isfinite(value):
         raise TrainingError(
-            f"non-finite loss ({loss.item()}) at step {step}; round stopped, "
+            f"non-finite loss ({value.item()}) at step {step}; round stopped, "
             "last good checkpoint kept; lower train.lr or check the targets"
         )
+    for g in optimizer.param_groups:
+        g["lr"] = lr
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss.detach()
 
 
 def train_round(
@@ -242,9 +275,12 @@ def train_round(
     pad_id: int,
     bf16: bool = True,
     on_step: Callable[[StepLog], None] | None = None,
+    shard: DataParallel | None = None,
 ) -> RoundStats:
     """Train for at most ``steps_per_round`` optimizer steps on ``rows`` (from ``pack``) of
-    ``samples`` (already within ``max_seq_len``); ``targets.offsets`` align with ``samples``."""
+    ``samples`` (already within ``max_seq_len``); ``targets.offsets`` align with ``samples``.
+    ``shard``: this process is one rank of a data-parallel learner; it trains on rows rank,
+    rank + world, … of each step and the group takes the 1-process step together."""
     stats = RoundStats()
     if not rows:
         return stats
@@ -264,20 +300,25 @@ def train_round(
         step_rows = [rows[j] for j in stream[i * cfg.rows_per_step : (i + 1) * cfg.rows_per_step]]
         batch = collate(
             samples,
-            step_rows,
+            step_rows if shard is None else step_rows[shard.rank :: shard.world],
             pad_id,
             row_len=pack_cfg.max_seq_len,
             target_offsets=targets.offsets if targets is not None else None,
         )
-        loss = optimizer_step(model, optimizer, batch, targets, cfg, lr=lr, step=step, bf16=bf16)
-        n_tok = batch.n_loss_tokens
+        if shard is not None:
+            done = shard.update(batch, targets, lr=lr, step=step)
+        else:
+            loss = optimizer_step(
+                model, optimizer, batch, targets, cfg, lr=lr, step=step, bf16=bf16
+            )
+            done = StepTotals.of(loss.item(), batch)
         dt = time.perf_counter() - t0
-        loss_sum += loss.item() * n_tok
-        stats.loss_tokens += n_tok
-        stats.train_tokens += batch.n_real_tokens
-        real += batch.n_real_tokens
-        capacity += batch.input_ids.numel()
-        entry = StepLog(step, loss.item(), lr, batch.n_real_tokens, batch.n_real_tokens / dt)
+        loss_sum += done.loss * done.loss_tokens
+        stats.loss_tokens += done.loss_tokens
+        stats.train_tokens += done.real_tokens
+        real += done.real_tokens
+        capacity += done.slots
+        entry = StepLog(step, done.loss, lr, done.real_tokens, done.real_tokens / dt)
         stats.log.append(entry)
         if on_step:
             on_step(entry)

@@ -34,8 +34,9 @@ from npd_core import iotime
 from npd_core.backends import vllm as vllm_backend
 from npd_core.config import NPDConfig
 from npd_core.data import Prompt, read_prompts, round_prompts
-from npd_core.errors import TrainingError
+from npd_core.errors import TrainingError, WorkerError
 from npd_core.method.attention import for_training, packed_attention
+from npd_core.method.data_parallel import DataParallel
 from npd_core.method.evaluate import exact_match, greedy_decoded, teacher_loglik
 from npd_core.method.filter import apply_filter, dropped_kl_share
 from npd_core.method.generate import Generation, apply_stop_strings, generate
@@ -43,6 +44,8 @@ from npd_core.method.ifd import delta_ifd, log_ifd
 from npd_core.method.packing import Sample, packed_rows
 from npd_core.method.score import Scores, TopK, score
 from npd_core.method.train import (
+    RoundStats,
+    StepLog,
     Targets,
     checkpoint_activations,
     lr_horizon,
@@ -62,12 +65,14 @@ from npd_core.models import (
     use_bf16,
     view_prefix,
 )
+from npd_core.pipeline import workers
 from npd_core.pipeline.spec import RunSpec, StageResult, generator_round, rel_path
 from npd_core.seeds import seed_for
 from npd_core.store import Shard, table_from_rows
 
 Progress = Callable[[int], None] | None
 SAMPLE_KEY = ["prompt_id", "sample_idx"]
+LEARNER_RANKS = "npd_core.pipeline.learner_ranks"  # what train.nproc > 1 ranks run
 
 
 def _now() -> datetime:
@@ -533,55 +538,106 @@ def _topk_arrays(col: pa.ChunkedArray, dtype: type) -> list[np.ndarray]:
     return out
 
 
-def _learner(src: str, cfg: NPDConfig, resume: bool) -> tuple[Any, Any, torch.optim.Optimizer, int]:
+def _learner(
+    src: str, cfg: NPDConfig, resume: bool, parallel: bool = False
+) -> tuple[Any, Any, torch.optim.Optimizer, int, DataParallel | None]:
     """θ from ``src`` with its tokenizer, optimizer and step (the optimizer state resumed from
-    ``src``'s trainer state when ``resume``, i.e. from the second round on)."""
+    ``src``'s trainer state when ``resume``, i.e. from the second round on); ``parallel``: as
+    this rank's part of a data-parallel learner (``train.strategy``), which it also returns."""
     tok = load_tokenizer(src)
     model = checkpoint_activations(load_model(src), cfg.train.gradient_checkpointing)
-    opt = make_optimizer(model, cfg.train)
+    shard = None
+    if parallel:
+        shard = DataParallel.wrap(model, cfg.train, cfg.train.strategy, use_bf16(cfg.models.bf16))
+    opt = shard.optimizer if shard else make_optimizer(model, cfg.train)
     state = load_trainer_state(Path(src)) if resume else None
     if state is None:
-        return tok, model, opt, 0
-    opt.load_state_dict(state["optimizer"])
-    return tok, model, opt, state["step"]
+        return tok, model, opt, 0, shard
+    if shard:
+        shard.load_optimizer_state(state["optimizer"])
+    else:
+        opt.load_state_dict(state["optimizer"])
+    return tok, model, opt, state["step"], shard
+
+
+def learn_round(
+    spec: RunSpec, r: int, on_step: Callable | None = None, parallel: bool = False
+) -> tuple[RoundStats, int]:
+    """θ_{r−1} → θ_r on D_r, written to ``spec.checkpoint(r)``: packed SFT on the stored
+    teacher targets, ≤ steps_per_round steps; the round's stats and θ_r's step. ``parallel``:
+    this process is one torchrun rank of ``train.nproc`` (``learner_ranks``); rank 0 writes."""
+    cfg = spec.cfg
+    samples, rows, targets = _packed_round(spec, r)
+    src = spec.checkpoint(r - 1)
+    tok, model, opt, start_step, shard = _learner(src, cfg, resume=r > 1, parallel=parallel)
+    torch.manual_seed(seed_for(cfg.seed, "dropout", r))  # for models that have dropout
+    with for_training(model, spec.kernel("train")):
+        stats = train_round(
+            model,
+            opt,
+            samples,
+            targets,
+            rows,
+            cfg.train,
+            cfg.pack,
+            start_step=start_step,
+            total_steps=lr_horizon(start_step, len(rows), cfg.rounds - r + 1, cfg.train),
+            seed=seed_for(cfg.seed, "train", r),
+            pad_id=tok.pad_token_id,
+            bf16=use_bf16(cfg.models.bf16),
+            on_step=on_step,
+            shard=shard,
+        )
+    step = start_step + stats.steps
+    optimizer = shard.optimizer_state() if shard else opt.state_dict()  # None off rank 0
+    student = shard.full_student() if shard else model
+    if student is not None:
+        state = dict(optimizer=optimizer, step=step, round=r, rng=rng_state())
+        dst = Path(spec.checkpoint(r))
+        save_checkpoint(student, tok, dst, {**state, "config": cfg.model_dump(mode="json")})
+    return stats, step
+
+
+def _learn_on_ranks(
+    spec: RunSpec, r: int, on_step: Callable | None
+) -> tuple[RoundStats, int, dict[str, Any]]:
+    """``learn_round`` on the run's ``train.nproc`` torchrun ranks (started on the flow run's
+    first round, kept for the next ones: ``pipeline.workers``), each on its share of the
+    stage's threads; also how many ranks ran and how long starting them took (0 when kept)."""
+    n = spec.cfg.train.nproc
+    threads = max(1, spec.stage_threads() // n)
+    group = workers.group(n, LEARNER_RANKS, threads)
+    fresh = group.jobs == 0
+
+    def progress(entry: dict[str, Any]) -> None:
+        if on_step:
+            on_step(StepLog(**entry))
+
+    out = group.run({"spec": asdict(spec), "round": r, "threads": threads}, progress)
+    iotime.extend(out["io_spans"])
+    stats = RoundStats(**{**out["stats"], "log": [StepLog(**x) for x in out["stats"]["log"]]})
+    return stats, out["step"], {"ranks": n, "ranks_start_s": group.start_s if fresh else 0.0}
 
 
 def train_stage(
     spec: RunSpec, r: int, prov: dict[str, str], on_step: Callable | None = None
 ) -> StageResult:
-    """θ_{r−1} → θ_r on D_r: packed SFT on the stored teacher targets, ≤ steps_per_round steps."""
+    """θ_{r−1} → θ_r on D_r (``learn_round``, here or on ``train.nproc`` torchrun ranks), and
+    θ_r's row in the store's ``checkpoints``."""
     cfg = spec.cfg
     _threads(spec)
 
     def body() -> tuple[str, dict[str, Any]]:
-        samples, rows, targets = _packed_round(spec, r)
-        src = spec.checkpoint(r - 1)
-        tok, model, opt, start_step = _learner(src, cfg, resume=r > 1)
-        torch.manual_seed(seed_for(cfg.seed, "dropout", r))  # for models that have dropout
-        with for_training(model, spec.kernel("train")), _stopped_round(r, src):
-            stats = train_round(
-                model,
-                opt,
-                samples,
-                targets,
-                rows,
-                cfg.train,
-                cfg.pack,
-                start_step=start_step,
-                total_steps=lr_horizon(start_step, len(rows), cfg.rounds - r + 1, cfg.train),
-                seed=seed_for(cfg.seed, "train", r),
-                pad_id=tok.pad_token_id,
-                bf16=use_bf16(cfg.models.bf16),
-                on_step=on_step,
-            )
-        step = start_step + stats.steps
-        dst = Path(spec.checkpoint(r))
-        state = dict(optimizer=opt.state_dict(), step=step, round=r, rng=rng_state())
-        save_checkpoint(model, tok, dst, {**state, "config": cfg.model_dump(mode="json")})
+        ranks: dict[str, Any] = {}
+        with _stopped_round(r, spec.checkpoint(r - 1)):
+            if cfg.train.nproc == 1:
+                stats, step = learn_round(spec, r, on_step)
+            else:
+                stats, step, ranks = _learn_on_ranks(spec, r, on_step)
         row = dict(
             run_id=spec.run_id,
             round=r,
-            path=rel_path(spec.root, str(dst)),
+            path=rel_path(spec.root, spec.checkpoint(r)),
             step=step,
             train_tokens=stats.train_tokens,
             created_at=_now(),
@@ -596,6 +652,7 @@ def train_stage(
             "mean_loss": stats.mean_loss,
             "fill_ratio": stats.fill_ratio,
             "log": [asdict(x) for x in stats.log],
+            **ranks,
         }
 
     return _timed("train", r, body)
@@ -606,7 +663,7 @@ def _stopped_round(r: int, last_good: str) -> Iterator[None]:
     """Name the checkpoint a failed round leaves in charge (θ_r is only written after the loop)."""
     try:
         yield
-    except TrainingError as exc:
+    except (TrainingError, WorkerError) as exc:
         raise TrainingError(f"round {r}: {exc} (last good checkpoint: {last_good})") from None
 
 

@@ -182,6 +182,15 @@ CONFIG_CASES = {
         ["bad.yaml", "data.eval_prompts and eval.sets are both set", "remove data.eval_prompts"],
     ),
     "eval_set_name": ("eval: {sets: {'gsm 8k': a.jsonl}}\n", ["'eval.sets'", "'gsm 8k'"]),
+    "no_learner_process": ("train: {nproc: 0}\n", ["bad.yaml", "'train.nproc'", "(got 0)"]),
+    "unknown_strategy": (
+        "train: {strategy: zero3}\n",
+        ["bad.yaml", "'train.strategy'", "'ddp' or 'fsdp'", "(got 'zero3')"],
+    ),
+    "a_row_per_rank": (
+        "train: {nproc: 4, rows_per_step: 2}\n",
+        ["bad.yaml", "train.rows_per_step (2) < train.nproc (4)", "raise rows_per_step"],
+    ),
 }
 
 
