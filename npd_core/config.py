@@ -226,6 +226,13 @@ class TrainConfig(Section):
     rest_mass: bool = Field(
         False, description="forward KL: match the mass outside the teacher's top-k as one bin"
     )
+    loss_chunk_tokens: int = Field(
+        1024,
+        ge=0,
+        le=1_048_576,
+        description="response positions whose logits exist at once in the loss, forward and "
+        "backward (LM head applied chunk by chunk: memory ~ chunk × vocabulary); 0 = full logits",
+    )
     lr: float = Field(3e-3, gt=0.0, le=1.0, description="peak AdamW learning rate")
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="cosine floor ÷ peak")
     warmup_steps: int = Field(10, ge=0, description="linear warmup steps at the start of the run")

@@ -21,31 +21,26 @@ from npd_core.baselines.budget import batch_indices, resume, save
 from npd_core.data import read_prompts
 from npd_core.method.generate import apply_stop_strings, generate
 from npd_core.method.packing import IGNORE_INDEX, PackedBatch, Sample, collate
+from npd_core.method.score import response_scores
 from npd_core.method.train import Targets, optimizer_step
-from npd_core.models import autocast, format_prompts, frozen_dtype, load_model, use_bf16
+from npd_core.models import format_prompts, frozen_dtype, load_model, use_bf16
 from npd_core.pipeline.spec import RunSpec, StageResult
 from npd_core.seeds import seed_for
 
 
-@torch.no_grad()
 def teacher_topk(
     teacher: PreTrainedModel, batch: PackedBatch, offsets: list[int], top_k: int, bf16: bool
 ) -> Targets:
-    """The teacher's top-k log-probs at every response position of ``batch``, one forward.
+    """The teacher's top-k log-probs at every response position of ``batch``, one forward and
+    the LM head chunk by chunk (``method.score.response_scores``).
 
     ``batch`` comes from ``collate(..., target_offsets=offsets)``; the table is indexed by its
     ``target_index``, so the student's loss reads the teacher at the same positions.
     Returns targets of shape (M, k), M = response tokens in the batch.
     """
-    dev = next(teacher.parameters()).device
-    with autocast(bf16):
-        logits = teacher(
-            input_ids=batch.input_ids.to(dev), position_ids=batch.position_ids.to(dev)
-        ).logits  # (B, T, V)
-    at = batch.labels != IGNORE_INDEX  # (B, T)
-    logp = torch.log_softmax(logits[at.to(dev)].float(), -1).cpu()  # (M, V)
-    values, ids = logp.topk(min(top_k, logp.shape[-1]), dim=-1)  # (M, k)
-    index = batch.target_index[at]  # (M,) row of each position in the flat table
+    sc = response_scores(teacher, batch, top_k=top_k, bf16=bf16)
+    values, ids = sc.topk_logprobs.cpu(), sc.topk_ids.cpu()  # (M, k)
+    index = batch.target_index[batch.labels != IGNORE_INDEX]  # (M,) row of each position
     table_ids, table_lp = torch.empty_like(ids), torch.empty_like(values)
     table_ids[index], table_lp[index] = ids, values
     return Targets(table_ids, table_lp, offsets)

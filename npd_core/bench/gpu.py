@@ -19,8 +19,8 @@ outside still reports what finished, and a section that runs out says ``"truncat
 3. ``generate``: student decoding tokens/s at several batch sizes, fixed response length (the
    project's sampler, ``method.generate.generate``, with an EOS id outside the vocabulary).
 4. ``score``: teacher scoring tokens/s in the score stage's layout, top-k and token
-   log-likelihoods computed chunk by chunk from the last hidden state (a helper of this bench:
-   ``method.score`` materialises tokens × vocabulary logits and copies them to the host).
+   log-likelihoods computed chunk by chunk from the last hidden state, by the score stage's own
+   ``method.score.response_scores``.
 5. ``onpolicy_step``: one synchronous on-policy step as the ``onpolicy`` baseline takes it
    (generate with the live student → teacher top-k → one update on the padded batch).
 6. ``projection``: the per-sample cost split at the measured rates, and the cost model's
@@ -66,15 +66,14 @@ from npd_core.method.packing import (
     collate,
     pack,
 )
+from npd_core.method.score import response_scores
 from npd_core.method.train import (
     StepSpec,
     Targets,
     make_optimizer,
-    model_inputs,
     optimizer_step,
     step_loss,
 )
-from npd_core.models import autocast
 
 DOCS_BENCHES = tuple(
     Path(__file__).resolve().parents[2] / "docs" / f"bench-{w}.json" for w in ("long", "toy")
@@ -397,35 +396,6 @@ def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]
     g = torch.Generator().manual_seed(seed)
     lens = torch.randint(length - length // 8, length + length // 8 + 1, (n,), generator=g)
     return [torch.randint(3, vocab, (int(L),), generator=g).tolist() for L in lens]
-
-
-@torch.no_grad()
-def teacher_scores(
-    model: Qwen2ForCausalLM, batch: PackedBatch, top_k: int, chunk: int, bf16: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-k log-probs and the label's log-prob at every response position of ``batch``.
-
-    One forward to the last hidden state, then the LM head and log-softmax ``chunk`` positions
-    at a time, so at most chunk × vocabulary logits exist at once (``method.score`` builds all
-    tokens × vocabulary of them). Returns ids (M, k) int64, log-probs (M, k) and (M,) float32
-    on the model's device, rows in the batch's position order (``labels != IGNORE_INDEX``).
-    """
-    dev = next(model.parameters()).device
-    with autocast(bf16, dev):
-        hidden = model.model(**model_inputs(batch, dev), use_cache=False).last_hidden_state
-    at = (batch.labels != IGNORE_INDEX).to(dev)  # (B, T)
-    h = hidden[at]  # (M, H)
-    labels = batch.labels.to(dev)[at]  # (M,)
-    ids, lps, tok = [], [], []
-    for s in range(0, h.shape[0], chunk):
-        with autocast(bf16, dev):
-            logits = model.lm_head(h[s : s + chunk])  # (c, V)
-        logp = torch.log_softmax(logits.float(), -1)  # (c, V)
-        v, i = logp.topk(min(top_k, logp.shape[-1]), dim=-1)  # (c, k)
-        ids.append(i)
-        lps.append(v)
-        tok.append(logp.gather(-1, labels[s : s + chunk, None]).squeeze(-1))
-    return torch.cat(ids), torch.cat(lps), torch.cat(tok)
 
 
 def top_kernels(prof: Any, n: int = 8) -> list[dict[str, Any]]:
@@ -819,7 +789,7 @@ def section_score(b: Bench, box: TimeBox, res: dict[str, Any]) -> None:
     batches, _ = _score_batches(b, samples)
     res.update(
         path=(
-            "score stage's layout (BFD rows, position ids) + bench helper teacher_scores: "
+            "score stage's layout (BFD rows, position ids) + method.score.response_scores: "
             "hidden states, then LM head, log-softmax, top-k and label log-prob per chunk"
         ),
         views="conditional only (prompt + response), what on-policy distillation needs",
@@ -831,15 +801,16 @@ def section_score(b: Bench, box: TimeBox, res: dict[str, Any]) -> None:
     )
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    teacher_scores(teacher, batches[0], p.top_k, p.score_chunk, b.bf16)  # warm-up
+    kw = dict(top_k=p.top_k, bf16=b.bf16, chunk_tokens=p.score_chunk)
+    response_scores(teacher, batches[0], **kw)  # warm-up
     tokens = resp = 0
     sync(dev)
     t0 = time.perf_counter()
     for i, batch in enumerate(batches):
         if i and box.expired():
             break
-        ids, lps, _ = teacher_scores(teacher, batch, p.top_k, p.score_chunk, b.bf16)
-        ids.cpu(), lps.cpu()  # the targets go to storage
+        sc = response_scores(teacher, batch, **kw)
+        sc.topk_ids.cpu(), sc.topk_logprobs.cpu()  # the targets go to storage
         tokens += batch.n_real_tokens
         resp += batch.n_loss_tokens
     sync(dev)
@@ -865,7 +836,7 @@ def section_onpolicy(b: Bench, box: TimeBox, res: dict[str, Any]) -> None:
         prompts=p.onpolicy_prompts,
         new_tokens=p.new_tokens,
         generate="npd_core.method.generate.generate with the training student (as the baseline)",
-        teacher="bench helper teacher_scores (chunked top-k) on the padded batch",
+        teacher="npd_core.method.score.response_scores (chunked top-k) on the padded batch",
         update="npd_core.method.train.optimizer_step on the padded batch (one sample a row, sdpa)",
         steps_run=0,
     )
@@ -918,7 +889,8 @@ def _onpolicy_step(b: Bench, n: int, step: int) -> dict[str, Any]:
     for s in samples[:-1]:
         offsets.append(offsets[-1] + len(s.response_ids))
     batch = collate(samples, [[i] for i in range(n)], 0, target_offsets=offsets)
-    ids, lps, _ = teacher_scores(teacher, batch, p.top_k, p.score_chunk, b.bf16)
+    sc = response_scores(teacher, batch, top_k=p.top_k, bf16=b.bf16, chunk_tokens=p.score_chunk)
+    ids, lps = sc.topk_ids, sc.topk_logprobs  # (M, k) each
     index = batch.target_index[batch.labels != IGNORE_INDEX].to(dev)  # (M,) flat positions
     table_ids, table_lp = torch.empty_like(ids), torch.empty_like(lps)
     table_ids[index], table_lp[index] = ids, lps

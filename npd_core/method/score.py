@@ -7,6 +7,8 @@ Each view is packed into rows of its own (block-diagonal mask, so no compute is 
 and a sample's scores do not depend on its neighbours), and the conditional rows are the same
 whether the other view is scored or not, so skipping it changes no conditional number. Top-k is
 taken at conditional response positions only: the only place the learner reads it.
+Each forward runs to the last hidden state, and the LM head turns ``CHUNK_TOKENS`` response
+positions at a time into log-probs (``method.head``), so no tokens × vocabulary logits exist.
 """
 
 from __future__ import annotations
@@ -18,9 +20,18 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
+from npd_core.method.head import chunks, head_inputs
 from npd_core.method.losses import forward_kl_topk
-from npd_core.method.packing import IGNORE_INDEX, Sample, best_fit_decreasing, collate
-from npd_core.models import autocast
+from npd_core.method.packing import (
+    IGNORE_INDEX,
+    PackedBatch,
+    Sample,
+    best_fit_decreasing,
+    collate,
+)
+from npd_core.method.train import model_inputs
+
+CHUNK_TOKENS = 1024  # response positions whose logits exist at once (as train.loss_chunk_tokens)
 
 
 @dataclass
@@ -42,17 +53,67 @@ class TopK:
     logprobs: list[np.ndarray]  # N arrays (r_i, k)
 
 
-def _view_logprobs(
+@dataclass
+class PositionScores:
+    """Scores at every response position of one packed batch (``labels != IGNORE_INDEX``, in
+    row-major order), on the model's device."""
+
+    token_logprob: torch.Tensor  # (M,) log p(label)
+    topk_ids: torch.Tensor | None  # (M, k) int64, best first; None: top_k 0
+    topk_logprobs: torch.Tensor | None  # (M, k) float32
+    forward_kl: torch.Tensor | None  # (M,) KL(targets' top-k ‖ model); None: no targets
+
+
+@torch.no_grad()
+def response_scores(
+    model: PreTrainedModel,
+    batch: PackedBatch,
+    *,
+    top_k: int,
+    bf16: bool,
+    chunk_tokens: int = CHUNK_TOKENS,
+    targets: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> PositionScores:
+    """One forward of ``batch`` to the last hidden state, then, ``chunk_tokens`` response
+    positions at a time, the LM head, log-softmax over the vocabulary, the label's log-prob,
+    the top-``top_k`` (0: none) and, with ``targets`` (ids, log-probs) of shape (M, k), this
+    model's forward KL from them; so at most chunk × V logits exist (``method.head``)."""
+    dev = next(model.parameters()).device
+    at = (batch.labels != IGNORE_INDEX).to(dev)  # (B, T)
+    labels = batch.labels.to(dev)[at]  # (M,)
+    hidden, head = head_inputs(model, model_inputs(batch, dev), bf16)
+    hidden = hidden[at]  # (M, H)
+    k = min(top_k, model.config.vocab_size)
+    tok, ids, lps, kl = [], [], [], []
+    for s in chunks(len(labels), chunk_tokens):
+        logp = torch.log_softmax(head(hidden[s]).float(), -1)  # (c, V)
+        tok.append(logp.gather(-1, labels[s, None]).squeeze(-1))
+        if k:
+            v, i = logp.topk(k, dim=-1)  # (c, k)
+            ids.append(i)
+            lps.append(v)
+        if targets is not None:
+            kl.append(forward_kl_topk(logp, targets[0][s].to(dev), targets[1][s].to(dev)))
+    return PositionScores(
+        torch.cat(tok),
+        torch.cat(ids) if k else None,
+        torch.cat(lps) if k else None,
+        torch.cat(kl) if targets is not None else None,
+    )
+
+
+def _views(
     model: PreTrainedModel,
     samples: list[Sample],
     *,
     batch_tokens: int,
     bf16: bool,
     progress: Callable[[int], None] | None,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Packed forwards over ``samples``: per chunk, the flat response positions (M,), the
-    target tokens (M,) and the log-probs there (M, V), float32 on the CPU."""
-    dev = next(model.parameters()).device
+    top_k: int = 0,
+    targets: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> Iterator[tuple[torch.Tensor, PositionScores]]:
+    """Packed forwards over ``samples``: per forward, the flat response positions (M,) and
+    their :func:`response_scores` (``targets``: the flat table, indexed by those positions)."""
     resp_len = [len(s.response_ids) for s in samples]
     offsets = np.concatenate([[0], np.cumsum(resp_len)])[:-1].tolist()
     row_len = max(len(s) for s in samples)
@@ -61,13 +122,9 @@ def _view_logprobs(
     for s in range(0, len(rows), rows_per_fwd):
         chunk = rows[s : s + rows_per_fwd]
         b = collate(samples, chunk, pad_id=0, row_len=row_len, target_offsets=offsets)
-        with autocast(bf16):
-            logits = model(
-                input_ids=b.input_ids.to(dev), position_ids=b.position_ids.to(dev), use_cache=False
-            ).logits  # (B, T, V)
-        at = b.labels != IGNORE_INDEX  # (B, T)
-        logp = torch.log_softmax(logits[at.to(dev)].float(), -1).cpu()  # (M, V)
-        yield b.target_index[at], b.labels[at], logp
+        idx = b.target_index[b.labels != IGNORE_INDEX]  # (M,)
+        at_idx = None if targets is None else (targets[0][idx], targets[1][idx])
+        yield idx, response_scores(model, b, top_k=top_k, bf16=bf16, targets=at_idx)
         if progress:
             progress(sum(len(row) for row in chunk))  # sequences scored
 
@@ -101,23 +158,25 @@ def score(
     tk_ids = torch.zeros((total, k), dtype=torch.int32) if top_k else None
     tk_lp = torch.zeros((total, k)) if top_k else None
     kl = torch.zeros(total) if targets else None
-    if targets:
-        t_ids = torch.as_tensor(np.concatenate(targets.ids), dtype=torch.long)
-        t_lp = torch.as_tensor(np.concatenate(targets.logprobs), dtype=torch.float32)
     kw = dict(batch_tokens=batch_tokens, bf16=bf16, progress=progress)
     cond = [Sample(p, r) for p, r in zip(prompts, responses, strict=True)]
-    for idx, labels, logp in _view_logprobs(model, cond, **kw):
-        tok_lp[idx] = logp.gather(-1, labels[:, None]).squeeze(-1)
+    t_table = None
+    if targets:
+        t_table = (
+            torch.as_tensor(np.concatenate(targets.ids), dtype=torch.long),
+            torch.as_tensor(np.concatenate(targets.logprobs), dtype=torch.float32),
+        )
+    for idx, sc in _views(model, cond, top_k=top_k or 0, targets=t_table, **kw):
+        tok_lp[idx] = sc.token_logprob.cpu()
         if top_k:
-            v, i = logp.topk(k, dim=-1)
-            tk_lp[idx], tk_ids[idx] = v, i.to(torch.int32)
+            tk_lp[idx], tk_ids[idx] = sc.topk_logprobs.cpu(), sc.topk_ids.cpu().to(torch.int32)
         if targets:
-            kl[idx] = forward_kl_topk(logp, t_ids[idx], t_lp[idx])
+            kl[idx] = sc.forward_kl.cpu()
     resp_sum = None
     if view is not None:
         view_lp = torch.zeros(total)
-        for idx, labels, logp in _view_logprobs(model, [Sample(view, r) for r in responses], **kw):
-            view_lp[idx] = logp.gather(-1, labels[:, None]).squeeze(-1)
+        for idx, sc in _views(model, [Sample(view, r) for r in responses], **kw):
+            view_lp[idx] = sc.token_logprob.cpu()
         resp_sum = _per_sample(view_lp, resp_len).numpy()
     topk_ids = topk_lp = None
     if top_k:

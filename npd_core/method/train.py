@@ -24,6 +24,7 @@ from transformers import PreTrainedModel
 
 from npd_core.errors import TrainingError
 from npd_core.method import losses
+from npd_core.method.head import chunked_rows, head_inputs
 from npd_core.method.packing import IGNORE_INDEX, PackedBatch, Sample, collate
 from npd_core.models import autocast
 
@@ -122,6 +123,7 @@ class StepSpec:
     beta: float = 0.5  # JSD β
     rest_mass: bool = False  # forward KL: the mass outside the teacher's top-k as one bin
     sft_weight: float = 0.0  # weight of CE on the sampled tokens
+    loss_chunk_tokens: int = 1024  # response positions per LM-head chunk; 0 = full logits
     lr: float = 3e-3  # peak AdamW learning rate
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # max global grad norm
@@ -144,22 +146,32 @@ def make_optimizer(model: PreTrainedModel, cfg: StepSpec | TrainConfig) -> torch
     )
 
 
-def per_token_loss(
-    logits: torch.Tensor, batch: PackedBatch, targets: Targets | None, cfg: StepSpec | TrainConfig
-) -> torch.Tensor:
-    """The configured loss at every response position of ``batch``. Returns (M,) float32.
-
-    ``logits`` is (B, T, V); positions with ``labels == IGNORE_INDEX`` (prompt, padding) carry no
-    loss. ``targets is None`` means plain SFT (CE on the labels).
-    """
+def _response(
+    batch: PackedBatch, targets: Targets | None, dev: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """Where ``batch`` carries loss (B, T) bool, its labels there (M,) and the teacher's top-k
+    ids and log-probs there, (M, k) each (None: plain SFT)."""
     at = batch.labels != IGNORE_INDEX  # (B, T)
-    z = logits[at.to(logits.device)]  # (M, V)
-    labels = batch.labels[at].to(logits.device)  # (M,)
+    labels = batch.labels[at].to(dev)  # (M,)
     if targets is None:
-        return losses.hard_ce(z, labels)
+        return at.to(dev), labels, None
     idx = batch.target_index[at]
-    tk_ids = targets.topk_ids[idx].to(logits.device)  # (M, k)
-    tk_lp = targets.topk_logprobs[idx].to(logits.device)  # (M, k)
+    topk = (targets.topk_ids[idx].to(dev), targets.topk_logprobs[idx].to(dev))  # (M, k) each
+    return at.to(dev), labels, topk
+
+
+def token_losses(
+    z: torch.Tensor,
+    labels: torch.Tensor,
+    topk: tuple[torch.Tensor, torch.Tensor] | None,
+    cfg: StepSpec | TrainConfig,
+) -> torch.Tensor:
+    """The configured loss of logit rows ``z`` (c, V) with their ``labels`` (c,) and teacher
+    ``topk`` (ids, log-probs), (c, k) each; ``topk`` None is plain SFT (CE on the labels).
+    Returns (c,) float32."""
+    if topk is None:
+        return losses.hard_ce(z, labels)
+    tk_ids, tk_lp = topk
     if cfg.loss == "forward_kl":
         out = losses.forward_kl_topk(z, tk_ids, tk_lp, rest_mass=cfg.rest_mass)
     elif cfg.loss == "reverse_kl":
@@ -171,6 +183,36 @@ def per_token_loss(
     if cfg.sft_weight:
         out = out + cfg.sft_weight * losses.hard_ce(z, labels)
     return out
+
+
+def per_token_loss(
+    logits: torch.Tensor, batch: PackedBatch, targets: Targets | None, cfg: StepSpec | TrainConfig
+) -> torch.Tensor:
+    """The configured loss at every response position of ``batch`` from its full logits
+    (B, T, V): the path of ``train.loss_chunk_tokens: 0`` and the reference of the chunked one.
+    Positions with ``labels == IGNORE_INDEX`` (prompt, padding) carry no loss; ``targets is
+    None`` means plain SFT (CE on the labels). Returns (M,) float32."""
+    at, labels, topk = _response(batch, targets, logits.device)
+    return token_losses(logits[at], labels, topk, cfg)  # logits[at]: (M, V)
+
+
+def per_token_loss_chunked(
+    hidden: torch.Tensor,
+    head: Callable[[torch.Tensor], torch.Tensor],
+    batch: PackedBatch,
+    targets: Targets | None,
+    cfg: StepSpec | TrainConfig,
+) -> torch.Tensor:
+    """:func:`per_token_loss` from the last hidden state (B, T, H) and the LM ``head``,
+    ``cfg.loss_chunk_tokens`` response positions at a time (``method.head``): the student's
+    log-normaliser over the full vocabulary per chunk, forward and backward, so at most
+    chunk × V logits exist. Returns (M,) float32."""
+    at, labels, topk = _response(batch, targets, hidden.device)
+
+    def rows(z: torch.Tensor, s: slice) -> torch.Tensor:
+        return token_losses(z, labels[s], None if topk is None else (topk[0][s], topk[1][s]), cfg)
+
+    return chunked_rows(hidden[at], head, rows, cfg.loss_chunk_tokens)  # hidden[at]: (M, H)
 
 
 def model_inputs(
@@ -201,14 +243,21 @@ def step_loss(
     padded: bool = False,
     flatten: bool = False,
 ) -> torch.Tensor:
-    """Forward ``batch`` and return its loss: :func:`per_token_loss` averaged over the batch's
-    response tokens (a scalar, fp32). ``padded``/``flatten``: see :func:`model_inputs`."""
+    """Forward ``batch`` and return its loss: the per-token loss averaged over the batch's
+    response tokens (a scalar, fp32): :func:`per_token_loss_chunked`, or from the full logits
+    when ``cfg.loss_chunk_tokens`` is 0. ``padded``/``flatten``: see :func:`model_inputs`."""
     dev = next(model.parameters()).device
     B, T = batch.input_ids.shape
     inputs = model_inputs(batch, dev, padded=padded, flatten=flatten)
-    with autocast(bf16, dev):
-        logits = model(**inputs, use_cache=False).logits.view(B, T, -1)  # (B, T, V)
-    return losses.token_mean(per_token_loss(logits, batch, targets, cfg), batch.n_loss_tokens)
+    if cfg.loss_chunk_tokens:
+        hidden, head = head_inputs(model, inputs, bf16)
+        hidden = hidden.view(B, T, -1)  # (B, T, H)
+        per_token = per_token_loss_chunked(hidden, head, batch, targets, cfg)
+    else:
+        with autocast(bf16, dev):
+            logits = model(**inputs, use_cache=False).logits.view(B, T, -1)  # (B, T, V)
+        per_token = per_token_loss(logits, batch, targets, cfg)
+    return losses.token_mean(per_token, batch.n_loss_tokens)
 
 
 def optimizer_step(
