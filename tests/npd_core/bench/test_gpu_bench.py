@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -108,7 +109,12 @@ def test_generate_score_and_onpolicy_figures_agree_with_their_definitions(tiny):
     assert math.isclose(op["fractions"]["generate"], op["generate_s"] / op["total_s"])
     assert op["generated_tokens"] == gpu.TINY_PLAN.onpolicy_prompts * gpu.TINY_PLAN.new_tokens
     pr = report["projection"]
-    assert pr["available"] is False and "no bench JSON" in pr["why"]  # none given here
+    # the cost model's projection, with the sample efficiency of the bench JSON in docs/
+    assert Path(pr["bench"]).name in ("bench-long.json", "bench-toy.json")
+    assert sorted(map(int, pr["units"]["decode"])) == sorted(gpu.TINY_PLAN.gen_batches)
+    assert pr["available"] == (pr["speedup"] is not None)
+    if pr["speedup"] is not None:
+        assert math.isclose(pr["speedup"], pr["onpolicy"]["clock_s"] / pr["npd"]["clock_s"])
     ps = pr["per_sample"]
     rates = ps["rates"]
     assert ps["decode_batch"] == gpu.TINY_PLAN.onpolicy_prompts
