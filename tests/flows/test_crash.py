@@ -9,8 +9,11 @@ import json
 import os
 import signal
 import subprocess
+import time
+from pathlib import Path
 
 import pytest
+import yaml
 from resume_checks import (
     NPD,
     REPO,
@@ -26,6 +29,7 @@ from resume_checks import (
     write_config,
 )
 
+from npd_core.pipeline import workers
 from npd_core.store import query
 
 
@@ -100,3 +104,74 @@ def test_kill_9_then_retry_resumes(point, killed, tmp_path, tiny_world, prefect_
     assert all(counts[k] - ran_before[k] <= 1 for k in all_stages() - done)
     assert_same_as_reference(out, run_id, reference)
     assert_nothing_duplicated_or_orphaned(out, run_id)  # the temp folder was swept
+
+
+def _ranks_of(owner: int) -> set[int]:
+    """Processes started for ``owner``'s learner ranks (the torchrun agent and its ranks carry
+    its pid in their environment), zombies aside."""
+    tag = f"{workers.OWNER_ENV}={owner}".encode()
+    found = set()
+    for d in Path("/proc").iterdir():
+        try:
+            running = (d / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+            if d.name.isdigit() and running and tag in (d / "environ").read_bytes().split(b"\0"):
+                found.add(int(d.name))
+        except OSError:
+            continue
+    return found
+
+
+def _none_left(owner: int, within_s: float = 60.0) -> bool:
+    deadline = time.monotonic() + within_s
+    while _ranks_of(owner):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+@pytest.mark.slow
+def test_kill_9_leaves_no_learner_rank_and_retry_starts_them_again(
+    tmp_path, tiny_world, prefect_api
+):
+    """`npd run` with train.nproc 2, killed with SIGKILL in round 2 while its torchrun ranks
+    wait for work: they exit by themselves; `npd retry` starts new ranks, completes the run
+    and leaves none behind either."""
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path, tiny_world)
+    data = yaml.safe_load(cfg.read_text())
+    data["train"]["nproc"] = 2
+    cfg.write_text(yaml.safe_dump(data))
+    env = npd_env(prefect_api, tmp_path / "prefect")
+    proc = subprocess.Popen(
+        [*NPD, "run", str(cfg), "--out", str(out)],
+        env={**env, "NPD_PAUSE_AT": "train:2:2"},
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        _, how = os.waitpid(proc.pid, os.WUNTRACED)  # stopped after round 2's 2nd step
+        assert os.WIFSTOPPED(how), proc.stderr.read()[-3000:]
+        assert len(_ranks_of(proc.pid)) == 3  # torchrun's agent and 2 ranks
+        os.kill(proc.pid, signal.SIGKILL)  # the flow's process only, not its group
+        os.waitpid(proc.pid, 0)
+        assert _none_left(proc.pid)
+    finally:
+        stop_group(proc)
+    run_id = only_run_id(out)
+    retry = subprocess.Popen(
+        [*NPD, "retry", run_id, "--out", str(out), "--json"],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    stdout, stderr = retry.communicate(timeout=600)
+    assert retry.returncode == 0, stderr[-3000:]
+    assert ("train", 2) not in {tuple(x) for x in json.loads(stdout)["reused_stages"]}
+    assert _none_left(retry.pid, within_s=0)  # stopped with the flow run, not left behind
+    assert _status(out, run_id, env)["status"] == "completed"
+    assert_nothing_duplicated_or_orphaned(out, run_id)
