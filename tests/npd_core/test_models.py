@@ -15,8 +15,9 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from npd_core.errors import DataError
 from npd_core.models import format_prompts, frozen_dtype, prompt_texts
 
-# Loads one checkpoint with the given dtype in a fresh interpreter and prints how much its
-# resident memory grew (torch and transformers imported first, so only the weights count).
+# Loads one checkpoint with the given dtype in a fresh interpreter, reads every weight once (a
+# bf16 load maps the safetensors file, whose pages are resident only once read) and prints how
+# much its resident memory grew (torch and transformers imported first, so only weights count).
 MEASURE = """
 import json, sys, torch
 from npd_core.models import load_model
@@ -25,6 +26,9 @@ def rss():
         return int(f.read().split()[1]) * 4096
 before = rss()
 model = load_model(sys.argv[1], getattr(torch, sys.argv[2]))
+with torch.no_grad():
+    for p in model.parameters():
+        p.sum()
 print(json.dumps({"grew": rss() - before, "dtype": str(next(model.parameters()).dtype)}))
 """
 
@@ -43,8 +47,9 @@ def _grew(path, dtype: str) -> dict:
 
 def test_frozen_bfloat16_load_grows_resident_memory_by_about_its_bf16_size(tmp_path):
     """A random Qwen2 of ~200 M parameters saved in bfloat16 (as hub checkpoints are): loaded
-    with ``frozen_dtype: bfloat16`` resident memory grows by ≤ 1.2 × its bf16 size; loaded in
-    float32 (the learner's master weights, and ``auto`` on CPU) by about twice that."""
+    with ``frozen_dtype: bfloat16`` and every weight read, resident memory grows by 0.8-1.2 × its
+    bf16 size (1.04 × measured); loaded in float32 (the learner's master weights, and ``auto``
+    on CPU) by about twice that (2.04 × measured)."""
     torch.manual_seed(0)
     cfg = Qwen2Config(
         vocab_size=32000,
@@ -63,7 +68,7 @@ def test_frozen_bfloat16_load_grows_resident_memory_by_about_its_bf16_size(tmp_p
     lean = _grew(tmp_path / "m", "bfloat16")
     full = _grew(tmp_path / "m", "float32")
     assert lean["dtype"] == "torch.bfloat16" and full["dtype"] == "torch.float32"
-    assert lean["grew"] <= 1.2 * bf16_bytes, lean["grew"] / bf16_bytes
+    assert 0.8 * bf16_bytes <= lean["grew"] <= 1.2 * bf16_bytes, lean["grew"] / bf16_bytes
     assert full["grew"] >= 1.8 * bf16_bytes, full["grew"] / bf16_bytes
     assert frozen_dtype("bfloat16") == torch.bfloat16 and frozen_dtype("float32") == torch.float32
     expected_auto = torch.bfloat16 if torch.cuda.is_available() else torch.float32
