@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import torch
 from transformers import PreTrainedModel
 
 from npd_core.baselines.budget import batch_indices, resume, save
 from npd_core.data import read_prompts
 from npd_core.method.generate import apply_stop_strings, generate
-from npd_core.method.packing import IGNORE_INDEX, PackedBatch, Sample, collate
+from npd_core.method.packing import IGNORE_INDEX, PackedBatch, Sample, collate, response_offsets
 from npd_core.method.score import response_scores
 from npd_core.method.train import Targets, optimizer_step
 from npd_core.models import format_prompts, frozen_dtype, load_model, use_bf16
@@ -100,7 +99,7 @@ def onpolicy_segment(
             if (ids := apply_stop_strings(x, text, cfg.data.stop)[0].token_ids)
         ]
         t1 = time.perf_counter()  # 3. the teacher scores them
-        offsets = np.cumsum([0] + [len(s.response_ids) for s in samples])[:-1].tolist()
+        offsets = response_offsets(samples)
         rows = [[i] for i in range(len(samples))]  # one sample per row, padded to the longest
         batch = collate(samples, rows, tok.pad_token_id, target_offsets=offsets)
         targets = teacher_topk(teacher, batch, offsets, cfg.score.top_k, use_bf16(cfg.models.bf16))

@@ -406,10 +406,10 @@ def _padded_score_rate(teacher: Any, pool: list[Any], work: dict[str, Any], cfg:
 
 def _padded(pool: list[Any], n: int, j: int) -> tuple[Any, list[int]]:
     """The ``j``-th on-policy batch of ``n`` samples from ``pool``, one sample a padded row."""
-    from npd_core.method.packing import collate
+    from npd_core.method.packing import collate, response_offsets
 
     samples = [pool[(j * n + i) % len(pool)] for i in range(n)]
-    offsets = np.cumsum([0] + [len(s.response_ids) for s in samples])[:-1].tolist()
+    offsets = response_offsets(samples)
     return collate(samples, [[i] for i in range(n)], 0, target_offsets=offsets), offsets
 
 
@@ -463,13 +463,13 @@ def _step_line(
 
 def _packed_rows(pool: list[Any], rows: int, row_tokens: int, j: int) -> tuple[Any, list[int]]:
     """``rows`` BFD-packed rows of ``row_tokens`` from ``pool`` (the ``j``-th draw)."""
-    from npd_core.method.packing import collate, pack
+    from npd_core.method.packing import collate, pack, response_offsets
 
     mean = float(np.mean([len(s) for s in pool]))
     n = min(len(pool), math.ceil(1.2 * rows * row_tokens / mean))
     samples = [pool[(j * n + i) % len(pool)] for i in range(n)]
     samples = [s for s in samples if len(s) <= row_tokens]
-    offsets = np.cumsum([0] + [len(s.response_ids) for s in samples])[:-1].tolist()
+    offsets = response_offsets(samples)
     lay = pack([len(s) for s in samples], row_tokens, "bfd", j)
     lay.sort(key=lambda r: -sum(len(samples[i]) for i in r))  # the fullest rows
     return collate(samples, lay[:rows], 0, row_len=row_tokens, target_offsets=offsets), offsets

@@ -65,6 +65,7 @@ from npd_core.method.packing import (
     best_fit_decreasing,
     collate,
     pack,
+    response_offsets,
 )
 from npd_core.method.score import response_scores
 from npd_core.method.train import (
@@ -763,9 +764,7 @@ def _score_batches(b: Bench, samples: list[Sample]) -> tuple[list[PackedBatch], 
     """The score stage's layout: BFD rows of the longest sample's length, ``score_batch_tokens``
     per forward; target offsets index the flat response-position table."""
     p = b.plan
-    offsets = [0]
-    for s in samples[:-1]:
-        offsets.append(offsets[-1] + len(s.response_ids))
+    offsets = response_offsets(samples)
     row_len = max(len(s) for s in samples)
     rows = best_fit_decreasing([len(s) for s in samples], row_len)
     per = max(1, p.score_batch_tokens // row_len)
@@ -885,9 +884,7 @@ def _onpolicy_step(b: Bench, n: int, step: int) -> dict[str, Any]:
     samples = [Sample(pr, g[0].token_ids) for pr, g in zip(prompts, gens, strict=True)]
     sync(dev)
     t1 = time.perf_counter()
-    offsets = [0]
-    for s in samples[:-1]:
-        offsets.append(offsets[-1] + len(s.response_ids))
+    offsets = response_offsets(samples)
     batch = collate(samples, [[i] for i in range(n)], 0, target_offsets=offsets)
     sc = response_scores(teacher, batch, top_k=p.top_k, bf16=b.bf16, chunk_tokens=p.score_chunk)
     ids, lps = sc.topk_ids, sc.topk_logprobs  # (M, k) each

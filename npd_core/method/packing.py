@@ -159,6 +159,16 @@ def packed_rows(
     return kept, index, rows
 
 
+def response_offsets(samples: list[Sample]) -> list[int]:
+    """Where each sample's response positions start in a flat table of per-position targets
+    (``collate``'s ``target_offsets`` for samples whose targets are laid out in order)."""
+    out, at = [], 0
+    for s in samples:
+        out.append(at)
+        at += len(s.response_ids)
+    return out
+
+
 def collate(
     samples: list[Sample],
     rows: list[list[int]],
