@@ -60,7 +60,7 @@ err = Console(stderr=True)
 
 DEFAULT_BUDGET_S = 140.0  # the one setting: training seconds per variant (sizes everything else)
 QUICK_FRACTION = 0.25  # --quick: a quarter of the budget, one seed, the three main variants
-SEARCH_FRACTION = 0.25  # each grid point's search run gets this share of the budget
+SEARCH_FRACTION = 0.5  # each grid point's search run (docs/bench-toy.json: 0.25, before the change)
 CHECKPOINTS = 8  # held-out evaluations per baseline run before the final stretch (NPD: a round)…
 TAIL_CHECKPOINTS = 4  # …and this many more in the last FINAL_TAIL of the budget (the final score)
 SLACK = 0.05  # a checkpoint at most 5% past the budget still counts

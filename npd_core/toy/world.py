@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -111,7 +112,7 @@ class LongSpec:
     n_eval: int = 500
     n_fit: int = 30000
     teacher: ModelSpec = ModelSpec(128, 3, 2, 384, 2000, 3e-3)  # 0.68 M params
-    student: ModelSpec = ModelSpec(64, 2, 1, 128, 150, 3e-3)  # 0.10 M: 6.6× smaller
+    student: ModelSpec = ModelSpec(64, 2, 1, 128, 1000, 3e-3)  # 0.10 M: 6.6× smaller
     min_len: int = 4  # words a prompt holds: responses of 15-143 tokens, 68.8 on average
     max_len: int = 12
     rows_per_step: int = 8
@@ -122,6 +123,10 @@ class LongSpec:
 
     prefix = "long"
     metric = "final_line"
+    # NPD's round carries about the toy's response tokens (2,048 prompts × ~9 tokens): 2,048
+    # prompts here would generate ~140 k tokens a round (~60 s), so a bench budget holds 2-4
+    # rounds; 256 × 68.8 ≈ 17.6 k. Fixed before any method was compared on this world.
+    round_prompts = 256
 
     @property
     def max_new_tokens(self) -> int:
@@ -138,9 +143,10 @@ class LongSpec:
         return long_task.response_text(answer)
 
     def config_defaults(self) -> dict:
-        """Response cap, row length and metric for runs on this world (a config that sets
-        them keeps its own)."""
+        """Round size, response cap, row length and metric for runs on this world (a config
+        that sets them keeps its own)."""
         return {
+            "data": {"prompts_per_round": self.round_prompts},
             "generate": {"max_new_tokens": self.max_new_tokens},
             "pack": {"max_seq_len": self.max_seq_len},
             "eval": {"metric": self.metric},
@@ -300,7 +306,14 @@ def build_toy_world(
         write_prompts(tmp / "eval.jsonl", held)
         tok = toy_task.build_tokenizer()
         meta: dict = {"spec": asdict(spec)}
+        reuse = _teacher_twin(root, spec)
+        if reuse is not None:
+            shutil.copytree(reuse / "teacher", tmp / "teacher")
+            meta["teacher"] = json.loads((reuse / WORLD_FILE).read_text())["teacher"]
+            log(f"{spec.prefix} world: teacher reused from {reuse.name} (same but the student)")
         for name, ms in (("teacher", spec.teacher), ("student", spec.student)):
+            if name in meta:
+                continue
             torch.manual_seed(spec.seed + (name == "student"))
             model = _model(ms, tok)
             t1 = time.time()
@@ -324,6 +337,18 @@ def build_toy_world(
         meta["build_s"] = round(time.time() - t0, 1)
         (tmp / WORLD_FILE).write_text(json.dumps(meta, indent=2))
     return _load(root)
+
+
+def _teacher_twin(root: Path, spec: WorldSpec) -> Path | None:
+    """A built world beside ``root`` whose spec differs from ``spec`` only in the student: its
+    teacher is the one ``spec`` would train (same seed, data and steps), so a new student does
+    not cost a new teacher (the long world's teacher takes ~30 min here)."""
+    want = {k: v for k, v in asdict(spec).items() if k != "student"}
+    for meta_file in sorted(root.parent.glob(f"{spec.prefix}-*/{WORLD_FILE}")):
+        spec_there = json.loads(meta_file.read_text())["spec"]
+        if {k: v for k, v in spec_there.items() if k != "student"} == want:
+            return meta_file.parent
+    return None
 
 
 def _load(root: Path) -> ToyWorld:
