@@ -14,11 +14,12 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -40,6 +41,20 @@ def deprecated(message: str) -> None:
 DEFAULT_EVAL_SET = "heldout"  # the one eval set of a run without eval.sets
 SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 RAY_EXTRA = ("ray", "prefect_ray")  # orchestration.task_runner: ray
+
+
+def _memory_gb(value: Any) -> Any:
+    """A stage's ``memory_gb``: auto, or a positive number of GiB."""
+    if value == "auto":
+        return value
+    gb = value if isinstance(value, int | float) and not isinstance(value, bool) else None
+    if gb is None or not 0 < gb < float("inf"):
+        raise ValueError("give a number of GiB > 0, or auto")
+    return float(gb)
+
+
+# a stage's memory budget (method.batching): GiB, or auto (most free GPU memory; none on CPU)
+MemoryGB = Annotated[float | Literal["auto"], BeforeValidator(_memory_gb)]
 
 
 class Section(BaseModel):
@@ -132,7 +147,16 @@ class GenerateConfig(Section):
     temperature: float = Field(1.0, ge=0.0, le=5.0, description="sampling temperature; 0 = greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
     max_new_tokens: int = Field(32, ge=1, le=32768, description="response length cap")
-    batch_size: int = Field(256, ge=1, le=65536, description="sequences decoded together")
+    batch_size: int = Field(
+        256, ge=1, le=65536, description="sequences decoded together, at most (see memory_gb)"
+    )
+    memory_gb: MemoryGB = Field(
+        "auto",
+        description="device memory a decoding batch may fill (each row's KV cache, layers × kv "
+        "heads × head dim × 2 × bytes per token, and its logits), in GiB: fewer rows than "
+        "batch_size when they would not fit; auto = 80% of the GPU memory free at the stage's "
+        "start on CUDA, no bound on CPU. On CUDA an out-of-memory error halves the batch",
+    )
 
 
 class ScoreConfig(Section):
@@ -140,7 +164,15 @@ class ScoreConfig(Section):
         None, description="scoring engine (teacher and student); none = generate.backend"
     )
     top_k: int = Field(16, ge=1, le=1024, description="teacher log-probs kept per position")
-    batch_tokens: int = Field(16384, ge=64, description="tokens per packed scoring forward")
+    batch_tokens: int = Field(
+        16384, ge=64, description="tokens per packed scoring forward, at most (see memory_gb)"
+    )
+    memory_gb: MemoryGB = Field(
+        "auto",
+        description="device memory a scoring forward's activations may fill, in GiB (also the "
+        "teacher's scoring in evaluation): fewer tokens than batch_tokens when they would not "
+        "fit; auto and out-of-memory errors as generate.memory_gb",
+    )
     attention: Literal["auto", "sdpa", "sdpa_varlen"] = Field(
         "auto",
         description="packed attention of the hf scoring forwards: auto | sdpa | sdpa_varlen as "
@@ -276,7 +308,13 @@ class TrainConfig(Section):
 
 class EvalConfig(Section):
     max_new_tokens: int | None = Field(None, ge=1, description="none = generate.max_new_tokens")
-    batch_size: int = Field(512, ge=1, description="sequences decoded together (greedy)")
+    batch_size: int = Field(
+        512, ge=1, description="sequences decoded together (greedy), at most (see memory_gb)"
+    )
+    memory_gb: MemoryGB = Field(
+        "auto",
+        description="device memory a greedy decoding batch may fill, in GiB, as generate.memory_gb",
+    )
     metric: str = Field(
         "exact",
         description="how a response is graded against the prompt's answer: exact (the whole "

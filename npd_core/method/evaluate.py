@@ -13,6 +13,7 @@ from transformers import PreTrainedModel
 
 from npd_core.config import NPDConfig
 from npd_core.method.answers import STORED_NAMES, metric_fn
+from npd_core.method.batching import memory_budget
 from npd_core.method.generate import generate
 from npd_core.method.score import score
 from npd_core.models import use_bf16
@@ -34,9 +35,11 @@ def greedy_responses(
     max_new_tokens: int,
     batch_size: int,
     bf16: bool,
+    memory: int | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> list[list[int]]:
-    """Greedy response token ids, EOS stripped."""
+    """Greedy response token ids, EOS stripped; ``memory``: the decoding budget in bytes
+    (``method.batching``), None = ``batch_size`` rows whatever they take."""
     eos = {tok.eos_token_id}
     gens = generate(
         model,
@@ -50,6 +53,8 @@ def greedy_responses(
         seeds=None,
         batch_size=batch_size,
         bf16=bf16,
+        memory=memory,
+        stage="evaluate",
         progress=progress,
     )
     return [[t for t in g[0].token_ids if t not in eos] for g in gens]
@@ -71,6 +76,7 @@ def greedy_decoded(
         max_new_tokens=cfg.eval.max_new_tokens or cfg.generate.max_new_tokens,
         batch_size=cfg.eval.batch_size,
         bf16=use_bf16(cfg.models.bf16),
+        memory=memory_budget(cfg.eval.memory_gb, next(model.parameters()).device),
         progress=progress,
     )
     return resp, [tok.decode(x, skip_special_tokens=True) for x in resp]
@@ -100,6 +106,7 @@ def teacher_loglik(
     eos_id: int,
     batch_tokens: int,
     bf16: bool,
+    memory: int | None = None,
 ) -> EvalResult:
     """The teacher's mean log-likelihood per token of the greedy answers (EOS included): the
     held-out score where prompts have no reference answer to match."""
@@ -111,6 +118,8 @@ def teacher_loglik(
         top_k=None,
         batch_tokens=batch_tokens,
         bf16=bf16,
+        memory=memory,
+        stage="evaluate",
     )
     n = sum(len(x) + 1 for x in responses)
     value = float(scores.cond_logprob_sum.sum() / n)

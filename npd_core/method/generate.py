@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from npd_core.method.batching import decode_row_bytes, halving, rows_that_fit
 from npd_core.models import autocast
 from npd_core.seeds import gumbel_noise, sample_keys, token_keys
 
@@ -127,22 +128,35 @@ def generate(
     seeds: list[list[int]] | None,
     batch_size: int,
     bf16: bool = True,
+    memory: int | None = None,
+    stage: str = "generate",
     progress: Callable[[int], None] | None = None,
 ) -> list[list[Generation]]:
     """``n_per_prompt`` samples for every prompt, batched by similar prompt length; sample k of
     prompt i draws from ``seeds[i][k]`` (``npd_core.seeds.seed_for``; None when greedy).
 
+    A batch takes at most ``batch_size`` rows and, with a ``memory`` budget (bytes), only as
+    many as their KV caches and logits fit in (``method.batching``); an out-of-memory error
+    halves the batch and decodes it again (``stage`` names it in the log and the error).
     Returns ``out[prompt_index][sample_idx]``. A sample depends on its prompt and seed only, not
-    on ``batch_size`` or the order of ``prompts``.
+    on the batch it decodes in or the order of ``prompts``.
     """
     assert seeds is not None or temperature == 0, "sampling needs a seed per sample"
     model.eval()
     jobs = [(i, k) for i in range(len(prompts)) for k in range(n_per_prompt)]
     jobs.sort(key=lambda j: len(prompts[j[0]]))
     out: list[list[Generation | None]] = [[None] * n_per_prompt for _ in prompts]
-    for s in range(0, len(jobs), batch_size):
-        chunk = jobs[s : s + batch_size]
-        res = sample_batch(
+
+    def row_bytes(j: int) -> int:  # job j padded to its batch's longest prompt (sorted: its own)
+        return decode_row_bytes(model, len(prompts[jobs[j][0]]) + max_new_tokens, bf16)
+
+    def fit(start: int, cap: int) -> int:
+        cap = min(cap, batch_size, len(jobs) - start)
+        return rows_that_fit(memory, cap, lambda n: row_bytes(start + n - 1))
+
+    def run(start: int, end: int) -> list[Generation]:
+        chunk = jobs[start:end]
+        return sample_batch(
             model,
             [prompts[i] for i, _ in chunk],
             max_new_tokens=max_new_tokens,
@@ -153,10 +167,12 @@ def generate(
             seeds=[seeds[i][k] if seeds else 0 for i, k in chunk],
             bf16=bf16,
         )
-        for (i, k), g in zip(chunk, res, strict=True):
+
+    for start, end, res in halving(stage, len(jobs), fit, run, row_bytes):
+        for (i, k), g in zip(jobs[start:end], res, strict=True):
             out[i][k] = g
         if progress:
-            progress(len(chunk))
+            progress(end - start)
     return out  # type: ignore[return-value]
 
 

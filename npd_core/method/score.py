@@ -20,6 +20,12 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
+from npd_core.method.batching import (
+    activation_bytes,
+    forward_bytes_per_token,
+    halving,
+    rows_that_fit,
+)
 from npd_core.method.head import chunks, head_inputs
 from npd_core.method.losses import forward_kl_topk
 from npd_core.method.packing import (
@@ -109,24 +115,41 @@ def _views(
     batch_tokens: int,
     bf16: bool,
     progress: Callable[[int], None] | None,
+    memory: int | None = None,
+    stage: str = "score",
     top_k: int = 0,
     targets: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Iterator[tuple[torch.Tensor, PositionScores]]:
     """Packed forwards over ``samples``: per forward, the flat response positions (M,) and
-    their :func:`response_scores` (``targets``: the flat table, indexed by those positions)."""
+    their :func:`response_scores` (``targets``: the flat table, indexed by those positions).
+    A forward takes ``batch_tokens`` worth of rows, fewer where the ``memory`` budget (bytes)
+    holds fewer, and half as many after an out-of-memory error (``method.batching``)."""
     resp_len = [len(s.response_ids) for s in samples]
     offsets = np.concatenate([[0], np.cumsum(resp_len)])[:-1].tolist()
     row_len = max(len(s) for s in samples)
     rows = best_fit_decreasing([len(s) for s in samples], row_len)
     rows_per_fwd = max(1, batch_tokens // row_len)
-    for s in range(0, len(rows), rows_per_fwd):
-        chunk = rows[s : s + rows_per_fwd]
-        b = collate(samples, chunk, pad_id=0, row_len=row_len, target_offsets=offsets)
+
+    def row_bytes(_: int) -> int:  # asked only with a budget, or after an out-of-memory error
+        return row_len * forward_bytes_per_token(
+            model.config, activation_bytes(model, bf16), row_len
+        )
+
+    def fit(start: int, cap: int) -> int:
+        return rows_that_fit(memory, min(cap, rows_per_fwd), row_bytes)
+
+    def run(start: int, end: int) -> tuple[torch.Tensor, PositionScores]:
+        b = collate(samples, rows[start:end], pad_id=0, row_len=row_len, target_offsets=offsets)
         idx = b.target_index[b.labels != IGNORE_INDEX]  # (M,)
         at_idx = None if targets is None else (targets[0][idx], targets[1][idx])
-        yield idx, response_scores(model, b, top_k=top_k, bf16=bf16, targets=at_idx)
+        return idx, response_scores(model, b, top_k=top_k, bf16=bf16, targets=at_idx)
+
+    for start, end, (idx, scores) in halving(
+        stage, len(rows), fit, run, row_bytes, unit="packed row"
+    ):
+        yield idx, scores
         if progress:
-            progress(sum(len(row) for row in chunk))  # sequences scored
+            progress(sum(len(row) for row in rows[start:end]))  # sequences scored
 
 
 def _per_sample(values: torch.Tensor, resp_len: list[int]) -> np.ndarray:
@@ -146,10 +169,13 @@ def score(
     batch_tokens: int,
     bf16: bool = True,
     targets: TopK | None = None,
+    memory: int | None = None,
+    stage: str = "score",
     progress: Callable[[int], None] | None = None,
 ) -> Scores:
     """Score ``responses[i]`` after ``prompts[i]`` and, unless ``view`` is None, after ``view``;
-    with ``targets``, also this model's forward KL from them per sample."""
+    with ``targets``, also this model's forward KL from them per sample. A forward packs
+    ``batch_tokens`` tokens at most, fewer where a ``memory`` budget (bytes) holds fewer."""
     model.eval()
     resp_len = [len(r) for r in responses]
     total = sum(resp_len)
@@ -158,7 +184,7 @@ def score(
     tk_ids = torch.zeros((total, k), dtype=torch.int32) if top_k else None
     tk_lp = torch.zeros((total, k)) if top_k else None
     kl = torch.zeros(total) if targets else None
-    kw = dict(batch_tokens=batch_tokens, bf16=bf16, progress=progress)
+    kw = dict(batch_tokens=batch_tokens, bf16=bf16, progress=progress, memory=memory, stage=stage)
     cond = [Sample(p, r) for p, r in zip(prompts, responses, strict=True)]
     t_table = None
     if targets:

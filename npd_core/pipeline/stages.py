@@ -36,6 +36,7 @@ from npd_core.config import NPDConfig
 from npd_core.data import Prompt, read_prompts, round_prompts
 from npd_core.errors import TrainingError, WorkerError
 from npd_core.method.attention import for_training, packed_attention
+from npd_core.method.batching import memory_budget
 from npd_core.method.data_parallel import DataParallel
 from npd_core.method.evaluate import exact_match, greedy_decoded, teacher_loglik
 from npd_core.method.filter import apply_filter, dropped_kl_share
@@ -136,12 +137,14 @@ def _generate_with(
         opts = vllm_backend.EngineOptions.of(cfg)
         gens, times = vllm_backend.generate(ckpt, ids, options=opts, **sampling)
         return gens, _engine_times(times)
+    model = load_model(ckpt, frozen_dtype(cfg.models.frozen_dtype))
     gens = generate(
-        load_model(ckpt, frozen_dtype(cfg.models.frozen_dtype)),
+        model,
         ids,
         pad_id=tok.pad_token_id,
         batch_size=g.batch_size,
         bf16=use_bf16(cfg.models.bf16),
+        memory=memory_budget(g.memory_gb, model.device),
         **sampling,
     )
     return gens, {}
@@ -258,6 +261,8 @@ def _score_with(
             batch_tokens=cfg.score.batch_tokens,
             bf16=use_bf16(cfg.models.bf16),
             targets=targets,
+            memory=memory_budget(cfg.score.memory_gb, model.device),
+            stage=f"score ({role})",
             progress=progress,
         )
     return res, {}
@@ -711,6 +716,7 @@ def evaluate_stage(
                     eos_id=tok.eos_token_id,
                     batch_tokens=cfg.score.batch_tokens,
                     bf16=use_bf16(cfg.models.bf16),
+                    memory=memory_budget(cfg.score.memory_gb, teacher.device),
                 )
         rows = [
             dict(
