@@ -357,6 +357,7 @@ def _decode_rate(
         temperature=0.0 if greedy else g.temperature, top_p=g.top_p,
         seeds=None if greedy else [[i] for i in range(len(prompts))],
         batch_size=len(prompts), bf16=use_bf16(cfg.models.bf16),
+        halve_on_oom=False,  # the rate of this batch size or none
     )  # fmt: skip
     generate(model, prompts, max_new_tokens=2, **kw)  # warm-up at this batch's shapes
     t0 = time.perf_counter()

@@ -119,19 +119,23 @@ def halving(
     need: Callable[[int], int],
     *,
     unit: str = "sequence",
+    halve: bool = True,
     log: Callable[[str], None] = _stderr,
 ) -> Iterator[tuple[int, int, T]]:
     """Run units ``[0, n)`` in batches: ``fit(start, cap)`` says how many units from ``start``
     the next batch takes (≤ cap, ≥ 1; cap starts unbounded), ``run(start, end)`` runs them; yields
     ``(start, end, result)``. A ``torch.OutOfMemoryError`` in ``run`` halves the cap and runs
     the same units again (one ``log`` line each time), for the rest of the stage too; at one
-    ``unit`` it raises :class:`OutOfMemory` with ``need(start)``, that unit's bytes."""
+    ``unit`` it raises :class:`OutOfMemory` with ``need(start)``, that unit's bytes. ``halve``
+    False: the error propagates (a benchmark that times one batch size must not time another)."""
     start, cap = 0, n
     while start < n:
         size = max(1, min(fit(start, cap), n - start))
         try:
             result = run(start, start + size)
         except torch.OutOfMemoryError:
+            if not halve:
+                raise
             result = None
             failed = True  # handled below, once the error and its frames are released
         else:

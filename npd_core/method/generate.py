@@ -130,6 +130,7 @@ def generate(
     bf16: bool = True,
     memory: int | None = None,
     stage: str = "generate",
+    halve_on_oom: bool = True,
     progress: Callable[[int], None] | None = None,
 ) -> list[list[Generation]]:
     """``n_per_prompt`` samples for every prompt, batched by similar prompt length; sample k of
@@ -137,7 +138,8 @@ def generate(
 
     A batch takes at most ``batch_size`` rows and, with a ``memory`` budget (bytes), only as
     many as their KV caches and logits fit in (``method.batching``); an out-of-memory error
-    halves the batch and decodes it again (``stage`` names it in the log and the error).
+    halves the batch and decodes it again (``stage`` names it in the log and the error), unless
+    ``halve_on_oom`` is False (a benchmark timing this batch size): then it propagates.
     Returns ``out[prompt_index][sample_idx]``. A sample depends on its prompt and seed only, not
     on the batch it decodes in or the order of ``prompts``.
     """
@@ -168,7 +170,8 @@ def generate(
             bf16=bf16,
         )
 
-    for start, end, res in halving(stage, len(jobs), fit, run, row_bytes):
+    batches = halving(stage, len(jobs), fit, run, row_bytes, halve=halve_on_oom)
+    for start, end, res in batches:
         for (i, k), g in zip(jobs[start:end], res, strict=True):
             out[i][k] = g
         if progress:

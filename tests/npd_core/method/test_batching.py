@@ -201,3 +201,13 @@ def test_memory_gb_takes_auto_or_positive_gib(bad):
     assert build_config({}).score.memory_gb == "auto"
     with pytest.raises(ConfigError, match="field 'eval.memory_gb'.*GiB > 0, or auto"):
         build_config({"eval": {"memory_gb": bad}})
+
+
+def test_without_halving_the_out_of_memory_error_propagates():
+    """What a benchmark timing one batch size asks for (``generate(halve_on_oom=False)``)."""
+    calls: list[tuple[int, int]] = []
+    with pytest.raises(torch.OutOfMemoryError):
+        list(
+            halving("bench", 8, lambda s, cap: cap, _oom_above(3, calls), lambda s: 0, halve=False)
+        )
+    assert calls == [(0, 8)]
