@@ -344,6 +344,7 @@ def cost(
         report["paths"] = {k: str(getattr(built, k)) for k in keys}
     report["out"] = str(out.resolve())
     local = out / f".cost-{path.stem}.json"
+    out.mkdir(parents=True, exist_ok=True)
     local.write_text(json.dumps(report))
     res = cost_model.run(local, log=lambda m: err.print(m, markup=False))
     res["bench"] = str(path)

@@ -414,10 +414,12 @@ def status(
 ) -> None:
     """Runs with their rounds (scores, kept fractions, stage seconds) from the store, a score
     column per eval set (the primary one starred when there are several); marks each run's
-    best checkpoint and flags rounds that regressed on the primary set (eval.regression_margin).
+    best checkpoint, the rounds whose weights were pruned (train.keep_checkpoints), and flags
+    rounds that regressed on the primary set (eval.regression_margin).
     A run whose process was killed shows as 'crashed' (its lease holder is gone), one that
     failed as 'failed'; `npd retry` resumes both."""
     from npd_core.store import Store, lease, query
+    from npd_core.store.lineage import has_weights
 
     db = Store(out, create=False).db_path  # a store of an older npd gets the current views
     runs = query(db, STATUS_RUNS_SQL).to_pylist()
@@ -436,6 +438,7 @@ def status(
         r["rounds"] = [x for x in rounds if x["run_id"] == r["run_id"]]
         for x in r["rounds"]:  # score is the primary set's (x["eval_set"]); scores every set's
             x["scores"] = scores.get((r["run_id"], x["round"]), {})
+            x["weights"] = has_weights(Path(out).resolve() / x["path"])  # keep_checkpoints
         best = [x for x in r["rounds"] if x["is_best"]]
         r["best_round"] = best[0]["round"] if best else None
         r["regressed_rounds"] = [x["round"] for x in r["rounds"] if x["regressed"]]
@@ -458,6 +461,8 @@ def status(
             flag = "best" if x["is_best"] else ""
             if x["regressed"]:
                 flag = f"[red]regressed {x['score'] - x['best_before']:+.1f}[/red]"
+            if not x["weights"]:
+                flag = f"{flag} [dim]pruned[/dim]".strip()
             t.add_row(
                 str(x["round"]),
                 *(_fmt(x["scores"].get(n), ".1f") for n in sets),
@@ -546,7 +551,7 @@ SELECT run_id, name, status, start_score, final_score, created_at, finished_at, 
 FROM runs ORDER BY created_at
 """
 STATUS_ROUNDS_SQL = """
-SELECT c.run_id, c.round, c.eval_set, c.score, r.kept_fraction, r.mean_loss,
+SELECT c.run_id, c.round, c.path, c.eval_set, c.score, r.kept_fraction, r.mean_loss,
        r.stage_seconds_json, c.is_best, c.best_before, c.regressed
 FROM checkpoints AS c LEFT JOIN rounds AS r ON r.run_id = c.run_id AND r.round = c.round
 ORDER BY c.run_id, c.round

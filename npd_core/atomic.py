@@ -26,6 +26,12 @@ def _hidden(final: Path, kind: str) -> Path:
     return final.parent / f".{final.name}.{kind}-{uuid.uuid4().hex}"
 
 
+def trash_name(final: Path) -> Path:
+    """A hidden name beside ``final`` to rename it to before deleting it: readers' globs skip
+    it and a sweep removes it when a kill interrupts the deletion."""
+    return _hidden(final, "trash")
+
+
 def fsync_path(path: Path) -> None:
     """fsync a file or a directory (a directory fsync makes its renames durable)."""
     fd = os.open(path, os.O_RDONLY)

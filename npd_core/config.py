@@ -295,6 +295,15 @@ class TrainConfig(Section):
         description="with nproc > 1: ddp = replicated weights, all-reduced gradients; fsdp = "
         "weights, gradients and optimizer state sharded (FSDP2 fully_shard)",
     )
+    keep_checkpoints: int | None = Field(
+        None,
+        ge=1,
+        le=1_000_000,
+        description="round checkpoints whose weights stay on disk: the best (eval.primary) and "
+        "the last N rounds, plus any that a later round still generates from (staleness); the "
+        "others are deleted once evaluated, and no round's weights go to MLflow; none = keep "
+        "every round (the optimizer state is kept for the latest round only either way)",
+    )
 
     @model_validator(mode="after")
     def _a_row_per_rank(self) -> TrainConfig:

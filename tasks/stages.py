@@ -146,7 +146,8 @@ def train(spec: RunSpec, r: int, upstream: list[dict], mlflow_run: str) -> dict:
     child = tracking.round_run(spec.root, mlflow_run, spec.run_id, r)
     tracking.log_steps(spec.root, child, res.metrics["log"])
     tracking.log_steps(spec.root, mlflow_run, res.metrics["log"])
-    tracking.log_artifact(spec.root, child, spec.checkpoint(r), f"checkpoint/round={r}")
+    if cfg.train.keep_checkpoints is None:  # else a copy of every round would defeat the pruning
+        tracking.log_checkpoint(spec.root, child, spec.checkpoint(r), f"checkpoint/round={r}")
     return res.to_dict()
 
 
@@ -155,4 +156,11 @@ def evaluate(spec: RunSpec, r: int, upstream: dict | None = None) -> dict:
     """θ_r's score on every eval set (the sets are read once more to size the progress bar)."""
     enter_stage(spec, "evaluate", r)
     n = sum(len(ps) for ps in stages.eval_prompts(spec).values())
-    return stages.evaluate_stage(spec, r, _prov(), progress.bar("evaluate", r, n)).to_dict()
+    res = stages.evaluate_stage(spec, r, _prov(), progress.bar("evaluate", r, n))
+    if res.metrics["pruned_rounds"]:
+        keep = spec.cfg.train.keep_checkpoints
+        get_run_logger().info(
+            f"evaluate r{r}: weights of rounds {res.metrics['pruned_rounds']} deleted "
+            f"(train.keep_checkpoints: {keep} and the best)"
+        )
+    return res.to_dict()

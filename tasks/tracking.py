@@ -142,6 +142,18 @@ def log_artifact(out: str, run: str, path: str | Path, subdir: str | None = None
         c.log_artifact(run, str(p), subdir)
 
 
+def log_checkpoint(out: str, run: str, path: str | Path, subdir: str) -> None:
+    """A round's checkpoint as artifacts: weights, config and tokenizer, not its optimizer
+    state (twice the weights; only the next round's training reads it, from the output
+    directory, and ``retention.prune`` keeps the latest round's only)."""
+    from npd_core.models import TRAINER_STATE  # torch: only where a checkpoint is logged
+
+    c = client(out)
+    for f in sorted(Path(path).iterdir()):
+        if f.is_file() and f.name != TRAINER_STATE:
+            c.log_artifact(run, str(f), subdir)
+
+
 def end_run(out: str, run: str, status: str = "FINISHED") -> None:
     client(out).set_terminated(run, status=status)
 

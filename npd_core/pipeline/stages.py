@@ -66,7 +66,7 @@ from npd_core.models import (
     use_bf16,
     view_prefix,
 )
-from npd_core.pipeline import workers
+from npd_core.pipeline import retention, workers
 from npd_core.pipeline.spec import RunSpec, StageResult, generator_round, rel_path
 from npd_core.seeds import seed_for
 from npd_core.store import Shard, table_from_rows
@@ -734,6 +734,7 @@ def evaluate_stage(
         ]
         table = table_from_rows("evals", rows)
         spec.store.write_stage(spec.run_id, k, "evaluate", {"evals": table})
+        pruned = retention.prune(spec, k)  # θ_k's score is stored: older rounds may go
         scores = {name: res.score for name, res in results.items()}
         metrics = {name: res.metric for name, res in results.items()}
         primary = cfg.eval.primary_set
@@ -742,6 +743,7 @@ def evaluate_stage(
             "metric": metrics[primary],
             "scores": scores,
             "metrics": metrics,
+            "pruned_rounds": pruned,  # rounds whose weights went (train.keep_checkpoints)
         }
 
     return _timed("evaluate", k, body)

@@ -19,6 +19,7 @@ SELECT run_id, round, path, eval_set, metric, score FROM checkpoints
 WHERE run_id = ? AND round = ?
 """
 ROUNDS_OF_RUN_SQL = "SELECT round FROM checkpoints WHERE run_id = ? ORDER BY round"
+PATHS_OF_RUN_SQL = "SELECT round, path FROM checkpoints WHERE run_id = ? ORDER BY round"
 LAST_COMPLETED_SQL = """
 SELECT run_id FROM runs WHERE status = 'completed' AND deployment = ?
 ORDER BY finished_at DESC, created_at DESC LIMIT 1
@@ -58,7 +59,21 @@ def checkpoint(root: str | Path, run_id: str, round: int | None = None) -> Check
         )
     row = rows[0]
     path = Path(root).resolve() / row["path"]  # stored relative to root, or absolute
+    if not has_weights(path):
+        paths = query(db, PATHS_OF_RUN_SQL, [run_id]).to_pylist()
+        kept = [x["round"] for x in paths if has_weights(Path(root).resolve() / x["path"])]
+        raise StoreUsageError(
+            f"{db}: run {run_id!r} round {row['round']}: its weights were deleted "
+            f"(train.keep_checkpoints keeps the best and the last rounds); rounds with weights: "
+            f"{kept or 'none'}"
+        )
     return Checkpoint(run_id, row["round"], path, row["eval_set"], row["metric"], row["score"])
+
+
+def has_weights(path: str | Path) -> bool:
+    """Whether a checkpoint directory still holds its model: ``train.keep_checkpoints``
+    deletes a pruned round's directory as a whole (``npd_core.pipeline.retention``)."""
+    return (Path(path) / "config.json").is_file()
 
 
 def last_best(root: str | Path, deployment: str) -> Checkpoint | None:

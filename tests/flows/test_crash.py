@@ -175,3 +175,54 @@ def test_kill_9_leaves_no_learner_rank_and_retry_starts_them_again(
     assert _none_left(retry.pid, within_s=0)  # stopped with the flow run, not left behind
     assert _status(out, run_id, env)["status"] == "completed"
     assert_nothing_duplicated_or_orphaned(out, run_id)
+
+
+@pytest.mark.slow
+def test_kill_9_while_pruning_then_retry_completes(tmp_path, tiny_world, prefect_api):
+    """A 3-round `npd run` with train.keep_checkpoints 1 (staleness 0) stopped at ``prune:2``
+    (θ_2's evaluation written, the pruned round renamed to hidden trash, not yet deleted) and
+    killed: `npd retry` evaluates θ_2 again, trains round 3 from θ_2's optimizer state and ends
+    with the weights of the best round and the last one, the last round's optimizer state
+    only, no trash, and the best exportable."""
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path, tiny_world)
+    data = yaml.safe_load(cfg.read_text())
+    data.update(rounds=3, staleness=0)
+    data["train"]["keep_checkpoints"] = 1
+    cfg.write_text(yaml.safe_dump(data))
+    env = npd_env(prefect_api, tmp_path / "prefect")
+    proc = subprocess.Popen(
+        [*NPD, "run", str(cfg), "--out", str(out)],
+        env={**env, "NPD_PAUSE_AT": "prune:2"},
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        _, how = os.waitpid(proc.pid, os.WUNTRACED)
+        assert os.WIFSTOPPED(how), proc.stderr.read()[-3000:]
+        run_id = only_run_id(out)
+        ckpts = out / "runs" / run_id / "checkpoints"
+        # round 1 is either kept (the best so far) or hidden trash: never half there
+        assert (ckpts / "round=1" / "config.json").is_file() != bool(
+            list(ckpts.glob(".round=1.trash-*"))
+        )
+        assert not (ckpts / "round=1" / "trainer_state.pt").exists()
+        os.kill(proc.pid, signal.SIGKILL)
+        os.waitpid(proc.pid, 0)
+    finally:
+        stop_group(proc)
+    resumed = npd("retry", run_id, "--out", str(out), "--json", env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    reused = {tuple(x) for x in json.loads(resumed.stdout)["reused_stages"]}
+    assert ("train", 2) in reused and ("evaluate", 2) not in reused
+    run = _status(out, run_id, env)
+    assert run["status"] == "completed"
+    best = run["best_round"]
+    weights = {x["round"] for x in run["rounds"] if x["weights"] and x["round"] > 0}
+    assert weights == {3} | ({best} - {0})
+    assert {d.name for d in ckpts.iterdir()} == {f"round={r}" for r in weights}
+    assert {d.parent.name for d in ckpts.glob("*/trainer_state.pt")} == {"round=3"}
+    exported = npd("export", run_id, str(tmp_path / "best"), "--out", str(out), env=env)
+    assert exported.returncode == 0, exported.stderr[-3000:]
