@@ -13,7 +13,9 @@ rank gets each job, rank 0's answer is the result, and rank 0 may send progress 
 Failure: a rank that raises sends its error as one line and exits; a rank that dies (kill -9,
 out of memory) closes its socket. Either fails the job with one line naming that rank, and the
 group is torn down (torchrun stops the other ranks). No orphans: every rank watches its owner
-and its torchrun agent and exits when either is gone, and torchrun exits with its ranks.
+and its torchrun agent and exits when either is gone, and torchrun exits with its ranks. A
+killed owner cannot remove its torchrun log folder (``npd-workers-<pid>-…`` in the temp dir):
+the next group start, in any process (``npd retry``), removes those of owners that are gone.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ KEY_ENV = "NPD_WORKERS_KEY"  # the listener's authentication key, hex
 START_TIMEOUT_S = 900.0  # a busy 2-core machine imports slowly
 STOP_TIMEOUT_S = 30.0
 POLL_S = 0.5
+LOG_PREFIX = "npd-workers-"  # + the owner's pid: a group's torchrun log folder in the temp dir
+FAILED = "failed"  # marks a folder whose log a WorkerError line names
 
 Progress = Callable[[Any], None]
 
@@ -56,7 +60,8 @@ class WorkerGroup:
         self.closed, self._lock = False, threading.Lock()
         self.conns: list[Connection] = []
         self.pids: list[int] = []  # of each rank, by rank
-        self.log = Path(tempfile.mkdtemp(prefix="npd-workers-")) / "torchrun.log"
+        sweep()
+        self.log = Path(tempfile.mkdtemp(prefix=f"{LOG_PREFIX}{os.getpid()}-")) / "torchrun.log"
         key = secrets.token_bytes(32)
         self._listener = Listener(("127.0.0.1", 0), backlog=nproc, authkey=key)
         host, port = self._listener.address
@@ -183,6 +188,8 @@ class WorkerGroup:
         self._listener.close()
         if clean:
             shutil.rmtree(self.log.parent, ignore_errors=True)
+        else:
+            (self.log.parent / FAILED).touch()  # the log a failure named: no sweep removes it
 
 
 def _received(conn: Connection) -> tuple[str, Any] | None:
@@ -191,6 +198,19 @@ def _received(conn: Connection) -> tuple[str, Any] | None:
         return conn.recv()
     except (EOFError, OSError):
         return None
+
+
+def sweep() -> list[Path]:
+    """Remove the torchrun log folders of owners that are gone without closing their group
+    (killed with SIGKILL: no ``close`` ran), but not a failure's, whose log an error line
+    names; every group start calls it. Returns what it removed."""
+    removed = []
+    for d in Path(tempfile.gettempdir()).glob(f"{LOG_PREFIX}*-*"):
+        owner = d.name.removeprefix(LOG_PREFIX).split("-", 1)[0]
+        if owner.isdigit() and not _alive(int(owner)) and not (d / FAILED).exists():
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
 
 
 # ------------------------------------------------------------------ this process's groups

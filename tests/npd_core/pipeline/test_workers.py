@@ -2,7 +2,7 @@
 (echo_ranks.py): one job after another on the same ranks, rank 0's answer and progress; a rank
 that raises fails the job in one line naming it and leaves no process (one killed mid-round:
 test_learner_ranks.py); the ranks stop with the scope, and exit by themselves when their owner
-is killed with SIGKILL."""
+is killed with SIGKILL; the next start removes the torchrun log folder a killed owner left."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,6 +31,9 @@ def echo_env(monkeypatch):
 
 
 def test_jobs_failures_and_the_scope(echo_env):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    stale = Path(tempfile.mkdtemp(prefix=f"{workers.LOG_PREFIX}{dead}-"))  # a killed owner's
     with workers.scope():
         group = workers.group(2, MODULE, 1)
         assert group.start_s > 0 and len(set(group.pids)) == 2
@@ -42,10 +46,11 @@ def test_jobs_failures_and_the_scope(echo_env):
         msg = str(e.value)
         assert msg.startswith("learner rank 1 of 2 failed: ValueError: rank 1 was asked to raise")
         assert "\n" not in msg and _gone([group.proc.pid, *group.pids])
+        assert not stale.exists()  # the group's start swept it
 
         assert group.log.is_file()  # a failure keeps the log its line names
-        os.remove(group.log)
-        group.log.parent.rmdir()
+        assert (group.log.parent / workers.FAILED).is_file()  # no sweep removes it
+        shutil.rmtree(group.log.parent)
 
         last = workers.group(2, MODULE, 1)  # a failed group is replaced
         assert last is not group and last.run(("echo", 3)) == 0
@@ -75,11 +80,13 @@ def test_ranks_exit_when_their_owner_is_killed(echo_env):
         os.kill(owner.pid, signal.SIGKILL)
         os.waitpid(owner.pid, 0)
         assert _gone(pids)
+        assert Path(logs).is_dir()  # the killed owner could not remove its torchrun log
+        assert Path(logs) in workers.sweep() and not Path(logs).exists()  # the next start does
     finally:
         for pid in [owner.pid, *pids]:  # whatever a failed assertion left
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        shutil.rmtree(logs)  # the killed owner could not remove its torchrun log
+        shutil.rmtree(logs, ignore_errors=True)  # whatever a failed assertion left
 
 
 def _gone(pids: list[int], within_s: float = 60.0) -> bool:
