@@ -276,6 +276,12 @@ class TrainConfig(Section):
     gradient_checkpointing: bool = Field(
         False, description="recompute activations in backward: less memory, ~1 more forward"
     )
+    weights_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32",
+        description="the student's trained weights: float32 = fp32 master weights (bf16 compute "
+        "by models.bf16 autocast); bfloat16 = pure bf16 weights and gradients with float32 AdamW "
+        "moments (half the weight memory, no master copy; updates rounded to bf16)",
+    )
     attention: Literal["auto", "sdpa", "sdpa_varlen"] = Field(
         "auto",
         description="packed attention of the learner: auto = the faster exact kernel of the "

@@ -28,7 +28,13 @@ from typing import Any
 from transformers import PreTrainedModel
 
 from npd_core.config import TrainConfig
-from npd_core.method.train import StepLog, checkpoint_activations, lr_at, make_optimizer
+from npd_core.method.train import (
+    StepLog,
+    checkpoint_activations,
+    learner_dtype,
+    lr_at,
+    make_optimizer,
+)
 from npd_core.models import (
     load_model,
     load_tokenizer,
@@ -99,7 +105,8 @@ class Learner:
 def resume(spec: RunSpec, k: int, clock0_s: float = 0.0) -> Learner:
     """θ_{k−1} with its optimizer and counters; θ_0 is the warm-start student at ``clock0_s``."""
     src = spec.checkpoint(k - 1)
-    model = checkpoint_activations(load_model(src), spec.cfg.train.gradient_checkpointing)
+    weights = learner_dtype(spec.cfg.train.weights_dtype)
+    model = checkpoint_activations(load_model(src, weights), spec.cfg.train.gradient_checkpointing)
     opt = make_optimizer(model, spec.cfg.train)
     state = load_trainer_state(Path(src)) if k > 1 else None
     if state is None:

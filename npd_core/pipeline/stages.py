@@ -49,6 +49,7 @@ from npd_core.method.train import (
     StepLog,
     Targets,
     checkpoint_activations,
+    learner_dtype,
     lr_horizon,
     make_optimizer,
     train_round,
@@ -550,7 +551,8 @@ def _learner(
     ``src``'s trainer state when ``resume``, i.e. from the second round on); ``parallel``: as
     this rank's part of a data-parallel learner (``train.strategy``), which it also returns."""
     tok = load_tokenizer(src)
-    model = checkpoint_activations(load_model(src), cfg.train.gradient_checkpointing)
+    weights = learner_dtype(cfg.train.weights_dtype)
+    model = checkpoint_activations(load_model(src, weights), cfg.train.gradient_checkpointing)
     shard = None
     if parallel:
         shard = DataParallel.wrap(model, cfg.train, cfg.train.strategy, use_bf16(cfg.models.bf16))
