@@ -173,9 +173,11 @@ class ScoreConfig(Section):
         "teacher's scoring in evaluation): fewer tokens than batch_tokens when they would not "
         "fit; auto and out-of-memory errors as generate.memory_gb",
     )
-    attention: Literal["auto", "sdpa", "sdpa_varlen"] = Field(
+    attention: Literal[
+        "auto", "sdpa", "sdpa_varlen", "torch_varlen", "flex_document", "flash_varlen"
+    ] = Field(
         "auto",
-        description="packed attention of the hf scoring forwards: auto | sdpa | sdpa_varlen as "
+        description="packed attention of the hf scoring forwards: the kernels of "
         "train.attention, timed on each scored model",
     )
 
@@ -282,12 +284,16 @@ class TrainConfig(Section):
         "by models.bf16 autocast); bfloat16 = pure bf16 weights and gradients with float32 AdamW "
         "moments (half the weight memory, no master copy; updates rounded to bf16)",
     )
-    attention: Literal["auto", "sdpa", "sdpa_varlen"] = Field(
+    attention: Literal[
+        "auto", "sdpa", "sdpa_varlen", "torch_varlen", "flex_document", "flash_varlen"
+    ] = Field(
         "auto",
-        description="packed attention of the learner: auto = the faster exact kernel of the "
+        description="packed attention of the learner: auto = the fastest exact kernel of the "
         "device, timed once at the run's start and recorded in its spec (a retry reuses it); "
         "sdpa = SDPA with the block-diagonal mask from position ids; sdpa_varlen = SDPA per "
-        "sequence",
+        "sequence; CUDA only: torch_varlen = torch's varlen_attn (torch >= 2.10, bf16), "
+        "flex_document = compiled flex attention with a document mask, flash_varlen = "
+        "flash-attn's varlen kernel (the flash-attn package, bf16)",
     )
     nproc: int = Field(
         1,

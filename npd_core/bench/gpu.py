@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
-import inspect
 import json
 import math
 import os
@@ -50,13 +48,18 @@ from typing import Any
 
 import torch
 import transformers
-from transformers import AttentionInterface, Qwen2Config, Qwen2ForCausalLM
-from transformers.masking_utils import AttentionMaskInterface
+from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from npd_core.bench import cost
 from npd_core.bench.packing import make_data, peak_flops, synthetic_lengths
 from npd_core.jsonsafe import finite
-from npd_core.method.attention import VARLEN, register_varlen_attention
+from npd_core.method.attention import (
+    KERNELS,
+    VARLEN,
+    register_cuda_attention,
+    register_varlen_attention,
+    unavailable,
+)
 from npd_core.method.generate import generate
 from npd_core.method.packing import (
     IGNORE_INDEX,
@@ -224,145 +227,17 @@ def hard_limit(seconds: float) -> Iterator[None]:
         signal.signal(signal.SIGALRM, old)
 
 
-# ---------------------------------------------------------------- packed attention on CUDA
-TORCH_VARLEN = "torch_varlen"
-FLEX_DOC = "flex_document"
-_CU_CACHE: list[Any] = [None, None, 0]  # position_ids it was made from, cu_seqlens, max length
-
-
-def _cu_seqlens(position_ids: torch.Tensor | None, B: int, T: int, dev: torch.device) -> Any:
-    """Cumulative sequence starts over the B·T flattened tokens (a sequence starts where the
-    position restarts at 0, as ``collate`` lays rows out), computed once per forward: every layer
-    gets the same ``position_ids`` tensor, so it is the cache key."""
-    if position_ids is not None and _CU_CACHE[0] is position_ids:
-        return _CU_CACHE[1], _CU_CACHE[2]
-    if position_ids is None:
-        starts = torch.arange(0, B * T, T, device=dev)
-    else:
-        flat = position_ids.expand(B, T).reshape(-1)
-        starts = torch.nonzero(flat == 0).flatten()
-    cu = torch.cat([starts, torch.tensor([B * T], device=dev)]).to(torch.int32)
-    max_len = int((cu[1:] - cu[:-1]).max())
-    _CU_CACHE[:] = [position_ids, cu, max_len]
-    return cu, max_len
-
-
-def torch_varlen_attention(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float | None = None,
-    dropout: float = 0.0,
-    position_ids: torch.Tensor | None = None,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
-    """Causal attention per packed sequence through ``torch.nn.attention.varlen.varlen_attn``
-    (torch's flash kernel with ``cu_seqlens``). Inputs are cast to bf16 (under autocast RoPE
-    leaves q, k in fp32; a custom op is not autocast). Shapes as ``sdpa_varlen_attention``:
-    query (B, H, T, D), key/value (B, Hkv, T, D) → (B, T, H, D)."""
-    from torch.nn.attention.varlen import varlen_attn
-
-    B, H, T, D = query.shape
-    Hkv = key.shape[1]
-    cu, max_len = _cu_seqlens(position_ids, B, T, query.device)
-    half = value.dtype in (torch.float16, torch.bfloat16)
-    dt = value.dtype if half or not query.is_cuda else torch.bfloat16  # flash takes 16-bit only
-
-    def flat(x: torch.Tensor) -> torch.Tensor:  # (B, h, T, D) → (B·T, h, D)
-        return x.transpose(1, 2).reshape(B * T, x.shape[1], D).to(dt)
-
-    q, k, v = flat(query), flat(key), flat(value)
-    params = inspect.signature(varlen_attn).parameters
-    kw: dict[str, Any] = {"scale": scaling}
-    if "is_causal" in params:  # torch 2.10's spelling
-        kw["is_causal"] = True
-    else:
-        kw["window_size"] = (-1, 0)
-    if Hkv != H:
-        if "enable_gqa" in params:
-            kw["enable_gqa"] = True
-        else:
-            k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
-    out = varlen_attn(q, k, v, cu, cu, max_len, max_len, **kw)  # (B·T, H, D)
-    return out.view(B, T, H, D), None
-
-
-def flex_document_attention(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: Any,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, Any]:
-    """transformers' flex attention (compiled) under the document BlockMask of
-    ``flex_document_mask``, inputs cast to one dtype first (see ``torch_varlen_attention``)."""
-    from transformers.integrations.flex_attention import flex_attention_forward
-
-    dt = value.dtype if value.dtype in (torch.float16, torch.bfloat16) else query.dtype
-    return flex_attention_forward(
-        module, query.to(dt), key.to(dt), value.to(dt), attention_mask, **kwargs
-    )
-
-
-def flex_document_mask(
-    batch_size: int,
-    q_length: int,
-    kv_length: int,
-    q_offset: int = 0,
-    kv_offset: int = 0,
-    mask_function: Callable[..., Any] | None = None,
-    attention_mask: torch.Tensor | None = None,
-    device: torch.device | str = "cpu",
-    **kwargs: Any,
-) -> Any:
-    """The BlockMask of transformers' mask function (causal ∧ same packed sequence), built
-    without compiling it: transformers compiles it, and on an H100 with torch 2.11 that compile
-    ran past 60 s, while flex attention's own compile takes ~13 s."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    assert attention_mask is None and q_offset == kv_offset == 0, "training on packed rows only"
-    return create_block_mask(
-        mask_function, batch_size, None, q_length, kv_length, device=device, _compile=False
-    )
-
-
-def register_attention() -> None:
-    """Register the bench's packed-attention choices with transformers (idempotent)."""
-    register_varlen_attention()
-    AttentionInterface.register(TORCH_VARLEN, torch_varlen_attention)
-    AttentionInterface.register(FLEX_DOC, flex_document_attention)
-    AttentionMaskInterface.register(FLEX_DOC, flex_document_mask)
-
-
-def attention_choices(dev: torch.device) -> list[tuple[str, str, str | None]]:
-    """(name, what it is, why unavailable or None) for every packed-attention choice."""
-    cuda = dev.type == "cuda"
-    varlen = importlib.util.find_spec("torch.nn.attention.varlen") is not None
-    return [
-        (
-            TORCH_VARLEN,
-            "torch.nn.attention.varlen.varlen_attn, cu_seqlens from position_ids (bench helper)",
-            None
-            if cuda and varlen
-            else ("no torch.nn.attention.varlen in this torch" if not varlen else "CUDA only"),
-        ),
-        (VARLEN, "per-sequence SDPA (npd_core.method.attention, the CPU learner's)", None),
-        ("sdpa", "SDPA with the block-diagonal mask transformers builds from position_ids", None),
-        (
-            FLEX_DOC,
-            "flex attention (torch.compile'd by transformers), document BlockMask from "
-            "position_ids built uncompiled (bench helper)",
-            None if cuda else "flex attention has no CPU backward",
-        ),
-        (
-            "flash_attention_2",
-            "flash-attn varlen from position_ids",
-            None if importlib.util.find_spec("flash_attn") else "flash_attn is not importable",
-        ),
-    ]
+# ---------------------------------------------------------------- packed attention
+def attention_choices(dev: torch.device, bf16: bool) -> list[tuple[str, str, str | None]]:
+    """(name, what it is, why unavailable or None): every CUDA candidate of the pipeline's own
+    choice (``method.attention.KERNELS["cuda"]``, what ``train.attention: auto`` races on a GPU),
+    then per-sequence SDPA (the CPU learner's kernel) for comparison."""
+    dtype = "bfloat16" if bf16 else "float32"  # what the learner computes in (autocast)
+    why = unavailable("cuda", dtype)
+    if dev.type != "cuda":  # --tiny: a CPU cannot run what needs CUDA, whatever this box has
+        why = {k.name: why.get(k.name) or "CUDA only" for k in KERNELS["cuda"] if k.missing}
+    out = [(k.name, k.what, why.get(k.name)) for k in KERNELS["cuda"]]
+    return [*out, (VARLEN, "per-sequence SDPA (the CPU learner's kernel)", None)]
 
 
 # ---------------------------------------------------------------- models and helpers
@@ -540,11 +415,14 @@ def section_train(b: Bench, box: TimeBox, res: dict[str, Any]) -> None:
         step="npd_core.method.train.optimizer_step (forward, loss, backward, clip, AdamW step)",
         warm_steps=p.warm_steps,
         timed_steps=p.timed_steps,
-        project_default_on_cuda="sdpa (method.attention.for_training keeps the model's default)",
+        project_default_on_cuda=(
+            "train.attention: auto races the available CUDA choices below at a run's start "
+            "(method.attention.select); without a choice (NPD_ATTENTION=fixed) the model's sdpa"
+        ),
         choices={},
     )
     row_tokens = p.row_tokens
-    choices = attention_choices(dev)
+    choices = attention_choices(dev, b.bf16)
     i = measured = 0
     try:
         while i < len(choices):
@@ -646,15 +524,12 @@ def _train_choice(b: Bench, name: str, row_tokens: int, peak: float, N: int) -> 
     with torch.no_grad():
         ref = float(step_loss(model, batches[0], targets, b.spec, bf16=b.bf16))
     model.set_attn_implementation(name)
-    flatten = name == "flash_attention_2"
     t_first = time.perf_counter()
     times, losses = [], []
     for j, batch in enumerate(batches):
         sync(dev)
         t0 = time.perf_counter()
-        loss = optimizer_step(
-            model, opt, batch, targets, b.spec, lr=b.spec.lr, step=j, bf16=b.bf16, flatten=flatten
-        )
+        loss = optimizer_step(model, opt, batch, targets, b.spec, lr=b.spec.lr, step=j, bf16=b.bf16)
         sync(dev)
         losses.append(float(loss))
         if j >= p.warm_steps:
@@ -1039,7 +914,8 @@ def run_bench(
         plan, dev, bf16=dev.type == "cuda", seed=seed, peak_tflops=peak_tflops, log=log,
         cost_bench=cost_bench,
     )  # fmt: skip
-    register_attention()
+    register_varlen_attention()
+    register_cuda_attention()
     box_s = {**plan.boxes, **(boxes or {})}
     t_run = time.perf_counter()
     b.report.update(

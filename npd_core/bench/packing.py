@@ -24,7 +24,9 @@ What it does, in order:
 6. reports the kernel the pipeline's own selection picks for these rows
    (``npd_core.method.attention.select``, what ``train.attention: auto`` records in a run's spec)
    and times the real learner, ``train_round`` as the train stage calls it (collation included),
-   with each exact kernel of the device: ``selection`` and ``learner`` in the output.
+   with each exact kernel of the device: ``selection`` and ``learner`` in the output (on CUDA
+   the candidates are ``attention.KERNELS["cuda"]``; ``selection.unavailable`` names those that
+   cannot run here and why, e.g. flash-attn not installed).
    ``--model DIR`` trains an HF checkpoint (e.g. the toy world's student) instead of a random one.
 
 Timed: forward, loss, backward, clip, optimizer step (batches are collated beforehand, as a
@@ -46,6 +48,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -57,8 +60,10 @@ from npd_core.method.attention import (
     VARLEN,
     Shape,
     kernels,
+    known,
     register_varlen_attention,
     select,
+    unavailable,
 )
 from npd_core.method.packing import PackedBatch, Sample, collate, fit_lengths, pack
 from npd_core.method.train import (
@@ -113,17 +118,15 @@ PEAK_BF16 = [
 ]
 
 
-def attention_candidates(device: torch.device) -> tuple[list[str], list[str]]:
-    """Exact attention implementations to try: (packed, padded), fastest first guess first."""
+def attention_candidates(device: torch.device, bf16: bool = False) -> tuple[list[str], list[str]]:
+    """Exact attention implementations to try: (packed, padded). CUDA: the pipeline's CUDA
+    candidates that run here (``attention.KERNELS``; bf16 autocast lets the flash kernels in)
+    and per-sequence SDPA; padded, SDPA and transformers' flash_attention_2 where flash-attn is
+    importable. CPU: the pipeline's candidates (flex attention has no CPU backward), and eager."""
     if device.type == "cuda":
-        try:
-            import flash_attn  # noqa: F401
-
-            fa = ["flash_attention_2"]
-        except ImportError:
-            fa = []
-        return fa + ["sdpa", VARLEN], fa + ["sdpa"]
-    # CPU: the pipeline's candidates (flex attention has no CPU backward), and eager
+        fa = ["flash_attention_2"] if find_spec("flash_attn") else []
+        dtype = "bfloat16" if bf16 else "float32"
+        return [*kernels("cuda", dtype), VARLEN], fa + ["sdpa"]
     return [*kernels(device.type), "eager"], ["sdpa", "eager"]
 
 
@@ -284,7 +287,7 @@ def layout_loss(
 
 def with_attention(model: Qwen2ForCausalLM, attention: str) -> Qwen2ForCausalLM:
     m = copy.deepcopy(model)
-    m.set_attn_implementation(attention)
+    m.set_attn_implementation(known(attention))  # ours registered first
     return m
 
 
@@ -354,10 +357,16 @@ class RowSpec:
 
 
 def kernel_selection(
-    config: Any, dev: torch.device, rows_per_step: int, max_seq_len: int, seq_len: float
+    config: Any,
+    dev: torch.device,
+    rows_per_step: int,
+    max_seq_len: int,
+    seq_len: float,
+    bf16: bool = False,
 ) -> dict[str, Any]:
     """What ``train.attention: auto`` picks for this student on these rows (one measurement,
-    remembered by this process), with the probe's times."""
+    remembered by this process), with the probe's times and the device's candidates that could
+    not run here and why (``unavailable``)."""
     shape = Shape.bucket(
         backward=True,
         rows=rows_per_step,
@@ -365,9 +374,16 @@ def kernel_selection(
         seq_len=seq_len,
         threads=torch.get_num_threads(),
         device=dev.type,
+        dtype="bfloat16" if dev.type == "cuda" and bf16 else "float32",  # as stage_shapes
     )
     c = select(config, shape)
-    return {"kernel": c.kernel, "source": c.source, "probe_s": c.seconds, "shape": asdict(shape)}
+    return {
+        "kernel": c.kernel,
+        "source": c.source,
+        "probe_s": c.seconds,
+        "shape": asdict(shape),
+        "unavailable": unavailable(dev.type, shape.dtype),
+    }
 
 
 def time_learner(
@@ -561,7 +577,7 @@ def _run_bench(
     collate_padded_s = time.perf_counter() - t0
 
     # attention: fastest exact per layout (forced choices skip the race, not the check)
-    cand_packed, cand_padded = attention_candidates(dev)
+    cand_packed, cand_padded = attention_candidates(dev, bf16)
     cand_packed = cand_packed if attention == "auto" else [attention]
     cand_padded = cand_padded if padded_attention == "auto" else [padded_attention]
     # the exactness reference: the first packed step's samples, one per row, 2D mask
@@ -639,11 +655,13 @@ def _run_bench(
     useful = 6 * n_params * real + attn_flops
     peak = peak_flops(dev, peak_tflops)
     mean_len = sum(totals) / len(totals)
-    selection = kernel_selection(base.config, dev, rows_per_step, msl, mean_len)
+    selection = kernel_selection(base.config, dev, rows_per_step, msl, mean_len, bf16)
     log(f"selection (train.attention: auto): {selection['kernel']} {selection['probe_s']}")
+    for name, why in selection["unavailable"].items():
+        log(f"selection: {name} not a candidate here ({why})")
     learner = None
     if learner_steps > 0:
-        names = kernels(dev.type) or [att_p]
+        names = kernels(dev.type, selection["shape"]["dtype"]) or [att_p]
         learner = time_learner(
             base, kept, targets, rows, names, max_seq_len=msl, rows_per_step=rows_per_step,
             steps=learner_steps, bf16=bf16, seed=seed, log=log,
@@ -716,7 +734,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--attention",
         default="auto",
-        help="packed: auto, sdpa, eager, sdpa_varlen, flash_attention_2, flex_attention",
+        help="packed: auto, sdpa, eager, sdpa_varlen; CUDA: torch_varlen, flex_document, "
+        "flash_varlen (attention.KERNELS), flash_attention_2 (rows flattened to one)",
     )
     p.add_argument("--padded-attention", default="auto", help="padded baseline: auto, sdpa, ...")
     p.add_argument(

@@ -25,8 +25,16 @@ from transformers import AutoConfig
 from npd_core.config import NPDConfig
 from npd_core.data import read_prompts
 from npd_core.errors import ConfigError
-from npd_core.method.attention import Choice, Shape, fixed_kernel, kernels, select
-from npd_core.models import device, format_prompts, frozen_dtype, load_tokenizer
+from npd_core.method.attention import (
+    KERNELS,
+    Choice,
+    Shape,
+    fixed_kernel,
+    kernels,
+    select,
+    unavailable,
+)
+from npd_core.models import device, format_prompts, frozen_dtype, load_tokenizer, use_bf16
 from npd_core.pipeline.spec import RunSpec
 
 ENV = "NPD_ATTENTION"
@@ -54,6 +62,7 @@ def choose_attention(
             continue
         kind = "train" if role == "train" else "score"
         if setting != "auto":
+            _runs_here(knob, setting)
             kernel, why = setting, f"pinned by {knob}"
         elif env == "fixed":
             kernel, why = fixed_kernel(kind, dev), f"{ENV}=fixed"
@@ -65,6 +74,9 @@ def choose_attention(
                 AutoConfig.from_pretrained(model_dir), shapes[kind], cache=Path(spec.root) / CACHE
             )
             kernel, why = c.kernel, describe(c)
+            left_out = unavailable(dev, shapes[kind].dtype)  # none on CPU
+            if left_out:
+                why += "; not candidates: " + "; ".join(f"{n}: {w}" for n, w in left_out.items())
         if kernel is not None:
             chosen[role] = kernel
         (log or print)(f"packed attention, {role}: {kernel or 'the model default'} ({why})")
@@ -79,6 +91,14 @@ def _roles(spec: RunSpec, cfg: NPDConfig) -> list[tuple[str, str, str, str]]:
         if cfg.filter.needs_views:
             roles.append(("score_student", "score.attention", cfg.score.attention, spec.student))
     return roles
+
+
+def _runs_here(knob: str, setting: str) -> None:
+    """Refuse a pinned CUDA kernel that cannot run on this machine, saying why."""
+    cuda_only = {k.name for k in KERNELS["cuda"]} - {k.name for k in KERNELS["cpu"]}
+    why = unavailable("cuda").get(setting) if setting in cuda_only else None
+    if why:
+        raise ConfigError(f"{knob}: {setting} cannot run here ({why}); use auto or sdpa")
 
 
 def _env_setting() -> str:
@@ -121,6 +141,8 @@ def stage_shapes(spec: RunSpec, cfg: NPDConfig, dev: str) -> dict[str, Shape]:
             seq_len=min(seq, msl),
             threads=threads,
             device=dev,
+            # on CUDA the learner computes under bf16 autocast (the flash kernels need 16 bits)
+            dtype="bfloat16" if dev == "cuda" and use_bf16(cfg.models.bf16) else "float32",
         ),
         "score": Shape.bucket(
             backward=False,
