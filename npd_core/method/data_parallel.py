@@ -145,7 +145,8 @@ class DataParallel:
         weights = get_model_state_dict(self.student, options=FULL)
         if self.rank != 0:
             return None
-        plain = type(self.student)(self.student.config)
+        dtype = next(iter(weights.values())).dtype  # as trained (train.weights_dtype)
+        plain = type(self.student)(self.student.config).to(dtype)
         plain.load_state_dict(weights, strict=False)  # tied weights may appear once
         plain.tie_weights()
         return plain
