@@ -590,20 +590,32 @@ def measure(
 ) -> dict[str, float]:
     """Median seconds of a probe step (:func:`probe_model` on :func:`probe_rows`) per kernel;
     one untimed warm-up each, then candidates interleaved step by step so that background
-    load hits all alike. Runs on ``shape.threads`` threads (restored afterwards)."""
+    load hits all alike. Runs on ``shape.threads`` threads (restored afterwards). A kernel whose
+    warm-up raises (a flash kernel on a GPU older than it supports, a compile that fails) takes
+    ``inf``: it loses the race instead of failing the run."""
     before = torch.get_num_threads()
     torch.set_num_threads(shape.threads)
     try:
         model = probe_model(config, shape, seed)
         ids, pos = probe_rows(shape, model.config.vocab_size, seed)
         times: dict[str, list[float]] = {n: [] for n in names}
+        failed: set[str] = set()
         for i in range(reps + 1):
             for name in names if i % 2 == 0 else names[::-1]:
+                if name in failed:
+                    continue
                 model.set_attn_implementation(known(name))
-                dt = _probe_step(model, ids, pos, shape.backward)
+                try:
+                    dt = _probe_step(model, ids, pos, shape.backward)
+                except Exception:  # noqa: BLE001 - on the untimed warm-up only (below)
+                    if i:
+                        raise
+                    failed.add(name)
+                    model.zero_grad(set_to_none=True)
+                    continue
                 if i:
                     times[name].append(dt)
-        return {n: statistics.median(t) for n, t in times.items()}
+        return {n: math.inf if n in failed else statistics.median(t) for n, t in times.items()}
     finally:
         torch.set_num_threads(before)
 

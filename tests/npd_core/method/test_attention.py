@@ -103,6 +103,19 @@ def test_the_probe_times_every_cpu_kernel_on_packed_rows():
     assert set(seconds) == {attention.SDPA, attention.VARLEN} and min(seconds.values()) > 0
 
 
+def test_a_kernel_that_fails_its_warm_up_loses_the_race_instead_of_failing_it():
+    def broken(*args, **kwargs):
+        raise RuntimeError("FlashAttention only supports Ampere GPUs or newer.")
+
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("broken_for_test", broken)
+    cfg = student("sdpa").config
+    shape = attention.Shape.bucket(backward=True, rows=2, row_len=32, seq_len=8, threads=1)
+    seconds = attention.measure(cfg, shape, ["broken_for_test", attention.SDPA], reps=1)
+    assert seconds["broken_for_test"] == float("inf") and 0 < seconds[attention.SDPA] < 1e9
+
+
 def test_select_measures_once_per_bucket_and_keeps_it_across_processes(tmp_path, monkeypatch):
     """Same bucket: measured once (this process remembers; a new process reads the cache
     file); another thread count is another bucket. The fastest median wins, stock SDPA within
