@@ -3,8 +3,10 @@ onpolicy vs sft and the ablations, each a flow run, one MLflow parent run); the 
 benchmark parts of the method itself (no Prefect, no output directory).
 
 ``npd bench generate`` runs :func:`npd_core.bench.generate.run_bench` (HF vs vLLM generation and
-scoring). ``npd bench packing`` runs :func:`npd_core.bench.packing.run_bench` (the same function as
-``python -m npd_core.bench.packing``), prints one JSON object on stdout with ``--json`` (a table on
+scoring). ``npd bench scale`` runs :func:`npd_core.bench.scale.run_bench` (a round's shards on 1
+and 2 Ray workers, its learner on 1 and 2 torchrun ranks). ``npd bench packing`` runs
+:func:`npd_core.bench.packing.run_bench` (the same function as ``python -m
+npd_core.bench.packing``), prints one JSON object on stdout with ``--json`` (a table on
 stderr otherwise) and, when ``MLFLOW_TRACKING_URI`` is set, logs the figures to MLflow
 (experiment ``npd-bench``, one run per call).
 """
@@ -349,3 +351,73 @@ def cost(
     res = cost_model.run(local, log=lambda m: err.print(m, markup=False))
     res["bench"] = str(path)
     print(json.dumps(res, indent=1) if as_json else cost_model.summary(res))
+
+
+# Small settings of `npd bench scale --tiny` (the tiny toy world): a round of 16 prompts
+TINY_SCALE = dict(
+    data={"prompts_per_round": 16, "eval_size": 8},
+    generate={"max_new_tokens": 24, "n_per_prompt": 2},
+    filter={"rule": "none", "drop_unfinished": False},
+    pack={"max_seq_len": 64},
+    train={"steps_per_round": 4, "rows_per_step": 4},
+)
+
+
+@bench_app.command("scale")
+def scale(
+    as_json: Annotated[
+        bool, typer.Option("--json", help="print one JSON object on stdout")
+    ] = False,
+    out: Annotated[
+        Path, typer.Option("--out", help="output directory holding the toy world cache")
+    ] = Path("npd-out"),
+    config: Annotated[
+        Path | None, typer.Option("--config", help="YAML overriding the round's settings")
+    ] = None,
+    tiny: Annotated[
+        bool, typer.Option("--tiny", help="the tiny toy world and a 16-prompt round (a check)")
+    ] = False,
+) -> None:
+    """Generation + scoring of one round on K = 1 and 2 Ray workers, and its training on N = 1
+    and 2 torchrun ranks (gloo), one thread each: seconds, speedups, the overheads (Ray start,
+    task dispatch, torchrun start) and whether the results are the same. Writes its runs to
+    OUT/bench-scale (replaced on every call)."""
+    import shutil
+
+    from npd_core.bench.scale import run_bench
+    from npd_core.config import load_config
+    from npd_core.pipeline.spec import RunSpec
+    from npd_core.store import Store
+    from npd_core.toy.world import ToySpec, build_toy_world
+
+    overrides: dict[str, Any] = {**(TINY_SCALE if tiny else {}), "rounds": 1, "threads": 1}
+    overrides["models"] = {"bf16": False}  # fp32: the results are compared
+    cfg = load_config(config, overrides)
+    Store(out)
+    world = build_toy_world(
+        out / "toy", ToySpec.tiny() if tiny else None, log=lambda m: err.print(m, markup=False)
+    )
+    root = out / "bench-scale"
+    shutil.rmtree(root, ignore_errors=True)
+    Store(root)
+    base = RunSpec(
+        str(root),
+        "scale",
+        cfg.model_dump(mode="json"),
+        str(world.teacher),
+        str(world.student),
+        str(world.train_prompts),
+        str(world.eval_prompts),
+        attention={},  # the fixed kernels: no timing decides what is compared
+    )
+    res = run_bench(base, log=lambda m: err.print(m, markup=False, highlight=False))
+    res["world"] = "tiny" if tiny else "toy"
+    if as_json:
+        sys.stdout.write(json.dumps(res) + "\n")
+        return
+    for half, key in (("shards", "k"), ("train", "nproc")):
+        part = dict(res[half])
+        for arm in part.pop("arms"):
+            part[f"{key}={arm[key]}"] = {k: v for k, v in arm.items() if k != key}
+        figures = {k: v for k, v in _flatten(part).items() if not isinstance(v, list)}
+        print_table(figures, f"npd bench scale: {half}")

@@ -119,3 +119,23 @@ def test_two_ray_shards_store_the_tables_of_one_shard(runs):
 def _flat(rows: list) -> np.ndarray:
     """A column's values as one float array (top-k log-probs: each row's (positions, k) flat)."""
     return np.concatenate([np.ravel(np.array(v, float)) for v in rows])
+
+
+def test_scale_bench_shards_on_ray(tmp_path, tiny_world, cluster):
+    """`npd bench scale`'s shard half (npd_core/bench/scale.py) on the module's cluster: round 1
+    generated and scored in K = 1 and 2 shards; the seconds add up, the speedup is their ratio,
+    the samples are identical and the scores agree."""
+    from npd_core.bench.scale import shard_arms
+
+    res = shard_arms(_spec(tmp_path, tiny_world, "scale"), (1, 2), log=lambda m: None)
+    assert res["ray_cluster"] == "joined" and res["ray_start_s"] is None  # the module's
+    assert res["workers_start_s"] > 0
+    assert [a["k"] for a in res["arms"]] == [1, 2]
+    for arm in res["arms"]:
+        gen, sc = arm["generate"], arm["score"]
+        assert arm["seconds"] == gen["seconds"] + sc["seconds"] and gen["seconds"] > 0
+        assert arm["dispatch_s"] == gen["dispatch_s"] + sc["dispatch_s"] >= 0
+        assert len(gen["shard_seconds"]) == len(sc["shard_seconds"]) == arm["k"]
+    assert res["speedup"] == res["arms"][0]["seconds"] / res["arms"][1]["seconds"]
+    assert res["samples"] == 24 and res["samples_identical"] and res["scores_agree"]
+    assert res["scores_max_abs_diff"] <= res["tolerance"] == 1e-5

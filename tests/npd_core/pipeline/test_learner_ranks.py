@@ -127,6 +127,22 @@ def test_two_ranks_train_the_one_process_round_and_resume_on_either(run):
     assert _gap(_weights(one, 2), w2) <= 1e-4
 
 
+def test_scale_bench_trains_on_one_and_two_ranks(run, tmp_path):
+    """`npd bench scale`'s learner half (npd_core/bench/scale.py) on a copy of the run, on the
+    module's ranks (kept: no start to pay, so 0 s): N = 2 gives N = 1's weights within 1e-5,
+    and the speedup is the ratio of the reported seconds."""
+    from npd_core.bench.scale import train_arms
+
+    shutil.copytree(run.root, tmp_path / "copy")
+    res = train_arms(dataclasses.replace(run, root=str(tmp_path / "copy")), (1, 2), lambda m: None)
+    one, two = res["arms"]
+    assert (one["nproc"], two["nproc"]) == (1, 2) and one["steps"] == two["steps"] == 10
+    assert one["torchrun_start_s"] is None and two["torchrun_start_s"] >= 0  # 0: ranks kept
+    assert one["seconds"] > 0 and two["seconds"] > 0
+    assert res["speedup"] == one["seconds"] / two["seconds"]
+    assert res["weights_agree"] and res["weights_max_abs_diff"] <= res["tolerance"] == 1e-5
+
+
 def test_a_killed_rank_fails_the_round_in_one_line_and_the_stage_runs_again(run):
     """Rank 1 stops itself mid-round and is killed: the stage fails naming it, θ_1 and its
     store row are not written, no rank is left; the stage then runs again (`npd retry` on
