@@ -386,6 +386,7 @@ def scale(
 
     from npd_core.bench.scale import run_bench
     from npd_core.config import load_config
+    from npd_core.pipeline.kernels import choose_attention
     from npd_core.pipeline.spec import RunSpec
     from npd_core.store import Store
     from npd_core.toy.world import ToySpec, build_toy_world
@@ -408,9 +409,11 @@ def scale(
         str(world.student),
         str(world.train_prompts),
         str(world.eval_prompts),
-        attention={},  # the fixed kernels: no timing decides what is compared
     )
-    res = run_bench(base, log=lambda m: err.print(m, markup=False, highlight=False))
+    log = lambda m: err.print(m, markup=False, highlight=False)  # noqa: E731
+    # scoring per sequence, as a run on CPU scores; the learner's fixed kernel (no timing)
+    base = choose_attention(base, log, roles=("score_teacher", "score_student"))
+    res = run_bench(base, log=log)
     res["world"] = "tiny" if tiny else "toy"
     if as_json:
         sys.stdout.write(json.dumps(res) + "\n")

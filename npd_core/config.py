@@ -177,8 +177,9 @@ class ScoreConfig(Section):
         "auto", "sdpa", "sdpa_varlen", "torch_varlen", "flex_document", "flash_varlen"
     ] = Field(
         "auto",
-        description="packed attention of the hf scoring forwards: the kernels of "
-        "train.attention, timed on each scored model",
+        description="packed attention of the hf scoring forwards: auto = sdpa_varlen on CPU "
+        "(per sequence, so a sample's scores do not depend on orchestration.shards), elsewhere "
+        "the kernels of train.attention, timed on each scored model",
     )
 
 

@@ -4,7 +4,9 @@ Roles: ``train`` (the learner: forward and backward on rows of ``pack.max_seq_le
 ``score_teacher`` and ``score_student`` (the hf backend's packed scoring forwards). A role's
 knob (``train.attention``, ``score.attention``) pins its kernel; ``auto`` times the device's
 exact kernels (``attention.select``) on the stage's shape bucket, cached in
-``<out>/kernels.json`` so later runs in the same directory reuse the measurement. The choice is
+``<out>/kernels.json`` so later runs in the same directory reuse the measurement; scoring on
+CPU takes the per-sequence kernel unmeasured, so that its scores do not depend on how a round is
+sharded (``PER_SEQUENCE_SCORING``). The choice is
 written into the run spec before any stage runs: every stage, retry and resume reads it from
 there, so a run's results never depend on a timing taken after it began.
 
@@ -27,6 +29,7 @@ from npd_core.data import read_prompts
 from npd_core.errors import ConfigError
 from npd_core.method.attention import (
     KERNELS,
+    VARLEN,
     Choice,
     Shape,
     fixed_kernel,
@@ -38,6 +41,13 @@ from npd_core.models import device, format_prompts, frozen_dtype, load_tokenizer
 from npd_core.pipeline.spec import RunSpec
 
 ENV = "NPD_ATTENTION"
+# Scoring's kernel where one device has a per-sequence kernel: a sample's scores then depend on
+# the sample alone. Under stock SDPA's block-diagonal mask they move in float32's last bits with
+# the length of the packed row and the sample's place in it (CPU SDPA's blocking), which depend
+# on the samples scored with it, so on ``orchestration.shards``: measured on the toy world, a
+# round's teacher sums 1.5e-5 apart for K = 2 (one float32 step near -130), top-k log-probs
+# 1.4e-5; per sequence, identical. Its cost there: 6% of a scoring forward (kernels.json).
+PER_SEQUENCE_SCORING = {"cpu": VARLEN}
 CACHE = "kernels.json"  # in the output directory
 SAMPLE_PROMPTS = 256  # prompts tokenized to estimate the sequence lengths
 
@@ -47,9 +57,10 @@ def choose_attention(
 ) -> RunSpec:
     """``spec`` with ``attention`` filled in: unchanged when it is already recorded (a retry or
     a resume reuses the choice, never re-measures), else each role's pinned or measured kernel
-    (only ``roles`` where given: the sft baseline scores nothing). ``log`` defaults to the
-    ``print`` of the moment, so inside a flow with ``log_prints`` the lines go to Prefect's
-    logger (stderr), never to the stdout of ``--json``."""
+    (only ``roles`` where given: the sft baseline scores nothing); on CPU, scoring's is the
+    per-sequence kernel (``PER_SEQUENCE_SCORING``) unless ``score.attention`` or ``ENV`` pins
+    one. ``log`` defaults to the ``print`` of the moment, so inside a flow with ``log_prints``
+    the lines go to Prefect's logger (stderr), never to the stdout of ``--json``."""
     if spec.attention is not None:
         return spec
     cfg = spec.cfg
@@ -64,6 +75,9 @@ def choose_attention(
         if setting != "auto":
             _runs_here(knob, setting)
             kernel, why = setting, f"pinned by {knob}"
+        elif kind == "score" and dev in PER_SEQUENCE_SCORING and env in ("", "fixed"):
+            kernel = PER_SEQUENCE_SCORING[dev]
+            why = "per sequence: a sample's scores do not depend on orchestration.shards"
         elif env == "fixed":
             kernel, why = fixed_kernel(kind, dev), f"{ENV}=fixed"
         elif env:

@@ -13,6 +13,7 @@ import pytest
 from resume_checks import stage_counts
 
 from npd_core.config import NPDConfig
+from npd_core.pipeline.kernels import choose_attention
 from npd_core.pipeline.spec import RunSpec
 from npd_core.pipeline.stages import filter_stage, generate_stage, score_stage
 from npd_core.store import SCORE_COLUMNS, Store, query
@@ -74,6 +75,7 @@ def runs(tmp_path_factory, tiny_world, prefect_api, cluster) -> dict:
     from flows.distill import distill_flow
 
     one = _spec(tmp_path_factory.mktemp("one"), tiny_world, "one")
+    one = choose_attention(one, log=lambda m: None)  # the kernels the flow run chooses
     for stage in (generate_stage, score_stage, filter_stage):
         stage(one, 1, {"flow_run_id": "f", "task_run_id": "t"})
     two = _spec(tmp_path_factory.mktemp("two"), tiny_world, "two", task_runner="ray", shards=2)
@@ -127,7 +129,8 @@ def test_scale_bench_shards_on_ray(tmp_path, tiny_world, cluster):
     the samples are identical and the scores agree."""
     from npd_core.bench.scale import shard_arms
 
-    res = shard_arms(_spec(tmp_path, tiny_world, "scale"), (1, 2), log=lambda m: None)
+    base = choose_attention(_spec(tmp_path, tiny_world, "scale"), log=lambda m: None)
+    res = shard_arms(base, (1, 2), log=lambda m: None)
     assert res["ray_cluster"] == "joined" and res["ray_start_s"] is None  # the module's
     assert res["workers_start_s"] > 0
     assert [a["k"] for a in res["arms"]] == [1, 2]

@@ -46,14 +46,15 @@ def measured(monkeypatch):
 
 def test_the_choice_is_recorded_in_the_spec_and_a_retry_reuses_it(tmp_path, measured):
     spec = kernels.choose_attention(_spec(tmp_path, filter={"rule": "band"}), log=lambda m: None)
-    # a Δ-IFD rule scores the student's views too: three roles, one measurement each
-    assert spec.attention == {"train": SDPA, "score_teacher": SDPA, "score_student": SDPA}
-    assert len(measured) == 3
+    # a Δ-IFD rule scores the student's views too: three roles; the learner's is measured, and
+    # scoring on CPU is per sequence, unmeasured (its scores must not depend on the sharding)
+    assert spec.attention == {"train": SDPA, "score_teacher": VARLEN, "score_student": VARLEN}
+    assert len(measured) == 1
     spec.save()
     again = RunSpec.load(tmp_path, "run")  # what `npd retry` and a UI retry start from
     assert again.attention == spec.attention and again.kernel("train") == SDPA
     assert kernels.choose_attention(again, log=lambda m: None) is again
-    assert len(measured) == 3  # nothing measured again
+    assert len(measured) == 1  # nothing measured again
 
 
 def test_a_spec_saved_before_the_choice_existed_keeps_the_fixed_kernels(tmp_path, measured):
@@ -80,9 +81,12 @@ def test_pinned_knobs_and_the_environment_never_measure(tmp_path, measured, monk
     assert chosen.attention == {"train": SDPA, "score_teacher": VARLEN, "score_student": VARLEN}
     monkeypatch.setenv(kernels.ENV, "fixed")  # what the test suite runs with
     fixed = kernels.choose_attention(_spec(tmp_path, filter={"rule": "none"}), log=lambda m: None)
-    assert fixed.attention == {"train": VARLEN}  # scoring keeps the model's own (sdpa)
-    monkeypatch.setenv(kernels.ENV, "sdpa")
-    assert set(kernels.choose_attention(_spec(tmp_path)).attention.values()) == {SDPA}
+    assert fixed.attention == {"train": VARLEN, "score_teacher": VARLEN}  # per sequence
+    monkeypatch.setenv(kernels.ENV, "sdpa")  # pins scoring too
+    assert kernels.choose_attention(_spec(tmp_path)).attention == {
+        "train": SDPA,
+        "score_teacher": SDPA,
+    }
     assert measured == []
     monkeypatch.setenv(kernels.ENV, "flex")
     with pytest.raises(ConfigError, match="NPD_ATTENTION='flex': use fixed or one of"):
