@@ -417,10 +417,15 @@ def scale(
     res["world"] = "tiny" if tiny else "toy"
     if as_json:
         sys.stdout.write(json.dumps(res) + "\n")
-        return
-    for half, key in (("shards", "k"), ("train", "nproc")):
-        part = dict(res[half])
-        for arm in part.pop("arms"):
-            part[f"{key}={arm[key]}"] = {k: v for k, v in arm.items() if k != key}
-        figures = {k: v for k, v in _flatten(part).items() if not isinstance(v, list)}
-        print_table(figures, f"npd bench scale: {half}")
+    else:
+        for half, key in (("shards", "k"), ("train", "nproc")):
+            part = dict(res[half])
+            for arm in part.pop("arms"):
+                part[f"{key}={arm[key]}"] = {k: v for k, v in arm.items() if k != key}
+            figures = {k: v for k, v in _flatten(part).items() if not isinstance(v, list)}
+            print_table(figures, f"npd bench scale: {half}")
+    flags = ("samples_identical", "scores_agree", "weights_agree")
+    differ = [f for f in flags if not {**res["shards"], **res["train"]}[f]]
+    if differ:  # the results must be the same whatever the layout
+        err.print(f"error: the layouts' results differ: {', '.join(differ)} false")
+        raise typer.Exit(1)
