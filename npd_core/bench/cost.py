@@ -169,12 +169,14 @@ def model_bench(
             on["final_scores"][later],
         )  # fmt: skip
     out: dict[str, Any] = {"target_fraction": TARGET, "target_score": measured.target}
+    # onpolicy gained nothing: its target is at or below the start, reached at no cost by all
+    gained = measured.target > on["seed_curves"][0][0]["score"]
     for name in names:
         v = table[name]
         curve, totals = v["seed_curves"][0], v["seed_totals"][0]
         x, steps = (at_score(curve, measured.target, k) for k in ("teacher_tokens", "steps"))
         entry: dict[str, Any] = {"to_target": None}
-        if x is not None and steps is not None:
+        if gained and x is not None and steps is not None:
             counts = counts_at(name, curve, totals, x, steps)
             entry["to_target"] = {"counts": counts, **predict(name, counts, units, work)}
         entry["runs"] = [
@@ -240,7 +242,7 @@ def project(
     for name in ("npd", "onpolicy"):
         curve, totals = table[name]["seed_curves"][0], table[name]["seed_totals"][0]
         x, steps = (at_score(curve, target, k) for k in ("teacher_tokens", "steps"))
-        if x is None or steps is None:
+        if target <= start or x is None or steps is None:  # no gain: nothing to project
             out[name] = None
             continue
         counts = counts_at(name, curve, totals, x, steps)

@@ -175,3 +175,26 @@ def test_project_uses_another_devices_rates_with_the_benchs_sample_efficiency():
               if n in ("npd", "onpolicy")}  # fmt: skip
     assert res["npd"]["clock_s"] == pytest.approx(expect["npd"]["clock_s"])
     assert res["speedup"] == pytest.approx(expect["onpolicy"]["clock_s"] / expect["npd"]["clock_s"])
+
+
+def test_no_target_when_onpolicy_gains_nothing():
+    """onpolicy ends at or below its start (the long world's bench): the target sits below the
+    start, so no variant gets a cost to it, no bottleneck and no speedup; the per-run
+    predictions beside the measured seconds still come out."""
+    variants = {}
+    for name, rate in (("npd", -1.0), ("sft", 2.0), ("onpolicy", -0.5)):
+        runs = [_run(name, rate, s) for s in range(3)]
+        curves = [c for c, _ in runs]
+        variants[name] = {
+            "seed_curves": curves,
+            "seed_totals": [t for _, t in runs],
+            "final_scores": [c[-1]["score"] for c in curves],
+        }
+    res = cost.model_bench({"variants": variants}, UNITS, WORK)
+    assert res["target_score"] < 10.0  # below every start
+    assert all(res[n]["to_target"] is None for n in ("npd", "sft", "onpolicy"))
+    assert res["bottleneck"] == {}
+    assert res["speedup"]["predicted"] is None and res["speedup"]["within_tolerance"] is None
+    assert [r["seed"] for r in res["onpolicy"]["runs"]] == [1, 2]
+    proj = cost.project({"variants": variants}, UNITS["2"], work=WORK)
+    assert proj["npd"] is None and proj["onpolicy"] is None and proj["speedup"] is None
