@@ -118,11 +118,10 @@ def _run(name: str, rate: float, seed: int) -> tuple[list[dict], dict]:
     return curve, totals
 
 
-def test_model_bench_recovers_the_speedup_of_runs_that_follow_it():
-    """Runs made of the model's own seconds: the prediction from seed 0 equals what seeds 1–2
-    measured, stage by stage and in speedup."""
+def _variants(rates: tuple[tuple[str, float], ...]) -> dict[str, dict]:
+    """A bench's ``variants`` table: 3 seeds of ``_run`` per (name, rate)."""
     variants = {}
-    for name, rate in (("npd", 4.0), ("sft", 2.0), ("onpolicy", 3.0)):
+    for name, rate in rates:
         runs = [_run(name, rate, s) for s in range(3)]
         curves = [c for c, _ in runs]
         variants[name] = {
@@ -130,6 +129,13 @@ def test_model_bench_recovers_the_speedup_of_runs_that_follow_it():
             "seed_totals": [t for _, t in runs],
             "final_scores": [c[-1]["score"] for c in curves],
         }
+    return variants
+
+
+def test_model_bench_recovers_the_speedup_of_runs_that_follow_it():
+    """Runs made of the model's own seconds: the prediction from seed 0 equals what seeds 1–2
+    measured, stage by stage and in speedup."""
+    variants = _variants((("npd", 4.0), ("sft", 2.0), ("onpolicy", 3.0)))
     res = cost.model_bench({"variants": variants}, UNITS, WORK)
     s = res["speedup"]
     assert s["measured_seeds_1_2"] is not None and s["predicted"] == pytest.approx(
@@ -181,15 +187,7 @@ def test_no_target_when_onpolicy_gains_nothing():
     """onpolicy ends at or below its start (the long world's bench): the target sits below the
     start, so no variant gets a cost to it, no bottleneck and no speedup; the per-run
     predictions beside the measured seconds still come out."""
-    variants = {}
-    for name, rate in (("npd", -1.0), ("sft", 2.0), ("onpolicy", -0.5)):
-        runs = [_run(name, rate, s) for s in range(3)]
-        curves = [c for c, _ in runs]
-        variants[name] = {
-            "seed_curves": curves,
-            "seed_totals": [t for _, t in runs],
-            "final_scores": [c[-1]["score"] for c in curves],
-        }
+    variants = _variants((("npd", -1.0), ("sft", 2.0), ("onpolicy", -0.5)))
     res = cost.model_bench({"variants": variants}, UNITS, WORK)
     assert res["target_score"] < 10.0  # below every start
     assert all(res[n]["to_target"] is None for n in ("npd", "sft", "onpolicy"))
