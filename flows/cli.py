@@ -220,11 +220,12 @@ def demo(
     as_json: JsonOpt = False,
 ) -> None:
     """Build (or reuse) an embedded world and distill its student for a few rounds."""
-    from flows.spec import resolve_spec
     from npd_core.config import load_config
 
     overrides = {"rounds": rounds} if rounds is not None else None
     cfg = load_config(config, overrides)
+    from flows.spec import resolve_spec  # after the config: a bad one fails before torch loads
+
     spec, built = resolve_spec(cfg, out, new_run_id(), log=lambda m: err.print(m), world=world)
     if built is not None:
         err.print(
@@ -242,10 +243,9 @@ def run(
     as_json: JsonOpt = False,
 ) -> None:
     """Distill any HF teacher/student pair on a prompts JSONL, as the config says."""
-    from flows.spec import resolve_spec
     from npd_core.config import load_config
 
-    cfg = load_config(config)
+    cfg = load_config(config)  # before torch and transformers load: a bad config fails fast
     for sec, key in (("models", "teacher"), ("models", "student"), ("data", "prompts")):
         if not getattr(getattr(cfg, sec), key):
             raise ConfigError(f"{config}: field '{sec}.{key}' is required by `npd run`; set it")
@@ -254,6 +254,8 @@ def run(
             f"{config}: `npd run` needs held-out prompts; set data.eval_prompts, or eval.sets "
             "for several sets"
         )
+    from flows.spec import resolve_spec
+
     spec, _ = resolve_spec(cfg, out, new_run_id())
     err.print(f"run {spec['run_id']}: {cfg.rounds} rounds, staleness {cfg.staleness}")
     emit(run_flow(spec, out, show=True), as_json)

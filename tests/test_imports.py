@@ -260,3 +260,18 @@ def test_checker_finds_lazy_relative_cycle_and_layer_breaks(tmp_path: Path) -> N
         "npd_core/x.py:6: npd_core.x imports flows.y (a higher layer)",
         "npd_core/x.py:7: npd_core.x imports mlflow (npd_core is a plain library)",
     ]
+
+
+def test_config_store_and_status_load_without_torch() -> None:
+    """`npd status`, `npd sql` and a bad config's error read the config and the store only:
+    neither imports torch or transformers (seconds on a small box)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, npd_core.config, npd_core.store, npd_core.store.lineage, flows.cli; "
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]"

@@ -29,9 +29,10 @@ from npd_core.backends import vllm as vllm_backend
 from npd_core.bench.packing import device_name
 from npd_core.data import read_prompts
 from npd_core.method.generate import generate
+from npd_core.method.noise import gumbel_noise, sample_keys, token_keys
 from npd_core.method.score import Scores, score
 from npd_core.models import device, format_prompts, load_model, load_tokenizer, start_token_id
-from npd_core.seeds import gumbel_noise, sample_keys, seed_for, token_keys
+from npd_core.seeds import seed_for
 
 
 def vllm_version() -> str | None:

@@ -16,8 +16,8 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from npd_core.method.batching import decode_row_bytes, halving, rows_that_fit
+from npd_core.method.noise import gumbel_noise, sample_keys, token_keys
 from npd_core.models import autocast
-from npd_core.seeds import gumbel_noise, sample_keys, token_keys
 
 
 @dataclass

@@ -9,8 +9,9 @@ import torch
 
 from npd_core.data import read_prompts
 from npd_core.method.generate import generate
+from npd_core.method.noise import gumbel_noise, sample_keys, token_keys, uniform_noise
 from npd_core.models import format_prompts, load_model, load_tokenizer
-from npd_core.seeds import gumbel_noise, sample_keys, seed_for, token_keys, uniform_noise
+from npd_core.seeds import seed_for
 
 
 @pytest.fixture(scope="module")
