@@ -6,8 +6,12 @@ from two threads at once and the fluent "active run" is thread-local state.
 
 from __future__ import annotations
 
+import os
+import sqlite3
 import subprocess
 import tempfile
+import threading
+from contextlib import closing
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -18,17 +22,60 @@ from mlflow.tracking import MlflowClient
 from npd_core.store.lineage import Checkpoint
 
 EXPERIMENT = "npd"
+DB = "mlflow.db"  # in the output directory, unless MLFLOW_TRACKING_URI says otherwise
 
 
 def tracking_uri(out: str | Path) -> str:
     """``MLFLOW_TRACKING_URI`` when set, else sqlite in the output directory."""
-    import os
-
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(out).resolve() / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(out).resolve() / DB}"
 
 
 def client(out: str | Path) -> MlflowClient:
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        seed_db(Path(out).resolve() / DB)
     return MlflowClient(tracking_uri=tracking_uri(out))
+
+
+def cache_dir() -> Path:
+    """npd's folder in the user's cache (``$XDG_CACHE_HOME/npd``, else ``~/.cache/npd``)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "npd"
+
+
+def seed_db(db: Path) -> None:
+    """Start a new output directory's MLflow database as a copy of an empty, migrated one.
+
+    MLflow makes a database by running each of its schema migrations in turn: about 3 s of CPU
+    here, paid by every new output directory. The migrated template is made once per MLflow
+    version in :func:`cache_dir`; where that folder cannot be written, MLflow makes the
+    database itself, as before. The copy is linked into place, so it never replaces a database
+    that another thread or process has just made."""
+    if db.exists() or not db.parent.is_dir():
+        return
+    template = cache_dir() / f"mlflow-{version('mlflow')}.db"
+    try:
+        if not template.is_file():
+            template.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=template.parent) as d:
+                made = Path(d) / DB
+                MlflowClient(tracking_uri=f"sqlite:///{made}").search_experiments()
+                _copy_db(made, Path(d) / "template.db")
+                os.replace(Path(d) / "template.db", template)
+        tmp = db.with_name(f".{DB}.tmp-{os.getpid()}-{threading.get_ident()}")
+        try:
+            _copy_db(template, tmp)
+            os.link(tmp, db)
+        finally:
+            tmp.unlink(missing_ok=True)
+    except FileExistsError:
+        pass  # made meanwhile by another thread or process
+    except OSError:
+        pass  # no cache here: MLflow migrates a new database itself
+
+
+def _copy_db(src: Path, dest: Path) -> None:
+    """A consistent copy of a SQLite database (its backup API, not a file copy)."""
+    with closing(sqlite3.connect(src)) as a, closing(sqlite3.connect(dest)) as b:
+        a.backup(b)
 
 
 def _experiment(c: MlflowClient, out: str | Path) -> str:

@@ -99,6 +99,12 @@ _PARQUET_COMPRESSION = "zstd"
 # --------------------------------------------------------------------------------------------
 
 
+# npd.duckdb files this process found at the current schema version, as (path, inode, mtime,
+# size): every stage opens the store, and a DuckDB connection to read the version costs ~20 ms.
+# A rewritten file (another npd, an older or newer one) has another mtime and is read again.
+_CURRENT: set[tuple[Path, int, int, int]] = set()
+
+
 class Store:
     """The Parquet tables and DuckDB views of one output directory.
 
@@ -192,6 +198,10 @@ class Store:
         """The schema version recorded in npd.duckdb; None when missing or unreadable."""
         if not self.db_path.is_file():
             return None
+        st = self.db_path.stat()
+        seen = (self.db_path, st.st_ino, st.st_mtime_ns, st.st_size)
+        if seen in _CURRENT:
+            return SCHEMA_VERSION
         try:
             with duckdb.connect(str(self.db_path), read_only=True) as con:
                 row = con.execute(SCHEMA_VERSION_SQL).fetchone()
@@ -202,6 +212,8 @@ class Store:
         version = int(row[0]) if row else None
         if version is not None and version > SCHEMA_VERSION:
             raise _newer_error(self.db_path, version)
+        if version == SCHEMA_VERSION:
+            _CURRENT.add(seen)
         return version
 
     def _write_marker(self) -> None:

@@ -10,6 +10,8 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -40,6 +42,32 @@ def _status(out, run_id, env) -> dict:
     return run
 
 
+@contextmanager
+def stopped_at(point: str, cfg: Path, out: Path, env: dict[str, str]) -> Iterator[int]:
+    """`npd run CFG` in its own process group, stopped by itself at ``point`` (NPD_PAUSE_AT);
+    yields its pid. The caller kills it (``kill_9``); its whole group is stopped at the end."""
+    proc = subprocess.Popen(
+        [*NPD, "run", str(cfg), "--out", str(out)],
+        env={**env, "NPD_PAUSE_AT": point},
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        _, how = os.waitpid(proc.pid, os.WUNTRACED)  # returns when it stops at the point
+        assert os.WIFSTOPPED(how), proc.stderr.read()[-3000:]
+        yield proc.pid
+    finally:
+        stop_group(proc)
+
+
+def kill_9(pid: int) -> None:
+    """SIGKILL to the flow's process only (not its group), reaped."""
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+
+
 @pytest.mark.parametrize(
     ("point", "killed"),
     [
@@ -52,17 +80,7 @@ def test_kill_9_then_retry_resumes(point, killed, tmp_path, tiny_world, prefect_
     out = tmp_path / "out"
     cfg = write_config(tmp_path, tiny_world)
     env = npd_env(prefect_api, tmp_path / "prefect")
-    proc = subprocess.Popen(
-        [*NPD, "run", str(cfg), "--out", str(out)],
-        env={**env, "NPD_PAUSE_AT": point},
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
-    try:
-        _, how = os.waitpid(proc.pid, os.WUNTRACED)  # returns when it stops at the point
-        assert os.WIFSTOPPED(how), proc.stderr.read()[-3000:]
+    with stopped_at(point, cfg, out, env) as pid:
         run_id = only_run_id(out)
         run_dir = out / "runs" / run_id
         assert _status(out, run_id, env)["status"] == "running"  # stopped, but alive
@@ -80,11 +98,7 @@ def test_kill_9_then_retry_resumes(point, killed, tmp_path, tiny_world, prefect_
         if point.startswith("checkpoint:"):
             assert list((run_dir / "checkpoints").glob(f".round={r}.tmp-*/model.safetensors"))
         assert not (run_dir / "checkpoints" / f"round={r}").exists()
-
-        os.kill(proc.pid, signal.SIGKILL)
-        os.waitpid(proc.pid, 0)
-    finally:
-        stop_group(proc)
+        kill_9(pid)
     assert _status(out, run_id, env)["status"] == "crashed"
     ran_before = stage_counts(out, run_id)
     flow_run_id = query(out / "npd.duckdb", "select flow_run_id from runs").column(0)[0].as_py()
@@ -143,23 +157,10 @@ def test_kill_9_leaves_no_learner_rank_and_retry_starts_them_again(
     data["train"]["nproc"] = 2
     cfg.write_text(yaml.safe_dump(data))
     env = npd_env(prefect_api, tmp_path / "prefect")
-    proc = subprocess.Popen(
-        [*NPD, "run", str(cfg), "--out", str(out)],
-        env={**env, "NPD_PAUSE_AT": "train:2:2"},
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
-    try:
-        _, how = os.waitpid(proc.pid, os.WUNTRACED)  # stopped after round 2's 2nd step
-        assert os.WIFSTOPPED(how), proc.stderr.read()[-3000:]
-        assert len(_ranks_of(proc.pid)) == 3  # torchrun's agent and 2 ranks
-        os.kill(proc.pid, signal.SIGKILL)  # the flow's process only, not its group
-        os.waitpid(proc.pid, 0)
-        assert _none_left(proc.pid)
-    finally:
-        stop_group(proc)
+    with stopped_at("train:2:2", cfg, out, env) as pid:  # after round 2's 2nd step
+        assert len(_ranks_of(pid)) == 3  # torchrun's agent and 2 ranks
+        kill_9(pid)
+        assert _none_left(pid)
     run_id = only_run_id(out)
     retry = subprocess.Popen(
         [*NPD, "retry", run_id, "--out", str(out), "--json"],
@@ -191,17 +192,7 @@ def test_kill_9_while_pruning_then_retry_completes(tmp_path, tiny_world, prefect
     data["train"]["keep_checkpoints"] = 1
     cfg.write_text(yaml.safe_dump(data))
     env = npd_env(prefect_api, tmp_path / "prefect")
-    proc = subprocess.Popen(
-        [*NPD, "run", str(cfg), "--out", str(out)],
-        env={**env, "NPD_PAUSE_AT": "prune:2"},
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
-    try:
-        _, how = os.waitpid(proc.pid, os.WUNTRACED)
-        assert os.WIFSTOPPED(how), proc.stderr.read()[-3000:]
+    with stopped_at("prune:2", cfg, out, env) as pid:
         run_id = only_run_id(out)
         ckpts = out / "runs" / run_id / "checkpoints"
         # round 1 is either kept (the best so far) or hidden trash: never half there
@@ -209,10 +200,7 @@ def test_kill_9_while_pruning_then_retry_completes(tmp_path, tiny_world, prefect
             list(ckpts.glob(".round=1.trash-*"))
         )
         assert not (ckpts / "round=1" / "trainer_state.pt").exists()
-        os.kill(proc.pid, signal.SIGKILL)
-        os.waitpid(proc.pid, 0)
-    finally:
-        stop_group(proc)
+        kill_9(pid)
     resumed = npd("retry", run_id, "--out", str(out), "--json", env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     reused = {tuple(x) for x in json.loads(resumed.stdout)["reused_stages"]}
