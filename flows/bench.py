@@ -23,6 +23,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from flows.options import BenchConfigOpt, JsonOpt, WorldOutOpt
+
 bench_app = typer.Typer(
     help="npd bench: NPD vs onpolicy vs sft (+ ablations) on one wall-clock budget each; "
     "subcommands benchmark parts of the method."
@@ -34,9 +36,7 @@ EXPERIMENT = "npd-bench"
 @bench_app.callback(invoke_without_command=True)
 def headline(
     ctx: typer.Context,
-    as_json: Annotated[
-        bool, typer.Option("--json", help="print one JSON object on stdout")
-    ] = False,
+    as_json: JsonOpt = False,
     quick: Annotated[
         bool, typer.Option("--quick", help="npd, sft, onpolicy; 1 seed; a quarter of the budget")
     ] = False,
@@ -45,9 +45,7 @@ def headline(
         typer.Option(help="seeds of npd, sft, onpolicy and peers (default 3; ablations 1)", min=1),
     ] = None,
     out: Annotated[Path, typer.Option("--out", help="output directory")] = Path("npd-out"),
-    config: Annotated[
-        Path | None, typer.Option("--config", help="run config YAML (default: toy world)")
-    ] = None,
+    config: BenchConfigOpt = None,
     budget_s: Annotated[
         float | None,
         typer.Option("--budget-s", help="training seconds per variant (default 140)", min=1),
@@ -81,9 +79,7 @@ def headline(
 
 @bench_app.command("packing")
 def packing(
-    as_json: Annotated[
-        bool, typer.Option("--json", help="print one JSON object on stdout")
-    ] = False,
+    as_json: JsonOpt = False,
     n_samples: Annotated[int, typer.Option(help="samples in the length mix", min=8)] = 2048,
     lengths: Annotated[
         Path | None, typer.Option(help="file of prompt/response length pairs (default: synthetic)")
@@ -148,9 +144,7 @@ def packing(
 
 @bench_app.command("generate")
 def generate(
-    as_json: Annotated[
-        bool, typer.Option("--json", help="print one JSON object on stdout")
-    ] = False,
+    as_json: JsonOpt = False,
     model: Annotated[
         Path | None, typer.Option(help="generating model (HF dir); default: the toy student")
     ] = None,
@@ -160,9 +154,7 @@ def generate(
     prompts: Annotated[
         Path | None, typer.Option(help="prompts JSONL; default: the toy train prompts")
     ] = None,
-    out: Annotated[
-        Path, typer.Option("--out", help="output directory holding the toy world cache")
-    ] = Path("npd-out"),
+    out: WorldOutOpt = Path("npd-out"),
     n_prompts: Annotated[int, typer.Option(help="prompts generated for", min=1)] = 512,
     n_per_prompt: Annotated[int, typer.Option(help="samples per prompt", min=1)] = 1,
     max_new_tokens: Annotated[int, typer.Option(help="response length cap", min=1)] = 48,
@@ -203,13 +195,9 @@ def filter_study(
     stage: Annotated[
         str, typer.Option(help="screen (every rule × staleness 1, 4) or confirm (best 2 + ref.)")
     ] = "screen",
-    as_json: Annotated[
-        bool, typer.Option("--json", help="print one JSON object on stdout")
-    ] = False,
+    as_json: JsonOpt = False,
     out: Annotated[Path, typer.Option("--out", help="output directory")] = Path("npd-out"),
-    config: Annotated[
-        Path | None, typer.Option("--config", help="run config YAML (default: toy world)")
-    ] = None,
+    config: BenchConfigOpt = None,
     budget_s: Annotated[
         float | None,
         typer.Option(
@@ -241,9 +229,7 @@ def filter_study(
 @bench_app.command("ifd-views")
 def ifd_views(
     run: Annotated[str, typer.Option("--run", help="run whose checkpoints θ_k are sampled")],
-    as_json: Annotated[
-        bool, typer.Option("--json", help="print one JSON object on stdout")
-    ] = False,
+    as_json: JsonOpt = False,
     out: Annotated[Path, typer.Option("--out", help="the run's output directory")] = Path(
         "npd-out"
     ),
@@ -320,12 +306,8 @@ def cost(
         typer.Option("--bench", help="an `npd bench` JSON (default: docs/bench-WORLD.json)"),
     ] = None,
     world: Annotated[str, typer.Option("--world", help="the bench's world: toy, long")] = "toy",
-    out: Annotated[
-        Path, typer.Option("--out", help="output directory holding the world cache")
-    ] = Path("npd-out"),
-    as_json: Annotated[
-        bool, typer.Option("--json", help="print one JSON object on stdout")
-    ] = False,
+    out: WorldOutOpt = Path("npd-out"),
+    as_json: JsonOpt = False,
 ) -> None:
     """Cost model: each variant's seconds per stage from unit costs measured here and the
     bench's sample efficiency (seed 0), against what seeds 1-2 measured."""
@@ -365,12 +347,8 @@ TINY_SCALE = dict(
 
 @bench_app.command("scale")
 def scale(
-    as_json: Annotated[
-        bool, typer.Option("--json", help="print one JSON object on stdout")
-    ] = False,
-    out: Annotated[
-        Path, typer.Option("--out", help="output directory holding the toy world cache")
-    ] = Path("npd-out"),
+    as_json: JsonOpt = False,
+    out: WorldOutOpt = Path("npd-out"),
     config: Annotated[
         Path | None, typer.Option("--config", help="YAML overriding the round's settings")
     ] = None,

@@ -25,6 +25,7 @@ from rich.table import Table
 
 from flows.bench import bench_app
 from flows.env import DEBUG, finite, prefect_env
+from flows.options import JsonOpt, OutOpt
 from npd_core.errors import ConfigError, NPDError, StoreUsageError, TrainingError, disk_full
 
 app = typer.Typer(
@@ -38,11 +39,6 @@ app.add_typer(config_app, name="config")
 app.add_typer(bench_app, name="bench")
 err = Console(stderr=True)
 RUN: dict[str, str] = {}  # the run this command started or resumed (for the resume hint)
-
-OutOpt = Annotated[
-    Path, typer.Option("--out", help="output directory (store, MLflow, checkpoints)")
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")]
 
 
 @app.callback()

@@ -55,6 +55,8 @@ def _memory_gb(value: Any) -> Any:
 
 # a stage's memory budget (method.batching): GiB, or auto (most free GPU memory; none on CPU)
 MemoryGB = Annotated[float | Literal["auto"], BeforeValidator(_memory_gb)]
+# packed attention kernels (npd_core/method/attention.py), or auto: the device's fastest exact one
+Attention = Literal["auto", "sdpa", "sdpa_varlen", "torch_varlen", "flex_document", "flash_varlen"]
 
 
 class Section(BaseModel):
@@ -173,9 +175,7 @@ class ScoreConfig(Section):
         "teacher's scoring in evaluation): fewer tokens than batch_tokens when they would not "
         "fit; auto and out-of-memory errors as generate.memory_gb",
     )
-    attention: Literal[
-        "auto", "sdpa", "sdpa_varlen", "torch_varlen", "flex_document", "flash_varlen"
-    ] = Field(
+    attention: Attention = Field(
         "auto",
         description="packed attention of the hf scoring forwards: auto = sdpa_varlen on CPU "
         "(per sequence, so a sample's scores do not depend on orchestration.shards), elsewhere "
@@ -285,9 +285,7 @@ class TrainConfig(Section):
         "by models.bf16 autocast); bfloat16 = pure bf16 weights and gradients with float32 AdamW "
         "moments (half the weight memory, no master copy; updates rounded to bf16)",
     )
-    attention: Literal[
-        "auto", "sdpa", "sdpa_varlen", "torch_varlen", "flex_document", "flash_varlen"
-    ] = Field(
+    attention: Attention = Field(
         "auto",
         description="packed attention of the learner: auto = the fastest exact kernel of the "
         "device, timed once at the run's start and recorded in its spec (a retry reuses it); "
