@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from tiny_qwen import qwen2
+from transformers import Qwen2ForCausalLM
 
 from npd_core.config import NPDConfig, PackConfig, TrainConfig
 from npd_core.method.packing import Sample, collate
@@ -25,17 +26,8 @@ PACK = PackConfig(max_seq_len=64)
 
 
 def _model(dtype: torch.dtype) -> Qwen2ForCausalLM:
-    torch.manual_seed(0)
-    cfg = Qwen2Config(
-        vocab_size=48,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=128,
-    )
-    return Qwen2ForCausalLM(cfg).to(dtype)
+    """The tiny Qwen2 with two query heads on one KV head (GQA), 32 wide each."""
+    return qwen2(num_attention_heads=2, head_dim=32, max_position_embeddings=128).to(dtype)
 
 
 def _case(vocab: int, n: int = 12) -> tuple[list[Sample], Targets, list[list[int]]]:

@@ -15,8 +15,8 @@ from dataclasses import replace
 
 import pytest
 import torch
-from tiny_qwen import make_case, student
-from transformers import Gemma2Config, Gemma2ForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from tiny_qwen import make_case, qwen2, student
+from transformers import Gemma2Config, Gemma2ForCausalLM
 
 from npd_core.method.head import chunkable, chunks
 from npd_core.method.packing import IGNORE_INDEX, Sample, collate
@@ -67,20 +67,15 @@ def test_chunked_loss_equals_the_full_logits_on_the_tiny_student(variant, chunk)
 @pytest.fixture(scope="module")
 def qwen_vocab_model():
     """A random Qwen2 with Qwen's 151,936-token vocabulary, small hidden size, tied embeddings."""
-    torch.manual_seed(0)
-    cfg = Qwen2Config(
+    return qwen2(
         vocab_size=QWEN_VOCAB,
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=1,
-        num_attention_heads=1,
-        num_key_value_heads=1,
         head_dim=32,
         tie_word_embeddings=True,
-        use_cache=False,
+        max_position_embeddings=32768,
     )
-    cfg._attn_implementation = "sdpa"
-    return Qwen2ForCausalLM(cfg).float()
 
 
 def qwen_vocab_case(seed: int = 0) -> tuple[list[Sample], Targets]:

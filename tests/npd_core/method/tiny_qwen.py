@@ -1,9 +1,11 @@
-"""A tiny random Qwen2 student (float32) and random cases for it: shared by the tests that run
-a model on packed rows (test_packing, test_attention, test_train)."""
+"""A tiny random Qwen2 student (float32), random Qwen2s of other shapes, and random cases for
+them: shared by the tests that run a model on packed rows (test_packing, test_attention,
+test_train, test_head, test_bf16_weights)."""
 
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 from hypothesis import HealthCheck, settings
@@ -24,26 +26,33 @@ FAST = settings(
 )
 
 
+TINY = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=1,
+    num_key_value_heads=1,
+    head_dim=64,
+    max_position_embeddings=256,
+    use_cache=False,
+)
 _MODELS: dict[str, Qwen2ForCausalLM] = {}
+
+
+def qwen2(**shape: Any) -> Qwen2ForCausalLM:
+    """A random float32 Qwen2 (seed 0, SDPA): the tiny shape above, with ``shape``'s
+    Qwen2Config fields over it."""
+    torch.manual_seed(0)
+    cfg = Qwen2Config(**{**TINY, **shape})
+    cfg._attn_implementation = "sdpa"
+    return Qwen2ForCausalLM(cfg).float()
 
 
 def student(attention: str) -> Qwen2ForCausalLM:
     """One tiny random Qwen2 (same weights for every attention implementation), float32."""
     if "base" not in _MODELS:
-        torch.manual_seed(0)
-        cfg = Qwen2Config(
-            vocab_size=VOCAB,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=1,
-            num_key_value_heads=1,
-            head_dim=64,
-            max_position_embeddings=256,
-            use_cache=False,
-        )
-        cfg._attn_implementation = "sdpa"
-        _MODELS["base"] = Qwen2ForCausalLM(cfg).float().eval()  # eval: no dropout anyway
+        _MODELS["base"] = qwen2().eval()  # eval: no dropout anyway
     if attention not in _MODELS:
         _MODELS[attention] = copy.deepcopy(_MODELS["base"])
         _MODELS[attention].set_attn_implementation(attention)
