@@ -26,8 +26,12 @@ MODULE = "echo_ranks"
 
 
 @pytest.fixture
-def echo_env(monkeypatch):
+def echo_env(monkeypatch, tmp_path):
     monkeypatch.setenv("PYTHONPATH", str(HERE))  # the ranks import echo_ranks from here
+    # a temp dir of the test's own, here and in the processes it starts: a group start in
+    # another test's process sweeps the log folders of gone owners from the shared one
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
 
 
 def test_jobs_failures_and_the_scope(echo_env):
