@@ -19,6 +19,7 @@ from typing import Any
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
+from npd_core.atomic import atomic_file
 from npd_core.store.lineage import Checkpoint
 
 EXPERIMENT = "npd"
@@ -55,14 +56,13 @@ def seed_db(db: Path) -> None:
     try:
         if not template.is_file():
             template.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=template.parent) as d:
+            with tempfile.TemporaryDirectory(dir=template.parent) as d, atomic_file(template) as t:
                 made = Path(d) / DB
                 MlflowClient(tracking_uri=f"sqlite:///{made}").search_experiments()
-                _copy_db(made, Path(d) / "template.db")
-                os.replace(Path(d) / "template.db", template)
+                copy_db(made, t)
         tmp = db.with_name(f".{DB}.tmp-{os.getpid()}-{threading.get_ident()}")
         try:
-            _copy_db(template, tmp)
+            copy_db(template, tmp)
             os.link(tmp, db)
         finally:
             tmp.unlink(missing_ok=True)
@@ -72,8 +72,8 @@ def seed_db(db: Path) -> None:
         pass  # no cache here: MLflow migrates a new database itself
 
 
-def _copy_db(src: Path, dest: Path) -> None:
-    """A consistent copy of a SQLite database (its backup API, not a file copy)."""
+def copy_db(src: Path, dest: Path) -> None:
+    """A consistent copy of a SQLite database, live or not (its backup API, not a file copy)."""
     with closing(sqlite3.connect(src)) as a, closing(sqlite3.connect(dest)) as b:
         a.backup(b)
 

@@ -12,13 +12,12 @@ import os
 import shutil
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import closing, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +30,9 @@ import yaml
 from safetensors.torch import load_file
 
 from flows.ui import group_alive
+from npd_core.atomic import atomic_file
 from npd_core.store import STAGES, query
+from tasks.tracking import copy_db
 
 REPO = Path(__file__).resolve().parents[1]
 NPD = [sys.executable, "-c", "from flows.cli import main; main()"]
@@ -184,10 +185,8 @@ def prefect_api(request, tmp_path_factory) -> Iterator[PrefectAPI]:
 
 def _snapshot(db: Path, dest: Path) -> None:
     """A consistent copy of a live SQLite database (WAL included), renamed into place."""
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    with closing(sqlite3.connect(db)) as src, closing(sqlite3.connect(tmp)) as dst:
-        src.backup(dst)
-    os.replace(tmp, dest)
+    with atomic_file(dest) as tmp:
+        copy_db(db, tmp)
 
 
 def npd_env(api: PrefectAPI, home: Path, **extra: str) -> dict[str, str]:

@@ -218,6 +218,14 @@ def model_bench(
     return out
 
 
+def projection_target(bench: dict[str, Any]) -> tuple[float, float]:
+    """(start, target) of :func:`project`: onpolicy's seed-0 start and ``TARGET`` of its seed-0
+    gain. A target at or below the start (onpolicy gained nothing) has nothing to project."""
+    on = bench["variants"]["onpolicy"]
+    start = on["seed_curves"][0][0]["score"]
+    return start, start + TARGET * (on["final_scores"][0] - start)
+
+
 def project(
     bench: dict[str, Any],
     units: dict[str, Any],
@@ -235,9 +243,7 @@ def project(
         "threads": {"npd": "device", "baselines": "device"},
         "overlap_gain": overlap_gain,
     }
-    on = table["onpolicy"]
-    start = on["seed_curves"][0][0]["score"]
-    target = start + TARGET * (on["final_scores"][0] - start)
+    start, target = projection_target(bench)
     out: dict[str, Any] = {"target_fraction": TARGET, "target_score": target}
     for name in ("npd", "onpolicy"):
         curve, totals = table[name]["seed_curves"][0], table[name]["seed_totals"][0]

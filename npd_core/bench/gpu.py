@@ -85,12 +85,12 @@ DOCS_BENCHES = tuple(
 
 
 def default_cost_bench() -> Path:
-    """The first of ``DOCS_BENCHES`` in which onpolicy gained (a projection needs a target above
-    the start: the long world's bench has none), else the first that exists."""
+    """The first of ``DOCS_BENCHES`` with something to project (``cost.projection_target``
+    above the start: the long world's bench has none), else the first that exists."""
     found = [f for f in DOCS_BENCHES if f.is_file()]
     for f in found:
-        on = json.loads(f.read_text())["variants"]["onpolicy"]
-        if sum(on["final_scores"]) / len(on["final_scores"]) > on["seed_curves"][0][0]["score"]:
+        start, target = cost.projection_target(json.loads(f.read_text()))
+        if target > start:
             return f
     return found[0] if found else DOCS_BENCHES[0]
 
