@@ -31,6 +31,7 @@ from pydantic import (
 from npd_core.data import ANSWER_FIELD, HUB_NAME, ID_FIELD, PROMPT_FIELD
 from npd_core.errors import ConfigError
 from npd_core.method.answers import METRIC_NAMES, PYTHON_METRIC
+from npd_core.threads import stage_threads
 
 
 def deprecated(message: str) -> None:
@@ -563,12 +564,7 @@ class NPDConfig(Section):
 
     def stage_threads(self, concurrent: bool) -> int:
         """Threads for one stage: split the cores when two stages overlap."""
-        import os
-
-        if self.threads:
-            return self.threads
-        cores = os.cpu_count() or 1
-        return max(1, cores // 2) if concurrent else cores
+        return stage_threads(self.threads, concurrent)
 
 
 def config_digest(dumped: dict[str, Any]) -> str:
