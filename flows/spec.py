@@ -12,7 +12,7 @@ from npd_core.config import NPDConfig
 from npd_core.data import Prompt, reads_as_is, write_prompts
 from npd_core.errors import ConfigError, DataError
 from npd_core.pipeline.spec import RunSpec
-from npd_core.preflight import check_backends, check_run
+from npd_core.pipeline.preflight import check_backends, check_run
 from npd_core.store import Store
 from npd_core.store.lineage import used_prompt_ids
 from npd_core.toy.world import WORLDS, ToyWorld, build_toy_world, world_spec

@@ -16,15 +16,13 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from npd_core.errors import DataError, first_line
 from npd_core.seeds import seed_for
 
 if TYPE_CHECKING:  # pyarrow is imported where a table is read: a bare GPU box has none
     import pyarrow as pa
-
-    from npd_core.config import DataConfig
 
 ROLES = ("system", "user", "assistant", "tool")
 Turn = dict[str, str]  # {"role": ..., "content": ...}
@@ -48,6 +46,14 @@ class Prompt:
         if isinstance(self.prompt, str):
             return self.prompt
         return json.dumps(list(self.prompt), ensure_ascii=False)
+
+
+class FieldNames(Protocol):
+    """The field names a prompt set is read with (``DataConfig`` has them)."""
+
+    prompt_field: str
+    answer_field: str
+    id_field: str
 
 
 @dataclass(frozen=True)
@@ -91,7 +97,7 @@ def read_prompts(
     return out
 
 
-def reads_as_is(path: str | Path, data: DataConfig) -> bool:
+def reads_as_is(path: str | Path, data: FieldNames) -> bool:
     """Whether ``read_prompts(path)`` with the default options reads what ``data``'s options
     read: one JSONL file and the default field names. Any other set is copied into a run as
     ``write_prompts`` writes it, so that every stage reads it with the defaults."""

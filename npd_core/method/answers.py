@@ -16,9 +16,9 @@ from collections.abc import Callable
 from functools import partial
 
 from npd_core.errors import ConfigError, first_line
+from npd_core.metric_names import METRIC_NAMES, PYTHON_METRIC
 
 Metric = Callable[[str, str], float]
-PYTHON_METRIC = re.compile(r"python:([A-Za-z_][\w.]*):([A-Za-z_]\w*)")
 _BOXED = "\\boxed{"
 _GSM8K = re.compile(r"####\s*\$?\s*(-?[\d,]*\.?\d+)")
 
@@ -125,7 +125,7 @@ METRICS: dict[str, Metric] = {
     "gsm8k": gsm8k,
     "final_line": final_line_match,
 }
-METRIC_NAMES = (*METRICS, "regex")
+assert set(METRIC_NAMES) == {*METRICS, "regex"}, "name each metric in npd_core/metric_names.py"
 # the name an eval row records, where it differs from the config's (rows written before the
 # metrics existed say exact_match)
 STORED_NAMES = {"exact": "exact_match"}

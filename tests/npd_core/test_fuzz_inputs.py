@@ -14,7 +14,7 @@ from pydantic import BaseModel
 from npd_core.config import NPDConfig, load_config
 from npd_core.data import read_prompts
 from npd_core.errors import NPDError
-from npd_core.preflight import check_run
+from npd_core.pipeline.preflight import check_run
 
 FUZZ = settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]

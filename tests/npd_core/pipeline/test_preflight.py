@@ -10,7 +10,7 @@ import pytest
 from npd_core.config import NPDConfig
 from npd_core.data import Prompt
 from npd_core.errors import ConfigError, DataError, ModelError
-from npd_core.preflight import check_overlap, check_run
+from npd_core.pipeline.preflight import check_overlap, check_run
 
 
 def _args(w):

@@ -1,0 +1,85 @@
+"""The learner's section."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from npd_core.config.base import Attention, Section
+
+
+class TrainConfig(Section):
+    loss: Literal["forward_kl", "reverse_kl", "jsd", "ce"] = Field(
+        "forward_kl",
+        description="forward KL on teacher top-k (default), reverse KL, GKD JSD(β), "
+        "or hard-label CE on the teacher's argmax",
+    )
+    beta: float = Field(0.5, ge=0.0, le=1.0, description="JSD β (0 = forward KL, 1 = reverse KL)")
+    sft_weight: float = Field(0.0, ge=0.0, le=10.0, description="weight of CE on sampled tokens")
+    rest_mass: bool = Field(
+        False, description="forward KL: match the mass outside the teacher's top-k as one bin"
+    )
+    loss_chunk_tokens: int = Field(
+        1024,
+        ge=0,
+        le=1_048_576,
+        description="response positions whose logits exist at once in the loss, forward and "
+        "backward (LM head applied chunk by chunk: memory ~ chunk × vocabulary); 0 = full logits",
+    )
+    lr: float = Field(3e-3, gt=0.0, le=1.0, description="peak AdamW learning rate")
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="cosine floor ÷ peak")
+    warmup_steps: int = Field(10, ge=0, description="linear warmup steps at the start of the run")
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="AdamW weight decay")
+    grad_clip: float = Field(1.0, gt=0.0, description="max global grad norm")
+    steps_per_round: int = Field(150, ge=1, le=10_000_000, description="optimizer steps per round")
+    epochs_per_round: float = Field(8.0, gt=0.0, le=100.0, description="passes over D_r at most")
+    rows_per_step: int = Field(16, ge=1, description="packed rows per optimizer step")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in backward: less memory, ~1 more forward"
+    )
+    weights_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32",
+        description="the student's trained weights: float32 = fp32 master weights (bf16 compute "
+        "by models.bf16 autocast); bfloat16 = pure bf16 weights and gradients with float32 AdamW "
+        "moments (half the weight memory, no master copy; updates rounded to bf16)",
+    )
+    attention: Attention = Field(
+        "auto",
+        description="packed attention of the learner: auto = the fastest exact kernel of the "
+        "device, timed once at the run's start and recorded in its spec (a retry reuses it); "
+        "sdpa = SDPA with the block-diagonal mask from position ids; sdpa_varlen = SDPA per "
+        "sequence; CUDA only: torch_varlen = torch's varlen_attn (torch >= 2.10, bf16), "
+        "flex_document = compiled flex attention with a document mask, flash_varlen = "
+        "flash-attn's varlen kernel (the flash-attn package, bf16)",
+    )
+    nproc: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="learner processes (torchrun, one per GPU): each optimizer step's rows are "
+        "split across them, so the update is the 1-process one; 1 = in the flow's process",
+    )
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="with nproc > 1: ddp = replicated weights, all-reduced gradients; fsdp = "
+        "weights, gradients and optimizer state sharded (FSDP2 fully_shard)",
+    )
+    keep_checkpoints: int | None = Field(
+        None,
+        ge=1,
+        le=1_000_000,
+        description="round checkpoints whose weights stay on disk: the best (eval.primary) and "
+        "the last N rounds, plus any that a later round still generates from (staleness); the "
+        "others are deleted once evaluated, and no round's weights go to MLflow; none = keep "
+        "every round (the optimizer state is kept for the latest round only either way)",
+    )
+
+    @model_validator(mode="after")
+    def _a_row_per_rank(self) -> TrainConfig:
+        if self.rows_per_step < self.nproc:
+            raise ValueError(
+                f"train.rows_per_step ({self.rows_per_step}) < train.nproc ({self.nproc}): each "
+                "learner process needs a packed row a step; raise rows_per_step or lower nproc"
+            )
+        return self
