@@ -14,6 +14,7 @@ import sys
 import time
 import uuid
 import warnings
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -25,8 +26,10 @@ from rich.table import Table
 
 from flows.bench import bench_app
 from flows.env import DEBUG, finite, prefect_env
+from flows.models import models_app
 from flows.options import JsonOpt, OutOpt
 from npd_core.errors import ConfigError, NPDError, StoreUsageError, TrainingError, disk_full
+from npd_core.pipeline.results import RunSummary
 
 app = typer.Typer(
     add_completion=False,
@@ -37,6 +40,7 @@ app = typer.Typer(
 config_app = typer.Typer(no_args_is_help=True, help="Write or inspect a config file.")
 app.add_typer(config_app, name="config")
 app.add_typer(bench_app, name="bench")
+app.add_typer(models_app, name="models")
 err = Console(stderr=True)
 RUN: dict[str, str] = {}  # the run this command started or resumed (for the resume hint)
 
@@ -69,37 +73,12 @@ class Bars:
         return lambda n: self.progress.advance(task, n)
 
 
-def _union_seconds(intervals: list[tuple[float, float]]) -> float:
-    """Length of the union of [start, end] intervals (overlapping stages counted once)."""
-    total, cur_s, cur_e = 0.0, None, None
-    for s, e in sorted(intervals):
-        if cur_e is None or s > cur_e:
-            if cur_e is not None:
-                total += cur_e - cur_s
-            cur_s, cur_e = s, e
-        else:
-            cur_e = max(cur_e, e)
-    if cur_e is not None:
-        total += cur_e - cur_s
-    return total
-
-
-def overhead_seconds(res: dict[str, Any]) -> float:
-    """Seconds of the flow's rounds in which none of this process's stages ran: orchestration
-    overhead. Stages reused from an earlier process's cache (a resumed run) ran outside this
-    flow's time, so they do not count."""
-    reused = {tuple(x) for x in res["reused_stages"]}
-    ran = [(s, e) for st, r, s, e in res["stage_intervals"] if (st, r) not in reused]
-    return res["flow_wall_s"] - res["open_s"] - _union_seconds(ran)
-
-
-def run_flow(spec_kwargs: dict[str, Any], out: Path, show: bool) -> dict[str, Any]:
-    """Run the distill flow and return the run summary (the ``--json`` object)."""
+def run_flow(spec_kwargs: dict[str, Any], out: Path, show: bool) -> RunSummary:
+    """Run the distill flow; its summary knows when it was launched and returned."""
     prefect_env(out)
     from flows.distill import distill_flow
     from npd_core.pipeline.spec import RunSpec
     from tasks import progress
-    from tasks.tracking import tracking_uri
 
     spec = RunSpec(**spec_kwargs)
     RUN.update(run_id=spec.run_id, out=str(out))
@@ -108,29 +87,7 @@ def run_flow(spec_kwargs: dict[str, Any], out: Path, show: bool) -> dict[str, An
     t0 = time.time()
     with bars.progress:
         res = distill_flow(spec)
-    wall = time.time() - t0
-    rounds_wall = res["flow_wall_s"] - res["open_s"]
-    startup = res["flow_started"] - t0 + res["open_s"]
-    overhead = overhead_seconds(res)
-    return {
-        "run_id": spec.run_id,
-        "start_score": res["start_score"],
-        "start_scores": res["start_scores"],  # θ_0 on every eval set
-        "primary_set": spec.cfg.eval.primary_set,  # the set of start_score and final_score
-        "final_score": res["final_score"],
-        "gain_points": res["final_score"] - res["start_score"],
-        "rounds": res["rounds"],
-        "reused_stages": [list(x) for x in res["reused_stages"]],
-        "registered": res["registered"],
-        "db": str((out / "npd.duckdb").resolve()),
-        "mlflow_uri": tracking_uri(out),
-        "mlflow_run_id": res["mlflow_run_id"],
-        "wall_s": round(wall, 2),
-        "rounds_wall_s": round(rounds_wall, 2),
-        "startup_s": round(startup, 2),
-        "overhead_s": round(overhead, 2),
-        "overhead_fraction": round(overhead / max(rounds_wall, 1e-9), 4),
-    }
+    return replace(res, launched=t0, returned=time.time())
 
 
 def _score_columns(sets: list[str], primary: str) -> list[str]:
@@ -138,35 +95,34 @@ def _score_columns(sets: list[str], primary: str) -> list[str]:
     return ["score"] if len(sets) == 1 else [f"{n}*" if n == primary else n for n in sets]
 
 
-def print_summary(summary: dict[str, Any]) -> None:
-    t = Table(title=f"npd run {summary['run_id']}", title_justify="left")
-    sets = list(summary["start_scores"])
+def print_summary(res: RunSummary) -> None:
+    summary = res.to_json()  # its rounded timings
+    t = Table(title=f"npd run {res.run_id}", title_justify="left")
+    sets = list(res.start.scores)
     for col in ("round", "generated", "kept", "train tok", "loss"):
         t.add_column(col, justify="right")
-    for col in (*_score_columns(sets, summary["primary_set"]), "seconds"):
+    for col in (*_score_columns(sets, res.primary_set), "seconds"):
         t.add_column(col, justify="right")
-    t.add_row("0", "", "", "", "", *(f"{summary['start_scores'][n]:.1f}" for n in sets), "")
-    for r in summary["rounds"]:
+    t.add_row("0", "", "", "", "", *(f"{res.start.scores[n]:.1f}" for n in sets), "")
+    for r in res.rounds:
         t.add_row(
-            str(r["round"]),
-            str(r["n_generated"]),
-            str(r["n_kept"]),
-            str(r["train_tokens"]),
-            f"{r['mean_loss']:.4f}",
-            *(f"{r['scores'][n]:.1f}" for n in sets),
-            f"{sum(r['stage_seconds'].values()):.1f}",
+            str(r.round),
+            str(r.n_generated),
+            str(r.n_kept),
+            str(r.train_tokens),
+            f"{r.mean_loss:.4f}",
+            *(f"{r.scores[n]:.1f}" for n in sets),
+            f"{sum(r.stage_seconds.values()):.1f}",
         )
     err.print(t)
-    if summary["reused_stages"]:
+    if res.reused_stages:
         from tasks.artifacts import reused_text
 
-        reused = reused_text(summary["reused_stages"])
-        err.print(f"reused from an earlier process's cache: {reused}")
-    if summary["registered"]:
-        reg = summary["registered"]
+        err.print(f"reused from an earlier process's cache: {reused_text(res.reused_stages)}")
+    if reg := res.registered:
         err.print(f"registered in the MLflow Model Registry: {reg['name']} v{reg['version']}")
     err.print(
-        f"score {summary['start_score']:.1f} → {summary['final_score']:.1f} "
+        f"score {res.start_score:.1f} → {res.final_score:.1f} "
         f"({summary['gain_points']:+.1f} points) in {summary['wall_s']:.0f} s; "
         f"orchestration overhead {summary['overhead_s']:.1f} s "
         f"({100 * summary['overhead_fraction']:.1f}% of rounds), "
@@ -174,24 +130,25 @@ def print_summary(summary: dict[str, Any]) -> None:
     )
     err.print(
         f'query:  npd sql "select round, count(*), avg(delta_ifd) from samples group by round"'
-        f" --db {summary['db']}"
+        f" --db {res.db}"
     )
-    err.print(f"MLflow: mlflow ui --backend-store-uri {summary['mlflow_uri']}")
+    err.print(f"MLflow: mlflow ui --backend-store-uri {res.mlflow_uri}")
 
 
-def emit(summary: dict[str, Any], as_json: bool) -> None:
-    for r in summary["rounds"]:
-        if r["n_kept"] == 0:
-            reasons = ", ".join(f"{k}: {n}" for k, n in sorted(r["drop_reasons"].items()))
+def emit(summary: RunSummary, as_json: bool) -> None:
+    for r in summary.rounds:
+        if r.n_kept == 0:
+            reasons = ", ".join(f"{k}: {n}" for k, n in sorted(r.drop_reasons.items()))
             err.print(
-                f"warning: round {r['round']} kept none of its {r['n_generated']} samples "
+                f"warning: round {r.round} kept none of its {r.n_generated} samples "
                 f"({reasons}; filter_reason in `samples`); training skipped it, the run went on",
                 markup=False,
                 highlight=False,
                 soft_wrap=True,
             )
     if as_json:
-        sys.stdout.write(json.dumps(finite(summary), default=str, allow_nan=False) + "\n")
+        out = finite(summary.to_json())
+        sys.stdout.write(json.dumps(out, default=str, allow_nan=False) + "\n")
     else:
         print_summary(summary)
 

@@ -12,7 +12,7 @@ import threading
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -56,10 +56,12 @@ def frozen_dtype(setting: str) -> torch.dtype:
 
 
 @timed
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+def load_model(
+    path: str | Path, dtype: torch.dtype | Literal["auto"] = torch.float32
+) -> PreTrainedModel:
     """Load an HF causal LM on CPU/GPU with weights in ``dtype``: float32 for a learner (master
     weights; autocast does the bf16 compute), ``frozen_dtype`` for a model that only runs
-    forward."""
+    forward, ``auto`` for the dtype it was saved in (a pruned copy keeps it)."""
     p = Path(path)
     if not (p / "config.json").is_file():
         raise ModelError(f"{p}: not an HF checkpoint (no config.json); give a save_pretrained dir")
