@@ -8,11 +8,17 @@ modules the test fails on
   was one, through a lazy import;
 - an import against the layers ``flows → tasks → npd_core`` (npd_core importing tasks or flows,
   tasks importing flows);
-- npd_core importing Prefect, MLflow or typer (it is a plain library).
+- npd_core importing Prefect, MLflow or typer (it is a plain library);
+- an import against the layers inside npd_core (``CORE_RULES``): ``method/`` imports no
+  ``store``, ``pipeline``, ``bench`` or ``baselines`` and no config at run time (the method runs
+  with torch and transformers alone); ``store/`` imports no ``method``; the root modules
+  (``config``, ``data``, ``models``, …) import no subpackage at run time.
 
-Imports under ``if TYPE_CHECKING:`` never run, so they make no cycle; the layers and the
-third-party rule still apply to them. The checker's own tests below feed it tiny graphs and a
-tiny package with a lazy relative cycle, so a broken checker cannot pass silently.
+A cycle counts whether its imports run or sit under ``if TYPE_CHECKING:`` (a circle of types is
+still a circle a reader walks); the layers and the third-party rule apply to TYPE_CHECKING
+imports as well, except where a rule says "at run time". The checker's own tests below feed it
+tiny graphs and a tiny package with a lazy relative cycle, so a broken checker cannot pass
+silently.
 """
 
 from __future__ import annotations
@@ -25,6 +31,26 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("npd_core", "tasks", "flows")
 LAYER = {"npd_core": 0, "tasks": 1, "flows": 2}  # an import may only point to a lower layer
 PLAIN_LIBRARY = ("npd_core", ("prefect", "mlflow", "typer"))  # npd_core imports none of these
+SUBPACKAGES = ("method", "store", "pipeline", "bench", "baselines", "backends", "toy")
+TOP = "(top)"  # a module at npd_core's top level (the config package counts as one)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Modules of group ``source`` import none of group ``targets`` (groups: a subpackage of
+    npd_core, ``config``, or ``TOP``); ``runtime_only``: TYPE_CHECKING imports are allowed."""
+
+    source: str
+    targets: tuple[str, ...]
+    runtime_only: bool = False
+
+
+CORE_RULES = (
+    Rule("method", ("store", "pipeline", "bench", "baselines")),
+    Rule("method", ("config",), runtime_only=True),
+    Rule("store", ("method",)),
+    Rule(TOP, SUBPACKAGES, runtime_only=True),
+)
 
 
 @dataclass(frozen=True)
@@ -100,11 +126,11 @@ def _resolve(target: str, modules: dict[str, Path]) -> str | None:
 
 
 def project_graph(imports: list[Import], modules: dict[str, Path]) -> dict[str, set[str]]:
-    """Module → the project modules it imports at run time (TYPE_CHECKING imports left out)."""
+    """Module → the project modules it imports (TYPE_CHECKING imports included)."""
     graph: dict[str, set[str]] = {m: set() for m in modules}
     for imp in imports:
         target = _resolve(imp.target, modules)
-        if target is not None and target != imp.source and not imp.type_checking:
+        if target is not None and target != imp.source:
             graph[imp.source].add(target)
     return graph
 
@@ -181,6 +207,41 @@ def layer_violations(imports: list[Import], modules: dict[str, Path], root: Path
     return sorted(set(bad))
 
 
+def core_group(module: str, modules: dict[str, Path]) -> str | None:
+    """The group of an npd_core module: its subpackage, ``config``, or ``TOP`` (None: the
+    package's own ``__init__`` or outside npd_core)."""
+    parts = module.split(".")
+    if parts[0] != "npd_core" or len(parts) == 1:
+        return None
+    if parts[1] == "config":
+        return "config"
+    if parts[1] in SUBPACKAGES:
+        return parts[1]
+    return TOP if modules[module].name != "__init__.py" else None
+
+
+def core_violations(imports: list[Import], modules: dict[str, Path], root: Path) -> list[str]:
+    """Imports inside npd_core against ``CORE_RULES``, one line each (file:line, what, rule).
+    ``config`` is a root module for the root rule too."""
+    bad = []
+    for imp in imports:
+        target = _resolve(imp.target, modules)
+        src = core_group(imp.source, modules)
+        dst = None if target is None else core_group(target, modules)
+        if src is None or dst is None or src == dst:
+            continue
+        for rule in CORE_RULES:
+            sources = (TOP, "config") if rule.source == TOP else (rule.source,)
+            if (
+                src in sources
+                and dst in rule.targets
+                and not (rule.runtime_only and imp.type_checking)
+            ):
+                where = f"{modules[imp.source].relative_to(root).as_posix()}:{imp.line}"
+                bad.append(f"{where}: {imp.source} imports {target} ({src} → {dst})")
+    return sorted(set(bad))
+
+
 def _project() -> tuple[dict[str, Path], list[Import]]:
     modules = module_names(ROOT, PACKAGES)
     return modules, [imp for m, p in modules.items() for imp in imports_of(m, p)]
@@ -201,6 +262,11 @@ def test_no_import_cycle() -> None:
 def test_layers_and_plain_library() -> None:
     modules, imports = _project()
     assert layer_violations(imports, modules, ROOT) == []
+
+
+def test_layers_inside_npd_core() -> None:
+    modules, imports = _project()
+    assert core_violations(imports, modules, ROOT) == []
 
 
 # ------------------------------------------------------------------- the checker itself
@@ -230,8 +296,8 @@ def test_find_cycles_steps_back_from_dead_ends() -> None:
 def test_checker_finds_lazy_relative_cycle_and_layer_breaks(tmp_path: Path) -> None:
     """A tiny project: npd_core.x imports flows.y inside a function (relative import of a
     sibling too), flows.y imports npd_core.x at the top: one cycle and one layer break; a
-    TYPE_CHECKING import breaks the layers but makes no cycle; npd_core importing mlflow
-    lazily is caught."""
+    TYPE_CHECKING import is an edge of the graph and breaks the layers; npd_core importing
+    mlflow lazily is caught."""
     for pkg in ("npd_core", "flows", "npd_core/sub"):
         (tmp_path / pkg).mkdir(parents=True)
         (tmp_path / pkg / "__init__.py").write_text("")
@@ -251,7 +317,7 @@ def test_checker_finds_lazy_relative_cycle_and_layer_breaks(tmp_path: Path) -> N
     modules = module_names(tmp_path, PACKAGES)
     imports = [imp for m, p in modules.items() for imp in imports_of(m, p)]
     graph = project_graph(imports, modules)
-    assert graph["npd_core.x"] == {"npd_core.sub.z", "flows.y"}  # not tasks.t: TYPE_CHECKING
+    assert graph["npd_core.x"] == {"npd_core.sub.z", "flows.y", "tasks.t"}
     # one component {flows.y, npd_core.x, npd_core.sub.z}, named by one cycle through it
     assert find_cycles(graph) == [["flows.y", "npd_core.x", "flows.y"]]
     bad = layer_violations(imports, modules, tmp_path)
@@ -260,6 +326,48 @@ def test_checker_finds_lazy_relative_cycle_and_layer_breaks(tmp_path: Path) -> N
         "npd_core/x.py:6: npd_core.x imports flows.y (a higher layer)",
         "npd_core/x.py:7: npd_core.x imports mlflow (npd_core is a plain library)",
     ]
+
+
+def test_checker_finds_breaks_of_the_layers_inside_npd_core(tmp_path: Path) -> None:
+    """A tiny npd_core: the method importing the store (under TYPE_CHECKING: still a break)
+    and the config (at run time only), the store importing the method, a root module and the
+    config package importing subpackages lazily: each break named once; what the rules allow
+    (a root module's TYPE_CHECKING import, the method's TYPE_CHECKING config import, imports
+    inside one group) is not. The TYPE_CHECKING edge closes a cycle method → store → method."""
+    files = {
+        "npd_core/__init__.py": "",
+        "npd_core/method/__init__.py": "",
+        "npd_core/method/a.py": "from typing import TYPE_CHECKING\n"
+        "from npd_core.method import b\n"
+        "if TYPE_CHECKING:\n"
+        "    from npd_core.store.s import S\n"
+        "    from npd_core.config import C\n",
+        "npd_core/method/b.py": "def f():\n    import npd_core.config\n",
+        "npd_core/store/__init__.py": "",
+        "npd_core/store/s.py": "from npd_core.method.a import f\nS = 1\n",
+        "npd_core/config/__init__.py": "def g():\n    from npd_core.toy import w\n",
+        "npd_core/toy/__init__.py": "",
+        "npd_core/toy/w.py": "",
+        "npd_core/data.py": "from typing import TYPE_CHECKING\n"
+        "if TYPE_CHECKING:\n"
+        "    from npd_core.store import s\n"
+        "def h():\n"
+        "    from .method import a\n",
+    }
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    modules = module_names(tmp_path, PACKAGES)
+    imports = [imp for m, p in modules.items() for imp in imports_of(m, p)]
+    assert core_violations(imports, modules, tmp_path) == [
+        "npd_core/config/__init__.py:2: npd_core.config imports npd_core.toy.w (config → toy)",
+        "npd_core/data.py:5: npd_core.data imports npd_core.method.a ((top) → method)",
+        "npd_core/method/a.py:4: npd_core.method.a imports npd_core.store.s (method → store)",
+        "npd_core/method/b.py:2: npd_core.method.b imports npd_core.config (method → config)",
+        "npd_core/store/s.py:1: npd_core.store.s imports npd_core.method.a (store → method)",
+    ]
+    graph = project_graph(imports, modules)
+    assert find_cycles(graph) == [["npd_core.method.a", "npd_core.store.s", "npd_core.method.a"]]
 
 
 def test_config_store_and_status_load_without_torch() -> None:

@@ -7,16 +7,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from transformers import PreTrainedModel
 
-from npd_core.config import NPDConfig
 from npd_core.method.answers import STORED_NAMES, metric_fn
 from npd_core.method.batching import memory_budget
 from npd_core.method.generate import generate
 from npd_core.method.score import score
 from npd_core.models import use_bf16
+
+if TYPE_CHECKING:  # read by attribute: the method runs without pydantic
+    from npd_core.config import NPDConfig
 
 
 @dataclass

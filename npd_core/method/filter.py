@@ -18,11 +18,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from npd_core.config import FilterConfig
+if TYPE_CHECKING:  # read by attribute: the method runs without pydantic
+    from npd_core.config import FilterConfig
 
 MAD_SCALE = 1.4826  # MAD × this estimates σ for Gaussian data
 Bounds = tuple[float, float]
