@@ -1,7 +1,7 @@
-"""`npd run` on a decoder-only family other than the toy's Qwen2, as the README's worked example
+"""`npd run` on a decoder-only family other than the toy's Qwen2, as the docs' worked example
 runs it: ``examples/chat_gsm8k.py`` writes tiny random Llama teacher and student (a chat template
 with a system turn), a conversational Parquet train set, a ``save_to_disk`` eval set and a JSONL
-one, and the config (``eval.metric: gsm8k``, two ``eval.sets``) that the README prints."""
+one, and the config (``eval.metric: gsm8k``, two ``eval.sets``) that the docs print."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from npd_core.store import query
 
 pytestmark = pytest.mark.slow
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+README = Path(__file__).resolve().parents[2] / "docs" / "data-and-eval.md"
 ROUNDS = 2  # the example config's
 
 

@@ -1,0 +1,242 @@
+"""The docs say what the code and the stored results say: the config reference is the generated
+one, the figures the results pages and the README quote are those of docs/*.json, every
+relative link resolves, and the README stays short."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from npd_core.config import build_config
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+README = ROOT / "README.md"
+PAGES = [README, *sorted(DOCS.rglob("*.md"))]
+RESULTS = DOCS / "results"
+TOY, LONG = "2026-11-27-bench-toy.md", "2026-11-27-bench-long.md"
+
+
+def _text(path: Path) -> str:
+    """A page with its whitespace collapsed, so a figure may wrap across lines."""
+    return " ".join(path.read_text(encoding="utf-8").split())
+
+
+def _json(name: str) -> dict:
+    return json.loads((DOCS / name).read_text())
+
+
+def _assert_quoted(page: Path, *expected: str) -> None:
+    """Each figure appears in the page, a minus sign written as − or -."""
+    text = _text(page)
+    for want in expected:
+        assert want in text or want.replace("-", "−") in text, f"{page.name} lacks {want!r}"
+
+
+def _ci(mean: float, ci: list[float]) -> str:
+    return f"{mean:.1f} ({ci[0]:.1f}–{ci[1]:.1f})"
+
+
+def test_config_md_is_generated_from_the_config_fields():
+    """docs/config.md is what scripts/config_md.py writes (regenerate it after changing a field)."""
+    spec = importlib.util.spec_from_file_location("config_md", ROOT / "scripts" / "config_md.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert (DOCS / "config.md").read_text(encoding="utf-8") == module.render(), (
+        f"docs/config.md is stale; run {module.COMMAND}"
+    )
+
+
+def test_readme_is_short_and_its_minimal_config_is_valid():
+    text = README.read_text(encoding="utf-8")
+    assert len(text.splitlines()) <= 200
+    block = re.search(r"```yaml\n(.*?)```", text, re.S).group(1)
+    cfg = build_config(yaml.safe_load(block))
+    assert cfg.models.teacher == "teacher" and cfg.data.eval_prompts == "eval.jsonl"
+
+
+def test_readme_quick_start_is_the_two_make_targets():
+    """.ci/run runs `make test`, the README's test command."""
+    blocks = re.findall(
+        r"## Quick start\n.*?```bash\n(.*?)```.*?```bash\n(.*?)```", README.read_text(), re.S
+    )
+    assert blocks == [("make demo\n", "make test\n")]
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def _links(path: Path) -> list[str]:
+    text = re.sub(r"```.*?```", "", path.read_text(encoding="utf-8"), flags=re.S)
+    text = re.sub(r"`[^`\n]*`", "", text)
+    return re.findall(r"\]\(([^)\s]+)\)", text)
+
+
+def _anchors(path: Path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
+    heads = re.findall(r"^#+ (.+)$", path.read_text(encoding="utf-8"), re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in heads}
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_relative_link_resolves(page):
+    for link in _links(page):
+        if re.match(r"[a-z]+:", link):
+            continue
+        target, _, anchor = link.partition("#")
+        path = (page.parent / target).resolve() if target else page
+        assert path.exists(), f"{page.name}: broken link {link}"
+        if anchor:
+            assert anchor in _anchors(path), f"{page.name}: no heading for {link}"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_docs_speak_of_the_software_and_its_users(page):
+    words = re.findall(r"\b(sessions?|helpers?|issues?|sittings?)\b", page.read_text(), re.I)
+    assert not words, f"{page.name}: {words}"
+
+
+def test_every_results_page_is_dated_and_indexed():
+    index = (RESULTS / "index.md").read_text(encoding="utf-8")
+    for page in RESULTS.glob("*.md"):
+        if page.name == "index.md":
+            continue
+        date = re.match(r"\d{4}-\d{2}-\d{2}", page.name)
+        assert date and date.group() in page.read_text().splitlines()[0], page.name
+        assert f"({page.name})" in index, f"{page.name} is not linked from results/index.md"
+
+
+@pytest.mark.parametrize("world", ["toy", "long"])
+def test_bench_figures_match_their_json(world):
+    bench = _json(f"bench-{world}.json")
+    page = RESULTS / (TOY if world == "toy" else LONG)
+    v = bench["variants"]
+    main = ["npd", "sft", "onpolicy", "trl"]
+    for name in main:
+        seeds = ", ".join(f"{s:.1f}" for s in v[name]["final_scores"])
+        ci = _ci(v[name]["final_score"], v[name]["final_score_ci95"])
+        _assert_quoted(page, ci, seeds)
+        _assert_quoted(README, f"| {ci} ")
+    for name in set(v) - set(main):
+        _assert_quoted(
+            page,
+            f"{name}` {v[name]['final_score']:.1f}"
+            if world == "long"
+            else f"| {name} | 1 | {v[name]['final_score']:.1f} |",
+        )
+    sft, on = (bench[f"npd_minus_{b}_points_ci95"] for b in ("sft", "onpolicy"))
+    if world == "toy":
+        for b, ci in (("sft", sft), ("onpolicy", on)):
+            d = bench[f"npd_minus_{b}_points"]
+            _assert_quoted(page, f"`npd_minus_{b}_points` {d:+.1f} ({ci[0]:+.1f} to {ci[1]:+.1f})")
+        _assert_quoted(
+            README, f"+{bench['npd_minus_sft_points']:.1f} points ({sft[0]:+.1f} to {sft[1]:+.1f})"
+        )
+        for s, t in zip(bench["speedups"], bench["teacher_token_ratios"], strict=True):
+            _assert_quoted(
+                page,
+                f"| {s['fraction']:.0%} | {s['target_score']:.1f} | {s['ratio']:.2f}× "
+                f"({s['ci95'][0]:.2f}–{s['ci95'][1]:.2f}) | {t['ratio']:.2f}× "
+                f"({t['ci95'][0]:.2f}–{t['ci95'][1]:.2f}) |",
+            )
+        s = bench["speedups"][-1]
+        _assert_quoted(README, f"{s['ratio']:.2f}× ({s['ci95'][0]:.2f}–{s['ci95'][1]:.2f})")
+    else:
+        assert bench["speedup_vs_onpolicy"] is None
+        d_sft, d_on = bench["npd_minus_sft_points"], bench["npd_minus_onpolicy_points"]
+        _assert_quoted(
+            page,
+            f"npd - sft = {d_sft:.1f} ({sft[0]:.1f} to {sft[1]:.1f})",
+            f"npd - onpolicy = {d_on:.1f} ({on[0]:.1f} to {on[1]:.1f})",
+        )
+
+
+def test_cost_model_figures_match_their_json():
+    page = RESULTS / "2026-11-27-cost-model.md"
+    for name, label in (
+        ("cost-toy", "toy"),
+        ("cost-long-run1", "long, run 1"),
+        ("cost-long", "long, run 2"),
+    ):
+        cost = _json(f"{name}.json")
+        for variant in ("npd", "sft", "onpolicy"):
+            runs = cost[variant]["runs"]
+            pred = ", ".join(f"{r['predicted']['clock_s']:.0f}" for r in runs)
+            meas = ", ".join(f"{r['measured']['clock_s']:.0f}" for r in runs)
+            _assert_quoted(page, f"| {label} | {variant} | {pred} | {meas} |")
+    sp = _json("cost-toy.json")["speedup"]
+    quoted = f"{sp['predicted']:.2f}× against the {sp['measured_seeds_1_2']:.2f}×"
+    _assert_quoted(page, quoted, f"{sp['relative_error']:+.0%}")
+    _assert_quoted(
+        README, f"{sp['predicted']:.2f}× against {sp['measured_seeds_1_2']:.2f}× measured"
+    )
+
+
+def test_filter_study_figures_match_their_json():
+    page = RESULTS / "2026-11-26-filter-study.md"
+    screen = {(c["rule"], c["staleness"]): c for c in _json("filter-screen.json")["summary"]}
+    for rule in ("band", "fence", "upper", "lower", "none", "none-keep"):
+        s1, s4 = screen[rule, 1], screen[rule, 4]
+        _assert_quoted(
+            page,
+            f"| {rule} | {s1['final_score']:.1f} | {s4['final_score']:.1f} | "
+            f"{s4['kept_fraction']:.2f} | {s4['dropped_kl_share']:.2f} | {s4['max_drop']:.1f} |",
+        )
+    confirm = _json("filter-confirm.json")
+    for c in confirm["summary"]:
+        ci = _ci(c["final_score"], c["final_score_ci95"])
+        _assert_quoted(page, f"| {c['rule']} | {c['staleness']} | {ci} |")
+    for comp in confirm["decision"]["comparisons"].values():
+        for d in comp["by_staleness"].values():
+            lo, hi = d["ci95"]
+            _assert_quoted(page, f"{d['mean_diff']:+.1f} [{lo:+.1f}, {hi:+.1f}]")
+    assert confirm["decision"]["default"] == "none-keep"
+
+
+def test_ifd_view_figures_match_their_json():
+    page = RESULTS / "2026-11-26-ifd-views.md"
+    views = _json("ifd-views.json")
+    for view, mean in views["mean_spearman"].items():
+        rho = [views["checkpoints"][k][view]["spearman"] for k in ("3", "6")]
+        _assert_quoted(page, f"{rho[0]:.3f} | {rho[1]:.3f} |", f"{mean:.3f}")
+    assert views["best"] == "eos"
+
+
+def test_gpu_bench_figures_match_their_json():
+    page = RESULTS / "2026-11-26-gpu-bench-h100.md"
+    gpu = _json("gpu-bench.json")
+    for kernel in ("torch_varlen", "flex_document", "sdpa", "sdpa_varlen"):
+        c = gpu["train"]["choices"][kernel]
+        _assert_quoted(page, f"{c['tokens_per_s'] / 1000:.1f} k tokens/s, MFU {c['mfu']:.1%}")
+    decode = " / ".join(f"{b['tokens_per_s']:,.0f}" for b in gpu["generate"]["batches"].values())
+    step = gpu["onpolicy_step"]
+    f = step["fractions"]
+    _assert_quoted(
+        page,
+        f"{decode} tokens/s",
+        f"{gpu['score']['tokens_per_s'] / 1000:.1f} k tokens/s",
+        f"{step['total_s']:.1f} s: generate {f['generate']:.0%}, teacher {f['teacher_score']:.0%}, "
+        f"update {f['student_update']:.0%}",
+        f"student decoding {gpu['projection']['per_sample']['fractions']['student_decode']:.0%}",
+    )
+
+
+def test_scale_bench_figures_match_their_json():
+    page = RESULTS / "2026-11-27-scale-bench.md"
+    now, run1 = _json("scale-bench.json"), _json("scale-bench-run1.json")
+    k1, k2 = (a["seconds"] for a in now["shards"]["arms"])
+    r1, r2 = (a["seconds"] for a in run1["shards"]["arms"])
+    n1, n2 = (a["seconds"] for a in now["train"]["arms"])
+    _assert_quoted(
+        page,
+        f"| {k1:.1f} (run 1: {r1:.1f}) | {k2:.1f} ({r2:.1f}) | {now['shards']['speedup']:.2f}× "
+        f"({run1['shards']['speedup']:.2f}×) |",
+        f"Ray start {now['shards']['ray_start_s']:.1f} s",
+        f"{n1:.1f} ({run1['train']['arms'][0]['seconds']:.1f}) | {n2:.1f}",
+        f"{now['train']['speedup']:.2f}×",
+        f"torchrun start {now['train']['torchrun_start_s']:.1f} s",
+        f"{now['train']['weights_max_abs_diff']:.1e}".replace("e-05", "e-5"),
+    )
