@@ -6,11 +6,11 @@ lines and Prefect persists it; the stages themselves are in ``stages.py``.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from npd_core.atomic import atomic_file
 from npd_core.config import NPDConfig
 from npd_core.errors import StoreUsageError
 from npd_core.store import Store
@@ -59,10 +59,8 @@ class RunSpec:
     def save(self) -> Path:
         """Write the spec (temp + rename) so the run can be retried."""
         path = self.path(self.root, self.run_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=1, sort_keys=True))
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            tmp.write_text(json.dumps(asdict(self), indent=1, sort_keys=True))
         return path
 
     @classmethod

@@ -10,12 +10,12 @@ import os
 import socket
 import threading
 import time
-import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from npd_core.atomic import atomic_file
 from npd_core.errors import StoreUsageError
 
 NAME = ".lease.json"
@@ -75,16 +75,22 @@ def ensure_free(root: str | Path, run_id: str) -> None:
 
 
 @contextmanager
-def hold(root: str | Path, run_id: str, heartbeat_s: float = HEARTBEAT_S) -> Iterator[Holder]:
-    """Hold the run's lease for the duration of the block (heartbeat in a daemon thread)."""
+def hold(
+    root: str | Path,
+    run_id: str,
+    heartbeat_s: float = HEARTBEAT_S,
+    clock: Callable[[], float] = time.time,
+) -> Iterator[Holder]:
+    """Hold the run's lease for the duration of the block (heartbeat in a daemon thread, every
+    ``heartbeat_s`` seconds; ``clock`` gives each beat's time)."""
     ensure_free(root, run_id)
-    me = Holder(socket.gethostname(), os.getpid(), _start_time(os.getpid()), time.time())
+    me = Holder(socket.gethostname(), os.getpid(), _start_time(os.getpid()), clock())
     _write(root, run_id, me)
     stop = threading.Event()
 
     def beat() -> None:
         while not stop.wait(heartbeat_s):
-            me.beat = time.time()
+            me.beat = clock()
             _write(root, run_id, me)
 
     thread = threading.Thread(target=beat, name=f"npd-lease-{run_id}", daemon=True)
@@ -94,16 +100,13 @@ def hold(root: str | Path, run_id: str, heartbeat_s: float = HEARTBEAT_S) -> Ite
     finally:
         stop.set()
         thread.join()
-        me.released, me.beat = True, time.time()
+        me.released, me.beat = True, clock()
         _write(root, run_id, me)
 
 
 def _write(root: str | Path, run_id: str, h: Holder) -> None:
-    p = path(root, run_id)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f"{NAME}.tmp-{uuid.uuid4().hex}")
-    tmp.write_text(json.dumps(asdict(h)))
-    os.replace(tmp, p)
+    with atomic_file(path(root, run_id)) as tmp:
+        tmp.write_text(json.dumps(asdict(h)))
 
 
 def _stat(pid: int) -> list[str] | None:

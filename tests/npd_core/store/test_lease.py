@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 
@@ -24,15 +26,29 @@ with lease.hold(sys.argv[1], "r1"):
 
 
 def test_holder_states_and_status(tmp_path):
+    """The holder's first beat is written before the block starts; the heartbeat thread writes
+    the clock's next times (its third reading comes after the second one was written); the
+    release writes the last."""
     assert lease.state(tmp_path, "r1") is None
     assert lease.run_status(tmp_path, "r1", "running") == "running"  # no lease: as stored
-    with lease.hold(tmp_path, "r1", heartbeat_s=0.05) as me:
+    readings = itertools.count(100.0, 100.0)
+    third = threading.Event()
+
+    def clock() -> float:
+        t = next(readings)
+        if t == 300.0:
+            third.set()
+        return t
+
+    with lease.hold(tmp_path, "r1", heartbeat_s=0.0, clock=clock) as me:
         first = lease.read(tmp_path, "r1")
-        assert first.pid == os.getpid() and lease.state(tmp_path, "r1") == "running"
-        time.sleep(0.3)
-        assert lease.read(tmp_path, "r1").beat > first.beat  # the heartbeat thread beats
+        assert first.pid == os.getpid() and first.beat == 100.0
+        assert lease.state(tmp_path, "r1") == "running"
+        assert third.wait(timeout=60)
+        assert lease.read(tmp_path, "r1").beat >= 200.0  # the heartbeat thread beats
         lease.ensure_free(tmp_path, "r1")  # this process may go on holding it
-    assert me.released and lease.state(tmp_path, "r1") == "released"
+    assert me.released and lease.read(tmp_path, "r1").beat == me.beat > 200.0
+    assert lease.state(tmp_path, "r1") == "released"
     assert lease.run_status(tmp_path, "r1", "running") == "failed"
     assert lease.run_status(tmp_path, "r1", "completed") == "completed"
 
