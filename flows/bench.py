@@ -205,7 +205,7 @@ def filter_study(
         ),
     ] = None,
 ) -> None:
-    """The pre-registered filter study (README, "Filter study"); resumes where it stopped."""
+    """The pre-registered filter study (docs/results); resumes where it stopped."""
     from flows.env import prefect_env
     from flows.filter_study import run_study
     from npd_core.errors import ConfigError

@@ -135,8 +135,8 @@ class FilterConfig(Section):
     rule: Literal["band", "fence", "upper", "lower", "none"] = Field(
         "none",
         description="Δ-IFD rule: none (keep every well-formed sample; the default, since no "
-        "rule beat it in the filter study: README), band (quantiles), fence (median ± k·MAD), "
-        "upper / lower (one tail of the band)",
+        "rule beat it in the filter study: docs/results), band (quantiles), fence "
+        "(median ± k·MAD), upper / lower (one tail of the band)",
     )
     q_low: float = Field(0.05, ge=0.0, le=1.0, description="band/lower: lower quantile kept")
     q_high: float = Field(0.90, ge=0.0, le=1.0, description="band/upper: upper quantile kept")
@@ -157,7 +157,7 @@ class FilterConfig(Section):
     view: Literal["bos", "eos", "prompt"] = Field(
         "eos",
         description="what precedes a response scored without its prompt: the BOS token, the "
-        "EOS token (Δ-IFD tracks the KL best with it: README, filter study), or view_text "
+        "EOS token (Δ-IFD tracks the KL best with it: docs/results), or view_text "
         "formatted as a prompt (chat template when present)",
     )
     view_text: str = Field("", description="view: prompt: its text ('' = an empty user turn)")

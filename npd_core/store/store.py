@@ -30,7 +30,7 @@ Why it looks like this:
 - Every Parquet byte is read and written through one fsspec filesystem (``Store.fs``, from the
   output directory's path or URL), so the data plane's place is a configuration. Only
   filesystems that rename a folder atomically are accepted today (local, or a shared POSIX
-  mount): object storage needs the manifest commit that README's "Scale out" describes.
+  mount): object storage needs the manifest commit that docs/scale-out.md describes.
 
 The tables' schemas and the views' SQL are in :mod:`npd_core.store.schema`.
 """
@@ -121,7 +121,7 @@ class Store:
             raise StoreUsageError(
                 f"{root}: a stage becomes visible by a folder rename, which "
                 f"{str(root).partition('://')[0]}:// storage cannot do, and the manifest commit it "
-                "needs is not implemented (README, 'Scale out'); give a local or shared folder"
+                "needs is not implemented (docs/scale-out.md); give a local or shared folder"
             )
         self.root = Path(path).resolve()
         self.db_path = self.root / DB_NAME
