@@ -50,8 +50,10 @@ import torch
 import transformers
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from npd_core.atomic import atomic_file
 from npd_core.bench import cost
 from npd_core.bench.packing import make_data, peak_flops, synthetic_lengths
+from npd_core.errors import first_line
 from npd_core.jsonsafe import finite
 from npd_core.method.attention import (
     KERNELS,
@@ -460,7 +462,7 @@ def section_train(b: Bench, box: TimeBox, res: dict[str, Any]) -> None:
                 out["cut"] = "hard time limit"
                 raise
             except Exception as e:  # noqa: BLE001 - a choice that fails is reported, not fatal
-                out.update(available=False, why=f"{type(e).__name__}: {_first_line(e)}")
+                out.update(available=False, why=f"{type(e).__name__}: {first_line(e)[:200]}")
             finally:
                 model.set_attn_implementation("sdpa")
             if "tokens_per_s" in out:
@@ -494,11 +496,6 @@ def _best_choice(res: dict[str, Any]) -> None:
         best = max(timed, key=lambda n: timed[n]["tokens_per_s"])
         res.update(best=best, best_tokens_per_s=timed[best]["tokens_per_s"])
         res["best_mfu"] = timed[best]["mfu"]
-
-
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip()
-    return s.splitlines()[0][:200] if s else ""
 
 
 def _train_rows(b: Bench, row_tokens: int, n_rows: int) -> tuple[list[PackedBatch], Targets]:
@@ -903,9 +900,8 @@ def write_json(report: dict[str, Any], out: Path | None) -> None:
     """Write ``report`` to ``out`` whole or not at all (temp file, then rename)."""
     if out is None:
         return
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(finite(report), indent=1, allow_nan=False, default=str))
-    os.replace(tmp, out)
+    with atomic_file(out) as tmp:
+        tmp.write_text(json.dumps(finite(report), indent=1, allow_nan=False, default=str))
 
 
 def run_bench(
@@ -950,7 +946,7 @@ def run_bench(
             box.truncated = True
             res["cut"] = str(e)
         except Exception as e:  # noqa: BLE001 - the next sections still run and report
-            res["error"] = f"{type(e).__name__}: {_first_line(e)}"
+            res["error"] = f"{type(e).__name__}: {first_line(e)[:200]}"
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
             torch.cuda.empty_cache()

@@ -9,7 +9,7 @@ import math
 import os
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
 import pytest
@@ -149,9 +149,12 @@ def test_a_section_past_its_box_reports_what_it_measured_and_says_truncated(tmp_
 
 
 def test_a_section_that_hangs_is_cut_and_the_run_goes_on(tmp_path, monkeypatch):
+    """The hard limit interrupts a section that would wait for ever (it never records that its
+    wait ended), keeps what it measured before, and the sections after it still run."""
+
     def hangs(b, box, res):
         res["measured_before_the_hang"] = 1.0
-        time.sleep(30)
+        res["wait_ended"] = threading.Event().wait()  # nothing sets it: only the cut ends it
 
     monkeypatch.setattr(gpu, "HARD_GRACE_S", 0.3)
     monkeypatch.setitem(gpu.SECTION_FNS, "score", hangs)
@@ -159,6 +162,6 @@ def test_a_section_that_hangs_is_cut_and_the_run_goes_on(tmp_path, monkeypatch):
     report = gpu.run_bench(tiny=True, out=out, boxes={"score": 0})
     sc = report["score"]
     assert sc["truncated"] is True and "hard limit" in sc["cut"]
-    assert sc["measured_before_the_hang"] == 1.0 and sc["seconds"] < 5  # not the hang's 30 s
+    assert sc["measured_before_the_hang"] == 1.0 and "wait_ended" not in sc
     assert report["onpolicy_step"]["truncated"] is False  # the sections after it still ran
     assert json.loads(out.read_text())["score"]["truncated"] is True
