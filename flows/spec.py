@@ -11,6 +11,7 @@ from typing import Any
 from npd_core.config import NPDConfig
 from npd_core.data import Prompt, reads_as_is, write_prompts
 from npd_core.errors import ConfigError, DataError
+from npd_core.modelio import GGUF_CACHE, local_model
 from npd_core.pipeline.spec import RunSpec
 from npd_core.pipeline.preflight import check_backends, check_run
 from npd_core.store import Store
@@ -44,6 +45,8 @@ def resolve_spec(
         Store(out)
         built = build_toy_world(out / "toy", ws, log=log)
         paths = {k: v or str(getattr(built, k)) for k, v in paths.items()}
+    for role in ("teacher", "student"):  # a .gguf file runs as its plain checkpoint, made once
+        paths[role] = local_model(paths[role], out / GGUF_CACHE)
     sets = dict(cfg.eval.sets) or {primary: paths["eval_prompts"]}
     teacher, student, train = paths["teacher"], paths["student"], paths["train_prompts"]
     prompts, evals = check_run(cfg, teacher, student, train, sets)
