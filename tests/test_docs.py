@@ -240,3 +240,21 @@ def test_scale_bench_figures_match_their_json():
         f"torchrun start {now['train']['torchrun_start_s']:.1f} s",
         f"{now['train']['weights_max_abs_diff']:.1e}".replace("e-05", "e-5"),
     )
+
+
+def test_readme_command_table_names_every_command():
+    """Each `npd` command and subcommand has its row (or its group's row) in the README's table."""
+    from flows.cli import app
+
+    text = README.read_text(encoding="utf-8")
+    table = text[text.index("## Commands") :].split("\n## ")[0]
+    rows = {line.split("`")[1].split()[1]: line for line in table.splitlines() if "| `npd " in line}
+    for command in app.registered_commands:
+        assert (command.name or command.callback.__name__) in rows
+    for group in app.registered_groups:
+        row = rows[group.name]
+        for sub in group.typer_instance.registered_commands:
+            assert (sub.name or sub.callback.__name__.replace("_", "-")) in row, (group.name, sub)
+    assert set(rows) == {c.name or c.callback.__name__ for c in app.registered_commands} | {
+        g.name for g in app.registered_groups
+    }
