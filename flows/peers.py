@@ -1,5 +1,5 @@
-"""External peers as variants of ``npd bench`` (``--peers trl``): ``flows.headline.PEERS`` names
-the function here that returns each one's ``Variant`` (``flows.variants``).
+"""External peers as variants of ``npd bench`` (``--peers trl``): ``flows.variants.PEERS`` names
+the function here that returns each one's ``Variant``.
 
 ``trl`` is TRL's own on-policy distillation (``npd_core.baselines.peers.trl_peer``), run with the
 hyperparameters searched for ``onpolicy`` on the same world, checkpoints and budget, as its own
@@ -13,7 +13,8 @@ from typing import Any
 
 from prefect import flow
 
-from flows.variants import BenchContext, Hyper, Variant, VariantResult
+from flows.variants import BenchContext, Variant
+from npd_core.bench.harness import Hyper, VariantResult
 from npd_core.config import merge
 from npd_core.pipeline.spec import RunSpec
 from tasks import tracking

@@ -1,55 +1,33 @@
-"""What a variant of ``npd bench`` is: a name plus a runner ``(ctx, seed, hyper) -> VariantResult``.
+"""The variants of ``npd bench`` as Prefect work: a variant is a name plus a runner
+``(ctx, seed, hyper) -> VariantResult`` that runs one seed as its own flow run, with its own
+MLflow run under the bench's.
 
-The built-in variants (``flows.headline``) and the external peers (``flows.peers``) both build
-on these types, so neither imports the other.
+The built-in ones are NPD (through ``distill_flow``, its rounds sized to the budget by a probe),
+the baselines (``sft_flow``, ``onpolicy_flow``) and NPD's ablations (:func:`variants`); ``PEERS``
+maps a ``--peers`` name to the module that provides one more (``npd bench --peers trl``). The
+rules they run under, their clock, search and statistics are in :mod:`npd_core.bench`.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from npd_core.config import NPDConfig
+from npd_core.bench import sizing
+from npd_core.bench.clock import StageTimes, npd_curve
+from npd_core.bench.harness import NPD_BENCH, SLACK, Hyper, VariantResult
+from npd_core.config import NPDConfig, merge
+from npd_core.errors import ConfigError
 from npd_core.pipeline.spec import RunSpec
 
-
-@dataclass(frozen=True)
-class Hyper:
-    """One point of the grid, in each method's units."""
-
-    lr: float
-    rows_per_step: int  # packed rows per optimizer step (npd, sft)
-    prompts_per_step: int  # sampled prompts per optimizer step (onpolicy, on-policy peers)
-
-
-@dataclass
-class VariantResult:
-    """What a runner returns for one seed: the held-out curve on its training clock (evaluation
-    excluded), its token counts, seconds per stage and the settings it ran with."""
-
-    curve: list[dict[str, float]]  # [{"wall_s": …, "score": …}], first point θ_0 at 0 s
-    wall_s: float  # training clock at the end
-    train_tokens: int  # tokens through training forwards (padding excluded)
-    generated_tokens: int  # tokens sampled
-    stage_seconds: dict[str, float]  # by stage; "evaluate" is reported but off the clock
-    settings: dict[str, Any] = field(default_factory=dict)
-    run_id: str | None = None  # npd run id in the store (``npd status``)
-    mlflow_run_id: str | None = None
-
-    @classmethod
-    def from_flow(
-        cls, res: dict[str, Any], settings: dict[str, Any], run_id: str | None = None
-    ) -> VariantResult:
-        """From a baseline or peer flow's result dict (the keys those flows all return)."""
-        keys = ("curve", "wall_s", "train_tokens", "generated_tokens", "stage_seconds")
-        return cls(
-            **{k: res[k] for k in keys},
-            settings=settings,
-            run_id=run_id,
-            mlflow_run_id=res["mlflow_run_id"],
-        )
+MAIN = ("npd", "sft", "onpolicy")
+FILTER_RULES = ("none", "band", "fence")  # the ablations' rules: the filter study's confirm set
+STEP_FACTORS = (0.5, 2.0)  # the steps-per-round ablations: half and twice the default's steps
+PEERS = {"trl": "flows.peers:trl_variant"}  # --peers name → "module:function" returning a Variant
 
 
 @dataclass
@@ -64,7 +42,7 @@ class BenchContext:
     eval_at: list[float]  # clock times of the baselines' held-out checkpoints
     mlflow_parent: str  # the bench's MLflow run: every variant's run nests under it
     log: Callable[[str], None]
-    calibration: dict[str, dict[str, float]] = field(default_factory=dict)  # probe by batch
+    calibration: dict[str, dict[str, sizing.Probe]] = field(default_factory=dict)  # by batch
     results: dict[str, list[VariantResult]] = field(default_factory=dict)  # done so far
     tag: str = ""  # run-id infix: "" for the main runs, "search-…" for the grid search
 
@@ -89,3 +67,203 @@ class Variant:
     method: str
     run: Runner
     main: bool = False
+
+
+# ---------------------------------------------------------------- runners
+def run_npd(
+    ctx: BenchContext, seed: int, hyper: Hyper, name: str = "npd", overrides: dict | None = None
+) -> VariantResult:
+    """NPD (``overrides`` make an ablation) through ``distill_flow``, rounds sized to the budget."""
+    from flows.distill import distill_flow
+
+    config = merge(
+        ctx.config,
+        {
+            "train": {"lr": hyper.lr, "rows_per_step": hyper.rows_per_step},
+            **NPD_BENCH,
+            **(overrides or {}),
+        },
+    )
+    threads, cal = sizing.choose_threads(
+        NPDConfig.model_validate(config), calibrate(ctx, hyper), ctx.budget_s
+    )
+    config["threads"] = threads  # fixed for the run (its spec records it; a retry reuses it)
+    config["rounds"] = sizing.npd_rounds(NPDConfig.model_validate(config), cal, ctx.budget_s)
+    spec = ctx.spec(name, seed, config)
+    res = distill_flow(spec)
+    _nest(ctx, res["mlflow_run_id"])
+    rounds = res["rounds"]
+    c = npd_curve(
+        _times(res), res["start_score"], rounds, ctx.budget_s * (1 + SLACK), _round_steps(spec)
+    )
+    cfg = spec.cfg
+    return VariantResult(
+        curve=c.points,
+        wall_s=c.points[-1]["wall_s"],
+        train_tokens=int(sum(x["train_tokens"] or 0 for x in rounds if x["round"] in c.rounds)),
+        generated_tokens=int(
+            sum(x["generated_tokens"] for x in rounds if x["round"] in c.produced)
+        ),
+        stage_seconds=c.stage_seconds,
+        settings={
+            "rounds": cfg.rounds,
+            "steps_per_round": cfg.train.steps_per_round,
+            "epochs_per_round": cfg.train.epochs_per_round,
+            "optimizer_steps": _optimizer_steps(spec),
+            "staleness": cfg.staleness,
+            "filter": cfg.filter.rule,
+            "drop_unfinished": cfg.filter.drop_unfinished,
+            "threads": cfg.threads,
+            "prompts_per_round": cfg.data.prompts_per_round,
+        },
+        run_id=spec.run_id,
+        mlflow_run_id=res["mlflow_run_id"],
+    )
+
+
+def _times(res: dict[str, Any]) -> StageTimes:
+    """When a distill flow run's stages ran, and their loads and writes."""
+    return StageTimes(res["stage_intervals"], res.get("io_intervals", []))
+
+
+def _optimizer_steps(spec: RunSpec) -> int:
+    """Optimizer steps of an NPD run so far (its last checkpoint's step)."""
+    q = "SELECT coalesce(max(step), 0) FROM checkpoints WHERE run_id = ?"
+    return int(spec.store.query(q, [spec.run_id]).column(0)[0].as_py())
+
+
+def _round_steps(spec: RunSpec) -> dict[int, int]:
+    """An NPD run's optimizer steps at the end of each round (its checkpoints' steps)."""
+    q = "SELECT round, step FROM checkpoints WHERE run_id = ?"
+    t = spec.store.query(q, [spec.run_id])
+    return dict(zip(t.column(0).to_pylist(), t.column(1).to_pylist(), strict=True))
+
+
+def _nest(ctx: BenchContext, mlflow_run: str) -> None:
+    """Show an NPD run (its flow opens its own MLflow run) under the bench's parent run."""
+    from tasks.baselines import nest_run
+
+    nest_run.fn(str(ctx.out), mlflow_run, ctx.mlflow_parent)
+
+
+def calibrate(ctx: BenchContext, hyper: Hyper) -> dict[str, sizing.Probe]:
+    """The probe's figures at each of ``sizing.thread_options`` threads per stage, by thread
+    count (``{"1": …, "2": …}``; once per batch size)."""
+    key = str(hyper.rows_per_step)
+    if key not in ctx.calibration:
+        cfg = NPDConfig.model_validate(ctx.config)
+        ctx.calibration[key] = {str(t): _probe(ctx, hyper, t) for t in sizing.thread_options(cfg)}
+    return ctx.calibration[key]
+
+
+def _probe(ctx: BenchContext, hyper: Hyper, threads: int) -> sizing.Probe:
+    """Two NPD rounds at ``threads`` per stage (``sizing.probe_figures``)."""
+    from flows.distill import distill_flow
+
+    key = str(hyper.rows_per_step)
+    config = merge(
+        ctx.config,
+        {
+            "rounds": 2,
+            "threads": threads,
+            "train": {"lr": hyper.lr, "rows_per_step": hyper.rows_per_step},
+            **NPD_BENCH,
+        },
+    )
+    spec = replace(ctx, tag="").spec(f"probe-b{key}-t{threads}", 0, config)
+    res = distill_flow(spec)
+    _nest(ctx, res["mlflow_run_id"])
+    pack = spec.store.read_stage(spec.run_id, 1, "pack", "pack")
+    rows = len(set(pack.column("row").to_pylist()))
+    n = res["rounds"][0]["n_generated"]
+    cal = sizing.probe_figures(_times(res), n, rows, _optimizer_steps(spec), hyper.rows_per_step)
+    ctx.log(
+        f"probe at batch {key}, {threads} threads: 2 NPD rounds in {cal['probe_s']:.1f} s, "
+        f"gain {cal['overlap_gain']:.2f}"
+    )
+    return cal
+
+
+def run_sft(ctx: BenchContext, seed: int, hyper: Hyper) -> VariantResult:
+    """Sequence-level KD through ``sft_flow``."""
+    from flows.baselines import sft_flow
+    from npd_core.baselines.sft import sft_config
+
+    config = merge(ctx.config, {"train": {"lr": hyper.lr, "rows_per_step": hyper.rows_per_step}})
+    spec = ctx.spec("sft", seed, sft_config(config))
+    res = sft_flow(spec, ctx.eval_at, ctx.mlflow_parent)
+    return _baseline_result(spec, res, {"teacher_answers": "greedy, every training prompt"})
+
+
+def run_onpolicy(ctx: BenchContext, seed: int, hyper: Hyper) -> VariantResult:
+    """Synchronous on-policy distillation through ``onpolicy_flow``."""
+    from flows.baselines import onpolicy_flow
+
+    config = merge(ctx.config, {"train": {"lr": hyper.lr}})
+    spec = ctx.spec("onpolicy", seed, config)
+    res = onpolicy_flow(spec, ctx.eval_at, hyper.prompts_per_step, ctx.mlflow_parent)
+    return _baseline_result(spec, res, {"prompts_per_step": hyper.prompts_per_step})
+
+
+def _baseline_result(spec: RunSpec, res: dict[str, Any], extra: dict[str, Any]) -> VariantResult:
+    settings = {"optimizer_steps": res["steps"], "lr_horizon_steps": res["total_steps"], **extra}
+    return VariantResult.from_flow(res, settings, spec.run_id)
+
+
+# ---------------------------------------------------------------- the registry
+def variants(cfg: NPDConfig) -> dict[str, Variant]:
+    """The built-in variants: the three main ones, then NPD's ablations."""
+    ablations = {
+        **filter_ablations(cfg),
+        "staleness-0": {"staleness": 0},
+        "staleness-2": {"staleness": 2},
+        **{f"steps-x{f:g}": _scaled_steps(cfg, f) for f in STEP_FACTORS},
+    }
+    out = {
+        "npd": Variant("npd", "npd", run_npd, main=True),
+        "sft": Variant("sft", "sft", run_sft, main=True),
+        "onpolicy": Variant("onpolicy", "onpolicy", run_onpolicy, main=True),
+    }
+    for name, over in ablations.items():
+        out[name] = Variant(name, "npd", partial(run_npd, name=name, overrides=over))
+    return out
+
+
+def filter_ablations(cfg: NPDConfig) -> dict[str, dict[str, Any]]:
+    """The filter settings the config does not use: each of ``FILTER_RULES`` but its own rule,
+    and the other choice of ``drop_unfinished`` (the filter study's default is rule ``none``
+    keeping unfinished samples, so by default these are band, fence and drop-unfinished)."""
+    out: dict[str, dict[str, Any]] = {
+        f"filter-{rule}": {"filter": {"rule": rule}}
+        for rule in FILTER_RULES
+        if rule != cfg.filter.rule
+    }
+    flip = not cfg.filter.drop_unfinished
+    out["drop-unfinished" if flip else "keep-unfinished"] = {"filter": {"drop_unfinished": flip}}
+    return out
+
+
+def _scaled_steps(cfg: NPDConfig, factor: float) -> dict[str, Any]:
+    """A round of ``factor`` × the default's optimizer steps: a round takes
+    min(steps_per_round, epochs_per_round × its rows ÷ rows_per_step) steps, so both bounds
+    scale (on the toy the epoch bound is the one that binds)."""
+    t = cfg.train
+    return {
+        "train": {
+            "steps_per_round": max(1, round(t.steps_per_round * factor)),
+            "epochs_per_round": t.epochs_per_round * factor,
+        }
+    }
+
+
+def peer_variant(name: str) -> Variant:
+    """The ``--peers`` variant ``name`` from its module (an optional extra)."""
+    from npd_core.baselines.peers import require
+
+    require(name)
+    target = PEERS.get(name)
+    module, _, attr = (target or "").partition(":")
+    try:
+        return getattr(importlib.import_module(module), attr)()
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"--peers {name}: {target} cannot be loaded ({e})") from None

@@ -20,18 +20,17 @@ it. Decisions, stated once here and in the README:
   Undefined (``None`` with a reason) when npd never reaches it, or when onpolicy ends no higher
   than it started (nothing to reach). The same arithmetic on another x axis (teacher forward
   tokens instead of seconds) gives the sample-efficiency ratio.
-- **Intervals (95%)**: a mean over seeds gets a Student-t interval; a difference of two means a
-  Welch t-interval; the speedup, a ratio of crossing times, a percentile bootstrap over seeds
-  (each method's seeds resampled independently). With one seed there is no interval (``None``).
+
+The seeds' intervals (95%) and the bench's summary are in :mod:`npd_core.bench.stats`; the
+training clock the curves are on is :mod:`npd_core.bench.clock`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
 
 Curve = list[tuple[float, float]]
 FINAL_TAIL = 0.25  # the final score averages the evaluations in this last share of the clock
@@ -122,101 +121,3 @@ def speedup(
         why = "npd's start score is already at the target"
         return Speedup(None, target, t_on, 0.0, why, fraction)
     return Speedup(t_on / t_npd, target, t_on, t_npd, None, fraction)
-
-
-def bootstrap_ci(
-    groups: Sequence[Sequence[Curve]],
-    statistic: Callable[..., float | None],
-    n_resamples: int = 2000,
-    seed: int = 0,
-) -> tuple[float, float] | None:
-    """Percentile 95% interval of ``statistic(*groups)``, each group's seeds resampled
-    independently with replacement. Resamples where the statistic is undefined are dropped;
-    None with fewer than two seeds in a group or no defined resample."""
-    if any(len(g) < 2 for g in groups):
-        return None
-    rng = np.random.default_rng(seed)
-    values = []
-    for _ in range(n_resamples):
-        picks = [[g[i] for i in rng.integers(0, len(g), len(g))] for g in groups]
-        v = statistic(*picks)
-        if v is not None:
-            values.append(v)
-    if not values:
-        return None
-    lo, hi = np.percentile(values, [2.5, 97.5])
-    return float(lo), float(hi)
-
-
-def speedup_ci(
-    onpolicy: Sequence[Curve],
-    npd: Sequence[Curve],
-    n_resamples: int = 2000,
-    seed: int = 0,
-    fraction: float = 1.0,
-    finals: Sequence[float] | None = None,
-) -> tuple[float, float] | None:
-    """Bootstrap interval of the speedup; a resample where npd never gets there counts as 0.
-    ``finals`` (onpolicy's per seed, in its curves' order) are resampled with their curves."""
-    paired = list(zip(onpolicy, finals, strict=True)) if finals is not None else None
-
-    def stat(on: Sequence[Curve], nd: Sequence[Curve]) -> float | None:
-        if paired is not None:  # `on` holds indices into paired
-            picks = [paired[i] for i in on]
-            s = speedup([c for c, _ in picks], nd, fraction, [f for _, f in picks])
-        else:
-            s = speedup(on, nd, fraction)
-        if s.value is None and s.onpolicy_s and s.npd_s is None:
-            return 0.0
-        return s.value
-
-    first = list(range(len(onpolicy))) if paired is not None else onpolicy
-    return bootstrap_ci([first, npd], stat, n_resamples, seed)
-
-
-def mean_ci(values: Sequence[float]) -> tuple[float, float] | None:
-    """Student-t 95% interval of the mean; None for fewer than two values."""
-    x = np.asarray(values, dtype=float)
-    if len(x) < 2:
-        return None
-    half = stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x))
-    return float(x.mean() - half), float(x.mean() + half)
-
-
-def diff_ci(a: Sequence[float], b: Sequence[float]) -> tuple[float, float] | None:
-    """Welch 95% interval of mean(a) − mean(b); None when either has fewer than two values."""
-    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    if len(x) < 2 or len(y) < 2:
-        return None
-    d = x.mean() - y.mean()
-    vx, vy = x.var(ddof=1) / len(x), y.var(ddof=1) / len(y)
-    se = np.sqrt(vx + vy)
-    if se == 0:
-        return float(d), float(d)
-    df = (vx + vy) ** 2 / (vx**2 / (len(x) - 1) + vy**2 / (len(y) - 1))
-    half = stats.t.ppf(0.975, df) * se
-    return float(d - half), float(d + half)
-
-
-def paused_clock(intervals: Sequence[tuple[float, float, bool]]) -> Callable[[float], float]:
-    """A training clock from stage intervals ``(start, end, is_evaluation)`` (absolute times).
-
-    ``clock(T)`` = time since the first stage started, minus the time before ``T`` during which
-    no stage but evaluation ran: the clock pauses while evaluating alone and in the gaps between
-    stages (orchestration: the baselines' clocks stop between their segments too). Evaluation
-    that overlaps another stage is not subtracted (that stage's work is real time), so this
-    never credits a variant with more than the paused-clock baselines get.
-    """
-    t0 = min(s for s, _, _ in intervals)
-    edges = sorted({x for s, e, _ in intervals for x in (s, e)})
-    paused = []
-    for a, b in zip(edges[:-1], edges[1:], strict=True):
-        mid = (a + b) / 2
-        if all(ev for s, e, ev in intervals if s <= mid < e):  # evaluation alone, or nothing
-            paused.append((a, b))
-
-    def clock(t: float) -> float:
-        off = sum(max(0.0, min(b, t) - a) for a, b in paused)
-        return t - t0 - off
-
-    return clock

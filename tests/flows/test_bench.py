@@ -5,7 +5,6 @@ briefly as its own flow run with its own MLflow run under the bench's parent; ``
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
@@ -15,15 +14,8 @@ import yaml
 from typer.testing import CliRunner
 
 from flows.cli import app
-from flows.headline import (
-    BenchContext,
-    Hyper,
-    checkpoint_times,
-    npd_rounds,
-    run_onpolicy,
-    run_sft,
-    variants,
-)
+from flows.variants import BenchContext, run_onpolicy, run_sft, variants
+from npd_core.bench.harness import Hyper, checkpoint_times
 from npd_core.config import NPDConfig
 from npd_core.data import read_prompts
 from npd_core.errors import ConfigError
@@ -324,122 +316,3 @@ def test_report_tables_fit_an_80_column_terminal(monkeypatch):
     for needle in ("staleness-2", "steps-300", "55.1–67.3", "4.56M", "351k", " 42 ", " 77 "):
         assert needle in text
     assert "speedup vs onpolicy: 3.50× (95% CI [2.00, 5.00])" in text
-
-
-@pytest.mark.parametrize(
-    ("staleness", "learn_s", "gain", "budget_s", "rounds"),
-    [
-        (1, 4.0, 2.0, 35.0, 5),  # P + 4·max(P, L) + L = 6 + 24 + 4 = 34 ≤ 35; a 6th ends at 40
-        (1, 4.0, 2.0, 33.9, 4),  # 34 > 33.9: one round fewer, never past the budget
-        (1, 2.0, 2.0, 33.0, 5),  # a short last learner leaves room: 6 + 24 + 2 = 32
-        (1, 6.0, 2.0, 34.5, 4),  # 6 + 18 + 6 = 30; a 5th would end at 36, past the budget
-        (1, 4.0, 1.25, 35.0, 4),  # sharing cores: a middle round takes (6 + 4) / 1.25 = 8 s
-        (1, 4.0, 1.25, 33.9, 3),  # 6 + 3·8 + 4 = 34 > 33.9
-        (2, 4.0, 2.0, 35.0, 5),  # any staleness ≥ 1 overlaps the same way
-        (0, 4.0, 2.0, 35.0, 3),  # in order, no gain: 3·(6 + 4) = 30; a 4th would end at 40
-        (1, 4.0, 2.0, 5.0, 1),  # at least one round
-    ],
-)
-def test_npd_rounds_fill_the_budget_without_passing_it(staleness, learn_s, gain, budget_s, rounds):
-    """Probe: producing a round (1000 samples) takes P = 6 s, learning it (100 steps of 10 rows)
-    L = ``learn_s``; overlapped, the two ran ``gain`` × faster than in order. The first producer
-    and the last learner run alone."""
-    cfg = NPDConfig.model_validate(
-        {
-            "staleness": staleness,
-            "data": {"prompts_per_round": 1000},
-            "generate": {"n_per_prompt": 1},
-            "train": {"steps_per_round": 100, "rows_per_step": 10, "epochs_per_round": 10},
-        }
-    )
-    cal = {
-        "train_s_per_row": learn_s / 1000,
-        "produce_s_per_sample": 0.006,
-        "rows_per_sample": 0.5,
-        "overlap_gain": gain,
-    }
-    assert npd_rounds(cfg, cal, budget_s) == rounds
-
-
-def _fake_search(score_of) -> tuple[Hyper, list[dict]]:
-    """The search against a variant whose score is ``score_of(lr, rows)`` (no model runs)."""
-    from flows.headline import GRID, search
-    from flows.variants import Variant, VariantResult
-
-    def run(ctx, seed, h):
-        point = {"wall_s": ctx.budget_s, "score": score_of(h.lr, h.rows_per_step)}
-        return VariantResult([point], ctx.budget_s, 0, 0, {})
-
-    ctx = BenchContext(Path("."), "b", {}, {}, 100.0, [], "", lambda m: None)
-    chosen, scores = search(ctx, {"npd": Variant("npd", "npd", run)}, HYPER_BASE, GRID)
-    return chosen["npd"], scores["npd"]
-
-
-HYPER_BASE = Hyper(lr=1e-3, rows_per_step=16, prompts_per_step=64)
-
-
-def test_search_extends_an_edge_until_the_choice_is_interior():
-    # the best lr is 4e-3: past the grid's top (2 × 1e-3), reached by one extension to 4e-3,
-    # then a second (8e-3) shows it is interior; batch prefers the larger (16 rows, the edge):
-    # one extension to 32 rows is worse, so 16 stays
-    h, rows = _fake_search(lambda lr, r: -abs(math.log2(lr / 4e-3)) - abs(r - 16) / 16)
-    assert (h.lr, h.rows_per_step, h.prompts_per_step) == (pytest.approx(4e-3), 16, 64)
-    ext = [(x["lr"], x["rows_per_step"]) for x in rows if x["extension"]]
-    assert [(pytest.approx(a), b) for a, b in ext] == [(4e-3, 16), (8e-3, 16), (4e-3, 32)]
-    assert len(rows) == 6 + 3
-
-
-def test_search_extends_each_axis_at_most_twice_and_keeps_ties_on_the_earlier_point():
-    h, rows = _fake_search(lambda lr, r: lr * 1e3)  # ever larger lr is better
-    ext = [(x["lr"], x["rows_per_step"]) for x in rows if x["extension"]]
-    # lr: two extensions, then it stops; batch (at its top edge, 16 rows) once, a tie
-    assert [(pytest.approx(a), b) for a, b in ext] == [(4e-3, 16), (8e-3, 16), (8e-3, 32)]
-    assert h.lr == pytest.approx(8e-3) and h.rows_per_step == 16  # the tie keeps the earlier
-    flat, rows = _fake_search(lambda lr, r: 1.0)  # all tied: the base point stays
-    assert flat == HYPER_BASE
-    assert [x["rows_per_step"] for x in rows if x["extension"]] == [32]  # batch was at its edge
-
-
-def test_threads_are_the_probed_count_that_fits_the_most_rounds():
-    from flows.headline import choose_threads, npd_rounds, predicted_clock, thread_options
-
-    cfg = NPDConfig.model_validate({**CFG, "threads": 0})
-    slow = {**ONE_ROUND, "train_s_per_row": 1.0, "produce_s_per_sample": 0.5}
-    fast = {**slow, "train_s_per_row": 0.5}  # learning twice as fast: more rounds fit
-    assert npd_rounds(cfg, fast, 1000.0) > npd_rounds(cfg, slow, 1000.0)
-    assert choose_threads(cfg, {"1": slow, "2": fast}, 1000.0) == (2, fast)
-    assert choose_threads(cfg, {"1": fast, "2": slow}, 1000.0) == (1, fast)
-    # the same rounds either way: the shorter predicted clock, then fewer threads
-    near = {**slow, "train_s_per_row": 0.999}
-    r = npd_rounds(cfg, slow, 1000.0)
-    assert npd_rounds(cfg, near, 1000.0) == r
-    assert predicted_clock(cfg, near, r) < predicted_clock(cfg, slow, r)
-    assert choose_threads(cfg, {"1": slow, "2": near}, 1000.0)[0] == 2
-    assert choose_threads(cfg, {"1": slow, "2": dict(slow)}, 1000.0)[0] == 1
-    assert thread_options(NPDConfig.model_validate({"threads": 3})) == [3]
-
-
-def test_npd_clock_leaves_out_loads_writes_evaluation_and_gaps():
-    from flows.headline import _npd_clock, _work_seconds
-
-    res = {
-        "stage_intervals": [
-            ("generate", 1, 0.0, 10.0),
-            ("train", 1, 10.0, 20.0),
-            ("generate", 2, 12.0, 16.0),  # produced beside training
-            ("train", 2, 21.0, 30.0),  # after a 1 s gap
-            ("evaluate", 1, 30.0, 33.0),
-        ],
-        "io_intervals": [
-            ("generate", 1, 0.0, 2.0),  # loading the generator: alone, off the clock
-            ("train", 1, 18.0, 20.0),  # writing θ_1: alone, off the clock
-            ("generate", 2, 12.0, 13.0),  # a load while train 1 computes: the clock runs
-            ("train", 2, 21.0, 21.5),
-        ],
-    }
-    clock, end = _npd_clock(res)
-    assert clock(10.0) == 8.0 and clock(20.0) == 16.0
-    assert clock(21.5) == 16.0 and end == clock(30.0) == 24.5
-    work = _work_seconds(res)
-    assert work[("generate", 1)] == 8.0 and work[("train", 1)] == 8.0
-    assert work[("generate", 2)] == 3.0 and work[("evaluate", 1)] == 3.0

@@ -6,7 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from flows.bench import bench_app
-from flows.filter_study import (
+from npd_core.bench.filter_study import (
     REFERENCE,
     RULES,
     confirm_cells,

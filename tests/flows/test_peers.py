@@ -13,8 +13,9 @@ import yaml
 from typer.testing import CliRunner
 
 from flows.cli import app
-from flows.headline import BenchContext, Hyper, peer_variant
+from flows.variants import BenchContext, peer_variant
 from npd_core.baselines.peers import INSTALL
+from npd_core.bench.harness import Hyper
 from npd_core.config import NPDConfig
 from npd_core.store import Store
 from tasks import tracking

@@ -1,0 +1,45 @@
+"""The bench's grid search against made-up scores (no model runs)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from npd_core.bench.harness import Hyper
+from npd_core.bench.search import GRID, search
+
+
+def _fake_search(score_of) -> tuple[Hyper, list[dict]]:
+    """The search against a method whose score is ``score_of(lr, rows)`` (no model runs)."""
+
+    def score(method, h, k):
+        return score_of(h.lr, h.rows_per_step)
+
+    chosen, scores = search(["npd"], score, HYPER_BASE, GRID, lambda m: None)
+    return chosen["npd"], scores["npd"]
+
+
+HYPER_BASE = Hyper(lr=1e-3, rows_per_step=16, prompts_per_step=64)
+
+
+def test_search_extends_an_edge_until_the_choice_is_interior():
+    # the best lr is 4e-3: past the grid's top (2 × 1e-3), reached by one extension to 4e-3,
+    # then a second (8e-3) shows it is interior; batch prefers the larger (16 rows, the edge):
+    # one extension to 32 rows is worse, so 16 stays
+    h, rows = _fake_search(lambda lr, r: -abs(math.log2(lr / 4e-3)) - abs(r - 16) / 16)
+    assert (h.lr, h.rows_per_step, h.prompts_per_step) == (pytest.approx(4e-3), 16, 64)
+    ext = [(x["lr"], x["rows_per_step"]) for x in rows if x["extension"]]
+    assert [(pytest.approx(a), b) for a, b in ext] == [(4e-3, 16), (8e-3, 16), (4e-3, 32)]
+    assert len(rows) == 6 + 3
+
+
+def test_search_extends_each_axis_at_most_twice_and_keeps_ties_on_the_earlier_point():
+    h, rows = _fake_search(lambda lr, r: lr * 1e3)  # ever larger lr is better
+    ext = [(x["lr"], x["rows_per_step"]) for x in rows if x["extension"]]
+    # lr: two extensions, then it stops; batch (at its top edge, 16 rows) once, a tie
+    assert [(pytest.approx(a), b) for a, b in ext] == [(4e-3, 16), (8e-3, 16), (8e-3, 32)]
+    assert h.lr == pytest.approx(8e-3) and h.rows_per_step == 16  # the tie keeps the earlier
+    flat, rows = _fake_search(lambda lr, r: 1.0)  # all tied: the base point stays
+    assert flat == HYPER_BASE
+    assert [x["rows_per_step"] for x in rows if x["extension"]] == [32]  # batch was at its edge
