@@ -52,16 +52,10 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from npd_core.atomic import atomic_file
 from npd_core.bench import cost
-from npd_core.bench.packing import make_data, peak_flops, synthetic_lengths
+from npd_core.bench.workload import make_data, peak_flops, synthetic_lengths
 from npd_core.errors import first_line
 from npd_core.jsonsafe import finite
-from npd_core.method.attention import (
-    KERNELS,
-    VARLEN,
-    register_cuda_attention,
-    register_varlen_attention,
-    unavailable,
-)
+from npd_core.method.attention import VARLEN, register_cuda_attention, register_varlen_attention
 from npd_core.method.generate import generate
 from npd_core.method.packing import (
     IGNORE_INDEX,
@@ -80,6 +74,7 @@ from npd_core.method.train import (
     optimizer_step,
     step_loss,
 )
+from npd_core.pipeline.autotune import KERNELS, unavailable
 
 DOCS_BENCHES = tuple(
     Path(__file__).resolve().parents[2] / "docs" / f"bench-{w}.json" for w in ("long", "toy")
@@ -245,7 +240,7 @@ def hard_limit(seconds: float) -> Iterator[None]:
 # ---------------------------------------------------------------- packed attention
 def attention_choices(dev: torch.device, bf16: bool) -> list[tuple[str, str, str | None]]:
     """(name, what it is, why unavailable or None): every CUDA candidate of the pipeline's own
-    choice (``method.attention.KERNELS["cuda"]``, what ``train.attention: auto`` races on a GPU),
+    choice (``pipeline.autotune.KERNELS["cuda"]``, what ``train.attention: auto`` races on a GPU),
     then per-sequence SDPA (the CPU learner's kernel) for comparison."""
     dtype = "bfloat16" if bf16 else "float32"  # what the learner computes in (autocast)
     why = unavailable("cuda", dtype)
@@ -432,7 +427,7 @@ def section_train(b: Bench, box: TimeBox, res: dict[str, Any]) -> None:
         timed_steps=p.timed_steps,
         project_default_on_cuda=(
             "train.attention: auto races the available CUDA choices below at a run's start "
-            "(method.attention.select); without a choice (NPD_ATTENTION=fixed) the model's sdpa"
+            "(pipeline.autotune.select); without a choice (NPD_ATTENTION=fixed) the model's sdpa"
         ),
         choices={},
     )

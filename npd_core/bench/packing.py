@@ -40,82 +40,45 @@ each sequence's own length L (useful FLOPs only; masked or padded work is not co
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
-import random
 import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, replace
+from functools import partial
 from importlib.util import find_spec
-from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedModel, Qwen2Config, Qwen2ForCausalLM
+from transformers import PreTrainedModel, Qwen2ForCausalLM
 
-from npd_core.errors import ConfigError
-from npd_core.method.attention import (
-    VARLEN,
-    Shape,
-    kernels,
-    known,
-    register_varlen_attention,
-    select,
-    unavailable,
+from npd_core.bench.workload import (
+    MODEL_SIZES,
+    Layout,
+    build_student,
+    device_name,
+    layout_loss,
+    length_grouped_batches,
+    load_student,
+    make_data,
+    peak_flops,
+    read_lengths,
+    synthetic_lengths,
+    targets_for,
+    train_step,
+    with_attention,
 )
+from npd_core.errors import ConfigError
+from npd_core.method.attention import VARLEN, register_varlen_attention
 from npd_core.method.packing import PackedBatch, Sample, collate, fit_lengths, pack
 from npd_core.method.train import (
     StepSpec,
     Targets,
     make_optimizer,
-    optimizer_step,
-    step_loss,
     train_round,
 )
-
-# Qwen2-style students; head size 64 everywhere (what flash/vLLM kernels accept).
-MODEL_SIZES: dict[str, dict[str, int]] = {
-    "tiny": dict(
-        vocab_size=1024,
-        hidden_size=64,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=1,
-        num_key_value_heads=1,
-        head_dim=64,
-    ),  # ~0.2 M
-    "small": dict(
-        vocab_size=8192,
-        hidden_size=256,
-        intermediate_size=768,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=64,
-    ),  # ~5 M
-    "100m": dict(
-        vocab_size=32000,
-        hidden_size=768,
-        intermediate_size=2048,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        num_key_value_heads=4,
-        head_dim=64,
-    ),  # ~100 M
-}
-# Dense bf16 peak FLOP/s by device-name substring (first match wins).
-PEAK_BF16 = [
-    ("H200", 989e12),
-    ("H100 PCIe", 756e12),
-    ("H100 NVL", 835e12),
-    ("H100", 989e12),
-    ("A100", 312e12),
-    ("L40S", 362e12),
-    ("L4", 121e12),
-    ("A10", 125e12),
-]
+from npd_core.pipeline.autotune import Shape, kernels, race, select, unavailable
 
 
 def attention_candidates(device: torch.device, bf16: bool = False) -> tuple[list[str], list[str]]:
@@ -130,167 +93,6 @@ def attention_candidates(device: torch.device, bf16: bool = False) -> tuple[list
     return [*kernels(device.type), "eager"], ["sdpa", "eager"]
 
 
-# ---------------------------------------------------------------- data
-def synthetic_lengths(
-    n: int, median: float = 60.0, p99: float = 400.0, seed: int = 0
-) -> list[tuple[int, int]]:
-    """``n`` (prompt, response) lengths: total log-normal with the given median and p99,
-    prompt share uniform in [0.15, 0.5]; both parts at least 1 token."""
-    if not 2 <= median < p99:
-        raise ConfigError(f"median {median} / p99 {p99}: need 2 <= median < p99")
-    rng = random.Random(seed)
-    sigma = math.log(p99 / median) / 2.3263  # z of the 99th percentile
-    out = []
-    for _ in range(n):
-        total = max(2, round(math.exp(rng.gauss(math.log(median), sigma))))
-        prompt = min(total - 1, max(1, round(total * rng.uniform(0.15, 0.5))))
-        out.append((prompt, total - prompt))
-    return out
-
-
-def read_lengths(path: str | Path) -> list[tuple[int, int]]:
-    """Lengths from a file: JSON list of [prompt, response] pairs, or one ``p r`` pair a line."""
-    text = Path(path).read_text()
-    try:
-        pairs = json.loads(text)
-    except json.JSONDecodeError:
-        pairs = [line.replace(",", " ").split() for line in text.splitlines() if line.strip()]
-    try:
-        out = [(int(p), int(r)) for p, r in pairs]
-    except (TypeError, ValueError):
-        raise ConfigError(f"{path}: expected [prompt, response] length pairs") from None
-    if not out or min(min(p, r) for p, r in out) < 1:
-        raise ConfigError(f"{path}: need at least one pair, every length >= 1")
-    return out
-
-
-def make_data(
-    lengths: list[tuple[int, int]], vocab: int, k: int, seed: int
-) -> tuple[list[Sample], Targets]:
-    g = torch.Generator().manual_seed(seed)
-    samples = []
-    for p, r in lengths:
-        ids = torch.randint(3, vocab, (p + r,), generator=g).tolist()
-        samples.append(Sample(ids[:p], ids[p:]))
-    return samples, targets_for(samples, vocab, k, seed)
-
-
-def targets_for(samples: list[Sample], vocab: int, k: int, seed: int) -> Targets:
-    g = torch.Generator().manual_seed(seed + 1)
-    offsets, m = [], 0
-    for s in samples:
-        offsets.append(m)
-        m += len(s.response_ids)
-    ids = torch.randint(0, vocab, (m, k), generator=g)  # (M, k)
-    lp = torch.log_softmax(2 * torch.randn(m, k, generator=g), -1).sort(-1, descending=True).values
-    return Targets(ids, lp, offsets)
-
-
-def length_grouped_batches(
-    lengths: Sequence[int], batch_size: int, seed: int, mega_batch_mult: int = 0
-) -> list[list[int]]:
-    """transformers' ``get_length_grouped_indices`` (TRL ``group_by_length``), cut into batches.
-
-    Shuffle; sort by length (longest first) inside mega-batches of ``mega_batch_mult ×
-    batch_size``; move the longest sample to the first batch. ``mega_batch_mult = 0`` uses the
-    Trainer's rule ``min(n // (4 · batch_size), 50)``, at least 1.
-    """
-    n = len(lengths)
-    mult = mega_batch_mult or max(1, min(n // (batch_size * 4), 50))
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    size = mult * batch_size
-    megas = [sorted(perm[i : i + size], key=lambda j: -lengths[j]) for i in range(0, n, size)]
-    top = max(range(len(megas)), key=lambda m: lengths[megas[m][0]])
-    megas[0][0], megas[top][0] = megas[top][0], megas[0][0]
-    flat = [i for mb in megas for i in mb]
-    return [flat[i : i + batch_size] for i in range(0, n, batch_size)]
-
-
-# ---------------------------------------------------------------- model and step
-def build_student(size: str, seed: int, device: torch.device) -> Qwen2ForCausalLM:
-    if size not in MODEL_SIZES:
-        raise ConfigError(f"model size {size!r}: choose one of {', '.join(MODEL_SIZES)}")
-    torch.manual_seed(seed)
-    cfg = Qwen2Config(
-        **MODEL_SIZES[size],
-        max_position_embeddings=32768,
-        tie_word_embeddings=True,
-        use_cache=False,
-        attention_dropout=0.0,
-    )
-    cfg._attn_implementation = "sdpa"
-    return Qwen2ForCausalLM(cfg).to(device)
-
-
-def load_student(path: str | Path, device: torch.device) -> PreTrainedModel:
-    """An HF checkpoint as the student (float32 master weights, as the learner loads it)."""
-    if not (Path(path) / "config.json").is_file():
-        raise ConfigError(f"--model {path}: not an HF checkpoint (no config.json)")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    model.set_attn_implementation("sdpa")
-    return model.to(device)
-
-
-@dataclass
-class Layout:
-    """How batches enter the model: packed (position ids) or padded (2D attention mask)."""
-
-    padded: bool
-    attention: str
-    flatten: bool = False  # rows → one (1, B·T) row: the flash-attention varlen path
-
-
-def train_step(
-    model: torch.nn.Module,
-    opt: torch.optim.Optimizer,
-    batch: PackedBatch,
-    targets: Targets,
-    layout: Layout,
-    spec: StepSpec,
-    bf16: bool,
-) -> tuple[float, torch.Tensor]:
-    """The learner's optimizer step (at the spec's peak lr), timed to the end of its kernels;
-    returns (seconds, detached loss)."""
-    t0 = time.perf_counter()
-    loss = optimizer_step(
-        model,
-        opt,
-        batch,
-        targets,
-        spec,
-        lr=spec.lr,
-        step=0,
-        bf16=bf16,
-        padded=layout.padded,
-        flatten=layout.flatten,
-    )
-    if loss.device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0, loss
-
-
-def layout_loss(
-    model: torch.nn.Module,
-    batch: PackedBatch,
-    targets: Targets,
-    layout: Layout,
-    spec: StepSpec,
-    bf16: bool,
-) -> float:
-    """The learner's loss of ``batch`` entering the model as ``layout`` says (no step)."""
-    with torch.no_grad():
-        loss = step_loss(
-            model, batch, targets, spec, bf16=bf16, padded=layout.padded, flatten=layout.flatten
-        )
-    return float(loss)
-
-
-def with_attention(model: Qwen2ForCausalLM, attention: str) -> Qwen2ForCausalLM:
-    m = copy.deepcopy(model)
-    m.set_attn_implementation(known(attention))  # ours registered first
-    return m
-
-
 def pick_attention(
     base: Qwen2ForCausalLM,
     candidates: list[str],
@@ -302,11 +104,12 @@ def pick_attention(
     bf16: bool,
     log: Callable[[str], None],
 ) -> tuple[str, dict[str, float], dict[str, float]]:
-    """Fastest exact candidate: each trains throwaway copies on ``batches`` (first step untimed),
-    candidates interleaved step by step. Returns (choice, seconds per step, loss error)."""
+    """Fastest exact candidate: each trains a throwaway copy on ``batches`` (the first step
+    untimed), the candidates raced step by step (``autotune.race``). Returns (choice, seconds
+    per step, loss error)."""
     tol = 5e-2 if bf16 else 1e-4
     errors: dict[str, float] = {}
-    runs = {}
+    steps: dict[str, Callable[[int], float]] = {}
     ref_loss = None
     if reference is not None:
         ref_loss = layout_loss(base, reference[0], targets, reference[1], spec, bf16)
@@ -322,40 +125,33 @@ def pick_attention(
             if errors[name] > tol:
                 log(f"attention {name}: not exact (|Δloss| = {errors[name]:.2e}), skipped")
                 continue
-        runs[name] = (m, make_optimizer(m, spec), layout, [])
-    if not runs:
+        steps[name] = partial(
+            _step_of, m, make_optimizer(m, spec), batches, targets, layout, spec, bf16
+        )
+    times = race(steps, len(batches) - 1)
+    if not times:
         raise ConfigError(
             f"no usable attention among {candidates}; install one or pick --attention"
         )
-    for i, batch in enumerate(batches):
-        for m, opt, layout, times in runs.values():
-            dt, _ = train_step(m, opt, batch, targets, layout, spec, bf16)
-            if i:
-                times.append(dt)
-    per_step = {n: sum(r[3]) / max(1, len(r[3])) for n, r in runs.items()}
+    per_step = {n: sum(t) / max(1, len(t)) for n, t in times.items()}
     return min(per_step, key=per_step.get), per_step, errors
 
 
+def _step_of(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    batches: list[PackedBatch],
+    targets: Targets,
+    layout: Layout,
+    spec: StepSpec,
+    bf16: bool,
+    i: int,
+) -> float:
+    """Seconds of step ``i`` (on ``batches[i]``) of one candidate's race."""
+    return train_step(model, opt, batches[i], targets, layout, spec, bf16)[0]
+
+
 # ---------------------------------------------------------------- the pipeline's choice
-@dataclass(frozen=True)
-class RoundSpec(StepSpec):
-    """``train_round``'s settings beyond one step, by ``TrainConfig``'s names and defaults (no
-    pydantic on a bare box); ``epochs_per_round`` high so the steps asked for are taken."""
-
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 10
-    steps_per_round: int = 1
-    epochs_per_round: float = 100.0
-    rows_per_step: int = 4
-
-
-@dataclass(frozen=True)
-class RowSpec:
-    """``PackConfig``'s one field ``train_round`` reads."""
-
-    max_seq_len: int
-
-
 def kernel_selection(
     config: Any,
     dev: torch.device,
@@ -367,14 +163,13 @@ def kernel_selection(
     """What ``train.attention: auto`` picks for this student on these rows (one measurement,
     remembered by this process), with the probe's times and the device's candidates that could
     not run here and why (``unavailable``)."""
-    shape = Shape.bucket(
-        backward=True,
+    shape = Shape.learner(
         rows=rows_per_step,
         row_len=max_seq_len,
         seq_len=seq_len,
         threads=torch.get_num_threads(),
         device=dev.type,
-        dtype="bfloat16" if dev.type == "cuda" and bf16 else "float32",  # as stage_shapes
+        bf16=bf16,
     )
     c = select(config, shape)
     return {
@@ -401,68 +196,54 @@ def time_learner(
     log: Callable[[str], None],
 ) -> dict[str, Any]:
     """``train_round`` (the NPD learner as the train stage calls it) on ``rows`` with each
-    kernel in ``names``: copies of one initial student, the same rows in the same order. One
-    untimed step each, then ``steps`` timed ones in two halves, the order of the kernels
-    reversed for the second so that drifting background load hits all alike."""
+    kernel in ``names``: copies of one initial student, the same rows in the same order, raced
+    (``autotune.race``): one untimed step each, then ``steps`` timed ones in two halves, the
+    kernels taking turns in reversed order for the second. The learner's default settings,
+    ``epochs_per_round`` high so that the steps asked for are taken."""
     half = max(1, steps // 2)
-    row_spec = RowSpec(max_seq_len)
-    runs = {}
-    for name in names:
-        m = with_attention(base, name)
-        runs[name] = {"model": m, "opt": make_optimizer(m, StepSpec()), "s": 0.0, "steps": 0}
+    spec = StepSpec(rows_per_step=rows_per_step, epochs_per_round=100.0)
+    first: dict[str, float] = {}
+    taken = dict.fromkeys(names, 0)
 
-    def go(name: str, n: int, start: int) -> Any:
-        r = runs[name]
-        spec = RoundSpec(steps_per_round=n, rows_per_step=rows_per_step)
-        t0 = time.perf_counter()
-        stats = train_round(
-            r["model"], r["opt"], samples, targets, rows, spec, row_spec,  # type: ignore[arg-type]
-            start_step=start, total_steps=1 + 2 * half, seed=seed, pad_id=0, bf16=bf16,
-        )  # fmt: skip
-        return time.perf_counter() - t0, stats
+    def go(name: str) -> Callable[[int], float]:
+        model = with_attention(base, name)
+        opt = make_optimizer(model, spec)
 
-    first = {}
-    for name in names:
-        _, stats = go(name, 1, 0)
-        first[name] = stats.log[0].loss
-    for k, order in enumerate((names, names[::-1])):
-        for name in order:
-            dt, stats = go(name, half, 1 + k * half)
-            runs[name]["s"] += dt
-            runs[name]["steps"] += stats.steps
+        def run(i: int) -> float:
+            n, start = (1, 0) if i == 0 else (half, 1 + (i - 1) * half)
+            t0 = time.perf_counter()
+            stats = train_round(
+                model, opt, samples, targets, rows, replace(spec, steps_per_round=n), max_seq_len,
+                start_step=start, total_steps=1 + 2 * half, seed=seed, pad_id=0, bf16=bf16,
+            )  # fmt: skip
+            dt = time.perf_counter() - t0
+            if i == 0:
+                first[name] = stats.log[0].loss
+            else:
+                taken[name] += stats.steps
+            return dt
+
+        return run
+
+    times = race({name: go(name) for name in names}, 2)
     out = {
         name: {
-            "s_per_step": r["s"] / max(1, r["steps"]),
-            "steps": r["steps"],
+            "s_per_step": sum(t) / max(1, taken[name]),
+            "steps": taken[name],
             "first_step_loss": first[name],
         }
-        for name, r in runs.items()
+        for name, t in times.items()
     }
-    ref = first[names[0]]
+    ref = first[next(iter(out))]
     log("learner: " + ", ".join(f"{n} {1e3 * v['s_per_step']:.1f} ms/step" for n, v in out.items()))
     return {
         "kernels": out,
         "fastest": min(out, key=lambda n: out[n]["s_per_step"]),
-        "max_abs_first_loss_diff": max(abs(first[n] - ref) for n in names),
+        "max_abs_first_loss_diff": max(abs(first[n] - ref) for n in out),
     }
 
 
 # ---------------------------------------------------------------- the bench
-def device_name(dev: torch.device) -> str:
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    return f"cpu ({torch.get_num_threads()} threads)"
-
-
-def peak_flops(dev: torch.device, peak_tflops: float | None) -> float | None:
-    if peak_tflops:
-        return peak_tflops * 1e12
-    if dev.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(dev)
-    return next((v for key, v in PEAK_BF16 if key in name), None)
-
-
 def run_bench(
     *,
     n_samples: int = 2048,

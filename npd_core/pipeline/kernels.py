@@ -3,7 +3,7 @@
 Roles: ``train`` (the learner: forward and backward on rows of ``pack.max_seq_len``),
 ``score_teacher`` and ``score_student`` (the hf backend's packed scoring forwards). A role's
 knob (``train.attention``, ``score.attention``) pins its kernel; ``auto`` times the device's
-exact kernels (``attention.select``) on the stage's shape bucket, cached in
+exact kernels (``autotune.select``) on the stage's shape bucket, cached in
 ``<out>/kernels.json`` so later runs in the same directory reuse the measurement; scoring on
 CPU takes the per-sequence kernel unmeasured, so that its scores do not depend on how a round is
 sharded (``PER_SEQUENCE_SCORING``). The choice is
@@ -27,17 +27,9 @@ from transformers import AutoConfig
 from npd_core.config import NPDConfig
 from npd_core.data import read_prompts
 from npd_core.errors import ConfigError
-from npd_core.method.attention import (
-    KERNELS,
-    VARLEN,
-    Choice,
-    Shape,
-    fixed_kernel,
-    kernels,
-    select,
-    unavailable,
-)
+from npd_core.method.attention import VARLEN, fixed_kernel
 from npd_core.models import device, format_prompts, frozen_dtype, load_tokenizer, use_bf16
+from npd_core.pipeline.autotune import KERNELS, Choice, Shape, kernels, select, unavailable
 from npd_core.pipeline.spec import RunSpec
 
 ENV = "NPD_ATTENTION"
@@ -148,15 +140,13 @@ def stage_shapes(spec: RunSpec, cfg: NPDConfig, dev: str) -> dict[str, Shape]:
     row = max((len(x) for x in ids), default=1) + new
     frozen = str(frozen_dtype(cfg.models.frozen_dtype)).removeprefix("torch.")
     return {
-        "train": Shape.bucket(
-            backward=True,
+        "train": Shape.learner(
             rows=cfg.train.rows_per_step,
             row_len=msl,
-            seq_len=min(seq, msl),
+            seq_len=seq,
             threads=threads,
             device=dev,
-            # on CUDA the learner computes under bf16 autocast (the flash kernels need 16 bits)
-            dtype="bfloat16" if dev == "cuda" and use_bf16(cfg.models.bf16) else "float32",
+            bf16=use_bf16(cfg.models.bf16),
         ),
         "score": Shape.bucket(
             backward=False,

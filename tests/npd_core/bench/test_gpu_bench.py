@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from npd_core.bench import gpu
-from npd_core.method.attention import KERNELS
+from npd_core.pipeline.autotune import KERNELS
 
 SECTIONS = ["device", "train", "generate", "score", "onpolicy_step", "projection"]
 

@@ -1,4 +1,4 @@
-"""The packing benchmark's helpers (synthetic lengths, the length-grouped baseline sampler) and
+"""The packing benchmark's workload (synthetic lengths, the length-grouped baseline sampler) and
 a tiny run of the benchmark itself on CPU, with the kernel selection and the learner timed per
 kernel."""
 
@@ -10,12 +10,13 @@ import statistics
 import pytest
 
 from npd_core.bench import packing as bench_packing
+from npd_core.bench import workload
 from npd_core.method.attention import SDPA, VARLEN
 
 
 def test_length_grouped_batches_match_the_trainer_sampler():
-    lens = [p + r for p, r in bench_packing.synthetic_lengths(1000, 60, 400, seed=0)]
-    batches = bench_packing.length_grouped_batches(lens, 10, seed=0)  # mega-batch 25 × 10
+    lens = [p + r for p, r in workload.synthetic_lengths(1000, 60, 400, seed=0)]
+    batches = workload.length_grouped_batches(lens, 10, seed=0)  # mega-batch 25 × 10
     assert sorted(i for b in batches for i in b) == list(range(1000))
     assert all(len(b) == 10 for b in batches)
     assert max(lens[i] for i in batches[0]) == max(lens)  # longest first (OOM early)
@@ -25,7 +26,7 @@ def test_length_grouped_batches_match_the_trainer_sampler():
 
 
 def test_synthetic_lengths_have_the_asked_median_and_p99():
-    pairs = bench_packing.synthetic_lengths(20000, 60, 400, seed=0)
+    pairs = workload.synthetic_lengths(20000, 60, 400, seed=0)
     tot = sorted(p + r for p, r in pairs)
     assert min(min(p, r) for p, r in pairs) >= 1
     assert abs(statistics.median(tot) - 60) <= 4

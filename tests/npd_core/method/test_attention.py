@@ -1,11 +1,9 @@
 """Attention over packed rows: the varlen kernel equals SDPA with a block-diagonal mask, and in
 a packed row (``position_ids`` restarting per sequence) no sequence sees another, under every
-attention implementation the trainer may use; the choice among them (``select``) measures once
-per shape bucket, and without a choice the learner keeps the fixed kernel."""
+attention implementation the trainer may use; without a choice the learner keeps the fixed
+kernel (the choice itself: tests/npd_core/pipeline/test_autotune.py)."""
 
 from __future__ import annotations
-
-import json
 
 import pytest
 import torch
@@ -83,62 +81,3 @@ def test_for_training_without_a_choice_keeps_the_fixed_kernel_and_restores():
     with attention.packed_attention(model, None) as m:  # a role without a choice: unchanged
         assert m.config._attn_implementation == attention.SDPA
     assert model.config._attn_implementation == "sdpa"
-
-
-def test_buckets_round_lengths_to_the_nearest_of_a_half_octave_grid():
-    got = [attention.bucket_len(n) for n in (1, 8, 9, 11, 13, 16.9, 21, 200, 256, 300, 330)]
-    assert got == [8, 8, 8, 12, 12, 16, 24, 192, 256, 256, 384]
-    s = attention.Shape.bucket(backward=True, rows=16, row_len=256, seq_len=300, threads=0)
-    assert (s.rows, s.row_len, s.seq_len, s.threads) == (attention.PROBE_ROWS, 256, 256, 1)
-
-
-def test_the_probe_times_every_cpu_kernel_on_packed_rows():
-    cfg = student("sdpa").config
-    shape = attention.Shape.bucket(backward=True, rows=2, row_len=32, seq_len=8, threads=1)
-    ids, pos = attention.probe_rows(shape, vocab=48)
-    assert ids.shape == pos.shape == (2, 32) and (pos[:, 0] == 0).all()
-    step = pos[:, 1:] - pos[:, :-1]
-    assert (pos == 0).sum(-1).min() >= 3 and ((step == 1) | (pos[:, 1:] == 0)).all()  # seq 4–12
-    seconds = attention.measure(cfg, shape, attention.kernels("cpu"), reps=1)
-    assert set(seconds) == {attention.SDPA, attention.VARLEN} and min(seconds.values()) > 0
-
-
-def test_a_kernel_that_fails_its_warm_up_loses_the_race_instead_of_failing_it():
-    def broken(*args, **kwargs):
-        raise RuntimeError("FlashAttention only supports Ampere GPUs or newer.")
-
-    from transformers import AttentionInterface
-
-    AttentionInterface.register("broken_for_test", broken)
-    cfg = student("sdpa").config
-    shape = attention.Shape.bucket(backward=True, rows=2, row_len=32, seq_len=8, threads=1)
-    seconds = attention.measure(cfg, shape, ["broken_for_test", attention.SDPA], reps=1)
-    assert seconds["broken_for_test"] == float("inf") and 0 < seconds[attention.SDPA] < 1e9
-
-
-def test_select_measures_once_per_bucket_and_keeps_it_across_processes(tmp_path, monkeypatch):
-    """Same bucket: measured once (this process remembers; a new process reads the cache
-    file); another thread count is another bucket. The fastest median wins, stock SDPA within
-    5% of it."""
-    calls = []
-    medians = {1: (2.0, 1.0), 2: (1.0, 2.0), 3: (1.04, 1.0)}  # threads → (sdpa, sdpa_varlen) s
-
-    def fake(config, shape, names, reps):
-        calls.append(shape.threads)
-        return dict(zip((attention.SDPA, attention.VARLEN), medians[shape.threads], strict=True))
-
-    monkeypatch.setattr(attention, "_CHOICES", {})
-    cfg, cache = student("sdpa").config, tmp_path / "kernels.json"
-    one = attention.Shape.bucket(backward=True, rows=4, row_len=64, seq_len=16, threads=1)
-    two = attention.Shape.bucket(backward=True, rows=4, row_len=64, seq_len=16, threads=2)
-    first = attention.select(cfg, one, cache=cache, measure_fn=fake)
-    assert (first.kernel, first.source) == (attention.VARLEN, "measured")
-    assert attention.select(cfg, one, cache=cache, measure_fn=fake).source == "cached"
-    monkeypatch.setattr(attention, "_CHOICES", {})  # as a fresh process
-    again = attention.select(cfg, one, cache=cache, measure_fn=fake)
-    assert (again.kernel, again.source) == (attention.VARLEN, "cached")
-    assert again.seconds == first.seconds
-    assert attention.select(cfg, two, cache=cache, measure_fn=fake).kernel == attention.SDPA
-    three = attention.Shape.bucket(backward=True, rows=4, row_len=64, seq_len=16, threads=3)
-    assert attention.select(cfg, three, cache=cache, measure_fn=fake).kernel == attention.SDPA
-    assert calls == [1, 2, 3] and len(json.loads(cache.read_text())) == 3

@@ -1,4 +1,4 @@
-"""Packed attention on CUDA (``attention.KERNELS["cuda"]``): every kernel, packed == unpacked
+"""Packed attention on CUDA (``autotune.KERNELS["cuda"]``): every kernel, packed == unpacked
 (loss and gradients within 1e-3 in bf16 under autocast, 1e-5 in fp32, where it computes in
 fp32) on a CUDA device, skipped with the reason elsewhere. On any machine: what the CUDA kernels
 share (cu_seqlens from position ids, the cast to autocast's dtype, the reshapes) against SDPA
@@ -19,10 +19,11 @@ from npd_core.errors import ConfigError
 from npd_core.method import attention
 from npd_core.method.packing import collate, pack
 from npd_core.method.train import step_loss
+from npd_core.pipeline import autotune
 from npd_core.pipeline.kernels import _runs_here
 
 CUDA = torch.cuda.is_available()
-NAMES = [k.name for k in attention.KERNELS["cuda"]]
+NAMES = [k.name for k in autotune.KERNELS["cuda"]]
 
 
 def _block_diagonal_sdpa(q, k, v, pos, scale=None):
@@ -131,13 +132,11 @@ def test_torch_varlen_speaks_every_spelling_of_varlen_attn(spelling, monkeypatch
 
 
 def test_cpu_candidates_are_unchanged_and_cuda_ones_say_why_they_cannot_run():
-    assert (
-        attention.kernels("cpu") == ["sdpa", "sdpa_varlen"] and attention.unavailable("cpu") == {}
-    )
+    assert autotune.kernels("cpu") == ["sdpa", "sdpa_varlen"] and autotune.unavailable("cpu") == {}
     assert NAMES == ["torch_varlen", "flex_document", "sdpa", "flash_varlen"]
-    half_only = attention.unavailable("cuda", "float32")
+    half_only = autotune.unavailable("cuda", "float32")
     if not CUDA:
-        assert attention.kernels("cuda") == ["sdpa"]
+        assert autotune.kernels("cuda") == ["sdpa"]
         assert all(w.startswith("CUDA only") or "flash-attn" in w for w in half_only.values())
         with pytest.raises(ConfigError, match="train.attention: torch_varlen cannot run here"):
             _runs_here("train.attention", "torch_varlen")
@@ -169,7 +168,7 @@ def _loss_and_grads(model, batch, targets, padded: bool, bf16: bool):
 def test_cuda_kernel_packed_equals_unpacked(name, dtype):
     if not CUDA:
         pytest.skip("no CUDA device here: the CUDA kernels' exactness runs where CUDA exists")
-    why = attention.unavailable("cuda", dtype).get(name)
+    why = autotune.unavailable("cuda", dtype).get(name)
     if why:
         pytest.skip(f"{name}: {why}")
     tol = 1e-3 if dtype == "bfloat16" else 1e-5

@@ -11,13 +11,13 @@ import torch
 from hypothesis import HealthCheck, settings
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from npd_core.method import attention
 from npd_core.method.packing import Sample
 from npd_core.method.train import Targets
+from npd_core.pipeline.autotune import kernels
 
 VOCAB, PAD, K = 48, 0, 4
-# every exact kernel the CPU choice may pick (attention.KERNELS), and eager
-ATTENTIONS = [*attention.kernels("cpu"), "eager"]
+# every exact kernel the CPU choice may pick (autotune.KERNELS), and eager
+ATTENTIONS = [*kernels("cpu"), "eager"]
 # hypothesis settings of the tests that run the model (each example is a forward or two)
 FAST = settings(
     max_examples=20,

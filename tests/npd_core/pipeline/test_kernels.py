@@ -11,8 +11,9 @@ from transformers import Qwen2Config
 
 from npd_core.config import NPDConfig
 from npd_core.errors import ConfigError
-from npd_core.method.attention import SDPA, VARLEN, Choice, Shape
+from npd_core.method.attention import SDPA, VARLEN
 from npd_core.pipeline import kernels
+from npd_core.pipeline.autotune import Choice, Shape
 from npd_core.pipeline.spec import RunSpec
 
 
