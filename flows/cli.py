@@ -21,7 +21,13 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from flows.bench import bench_app
@@ -63,13 +69,19 @@ class Bars:
             BarColumn(),
             TextColumn("{task.completed}/{task.total}"),
             TimeElapsedColumn(),
+            TimeRemainingColumn(),
             console=err,
             disable=not enabled,
             transient=False,
         )
 
     def __call__(self, stage: str, r: int, total: int):
-        task = self.progress.add_task(f"r{r} {stage}", total=total)
+        return self.phase(f"r{r} {stage}", total)
+
+    def phase(self, description: str, total: int):
+        """A bar of ``total`` steps; returns its ``advance`` (also an embedded world's build
+        progress, ``npd_core.toy.world.BuildProgress``)."""
+        task = self.progress.add_task(description, total=total)
         return lambda n: self.progress.advance(task, n)
 
 
@@ -179,7 +191,11 @@ def demo(
     cfg = load_config(config, overrides)
     from flows.spec import resolve_spec  # after the config: a bad one fails before torch loads
 
-    spec, built = resolve_spec(cfg, out, new_run_id(), log=lambda m: err.print(m), world=world)
+    build = Bars(True)
+    with build.progress:
+        spec, built = resolve_spec(
+            cfg, out, new_run_id(), log=err.print, world=world, progress=build.phase
+        )
     if built is not None:
         err.print(
             f"{world} world: teacher {built.teacher_score:.1f}, student "

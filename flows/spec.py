@@ -16,7 +16,7 @@ from npd_core.pipeline.spec import RunSpec
 from npd_core.pipeline.preflight import check_backends, check_run
 from npd_core.store import Store
 from npd_core.store.lineage import used_prompt_ids
-from npd_core.toy.world import WORLDS, ToyWorld, build_toy_world, world_spec
+from npd_core.toy.world import WORLDS, BuildProgress, ToyWorld, build_toy_world, world_spec
 
 
 def resolve_spec(
@@ -25,6 +25,7 @@ def resolve_spec(
     run_id: str,
     log: Callable[[str], None] = print,
     world: str = "toy",
+    progress: BuildProgress | None = None,
 ) -> tuple[dict[str, Any], ToyWorld | None]:
     """The run's spec as plain data (and the embedded world ``world`` when the config leaves a
     model or a prompt file out); raises a one-line NPDError on a bad input. Without the world
@@ -43,7 +44,7 @@ def resolve_spec(
         ws = world_spec(world)
         apply_world_defaults(cfg, ws.config_defaults())
         Store(out)
-        built = build_toy_world(out / "toy", ws, log=log)
+        built = build_toy_world(out / "toy", ws, log=log, progress=progress)
         paths = {k: v or str(getattr(built, k)) for k, v in paths.items()}
     for role in ("teacher", "student"):  # a .gguf file runs as its plain checkpoint, made once
         paths[role] = local_model(paths[role], out / GGUF_CACHE)

@@ -6,5 +6,5 @@ from __future__ import annotations
 
 import re
 
-METRIC_NAMES = ("exact", "normalized", "contains", "boxed", "gsm8k", "final_line", "regex")
+METRIC_NAMES = ("exact", "normalized", "contains", "boxed", "gsm8k", "final_line", "lines", "regex")
 PYTHON_METRIC = re.compile(r"python:([A-Za-z_][\w.]*):([A-Za-z_]\w*)")  # a user's own

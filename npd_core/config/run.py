@@ -39,7 +39,8 @@ class EvalConfig(Section):
         description="how a response is graded against the prompt's answer: exact (the whole "
         "response, spaces collapsed), normalized (also case and punctuation), contains, regex "
         "(eval.answer_regex), boxed (the last \\boxed{...}), gsm8k (the number after ####), "
-        "final_line (its last non-empty line), or python:module:function (your own "
+        "final_line (its last non-empty line), lines (the fraction of the reference's lines "
+        "matched in place), or python:module:function (your own "
         "(prediction, reference) -> float, importable)",
     )
     answer_regex: str | None = Field(

@@ -92,6 +92,15 @@ def final_line_match(prediction: str, reference: str) -> float:
     return float(final_line(prediction) == final_line(reference))
 
 
+def lines(prediction: str, reference: str) -> float:
+    """The fraction of the reference's lines the prediction has at the same place (each line
+    whitespace-normalized; blank lines at either end dropped): partial credit per line, so one
+    wrong line of eight scores 0.875."""
+    want = reference.strip("\n").split("\n")
+    got = prediction.strip("\n").split("\n")
+    return sum(normalize(g) == normalize(w) for g, w in zip(got, want, strict=False)) / len(want)
+
+
 def boxed(prediction: str, reference: str) -> float:
     got, want = last_boxed(prediction), last_boxed(reference)
     return float(got is not None and _same(got, reference if want is None else want))
@@ -124,6 +133,7 @@ METRICS: dict[str, Metric] = {
     "boxed": boxed,
     "gsm8k": gsm8k,
     "final_line": final_line_match,
+    "lines": lines,
 }
 assert set(METRIC_NAMES) == {*METRICS, "regex"}, "name each metric in npd_core/metric_names.py"
 # the name an eval row records, where it differs from the config's (rows written before the

@@ -25,9 +25,8 @@ and the README).
 
 from __future__ import annotations
 
-import random
-
-from npd_core.toy.task import WORDS, build_tokenizer
+from npd_core.toy import task
+from npd_core.toy.task import build_tokenizer
 
 __all__ = [
     "build_tokenizer",
@@ -79,14 +78,4 @@ def trace_tokens(n: int) -> int:
 
 def make_examples(n: int, seed: int, min_len: int, max_len: int) -> list[dict]:
     """``n`` examples with distinct prompts of ``min_len``–``max_len`` words (uniform)."""
-    rng = random.Random(seed)
-    out: list[dict] = []
-    seen: set[str] = set()
-    while len(out) < n:
-        xs = [rng.choice(WORDS) for _ in range(rng.randint(min_len, max_len))]
-        prompt = "sort " + " ".join(xs) + " ="
-        if prompt in seen:
-            continue
-        seen.add(prompt)
-        out.append({"id": f"l{seed}-{len(out)}", "prompt": prompt, "answer": solve(prompt)})
-    return out
+    return task.make_examples(n, seed, min_len, max_len, solve, id_prefix="l")

@@ -24,6 +24,7 @@ then EOS: byte-level words carry their leading space).
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
@@ -74,16 +75,28 @@ def solve(prompt: str) -> str:
     return " ".join(sorted(prompt.removeprefix("sort").rstrip("=").split()))
 
 
-def make_examples(n: int, seed: int) -> list[dict]:
-    """``n`` examples with distinct prompts, so any slicing into splits is disjoint."""
+def make_examples(
+    n: int,
+    seed: int,
+    min_len: int = MIN_LEN,
+    max_len: int = MAX_LEN,
+    solve: Callable[[str], str] = solve,
+    id_prefix: str = "s",
+) -> list[dict]:
+    """``n`` examples with distinct prompts of ``min_len``–``max_len`` words (uniform), so any
+    slicing into splits is disjoint; ids ``<id_prefix><seed>-<i>``. Every world draws its
+    prompts here (the answer is its own ``solve``), so the same seed and lengths give the
+    same prompts in every world."""
     rng = random.Random(seed)
     out: list[dict] = []
     seen: set[str] = set()
     while len(out) < n:
-        xs = [rng.choice(WORDS) for _ in range(rng.randint(MIN_LEN, MAX_LEN))]
+        xs = [rng.choice(WORDS) for _ in range(rng.randint(min_len, max_len))]
         prompt = "sort " + " ".join(xs) + " ="
         if prompt in seen:
             continue
         seen.add(prompt)
-        out.append({"id": f"s{seed}-{len(out)}", "prompt": prompt, "answer": solve(prompt)})
+        out.append(
+            {"id": f"{id_prefix}{seed}-{len(out)}", "prompt": prompt, "answer": solve(prompt)}
+        )
     return out

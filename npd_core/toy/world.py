@@ -1,16 +1,19 @@
 """The embedded worlds: a verifiable synthetic task, a real HF tokenizer, a Qwen2 teacher
 trained here to ≥ 90% held-out exact match, and a smaller student warm-started well below it.
 
-Two worlds (``WORLDS``): ``toy`` (``ToySpec``: sort a short list, answers of ~8 tokens; the
-teacher's prefill dominates an on-policy step) and ``long`` (``LongSpec``: the selection-sort
-trace of ``npd_core.toy.long_task``, answers of ~80 tokens graded on their final line; student
-decoding dominates an on-policy step, as at model scale). A spec also names the config defaults
-its world needs (``config_defaults``: response and row lengths, the metric).
+Three worlds (``WORLDS``): ``toy`` (``ToySpec``: sort a short list, answers of ~8 tokens; the
+teacher's prefill dominates an on-policy step), ``long`` (``LongSpec``: the selection-sort
+trace of ``npd_core.toy.long_task``, answers of ~70 tokens graded on their final line; student
+decoding dominates an on-policy step, as at model scale) and ``views`` (``ViewsSpec``: eight
+views of the list, one a line, ~60 tokens graded per line; decoding-bound, errors stay local).
+A spec also names the config defaults its world needs (``config_defaults``: response and row
+lengths, the metric).
 
 Nothing can be downloaded on the machines this runs on, so the project builds its own models.
-A world is cached by a hash of its spec under ``<cache>/toy-<hash>/`` (``long-<hash>/``): the
-second run reuses it. Teacher and student are plain ``save_pretrained`` directories that
-``AutoModelForCausalLM.from_pretrained`` loads with nothing of ours imported.
+A world is cached by a hash of its spec under ``<cache>/<world>-<hash>/``: the second run reuses
+it. The build reports each model's training and scoring to a ``BuildProgress`` callback (the CLI
+draws it as a progress bar with an ETA). Teacher and student are plain ``save_pretrained``
+directories that ``AutoModelForCausalLM.from_pretrained`` loads with nothing of ours imported.
 """
 
 from __future__ import annotations
@@ -34,10 +37,12 @@ from npd_core.method.evaluate import exact_match, greedy_responses
 from npd_core.method.packing import Sample, packed_rows
 from npd_core.method.train import StepLog, make_optimizer, train_round
 from npd_core.models import n_params, save_checkpoint
-from npd_core.toy import long_task
+from npd_core.toy import long_task, views_task
 from npd_core.toy import task as toy_task
 
 WORLD_FILE = "world.json"
+# progress(description, total) → advance(n): a bar per phase of the build (``build_toy_world``)
+BuildProgress = Callable[[str, int], Callable[[int], None]]
 
 
 @dataclass(frozen=True)
@@ -52,8 +57,15 @@ class ModelSpec:
     lr: float
 
 
+class _Digest:
+    """The cache key of a world: a hash of its spec's fields (not of what the build makes)."""
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
 @dataclass(frozen=True)
-class ToySpec:
+class ToySpec(_Digest):
     n_train: int = 4000  # distillation prompts
     n_eval: int = 1000  # held-out prompts
     n_fit: int = 30000  # extra examples the teacher and warm start learn from (disjoint)
@@ -66,9 +78,6 @@ class ToySpec:
     # teacher step 15× slower (33 s against 2.2 s at one thread), the build hours long
     bf16: bool = False
     task: str = field(default_factory=lambda: toy_task.__doc__.splitlines()[0])
-
-    def digest(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
 
     # the task, as the builder uses it (methods, not fields: the digest covers fields only)
     prefix = "toy"
@@ -100,7 +109,7 @@ class ToySpec:
 
 
 @dataclass(frozen=True)
-class LongSpec:
+class LongSpec(_Digest):
     """The long-answer world: selection-sort traces of ``min_len``–``max_len`` words
     (``long_task``), ``n² − 1`` response tokens each (68.8 on average, 15–143), graded on the
     final line. Sizes chosen by a time-boxed search against the headline issue's criteria
@@ -136,9 +145,6 @@ class LongSpec:
         """The longest trace plus EOS, with a line to spare."""
         return long_task.trace_tokens(self.max_len) + self.max_len + 1
 
-    def digest(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
-
     def examples(self, n: int) -> list[dict]:
         return long_task.make_examples(n, self.seed, self.min_len, self.max_len)
 
@@ -172,8 +178,78 @@ class LongSpec:
         )
 
 
-WORLDS: dict[str, type[ToySpec] | type[LongSpec]] = {"toy": ToySpec, "long": LongSpec}
-WorldSpec = ToySpec | LongSpec
+@dataclass(frozen=True)
+class ViewsSpec(_Digest):
+    """The views world: eight views of a list of ``min_len``–``max_len`` words, one a line
+    (``views_task``), 44–70 response tokens (≈ 60), graded per line (``eval.metric: lines``).
+    The student's warm start is SFT on true answers until its held-out curve has flattened
+    (``student.train_steps``, checked by gate M2: ``npd_core.toy.gates``), as GKD and MiniLLM
+    start on-policy distillation from an SFT-trained student."""
+
+    n_train: int = 4000
+    n_eval: int = 1000  # 5 points of per-line accuracy are several standard errors
+    n_fit: int = 30000
+    teacher: ModelSpec = ModelSpec(128, 3, 2, 384, 2000, 3e-3)  # 0.65 M params
+    student: ModelSpec = ModelSpec(64, 2, 1, 128, 3000, 3e-3)  # 0.09 M
+    min_len: int = 5
+    max_len: int = 8
+    rows_per_step: int = 8
+    max_seq_len: int = 512
+    seed: int = 0
+    bf16: bool = False
+    task: str = field(default_factory=lambda: views_task.__doc__.splitlines()[0])
+
+    prefix = "views"
+    metric = "lines"
+    # a round carries about the toy's response tokens (2,048 × ~9): 256 × ~60 ≈ 15 k, as the
+    # long world's round
+    round_prompts = 256
+    # a tenth of the warm start's peak lr: the student starts SFT-converged
+    train_lr = 3e-4
+
+    @property
+    def max_new_tokens(self) -> int:
+        """1.3× the longest true answer (EOS included), rounded up."""
+        longest = "sort " + " ".join(toy_task.WORDS[: self.max_len]) + " ="
+        return -(-13 * views_task.answer_tokens(longest) // 10)
+
+    def examples(self, n: int) -> list[dict]:
+        return views_task.make_examples(n, self.seed, self.min_len, self.max_len)
+
+    def response_text(self, answer: str) -> str:
+        return views_task.response_text(answer)
+
+    def config_defaults(self) -> dict:
+        """Round size, learning rate, response cap, row length and metric for runs on this
+        world (a config that sets them keeps its own)."""
+        return {
+            "data": {"prompts_per_round": self.round_prompts},
+            "train": {"lr": self.train_lr},
+            "generate": {"max_new_tokens": self.max_new_tokens},
+            "pack": {"max_seq_len": self.max_seq_len},
+            "eval": {"metric": self.metric},
+        }
+
+    @classmethod
+    def tiny(cls) -> ViewsSpec:
+        """Seconds to build; for tests of the pipeline, not of the method."""
+        return cls(
+            n_train=64,
+            n_eval=32,
+            n_fit=256,
+            teacher=ModelSpec(64, 1, 1, 128, 4, 3e-3),
+            student=ModelSpec(64, 1, 1, 128, 2, 3e-3),
+            rows_per_step=4,
+            max_seq_len=128,
+        )
+
+
+WORLDS: dict[str, type[ToySpec] | type[LongSpec] | type[ViewsSpec]] = {
+    "toy": ToySpec,
+    "long": LongSpec,
+    "views": ViewsSpec,
+}
+WorldSpec = ToySpec | LongSpec | ViewsSpec
 
 
 @dataclass
@@ -221,10 +297,17 @@ def score_exact(
     bf16: bool = False,
     metric: str = "exact",
     batch_size: int = 512,
+    progress: Callable[[int], None] | None = None,
 ) -> float:
     ids = [tok(p.prompt)["input_ids"] for p in prompts]
     resp = greedy_responses(
-        model, tok, ids, max_new_tokens=max_new_tokens, batch_size=batch_size, bf16=bf16
+        model,
+        tok,
+        ids,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        bf16=bf16,
+        progress=progress,
     )
     texts = [tok.decode(r, skip_special_tokens=True) for r in resp]
     return exact_match(texts, [p.answer for p in prompts], metric).score
@@ -292,10 +375,12 @@ def build_toy_world(
     spec: WorldSpec | None = None,
     log: Callable[[str], None] = print,
     watch: Callable[[str, Qwen2ForCausalLM, list[Prompt]], Callable] | None = None,
+    progress: BuildProgress | None = None,
 ) -> ToyWorld:
     """Build (or load from the cache) the world described by ``spec`` (default: the toy).
     ``watch(name, model, held_out)`` may return an ``on_step`` for the training of ``name``
-    (the world search's curves); it must leave the model as it found it."""
+    (the world search's curves); it must leave the model as it found it. ``progress`` sees
+    each model's training steps and held-out scoring as they happen."""
     spec = spec or ToySpec()
     root = Path(cache) / f"{spec.prefix}-{spec.digest()}"
     if (root / WORLD_FILE).is_file():
@@ -325,10 +410,23 @@ def build_toy_world(
                 f"{spec.prefix} world: training {name} ({n_params(model) / 1e6:.2f} M params, "
                 f"{ms.train_steps} steps)"
             )
-            hook = watch(name, model, held) if watch else None
-            fit(model, tok, fit_set + train if name == "teacher" else fit_set, ms, spec, hook)
+            hooks = [watch(name, model, held) if watch else None]
+            if progress:
+                advance = progress(f"{spec.prefix} {name}: training", ms.train_steps)
+                hooks.append(lambda _entry, advance=advance: advance(1))
+            fit(
+                model, tok, fit_set + train if name == "teacher" else fit_set, ms, spec, _all(hooks)
+            )
             score = score_exact(
-                model, tok, held, spec.max_new_tokens, bf16=spec.bf16, metric=spec.metric
+                model,
+                tok,
+                held,
+                spec.max_new_tokens,
+                bf16=spec.bf16,
+                metric=spec.metric,
+                progress=progress(f"{spec.prefix} {name}: scoring", len(held))
+                if progress
+                else None,
             )
             took = time.time() - t1
             log(f"{spec.prefix} world: {name} held-out exact match {score:.1f} ({took:.0f} s)")
@@ -341,6 +439,19 @@ def build_toy_world(
         meta["build_s"] = round(time.time() - t0, 1)
         (tmp / WORLD_FILE).write_text(json.dumps(meta, indent=2))
     return _load(root)
+
+
+def _all(hooks: list[Callable[[StepLog], None] | None]) -> Callable[[StepLog], None] | None:
+    """One ``on_step`` that calls each of ``hooks`` (None when there is none)."""
+    live = [h for h in hooks if h is not None]
+    if not live:
+        return None
+
+    def on_step(entry: StepLog) -> None:
+        for hook in live:
+            hook(entry)
+
+    return on_step
 
 
 def _teacher_twin(root: Path, spec: WorldSpec) -> Path | None:

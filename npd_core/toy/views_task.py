@@ -1,0 +1,82 @@
+"""The views task: eight views of a list of 5-8 two-letter words, one line each, graded per line.
+
+The prompt is the toy's (``sort w1 … wn =``, the words ``aa``…``ej`` of ``npd_core.toy.task``,
+one token each). The answer is eight lines, each a one-letter view marker and then one view of
+the list (``VIEWS``)::
+
+    sort dc ab ej ab =   →   A ab ab dc ej        ascending
+                             D ej dc ab ab        descending
+                             U ab dc ej           unique, ascending
+                             W ej dc ab           unique, descending
+                             R ab ej ab dc        the prompt reversed
+                             S ab ab dc ej        by second letter, ties by the first
+                             L ab ab dc           the 3 smallest, ascending
+                             H ej dc ab           the 3 largest, descending
+
+which the model writes as ``"A ab ab dc ej\\nD ej dc ab ab\\n…"`` then EOS: each marker and each
+`` <word>`` is one token, as is a newline, so a list of ``n`` words with ``u`` distinct ones
+answers in ``4n + 2u + 22`` tokens with its EOS (``answer_tokens``; 70 at most). Why this task:
+the answer is long (≈ 60 tokens, so student decoding dominates an on-policy step, as at model
+scale) but each line depends only on the prompt and its marker, so an error stays in its line
+and a teacher can continue correctly after a wrong line (the long world's trace copied each line
+from the one before, and one error spoiled every later line). Graded per line (``eval.metric:
+lines``: the fraction of the eight reference lines matched in place), with whole-answer exact
+match beside it. Fixed, with its gate checks (``npd_core.toy.gates``), before any method was
+compared on it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from npd_core.toy import task
+from npd_core.toy.task import build_tokenizer
+
+__all__ = ["VIEWS", "answer_tokens", "build_tokenizer", "make_examples", "response_text", "solve"]
+
+TOP = 3  # words of the smallest/largest views
+
+
+def _unique(words: list[str]) -> list[str]:
+    return sorted(set(words))
+
+
+# marker → its view of the prompt's words, in answer order
+VIEWS: dict[str, Callable[[list[str]], list[str]]] = {
+    "A": sorted,
+    "D": lambda ws: sorted(ws, reverse=True),
+    "U": _unique,
+    "W": lambda ws: _unique(ws)[::-1],
+    "R": lambda ws: ws[::-1],
+    "S": lambda ws: sorted(ws, key=lambda w: (w[1], w[0])),
+    "L": lambda ws: sorted(ws)[:TOP],
+    "H": lambda ws: sorted(ws, reverse=True)[:TOP],
+}
+
+
+def prompt_words(prompt: str) -> list[str]:
+    return prompt.removeprefix("sort").rstrip("=").split()
+
+
+def solve(prompt: str) -> str:
+    """The true answer of a prompt: one line per view, ``<marker> <words>``."""
+    words = prompt_words(prompt)
+    return "\n".join(" ".join([m, *view(words)]) for m, view in VIEWS.items())
+
+
+def response_text(answer: str) -> str:
+    """The answer as the model writes it after the prompt: the lines as they are (the marker
+    opens each line; every word carries its leading space)."""
+    return answer
+
+
+def answer_tokens(prompt: str) -> int:
+    """Response tokens of the true answer, EOS included: four lines of ``n`` words, two of the
+    ``u`` distinct ones and two of ``TOP``, eight markers, seven newlines and the EOS."""
+    words = prompt_words(prompt)
+    return 4 * len(words) + 2 * len(set(words)) + 2 * TOP + len(VIEWS) + len(VIEWS) - 1 + 1
+
+
+def make_examples(n: int, seed: int, min_len: int, max_len: int) -> list[dict]:
+    """``n`` examples with distinct prompts of ``min_len``–``max_len`` words (uniform)."""
+    return task.make_examples(n, seed, min_len, max_len, solve, id_prefix="v")

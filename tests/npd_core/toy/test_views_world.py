@@ -1,0 +1,185 @@
+"""The views world: its eight views and their tokens, the per-line metric, the arithmetic of the
+gate checks on hand-made numbers, the world's sizes, the toy and long worlds' prompts unchanged by
+the shared prompt drawer, and the build's progress (a tiny spec: nothing here trains for long)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+from transformers import AutoTokenizer, Qwen2Config
+
+from npd_core.data import Prompt
+from npd_core.method.evaluate import exact_match
+from npd_core.toy import gates, views_task
+from npd_core.toy.world import LongSpec, ModelSpec, ToySpec, ViewsSpec, build_toy_world
+
+ANSWER = "\n".join(
+    [
+        "A ab ab dc ej",
+        "D ej dc ab ab",
+        "U ab dc ej",
+        "W ej dc ab",
+        "R ab ej ab dc",
+        "S ab ab dc ej",
+        "L ab ab dc",
+        "H ej dc ab",
+    ]
+)
+
+
+def test_eight_views_of_a_hand_made_list():
+    assert views_task.solve("sort dc ab ej ab =") == ANSWER
+    # by second letter, ties by the first: cb (b, c), ea (a, e), ab (b, a) → ea, ab, cb
+    assert views_task.solve("sort cb ea ab =").split("\n")[5] == "S ea ab cb"
+
+
+def test_views_hold_on_many_lists():
+    for ex in views_task.make_examples(300, seed=4, min_len=5, max_len=8):
+        ws = views_task.prompt_words(ex["prompt"])
+        got = {line[0]: line.split()[1:] for line in ex["answer"].split("\n")}
+        assert list(got) == list("ADUWRSLH")
+        assert got["A"] == sorted(ws) and got["D"] == sorted(ws)[::-1]
+        assert got["U"] == sorted(set(ws)) and got["W"] == sorted(set(ws))[::-1]
+        assert got["R"] == ws[::-1] and got["L"] == sorted(ws)[:3]
+        assert got["H"] == sorted(ws)[::-1][:3]
+        assert sorted(got["S"]) == sorted(ws)
+        assert [(w[1], w[0]) for w in got["S"]] == sorted((w[1], w[0]) for w in ws)
+
+
+def test_one_token_per_marker_word_and_newline(tmp_path):
+    ours = views_task.build_tokenizer()
+    ours.save_pretrained(tmp_path)
+    Qwen2Config(vocab_size=len(ours)).save_pretrained(tmp_path)
+    theirs = AutoTokenizer.from_pretrained(tmp_path)
+    lengths = []
+    for ex in views_task.make_examples(100, seed=3, min_len=5, max_len=8):
+        text = views_task.response_text(ex["answer"])
+        ids = ours(text)["input_ids"]
+        assert theirs(ex["prompt"] + text)["input_ids"] == ours(ex["prompt"] + text)["input_ids"]
+        assert len(ids) + 1 == views_task.answer_tokens(ex["prompt"])  # + EOS
+        assert ours.decode(ids) == text
+        lengths.append(len(ids) + 1)
+    assert min(lengths) >= 44 and max(lengths) <= 70
+
+
+def test_lines_metric_gives_credit_per_line_in_place():
+    lines = ANSWER.split("\n")
+    one_wrong = "\n".join(lines[:3] + ["W ej ab dc"] + lines[4:])
+    shifted = "\n".join(lines[1:])  # every line one place early
+    half = "\n".join(lines[:4])  # stopped after four lines
+    spaced = "\n".join("  " + x.replace(" ", "  ") + " " for x in lines) + "\n"
+    extra = ANSWER + "\nX ab"
+    texts = [ANSWER, one_wrong, shifted, half, spaced, extra]
+    res = exact_match(texts, [ANSWER] * len(texts), "lines")
+    assert res.correct.tolist() == [1.0, 0.875, 0.0, 0.5, 1.0, 1.0]
+    assert res.metric == "lines" and abs(res.score - 100 * 4.375 / 6) < 1e-9
+    whole = exact_match(texts, [ANSWER] * len(texts))  # beside it: all lines exact
+    assert whole.correct.tolist() == [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+
+
+def test_the_gates_grade_lines_in_place():
+    g = gates.grade([ANSWER, "A ab ab dc ej\nD x"], [ANSWER, ANSWER])
+    assert g.lines == 100 * (1 + 1 / 8) / 2 and g.exact == 50.0
+    assert g.line_hits[1] == [True] + [False] * 7
+
+
+@dataclass
+class Gen:
+    token_ids: list[int]
+    finished: bool
+
+
+def test_m4_arithmetic():
+    gens = [Gen([1] * 60, True)] * 9 + [Gen([1] * 90, False)]
+    res = gates.length_check(gens, [60] * 10)
+    assert res["finished"] == 0.9 and res["mean_sample_tokens"] == 63.0
+    assert res["length_error"] == 0.05 and res["pass"]
+    assert not gates.length_check(gens, [50] * 10)["pass"]  # 26% long
+
+
+def test_m3_cuts_after_a_complete_line_and_pools_the_rest():
+    nl = 9
+    gens = [Gen([1, nl, 2, nl, 3, nl, 4], True), Gen([5, 6], False)]
+    cuts = gates.cut_points(gens, nl, n_lines=8, seed=0)
+    assert cuts[1] is None  # no complete line to keep
+    assert cuts[0] in (2, 4, 6) and gens[0].token_ids[cuts[0] - 1] == nl
+    seen = {gates.cut_points([gens[0]], nl, 8, seed=s)[0] for s in range(50)}
+    assert seen == {2, 4, 6}
+    own = [[True] * 8, [True] * 8]
+    cont = [[False] * 2 + [True] * 6, [False] * 4 + [True, True, False, False]]
+    res = gates.off_path(own, cont, kept_lines=[2, 4])  # 6 + 4 remaining lines, 8 right
+    assert res["remaining_lines"] == 10 and res["teacher_off_path"] == 80.0
+    assert res["drop"] == 20.0 and not res["pass"]
+
+
+def test_m2_plateau_arithmetic():
+    curve = [{"step": s, "lines": v} for s, v in [(0, 1.0), (250, 30.0), (750, 44.0), (1000, 45.0)]]
+    res = gates.sft_plateau(curve, teacher=93.0, student=46.0)
+    assert res["checks"] == {"teacher": True, "sft_gain": True, "gap": True, "flat": True}
+    assert res["student_gain_last_quarter"] == 1.0
+    rising = curve[:-1] + [{"step": 1000, "lines": 50.0}]  # +6 in the last quarter
+    assert gates.sft_plateau(rising, 93.0, 50.0)["checks"]["flat"] is False
+    assert gates.sft_plateau(curve, 89.0, 46.0)["checks"]["teacher"] is False
+    assert gates.sft_plateau(curve, 93.0, 80.0)["checks"]["gap"] is False
+
+
+def test_views_world_sizes_its_config():
+    spec = ViewsSpec()
+    assert spec.max_new_tokens == 91  # 1.3 × the longest answer, 70 tokens with its EOS
+    assert spec.config_defaults()["eval"] == {"metric": "lines"}
+    assert spec.n_eval >= 1000 and spec.prefix == "views"
+    assert gates.onpolicy_batches(spec, 8.5, 60.0)[0] == round(16 * 512 / 68.5)
+    assert len({ToySpec().digest(), LongSpec().digest(), spec.digest()}) == 3
+
+
+def test_toy_and_long_prompts_are_unchanged():
+    """Worlds are cached by their spec's digest: the shared drawer must keep every id, prompt
+    and answer of the worlds built before it (hashes of their first 3,000 examples)."""
+    for spec, want in ((ToySpec(), "706dd30b4af2ced0"), (LongSpec(), "b7f39fe18512a03e")):
+        got = hashlib.sha256(json.dumps(spec.examples(3000)).encode()).hexdigest()[:16]
+        assert got == want
+    assert ToySpec().digest() == "b4672bb11ca4" and LongSpec().digest() == "2b78d8bffa02"
+
+
+TINY = ViewsSpec(
+    n_train=8,
+    n_eval=4,
+    n_fit=16,
+    teacher=ModelSpec(64, 1, 1, 64, 3, 3e-3),
+    student=ModelSpec(64, 1, 1, 64, 2, 3e-3),
+    rows_per_step=2,
+    max_seq_len=128,
+)
+
+
+def test_build_reports_progress_and_curves_leave_it_unchanged(tmp_path):
+    bars: dict[str, list[int]] = {}
+
+    def progress(description: str, total: int):
+        bars[description] = [0, total]
+        return lambda n: bars[description].__setitem__(0, bars[description][0] + n)
+
+    plain = build_toy_world(tmp_path / "a", TINY, log=lambda m: None, progress=progress)
+    assert plain.root.name == f"views-{TINY.digest()}"
+    assert bars == {
+        "views teacher: training": [3, 3],
+        "views teacher: scoring": [4, 4],
+        "views student: training": [2, 2],
+        "views student: scoring": [4, 4],
+    }
+    curves = tmp_path / "curves.jsonl"
+    train = [Prompt(e["id"], e["prompt"], e["answer"]) for e in TINY.examples(TINY.n_train)]
+    watch = gates.watch_curves(TINY, curves, train, 0.0)
+    watched = build_toy_world(tmp_path / "b", TINY, log=lambda m: None, watch=watch)
+    for name in ("teacher", "student"):
+        a = (plain.root / name / "model.safetensors").read_bytes()
+        assert (watched.root / name / "model.safetensors").read_bytes() == a
+    points = [json.loads(x) for x in curves.read_text().splitlines()]
+    assert [(p["model"], p["step"]) for p in points] == [
+        ("teacher", 0),
+        ("teacher", 3),
+        ("student", 0),
+        ("student", 2),
+    ]
