@@ -8,7 +8,7 @@ and 2 Ray workers, its learner on 1 and 2 torchrun ranks). ``npd bench packing``
 :func:`npd_core.bench.packing.run_bench` (the same function as ``python -m
 npd_core.bench.packing``), prints one JSON object on stdout with ``--json`` (a table on
 stderr otherwise) and, when ``MLFLOW_TRACKING_URI`` is set, logs the figures to MLflow
-(experiment ``npd-bench``, one run per call).
+(experiment ``npd-bench``, one run per call, through ``tasks.tracking.log_figures``).
 """
 
 from __future__ import annotations
@@ -134,7 +134,10 @@ def packing(
         lengths=pairs, log=lambda m: err.print(m, markup=False, highlight=False), **knobs
     )
     if os.environ.get("MLFLOW_TRACKING_URI"):
-        run_id = log_to_mlflow(res, {**knobs, "lengths": str(lengths) if lengths else "synthetic"})
+        from tasks.tracking import log_figures
+
+        knobs["lengths"] = str(lengths) if lengths else "synthetic"
+        run_id = log_figures(EXPERIMENT, "packing", res, knobs)
         err.print(f"MLflow run {run_id} ({os.environ['MLFLOW_TRACKING_URI']})")
     if as_json:
         sys.stdout.write(json.dumps(res) + "\n")
@@ -261,44 +264,6 @@ def print_table(res: dict[str, Any], title: str = "npd bench packing") -> None:
     err.print(t)
 
 
-def log_to_mlflow(res: dict[str, Any], knobs: dict[str, Any]) -> str:
-    """One run in experiment ``npd-bench``: params = knobs, metrics = numeric figures,
-    tags = the text figures and the git commit; the whole result as ``bench_packing.json``."""
-    from mlflow.entities import Metric, Param
-    from mlflow.tracking import MlflowClient
-
-    from tasks.tracking import git_commit
-
-    c = MlflowClient()
-    exp = c.get_experiment_by_name(EXPERIMENT)
-    exp_id = exp.experiment_id if exp else c.create_experiment(EXPERIMENT)
-    tags = {"mlflow.runName": "packing", "git_commit": git_commit()}
-    tags.update({f"bench.{k}": str(v) for k, v in res.items() if isinstance(v, str)})
-    run = c.create_run(exp_id, tags=tags)
-    rid = run.info.run_id
-    flat = _flatten(res)
-    ts = int(run.info.start_time)
-    c.log_batch(
-        rid,
-        metrics=[Metric(k, float(v), ts, 0) for k, v in flat.items()
-                 if isinstance(v, int | float) and not isinstance(v, bool)],
-        params=[Param(k, str(v)) for k, v in knobs.items()],
-    )  # fmt: skip
-    c.log_dict(rid, res, "bench_packing.json")
-    c.set_terminated(rid)
-    return rid
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        elif v is not None:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 @bench_app.command("cost")
 def cost(
     bench: Annotated[
@@ -368,6 +333,7 @@ def scale(
     from npd_core.pipeline.spec import RunSpec
     from npd_core.store import Store
     from npd_core.toy.world import ToySpec, build_toy_world
+    from tasks.tracking import flatten
 
     overrides: dict[str, Any] = {**(TINY_SCALE if tiny else {}), "rounds": 1, "threads": 1}
     overrides["models"] = {"bf16": False}  # fp32: the results are compared
@@ -400,7 +366,9 @@ def scale(
             part = dict(res[half])
             for arm in part.pop("arms"):
                 part[f"{key}={arm[key]}"] = {k: v for k, v in arm.items() if k != key}
-            figures = {k: v for k, v in _flatten(part).items() if not isinstance(v, list)}
+            figures = {
+                k: v for k, v in flatten(part).items() if v is not None and not isinstance(v, list)
+            }
             print_table(figures, f"npd bench scale: {half}")
     flags = ("samples_identical", "scores_agree", "weights_agree")
     differ = [f for f in flags if not {**res["shards"], **res["train"]}[f]]

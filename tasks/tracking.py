@@ -86,14 +86,15 @@ def _experiment(c: MlflowClient, out: str | Path) -> str:
     return c.create_experiment(EXPERIMENT, artifact_location=art)
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    out: dict[str, str] = {}
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as one level of dotted keys (``{"a": {"b": 1}}`` → ``{"a.b": 1}``)."""
+    out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
-            out.update(_flatten(v, f"{key}."))
+            out.update(flatten(v, f"{key}."))
         else:
-            out[key] = str(v)[:6000]
+            out[key] = v
     return out
 
 
@@ -126,7 +127,7 @@ def start_run(out: str, run_id: str, name: str, config: dict[str, Any]) -> str:
     for pkg in ("npd", "torch", "transformers", "prefect", "mlflow", "duckdb"):
         tags[f"version.{pkg}"] = version(pkg)
     run = c.create_run(exp, tags=tags, run_name=name)
-    params = [Param(k, v) for k, v in sorted(_flatten(config).items())]
+    params = [Param(k, str(v)[:6000]) for k, v in sorted(flatten(config).items())]
     for i in range(0, len(params), 100):
         c.log_batch(run.info.run_id, params=params[i : i + 100])
     with tempfile.TemporaryDirectory() as d:
@@ -136,6 +137,28 @@ def start_run(out: str, run_id: str, name: str, config: dict[str, Any]) -> str:
         p.write_text(yaml.safe_dump(config, sort_keys=False))
         c.log_artifact(run.info.run_id, str(p))
     return run.info.run_id
+
+
+def log_figures(experiment: str, name: str, figures: dict[str, Any], knobs: dict[str, Any]) -> str:
+    """A bench with no output directory as one finished run of ``experiment`` on the tracking
+    URI the environment names: params = ``knobs``, metrics = the numeric figures (nested keys
+    dotted), tags = the text figures and the git commit, the whole as ``bench_<name>.json``."""
+    c = MlflowClient()
+    exp = c.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else c.create_experiment(experiment)
+    tags = {"mlflow.runName": name, "git_commit": git_commit()}
+    tags.update({f"bench.{k}": v for k, v in figures.items() if isinstance(v, str)})
+    run = c.create_run(exp_id, tags=tags)
+    rid, ts = run.info.run_id, int(run.info.start_time)
+    numbers = {k: v for k, v in flatten(figures).items() if isinstance(v, int | float)}
+    c.log_batch(
+        rid,
+        metrics=[Metric(k, float(v), ts, 0) for k, v in numbers.items() if not isinstance(v, bool)],
+        params=[Param(k, str(v)) for k, v in knobs.items()],
+    )
+    c.log_dict(rid, figures, f"bench_{name}.json")
+    c.set_terminated(rid)
+    return rid
 
 
 def round_run(out: str, parent: str, run_id: str, r: int) -> str:
