@@ -39,12 +39,12 @@ def _train_and_evaluate(
         segments.append(segment(k, until, segments[-1] if segments else data, mlf))
         evals.append(t.evaluate(spec, k, upstream=segments[-1]))
         b.record_checkpoint(spec, k, segments[-1], evals[-1], mlf)
-    scores = [e["metrics"]["score"] for e in evals]
+    scores = [e.metrics.score for e in evals]
     run_tasks.close_run(spec, mlf, scores[0], scores[-1])
     last = segments[-1]["metrics"]
     counters = last["counters"]
     stage_s = {k.removesuffix("_s"): v for k, v in counters.items() if k.endswith("_s")}
-    stage_s["evaluate"] = sum(e["seconds"] for e in evals)
+    stage_s["evaluate"] = sum(e.seconds for e in evals)
     clocks = [0.0] + [x["metrics"]["clock_s"] for x in segments]
     upfront = data["metrics"]["teacher_tokens"] if data else 0  # sft: the teacher's answers
     teacher = [0] + [upfront + x["metrics"]["counters"].get("teacher_tokens", 0) for x in segments]
@@ -77,7 +77,7 @@ def sft_flow(
     spec = choose_attention(spec, roles=("train",))
 
     def teacher_answers() -> dict:
-        res = t.generate(teacher_as_generator(spec), DATA_ROUND)
+        res = t.generate(teacher_as_generator(spec), DATA_ROUND).to_dict()
         m = res["metrics"]  # the teacher's forwards: each prompt once, then each token it wrote
         return {
             **res,
@@ -96,7 +96,7 @@ def sft_flow(
 
 def _counted_s(stage: dict) -> float:
     """A stage's seconds less its loads and writes (``io_spans``), as the clocks count them."""
-    return stage["seconds"] - sum(e - s for s, e in stage["metrics"].get("io_spans", []))
+    return stage["seconds"] - sum(e - s for s, e in stage["io_spans"])
 
 
 @flow(name="npd-onpolicy", flow_run_name="{spec.run_id}", log_prints=True)

@@ -102,6 +102,46 @@ def run_flow(spec_kwargs: dict[str, Any], out: Path, show: bool) -> RunSummary:
     return replace(res, launched=t0, returned=time.time())
 
 
+OverridesArg = Annotated[
+    list[str] | None,
+    typer.Argument(
+        help="config overrides, key=value with a dotted key and a YAML value: train.lr=2e-5",
+        show_default=False,
+    ),
+]
+
+
+def parse_overrides(pairs: list[str], **options: Any) -> dict[str, Any]:
+    """``section.key=value`` pairs (values read as YAML), then the command's own options that
+    are set, as the nested dict ``load_config`` lays over the config file; an unknown key is a
+    one-line error naming it."""
+    import yaml
+    from pydantic import BaseModel
+
+    from npd_core.config import NPDConfig
+
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not (eq and key):
+            raise ConfigError(f"{pair!r}: an override is key=value, e.g. train.lr=2e-5")
+        *path, last = key.split(".")
+        model: Any = NPDConfig
+        for i, part in enumerate(key.split(".")):
+            if model is not None and part not in model.model_fields:
+                raise ConfigError(
+                    f"{pair}: unknown config key {'.'.join(key.split('.')[: i + 1])!r}; "
+                    "`npd config show` lists the keys"
+                )
+            field = model.model_fields[part].annotation if model is not None else None
+            model = field if isinstance(field, type) and issubclass(field, BaseModel) else None
+        node = out
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = yaml.safe_load(value)
+    return out | {k: v for k, v in options.items() if v is not None}
+
+
 def _score_columns(sets: list[str], primary: str) -> list[str]:
     """One score column per eval set (the primary one starred), or "score" for the one set."""
     return ["score"] if len(sets) == 1 else [f"{n}*" if n == primary else n for n in sets]
@@ -183,12 +223,13 @@ def demo(
         ),
     ] = "toy",
     as_json: JsonOpt = False,
+    overrides: OverridesArg = None,
 ) -> None:
-    """Build (or reuse) an embedded world and distill its student for a few rounds."""
+    """Build (or reuse) an embedded world and distill its student for a few rounds
+    (``key=value`` pairs override the config, e.g. ``npd demo train.lr=2e-3``)."""
     from npd_core.config import load_config
 
-    overrides = {"rounds": rounds} if rounds is not None else None
-    cfg = load_config(config, overrides)
+    cfg = load_config(config, parse_overrides(overrides or [], rounds=rounds))
     from flows.spec import resolve_spec  # after the config: a bad one fails before torch loads
 
     build = Bars(True)
@@ -208,13 +249,17 @@ def demo(
 @app.command()
 def run(
     config: Annotated[Path, typer.Argument(help="run config YAML")],
+    overrides: OverridesArg = None,
     out: OutOpt = Path("npd-out"),
     as_json: JsonOpt = False,
 ) -> None:
-    """Distill any HF teacher/student pair on a prompts JSONL, as the config says."""
+    """Distill a teacher/student pair (HF folders or GGUF files) on your prompts (JSONL, Parquet
+    or a datasets folder; plain or conversational), as the config says; ``key=value`` pairs
+    override it (``npd run run.yaml train.lr=2e-5 rounds=5``)."""
     from npd_core.config import load_config
 
-    cfg = load_config(config)  # before torch and transformers load: a bad config fails fast
+    # before torch and transformers load: a bad config fails fast
+    cfg = load_config(config, parse_overrides(overrides or []))
     for sec, key in (("models", "teacher"), ("models", "student"), ("data", "prompts")):
         if not getattr(getattr(cfg, sec), key):
             raise ConfigError(f"{config}: field '{sec}.{key}' is required by `npd run`; set it")
@@ -389,30 +434,9 @@ def status(
     rounds that regressed on the primary set (eval.regression_margin).
     A run whose process was killed shows as 'crashed' (its lease holder is gone), one that
     failed as 'failed'; `npd retry` resumes both."""
-    from npd_core.store import Store, lease, query
-    from npd_core.store.lineage import has_weights
+    from npd_core.store.status import run_statuses
 
-    db = Store(out, create=False).db_path  # a store of an older npd gets the current views
-    runs = query(db, STATUS_RUNS_SQL).to_pylist()
-    if run_id is not None:
-        runs = [r for r in runs if r["run_id"] == run_id]
-        if not runs:
-            raise StoreUsageError(
-                f"{db}: no run {run_id!r}; `npd status --out {out}` lists the runs"
-            )
-    rounds = query(db, STATUS_ROUNDS_SQL).to_pylist()
-    scores: dict[tuple[str, int], dict[str, float]] = {}
-    for e in query(db, STATUS_EVALS_SQL).to_pylist():
-        scores.setdefault((e["run_id"], e["round"]), {})[e["eval_set"]] = e["score"]
-    for r in runs:
-        r["status"] = lease.run_status(out, r["run_id"], r["status"])  # killed: 'crashed'
-        r["rounds"] = [x for x in rounds if x["run_id"] == r["run_id"]]
-        for x in r["rounds"]:  # score is the primary set's (x["eval_set"]); scores every set's
-            x["scores"] = scores.get((r["run_id"], x["round"]), {})
-            x["weights"] = has_weights(Path(out).resolve() / x["path"])  # keep_checkpoints
-        best = [x for x in r["rounds"] if x["is_best"]]
-        r["best_round"] = best[0]["round"] if best else None
-        r["regressed_rounds"] = [x["round"] for x in r["rounds"] if x["regressed"]]
+    runs = run_statuses(out, run_id)
     if as_json:
         sys.stdout.write(json.dumps(runs, default=str) + "\n")
         return
@@ -460,6 +484,7 @@ def ui(
     from flows.ui import serve_ui
 
     out.mkdir(parents=True, exist_ok=True)
+    # soft_wrap: a URL or an export line stays one line in a log file too (no console width)
     serve_ui(out, port, mlflow_port, say=lambda m: err.print(m, markup=False, highlight=False))
 
 
@@ -514,20 +539,6 @@ def _one_line_short_help(typer_app: typer.Typer) -> None:
         c.short_help = c.short_help or " ".join(doc.split("\n\n")[0].split())
     for g in typer_app.registered_groups:
         _one_line_short_help(g.typer_instance)
-
-
-STATUS_RUNS_SQL = """
-SELECT run_id, name, status, start_score, final_score, created_at, finished_at, flow_run_id,
-       mlflow_run_id
-FROM runs ORDER BY created_at
-"""
-STATUS_ROUNDS_SQL = """
-SELECT c.run_id, c.round, c.path, c.eval_set, c.score, r.kept_fraction, r.mean_loss,
-       r.stage_seconds_json, c.is_best, c.best_before, c.regressed
-FROM checkpoints AS c LEFT JOIN rounds AS r ON r.run_id = c.run_id AND r.round = c.round
-ORDER BY c.run_id, c.round
-"""
-STATUS_EVALS_SQL = "SELECT run_id, round, eval_set, score FROM evals ORDER BY run_id, round"
 
 
 _one_line_short_help(app)  # last: every command is registered by now

@@ -23,10 +23,13 @@ from flows import runners
 from flows.remote import remote_rounds
 from npd_core.pipeline import workers
 from npd_core.pipeline.kernels import choose_attention
-from npd_core.pipeline.spec import RunSpec, generator_round, set_scores
+from npd_core.pipeline.plan import round_plan
+from npd_core.pipeline.results import RoundSummary, RunSummary, StageResult
+from npd_core.pipeline.spec import RunSpec, generator_round
 from npd_core.store import lease
 from tasks import run as run_tasks
 from tasks import stages as t
+from tasks import tracking
 
 
 def _produce(
@@ -91,8 +94,8 @@ def _raise_first_failure(futures: list[PrefectFuture]) -> None:
     log_prints=True,
     task_runner=ThreadPoolTaskRunner(max_workers=4),
 )
-def distill_flow(spec: RunSpec) -> dict[str, Any]:
-    """Run every round of one NPD run; returns the per-round summaries and timings.
+def distill_flow(spec: RunSpec) -> RunSummary:
+    """Run every round of one NPD run; returns its summary (rounds, scores and timings).
 
     The process holds the run's lease meanwhile (so ``npd status`` tells a killed run from a
     running one, and a second process cannot resume it at the same time), and first sweeps
@@ -106,7 +109,7 @@ def distill_flow(spec: RunSpec) -> dict[str, Any]:
             return _rounds(choose_attention(spec.with_threads()), runner)
 
 
-def _rounds(spec: RunSpec, runner: TaskRunner | None) -> dict[str, Any]:
+def _rounds(spec: RunSpec, runner: TaskRunner | None) -> RunSummary:
     """The rounds, in process (the shard tasks on ``runner``) or on the work pools."""
     t0 = time.time()
     mlf = run_tasks.open_run(spec)
@@ -116,99 +119,69 @@ def _rounds(spec: RunSpec, runner: TaskRunner | None) -> dict[str, Any]:
         stage_results, summaries = remote_rounds(spec, mlf)
     else:
         stage_results, summaries = _local_rounds(spec, mlf, runner)
-    start = next(x for x in stage_results if x["stage"] == "evaluate" and x["round"] == 0)
-    start, final = set_scores(start["metrics"], spec.cfg.eval.primary_set), summaries[-1]["score"]
-    # a stage that started before this flow run did was run by an earlier process (a killed or
-    # failed run resumed by a retry): its result came from the cache
-    reused = [(x["stage"], x["round"]) for x in stage_results if x["started"] < t0]
-    registered = run_tasks.report_run(spec, mlf, start, summaries, reused)
-    run_tasks.close_run(spec, mlf, start["score"], final)
-    return {
-        "run_id": spec.run_id,
-        "mlflow_run_id": mlf,
-        "start_score": start["score"],
-        "start_scores": start["scores"],  # θ_0 on every eval set
-        "final_score": final,
-        "rounds": summaries,
-        "reused_stages": reused,
-        "registered": registered,
-        "flow_started": t0,
-        "open_s": t_open,
-        "flow_wall_s": time.time() - t0,
-        "stage_intervals": [
-            (x["stage"], x["round"], x["started"], x["ended"]) for x in stage_results
-        ],
-        "io_intervals": [  # loads and byte moves inside those stages (npd_core.iotime)
-            (x["stage"], x["round"], s, e)
-            for x in stage_results
-            for s, e in x["metrics"].get("io_spans", [])
-        ],
-    }
+    res = RunSummary.of(
+        [StageResult.of(x) for x in stage_results],
+        summaries,
+        t0,
+        run_id=spec.run_id,
+        mlflow_run_id=mlf,
+        primary_set=spec.cfg.eval.primary_set,
+        registered=None,
+        db=str(spec.store.db_path.resolve()),
+        mlflow_uri=tracking.tracking_uri(spec.root),
+        open_s=t_open,
+        flow_wall_s=0.0,
+    )
+    res.registered = run_tasks.report_run(spec, mlf, res.start, summaries, res.reused_stages)
+    run_tasks.close_run(spec, mlf, res.start_score, res.final_score)
+    res.flow_wall_s = time.time() - t0
+    return res
 
 
 def _local_rounds(
     spec: RunSpec, mlf: str, runner: TaskRunner | None
-) -> tuple[list[dict], list[dict]]:
-    """Every round as tasks of this flow run; returns (all stage results, round summaries)."""
+) -> tuple[list[StageResult], list[RoundSummary]]:
+    """Every round as tasks of this flow run, submitted in ``round_plan``'s order with the
+    futures of what each step needs (without overlap, each waited for in turn); returns (all
+    stage results, round summaries)."""
     cfg = spec.cfg
-    strict = not cfg.overlap
-
-    def done(f: PrefectFuture) -> PrefectFuture:
-        if strict:
-            f.wait()
-        return f
-
-    at_end = cfg.eval.when == "end"  # every evaluation after the last round: off the learner's path
-    evals = {} if at_end else {0: done(t.evaluate.submit(spec, 0))}
-    trains: dict[int, PrefectFuture | None] = {0: None}
+    strict, at_end, last = not cfg.overlap, cfg.eval.when == "end", cfg.rounds
     produced: dict[int, dict[str, PrefectFuture]] = {}
+    trains: dict[int, PrefectFuture | None] = {0: None}
+    evals: dict[int, PrefectFuture] = {}
     shards: list[PrefectFuture] = []
     rounds = []
-
-    def evaluate(r: int) -> None:
-        wait = [trains[cfg.rounds], evals[r - 1]] if at_end else None  # at the end: one by one
-        evals[r] = done(t.evaluate.submit(spec, r, upstream=trains[r], wait_for=wait))
-        stage_results = {k: f for k, f in produced[r].items()}
-        stage_results.update(train=trains[r], evaluate=evals[r])
-        rounds.append(run_tasks.record_round.submit(spec, r, stage_results, mlf))
-
-    def produce_ready(upto: int) -> None:
-        """Submit every producer chain whose generator checkpoint is trained or in training."""
-        for q in range(1, cfg.rounds + 1):
-            if q not in produced and generator_round(q, cfg.staleness) <= upto:
-                prev = produced[q - 1]["pack"] if q > 1 else None
-                source = trains[generator_round(q, cfg.staleness)]
-                produced[q], parts = _produce(spec, q, source, prev, runner)
-                shards.extend(parts)
-                for f in produced[q].values():
-                    done(f)
-
-    produce_ready(0)
-    for r in range(1, cfg.rounds + 1):
-        upstream = [produced[r]["pack"], trains[r - 1]] if trains[r - 1] else [produced[r]["pack"]]
-        after = None if at_end else [evals[r - 1]]
-        trains[r] = done(t.train.submit(spec, r, upstream=upstream, mlflow_run=mlf, wait_for=after))
-        if not strict:
-            produce_ready(r)
-        if not at_end:
-            evaluate(r)
-        if strict:
-            produce_ready(r)
-    if at_end:
-        evals[0] = done(t.evaluate.submit(spec, 0, wait_for=[trains[cfg.rounds]]))
-        for r in range(1, cfg.rounds + 1):
-            evaluate(r)
+    for step, r in round_plan(last, cfg.staleness, at_end, strict):
+        if step == "produce":
+            source, after = trains[generator_round(r, cfg.staleness)], produced.get(r - 1)
+            produced[r], parts = _produce(spec, r, source, after and after["pack"], runner)
+            shards += parts
+            futures = list(produced[r].values())
+        elif step == "train":
+            upstream = [produced[r]["pack"], *([trains[r - 1]] if r > 1 else [])]
+            wait = None if at_end else [evals[r - 1]]
+            trains[r] = t.train.submit(spec, r, upstream=upstream, mlflow_run=mlf, wait_for=wait)
+            futures = [trains[r]]
+        else:  # at the end: one by one
+            wait = [trains[last], *([evals[r - 1]] if r else [])] if at_end else None
+            evals[r] = t.evaluate.submit(spec, r, upstream=trains.get(r), wait_for=wait)
+            futures = [evals[r]]
+            if r:
+                results = {**produced[r], "train": trains[r], "evaluate": evals[r]}
+                rounds.append(run_tasks.record_round.submit(spec, r, results, mlf))
+        for f in futures if strict else []:
+            f.wait()
     stage_futures = [
         *evals.values(),
         *(f for p in produced.values() for f in p.values()),
-        *(trains[r] for r in range(1, cfg.rounds + 1)),
+        *(trains[r] for r in range(1, last + 1)),
     ]
     _raise_first_failure(shards + stage_futures + rounds)
     return [f.result() for f in stage_futures], [f.result() for f in rounds]
 
 
 @flow(name="npd-scheduled", log_prints=True)
-def scheduled_flow(config: str | None = None, out: str = "npd-out") -> dict[str, Any]:
+def scheduled_flow(config: str | None = None, out: str = "npd-out") -> RunSummary:
     """The deployable entry point: one NPD run from a config path (toy world where the config
     names no models). The run id derives from this flow run's id, so a retry of the same flow
     run (the UI's Retry button) reuses the spec it saved, hits the same cache keys and resumes

@@ -20,6 +20,8 @@ from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 
+from npd_core.pipeline.plan import round_plan
+from npd_core.pipeline.results import RoundSummary, StageResult
 from npd_core.pipeline.spec import RunSpec, generator_round
 from tasks import run as run_tasks
 from tasks import stages as t
@@ -40,7 +42,9 @@ class RemoteChainError(RuntimeError):
     result_serializer="json",
     log_prints=True,
 )
-def produce_flow(spec: RunSpec, r: int, source: dict | None = None) -> dict[str, dict]:
+def produce_flow(
+    spec: RunSpec, r: int, source: StageResult | None = None
+) -> dict[str, StageResult]:
     """D_r: generate → score → filter → pack; ``source`` is the train result of θ_{g(r)}."""
     gen = t.generate(spec, r, upstream=source)
     sc = t.score(spec, r, upstream=gen)
@@ -56,10 +60,13 @@ def produce_flow(spec: RunSpec, r: int, source: dict | None = None) -> dict[str,
     log_prints=True,
 )
 def consume_flow(
-    spec: RunSpec, r: int, upstream: list[dict] | None = None, mlflow_run: str | None = None
-) -> dict[str, dict]:
+    spec: RunSpec,
+    r: int,
+    upstream: list[StageResult] | None = None,
+    mlflow_run: str | None = None,
+) -> dict[str, StageResult]:
     """θ_{r−1} → θ_r on D_r, then the held-out score of θ_r (round 0: only evaluate θ_0)."""
-    out: dict[str, dict] = {}
+    out: dict[str, StageResult] = {}
     if r > 0:
         out["train"] = t.train(spec, r, upstream=upstream, mlflow_run=mlflow_run)
     out["evaluate"] = t.evaluate(spec, r, upstream=out.get("train"))
@@ -71,7 +78,7 @@ def _launch(flow_name: str, pool: str, **parameters: Any) -> UUID:
     return run_deployment(f"{flow_name}/{pool}", parameters=parameters, timeout=0).id
 
 
-def _result(flow_run_id: UUID) -> dict[str, dict]:
+def _result(flow_run_id: UUID) -> dict[str, StageResult]:
     """Wait for a launched chain; its return value comes from the shared result storage."""
     with get_client(sync_client=True) as client:
         while not (run := client.read_flow_run(flow_run_id)).state.is_final():
@@ -83,41 +90,38 @@ def _result(flow_run_id: UUID) -> dict[str, dict]:
     return run.state.result()
 
 
-def remote_rounds(spec: RunSpec, mlflow_run: str) -> tuple[list[dict], list[dict]]:
-    """Every round through the two deployments; returns (all stage results, round summaries),
-    as the in-process path does. Producing D_{r+1} runs while round r trains whenever
-    staleness ≥ 1."""
+def remote_rounds(spec: RunSpec, mlflow_run: str) -> tuple[list[StageResult], list[RoundSummary]]:
+    """Every round through the two deployments, launched in ``round_plan``'s order once what
+    each needs has finished (a chain's results are its parameters); returns (all stage
+    results, round summaries), as the in-process path does. Producing D_{r+1} runs while round
+    r trains whenever staleness ≥ 1."""
     cfg, args = spec.cfg, dict(spec=asdict(spec))
     gen_pool, train_pool = cfg.orchestration.generate_pool, cfg.orchestration.train_pool
-    consumed = {0: _launch(CONSUME, train_pool, **args, r=0)}
-    produced = {1: _launch(PRODUCE, gen_pool, **args, r=1, source=None)}
-    chains: dict[int, dict[str, dict]] = {}
-    done: dict[int, dict[str, dict]] = {}
+    launched: dict[tuple[str, int], UUID] = {}
+    results: dict[tuple[str, int], dict[str, StageResult]] = {}
     summaries = []
 
-    def finish(q: int) -> None:
-        """Wait for consumer q and record round q."""
-        done[q] = _result(consumed[q])
-        if q > 0:
-            stages = {**chains[q], **done[q]}
-            summaries.append(run_tasks.record_round(spec, q, stages, mlflow_run))
+    def result(chain: str, r: int) -> dict[str, StageResult]:
+        if (chain, r) not in results:
+            results[chain, r] = _result(launched[chain, r])
+        return results[chain, r]
 
-    for r in range(1, cfg.rounds + 1):
-        chains[r] = _result(produced[r])
-        if r - 1 not in done:
-            finish(r - 1)
-        upstream = [chains[r]["pack"], *([done[r - 1]["train"]] if r > 1 else [])]
-        consumed[r] = _launch(
-            CONSUME, train_pool, **args, r=r, upstream=upstream, mlflow_run=mlflow_run
-        )
-        if r < cfg.rounds:
-            g = generator_round(r + 1, cfg.staleness)
-            if g == r:  # staleness 0: D_{r+1} needs θ_r
-                finish(r)
-            produced[r + 1] = _launch(
-                PRODUCE, gen_pool, **args, r=r + 1, source=done[g].get("train")
+    for step, r in round_plan(cfg.rounds, cfg.staleness):
+        if step == "produce":
+            if r > 1:
+                result(PRODUCE, r - 1)  # one producer at a time
+            g = generator_round(r, cfg.staleness)
+            source = result(CONSUME, g)["train"] if g else None
+            launched[PRODUCE, r] = _launch(PRODUCE, gen_pool, **args, r=r, source=source)
+        elif step == "train":
+            before = result(CONSUME, r - 1)  # θ_{r−1} trained and evaluated
+            upstream = [result(PRODUCE, r)["pack"], *([before["train"]] if r > 1 else [])]
+            launched[CONSUME, r] = _launch(
+                CONSUME, train_pool, **args, r=r, upstream=upstream, mlflow_run=mlflow_run
             )
-    if cfg.rounds not in done:
-        finish(cfg.rounds)
-    stage_results = [x for part in (*chains.values(), *done.values()) for x in part.values()]
-    return stage_results, summaries
+        elif r == 0:
+            launched[CONSUME, 0] = _launch(CONSUME, train_pool, **args, r=0)
+        else:
+            stages = {**result(PRODUCE, r), **result(CONSUME, r)}
+            summaries.append(run_tasks.record_round(spec, r, stages, mlflow_run))
+    return [x for part in results.values() for x in part.values()], summaries

@@ -9,6 +9,7 @@ from typing import Any
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from npd_core.pipeline.results import EvaluateMetrics, RoundSummary
 from npd_core.store.lineage import Checkpoint
 
 
@@ -22,29 +23,29 @@ def _set_label(name: str, metric: str, primary: str) -> str:
     return f"score {name} ({metric}{', primary' if name == primary else ''})"
 
 
-def round_rows(summary: dict[str, Any], primary: str, mlflow_url: str) -> list[dict[str, Any]]:
+def round_rows(summary: RoundSummary, primary: str, mlflow_url: str) -> list[dict[str, Any]]:
     """One round's results as (result, value) rows: score per eval set, kept/generated, drop
     reasons, loss, tokens, stage seconds and the round's MLflow run."""
     rows = [
-        (_set_label(name, summary["metrics"][name], primary), round(v, 4))
-        for name, v in summary["scores"].items()
+        (_set_label(name, summary.metrics[name], primary), round(v, 4))
+        for name, v in summary.scores.items()
     ]
-    rows.append(("kept / generated", f"{summary['n_kept']} / {summary['n_generated']}"))
-    drops = summary["drop_reasons"]
+    rows.append(("kept / generated", f"{summary.n_kept} / {summary.n_generated}"))
+    drops = summary.drop_reasons
     rows += [(f"dropped: {why}", n) for why, n in sorted(drops.items())] or [("dropped", 0)]
     rows += [
-        ("mean loss", summary["mean_loss"]),
-        ("train tokens", summary["train_tokens"]),
-        ("teacher tokens", summary["teacher_tokens"]),
-        ("generated tokens", summary["generated_tokens"]),
+        ("mean loss", summary.mean_loss),
+        ("train tokens", summary.train_tokens),
+        ("teacher tokens", summary.teacher_tokens),
+        ("generated tokens", summary.generated_tokens),
     ]
-    rows += [(f"seconds {stage}", s) for stage, s in summary["stage_seconds"].items()]
+    rows += [(f"seconds {stage}", s) for stage, s in summary.stage_seconds.items()]
     rows.append(("MLflow run", mlflow_url))
     return [{"result": what, "value": value} for what, value in rows]
 
 
-def publish_round(run_id: str, summary: dict[str, Any], primary: str, mlflow_url: str) -> None:
-    r = summary["round"]
+def publish_round(run_id: str, summary: RoundSummary, primary: str, mlflow_url: str) -> None:
+    r = summary.round
     create_table_artifact(
         round_rows(summary, primary, mlflow_url),
         key=key(run_id, f"round-{r}"),
@@ -54,8 +55,8 @@ def publish_round(run_id: str, summary: dict[str, Any], primary: str, mlflow_url
 
 def summary_markdown(
     run_id: str,
-    start: dict[str, Any],
-    rounds: list[dict[str, Any]],
+    start: EvaluateMetrics,
+    rounds: list[RoundSummary],
     primary: str,
     best: Checkpoint,
     reused: list[tuple[str, int]],
@@ -64,23 +65,23 @@ def summary_markdown(
 ) -> str:
     """The run's results in markdown: the score of every round on every eval set, the best
     checkpoint, what came from an earlier process's cache and the registered version."""
-    sets = list(start["scores"])
+    sets = list(start.scores)
     heads = [f"{n} (primary)" if n == primary else n for n in sets]
     lines = [
         f"# npd run {run_id}",
         "",
-        f"{primary}: {start['score']:.4g} → {rounds[-1]['score']:.4g}; best checkpoint: "
+        f"{primary}: {start.score:.4g} → {rounds[-1].score:.4g}; best checkpoint: "
         f"round {best.round} ({best.score:.4g})",
         "",
         "| round | " + " | ".join(heads) + " | kept / generated | loss | seconds |",
         "|---:|" + "---:|" * len(sets) + "---:|---:|---:|",
-        "| 0 | " + " | ".join(f"{start['scores'][n]:.4g}" for n in sets) + " | | | |",
+        "| 0 | " + " | ".join(f"{start.scores[n]:.4g}" for n in sets) + " | | | |",
     ]
     for x in rounds:
-        scores = " | ".join(f"{x['scores'][n]:.4g}" for n in sets)
+        scores = " | ".join(f"{x.scores[n]:.4g}" for n in sets)
         lines.append(
-            f"| {x['round']} | {scores} | {x['n_kept']} / {x['n_generated']} | "
-            f"{x['mean_loss']:.4f} | {sum(x['stage_seconds'].values()):.1f} |"
+            f"| {x.round} | {scores} | {x.n_kept} / {x.n_generated} | "
+            f"{x.mean_loss:.4f} | {sum(x.stage_seconds.values()):.1f} |"
         )
     lines.append("")
     if reused:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from prefect import task
 
 from npd_core.baselines import onpolicy, sft
+from npd_core.pipeline.results import StageResult, eval_metrics
 from npd_core.pipeline.spec import RunSpec
 from tasks import tracking
 from tasks.faults import enter_stage
@@ -47,14 +48,17 @@ def onpolicy_train(
 
 
 @task(name="record-checkpoint", task_run_name="c{r}-record")
-def record_checkpoint(spec: RunSpec, r: int, segment: dict, evaluation: dict, mlflow_run: str):
+def record_checkpoint(
+    spec: RunSpec, r: int, segment: dict, evaluation: StageResult, mlflow_run: str
+) -> None:
     """Checkpoint metrics on the run's MLflow run, at step = checkpoint index."""
     m = segment["metrics"]
+    scores = StageResult.of(evaluation).metrics.per_set(spec.cfg.eval.primary_set)
     tracking.log_metrics(
         spec.root,
         mlflow_run,
         {
-            **tracking.eval_metrics(evaluation["metrics"]),
+            **eval_metrics(scores),
             "wall_s": m["clock_s"],
             "optimizer_steps": m["step"],
             **m["counters"],

@@ -14,7 +14,8 @@ from prefect.runtime import flow_run
 
 from npd_core.bench.plots import delta_ifd_histogram
 from npd_core.data import read_prompts
-from npd_core.pipeline.spec import RunSpec, set_scores
+from npd_core.pipeline.results import EvaluateMetrics, RoundStages, RoundSummary, StageResult
+from npd_core.pipeline.spec import RunSpec
 from npd_core.store import Store, table_from_rows
 from npd_core.store.lineage import checkpoint
 from tasks import artifacts, tracking
@@ -66,78 +67,45 @@ def open_run(spec: RunSpec) -> str:
 
 
 @task(name="record-round", task_run_name="r{r}-record")
-def record_round(spec: RunSpec, r: int, results: dict[str, dict], mlflow_run: str) -> dict:
+def record_round(
+    spec: RunSpec, r: int, results: dict[str, StageResult | dict], mlflow_run: str
+) -> RoundSummary:
     """The ``rounds`` row, round metrics and the Δ-IFD histogram (kept band marked)."""
-    store = spec.store
-    m = {k: v["metrics"] for k, v in results.items()}
-    seconds = {k: round(v["seconds"], 3) for k, v in results.items()}
-    flt, trn = m["filter"], m["train"]
-    ev = set_scores(m["evaluate"], spec.cfg.eval.primary_set)
+    stages = RoundStages.of(results)
+    primary = spec.cfg.eval.primary_set
     row = dict(
         run_id=spec.run_id,
         round=r,
-        n_generated=m["generate"]["n_generated"],
-        n_kept=flt["n_kept"],
-        train_tokens=trn["train_tokens"],
-        mean_loss=trn["mean_loss"],
-        score=ev["score"],
-        kept_fraction=flt["kept_fraction"],
-        filter_rule=flt["rule"],
-        dropped_kl_share=flt["dropped_kl_share"],
-        delta_ifd_q05=flt["delta_ifd_q05"],
-        delta_ifd_q50=flt["delta_ifd_q50"],
-        delta_ifd_q95=flt["delta_ifd_q95"],
-        stage_seconds_json=json.dumps(seconds),
+        **stages.rounds_row(),
+        stage_seconds_json=json.dumps(stages.seconds()),
         flow_run_id=str(flow_run.get_id() or ""),
         created_at=datetime.now(UTC),
     )
+    store = spec.store
     store.write_stage(spec.run_id, r, "summary", {"rounds": table_from_rows("rounds", [row])})
     child = tracking.round_run(spec.root, mlflow_run, spec.run_id, r)
-    metrics = {
-        **tracking.eval_metrics(ev),
-        "kept_fraction": flt["kept_fraction"],
-        "n_kept": flt["n_kept"],
-        "dropped_kl_share": flt["dropped_kl_share"],
-        "train_tokens": trn["train_tokens"],
-        "mean_loss": trn["mean_loss"],
-        "fill_ratio": m["pack"]["fill_ratio"],
-        "teacher_tokens": m["score"]["scored_tokens"],
-        "delta_ifd_q05": flt["delta_ifd_q05"],
-        "delta_ifd_q50": flt["delta_ifd_q50"],
-        "delta_ifd_q95": flt["delta_ifd_q95"],
-        **{f"seconds_{k}": v for k, v in seconds.items()},
-    }
+    metrics = stages.mlflow_metrics(primary)
     tracking.log_metrics(spec.root, child, metrics)
     tracking.log_metrics(
         spec.root, mlflow_run, {f"round_{k}": v for k, v in metrics.items()}, step=r
     )
     delta = store.read_stage(spec.run_id, r, "score", "scores").column("delta_ifd")
     if delta.null_count < len(delta):  # Δ-IFD computed this round
+        flt = stages.filter.metrics
         with tempfile.TemporaryDirectory() as d:
             png = delta_ifd_histogram(
                 delta.to_numpy(zero_copy_only=False),
-                flt["band_low"],
-                flt["band_high"],
-                flt["rule"],
+                flt.band_low,
+                flt.band_high,
+                flt.rule,
                 f"{spec.run_id} round {r}: Δ-IFD",
                 Path(d) / f"delta_ifd_r{r}.png",
             )
             tracking.log_artifact(spec.root, child, png, "plots")
             tracking.log_artifact(spec.root, mlflow_run, png, "plots")
-    summary = {
-        "round": r,
-        **{k: row[k] for k in ("n_generated", "n_kept", "train_tokens", "mean_loss", "score")},
-        "scores": ev["scores"],  # per eval set; "score" is the primary set's
-        "metrics": ev["metrics"],
-        "teacher_tokens": m["score"]["scored_tokens"],  # every view, dropped samples included
-        "generated_tokens": m["generate"]["generated_tokens"],
-        "drop_reasons": flt["drop_reasons"],
-        "stage_seconds": seconds,
-        "backends": {k: m[k].get("backend", "hf") for k in ("generate", "score")},
-        "engine_refresh_s": m["generate"].get("engine_refresh_s"),
-    }
+    summary = RoundSummary.of(r, stages, primary)
     url = tracking.run_url(spec.root, child, spec.cfg.mlflow.ui_url)
-    artifacts.publish_round(spec.run_id, summary, spec.cfg.eval.primary_set, url)
+    artifacts.publish_round(spec.run_id, summary, primary, url)
     return summary
 
 
@@ -145,13 +113,13 @@ def record_round(spec: RunSpec, r: int, results: dict[str, dict], mlflow_run: st
 def report_run(
     spec: RunSpec,
     mlflow_run: str,
-    start: dict[str, Any],
-    rounds: list[dict[str, Any]],
+    start: EvaluateMetrics,
+    rounds: list[RoundSummary],
     reused: list[tuple[str, int]],
 ) -> dict[str, str] | None:
     """At the run's end: register its best checkpoint when ``mlflow.register_best`` names a
     model (a new version per run), then publish the results as a markdown artifact. ``start``
-    is θ_0's evaluation; returns the registered ``{name, version}``, if any."""
+    is θ_0's evaluation, per eval set; returns the registered ``{name, version}``, if any."""
     best = checkpoint(spec.root, spec.run_id)
     registered = None
     if name := spec.cfg.mlflow.register_best:

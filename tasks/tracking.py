@@ -228,14 +228,6 @@ def end_run(out: str, run: str, status: str = "FINISHED") -> None:
     client(out).set_terminated(run, status=status)
 
 
-def eval_metrics(evaluation: dict[str, Any]) -> dict[str, float]:
-    """An evaluate stage's scores as MLflow metrics: ``score`` (the primary set's) and
-    ``score_<set>`` per eval set."""
-    return {"score": evaluation["score"]} | {
-        f"score_{name}": v for name, v in evaluation["scores"].items()
-    }
-
-
 UI_DEFAULT = "http://127.0.0.1:5000"  # what `npd ui` serves MLflow's UI on
 
 

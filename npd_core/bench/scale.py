@@ -85,7 +85,7 @@ def _sharded_stage(remote: Any, ray: Any, spec: RunSpec, stage: str, k: int) -> 
         "seconds": time.perf_counter() - t0,
         "dispatch_s": max(p["started"] - p["submitted"] for p in parts),
         "shard_seconds": [p["seconds"] for p in parts],
-        "commit_s": res.metrics["commit_s"],
+        "commit_s": res.metrics.commit_s,
     }
 
 
@@ -188,13 +188,13 @@ def train_arms(spec: RunSpec, nprocs: Sequence[int], log: Log) -> dict[str, Any]
     for n in nprocs:
         arm = arm_spec(spec, spec.run_id, n, train={"nproc": n, "strategy": "ddp"})  # 1 a rank
         res = stages.train_stage(arm, 1, PROV)
-        start = res.metrics.get("ranks_start_s")
+        start = res.metrics.ranks_start_s
         arms.append(
             {
                 "nproc": n,
                 "seconds": res.seconds - (start or 0.0),
                 "torchrun_start_s": start,
-                "steps": res.metrics["steps"],
+                "steps": res.metrics.steps,
             }
         )
         weights.append(load_file(Path(spec.checkpoint(1)) / "model.safetensors"))

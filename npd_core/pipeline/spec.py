@@ -1,19 +1,23 @@
-"""What a run's stages share: the run's spec (``RunSpec``), the result each stage returns
-(``StageResult``) and which checkpoint generates a round's data. Plain data, so it crosses process
-lines and Prefect persists it; the stages themselves are in ``stages.py``.
+"""What a run's stages share: the run's spec (``RunSpec``) and which checkpoint generates a
+round's data. Plain data, so it crosses process lines and Prefect persists it; the stages
+themselves are in ``stages.py``, what they return in ``results.py``.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from npd_core.atomic import atomic_file
 from npd_core.config import NPDConfig
 from npd_core.errors import StoreUsageError
+from npd_core.pipeline.results import StageResult
 from npd_core.store import Store
+
+__all__ = ["RunSpec", "StageResult", "generator_round", "rel_path"]  # StageResult: results.py
 
 
 @dataclass
@@ -43,12 +47,14 @@ class RunSpec:
     # before eval sets) = the one set ``eval_prompts`` under the primary set's name
     eval_set_paths: dict[str, str] | None = None
 
-    @property
+    @cached_property
     def cfg(self) -> NPDConfig:
+        """The validated config, once per spec (every stage reads it many times)."""
         return NPDConfig.model_validate(self.config)
 
-    @property
+    @cached_property
     def store(self) -> Store:
+        """The run's store, opened once per spec."""
         return Store(self.root, create=False)
 
     @staticmethod
@@ -99,28 +105,6 @@ class RunSpec:
         if k == 0:
             return self.student
         return str(Path(self.root) / "runs" / self.run_id / "checkpoints" / f"round={k}")
-
-
-@dataclass
-class StageResult:
-    stage: str
-    round: int
-    digest: str  # content fingerprint of what the stage wrote (downstream cache keys use it)
-    seconds: float
-    started: float
-    ended: float
-    metrics: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def set_scores(evaluation: dict[str, Any], primary: str) -> dict[str, Any]:
-    """An evaluate stage's metrics with ``scores`` and ``metrics`` per eval set, also for a
-    result that npd persisted before eval sets (a resumed run's cache): its one set, scored
-    under the name of the run's primary set."""
-    one = {"scores": {primary: evaluation["score"]}, "metrics": {primary: evaluation["metric"]}}
-    return one | evaluation
 
 
 def generator_round(r: int, staleness: int) -> int:

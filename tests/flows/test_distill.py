@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from npd_core.config import NPDConfig, TrainConfig
 from npd_core.method.train import lr_at
+from npd_core.pipeline.results import RunSummary
 from npd_core.pipeline.spec import RunSpec
 from npd_core.store import Store, query
 
@@ -53,7 +55,7 @@ E2E_ROUNDS = 3  # round 3 learns from D_3, made by θ_1 while θ_2 trains (stale
 @dataclass
 class E2E:
     spec: RunSpec
-    res: dict
+    res: RunSummary
     root: Path
 
     @property
@@ -99,7 +101,7 @@ def test_every_view_is_filled_and_the_run_completed(e2e):
     assert counts["nulls"] == 0 and counts["bad"] == 0 and counts["kept"] > 0
     assert counts["rounds"] == 3 and counts["evals"] == 4 and counts["ckpts"] == 4  # θ_0 too
     assert counts["status"] == "completed"
-    assert [r["score"] for r in e2e.res["rounds"]] == query(
+    assert [r.score for r in e2e.res.rounds] == query(
         e2e.db, "select score from evals where round > 0 order by round"
     ).column("score").to_pylist()
     stage_s = json.loads(
@@ -148,9 +150,9 @@ def test_mlflow_has_the_run_a_nested_run_per_round_and_the_artifacts(e2e):
     from mlflow.tracking import MlflowClient
 
     c = MlflowClient(f"sqlite:///{e2e.root / 'mlflow.db'}")
-    parent = c.get_run(e2e.res["mlflow_run_id"])
+    parent = c.get_run(e2e.res.mlflow_run_id)
     assert parent.data.params["rounds"] == "3" and parent.data.tags["git_commit"]
-    assert parent.data.metrics["final_score"] == e2e.res["final_score"]
+    assert parent.data.metrics["final_score"] == e2e.res.final_score
     children = c.search_runs(
         [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
     )
@@ -191,8 +193,8 @@ def test_lr_cosine_ends_with_the_last_round_when_epochs_bound_the_steps(
     spec, res = _run(tmp_path, tiny_world, "horizon", train=train)
     c = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     kids = c.search_runs(
-        [c.get_run(res["mlflow_run_id"]).info.experiment_id],
-        f"tags.mlflow.parentRunId = '{res['mlflow_run_id']}'",
+        [c.get_run(res.mlflow_run_id).info.experiment_id],
+        f"tags.mlflow.parentRunId = '{res.mlflow_run_id}'",
     )
     lrs = [
         m.value
@@ -228,21 +230,44 @@ def test_overlap_equals_strict_order(e2e, tmp_path, tiny_world, prefect_server):
         assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def _as_dict_results(results: Path) -> int:
+    """Rewrite every stage result Prefect persisted under ``results`` as npd persisted it
+    before typed results (a dict, ``io_spans`` inside its metrics); how many it rewrote."""
+    n = 0
+    for path in (p for p in results.rglob("*") if p.is_file()):
+        try:  # other results are pickled (a flow's, a task's without a JSON serializer)
+            record = json.loads(path.read_bytes())
+            value = json.loads(record["result"])
+        except (ValueError, TypeError, KeyError):
+            continue
+        if not (isinstance(value, dict) and value.get("__class__", "").endswith(".StageResult")):
+            continue
+        old = value["data"]
+        old["metrics"]["io_spans"] = old.pop("io_spans")
+        path.write_text(json.dumps(record | {"result": json.dumps(old)}))
+        n += 1
+    return n
+
+
 @pytest.mark.parametrize("stage", ["generate", "train"])
 def test_injected_failure_then_rerun_resumes_from_cache(
     tmp_path, tiny_world, prefect_server, monkeypatch, stage
 ):
-    """NPD_FAIL_AT fails round 2 once; the same run again finds round 1 cached, ends complete."""
+    """NPD_FAIL_AT fails round 2 once; the same run again finds round 1 cached, ends complete.
+    The results of the first attempt are rewritten as an older npd persisted them (dicts): a
+    run begun before typed results resumes the same way."""
     monkeypatch.setenv("NPD_FAIL_AT", f"{stage}:2")
     with pytest.raises(Exception, match="injected failure"):
         _run(tmp_path, tiny_world, f"fail-{stage}")
+    assert _as_dict_results(Path(os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"])) >= 5
     db = tmp_path / "npd.duckdb"
     q = "select round, min(created_at) t, count(*) n from samples group by round order by round"
     before = query(db, q).to_pylist()
     spec, res = _run(tmp_path, tiny_world, f"fail-{stage}")  # what `npd retry` does
     after = query(db, q).to_pylist()
     assert after[0] == before[0]  # round 1's samples were not regenerated (cached stage)
-    assert [r["n"] for r in after] == [48, 48] and res["rounds"][-1]["round"] == 2
+    assert [r["n"] for r in after] == [48, 48] and res.rounds[-1].round == 2
+    assert {("generate", 1), ("train", 1), ("evaluate", 1)} <= set(res.reused_stages)
     status = query(db, "select status from runs").column(0).to_pylist()
     assert status == ["completed"]
 
@@ -253,8 +278,8 @@ def test_evaluation_at_the_end_is_off_the_learners_path_and_changes_nothing(
     """eval.when: end (the bench's setting): no evaluation starts before the last round is
     trained, and the run's samples, weights and scores are those of per-round evaluation."""
     spec, res = _run(tmp_path, tiny_world, "at-end", rounds=E2E_ROUNDS, eval={"when": "end"})
-    last_train = max(e for stage, _, _, e in res["stage_intervals"] if stage == "train")
-    evals = sorted((s, r) for stage, r, s, _ in res["stage_intervals"] if stage == "evaluate")
+    last_train = max(e for stage, _, _, e in res.stage_intervals if stage == "train")
+    evals = sorted((s, r) for stage, r, s, _ in res.stage_intervals if stage == "evaluate")
     assert [r for _, r in evals] == [0, 1, 2, 3] and evals[0][0] >= last_train
     q = f"select {SAMPLE_COLS} from samples order by round, prompt_id, sample_idx"
     assert query(e2e.db, q).equals(query(tmp_path / "npd.duckdb", q))
@@ -262,4 +287,4 @@ def test_evaluation_at_the_end_is_off_the_learners_path_and_changes_nothing(
         wa = load_file(f"{e2e.spec.checkpoint(r)}/model.safetensors")
         wb = load_file(f"{spec.checkpoint(r)}/model.safetensors")
         assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    assert [x["score"] for x in res["rounds"]] == [x["score"] for x in e2e.res["rounds"]]
+    assert [x.score for x in res.rounds] == [x.score for x in e2e.res.rounds]

@@ -15,6 +15,7 @@ import torch
 from typer.testing import CliRunner
 
 from flows.cli import app
+from npd_core.pipeline.results import RunSummary
 from npd_core.store import query
 
 MODEL = "npd-tiny"
@@ -24,7 +25,7 @@ MODEL = "npd-tiny"
 class Run:
     root: Path
     spec: dict
-    res: dict
+    res: RunSummary
 
     @property
     def db(self) -> Path:
@@ -86,10 +87,10 @@ def test_every_eval_set_is_scored_every_round_and_the_primary_one_decides(run):
         (x["round"], x["eval_set"]): x["score"]
         for x in run.sql("select round, eval_set, score from evals")
     }
-    assert run.res["start_scores"] == {"sorted": scores[0, "sorted"], "loglik": scores[0, "loglik"]}
-    (r1,) = run.res["rounds"]
-    assert r1["scores"] == {"sorted": scores[1, "sorted"], "loglik": scores[1, "loglik"]}
-    assert r1["score"] == scores[1, "loglik"] == run.res["final_score"]
+    assert run.res.start.scores == {"sorted": scores[0, "sorted"], "loglik": scores[0, "loglik"]}
+    (r1,) = run.res.rounds
+    assert r1.scores == {"sorted": scores[1, "sorted"], "loglik": scores[1, "loglik"]}
+    assert r1.score == scores[1, "loglik"] == run.res.final_score
     ck = run.sql("select round, eval_set, score, is_best from checkpoints order by round")
     best = max((0, 1), key=lambda r: (scores[r, "loglik"], r))
     assert ck == [
@@ -104,18 +105,18 @@ def test_each_eval_set_is_a_metric_of_the_rounds_mlflow_run(run):
     from mlflow.tracking import MlflowClient
 
     c = MlflowClient(f"sqlite:///{run.root / 'mlflow.db'}")
-    parent = c.get_run(run.res["mlflow_run_id"])
+    parent = c.get_run(run.res.mlflow_run_id)
     (child,) = c.search_runs(
         [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
     )
     m = child.data.metrics
-    (r1,) = run.res["rounds"]
+    (r1,) = run.res.rounds
     assert (m["score_sorted"], m["score_loglik"], m["score"]) == (
-        r1["scores"]["sorted"],
-        r1["scores"]["loglik"],
-        r1["scores"]["loglik"],
+        r1.scores["sorted"],
+        r1.scores["loglik"],
+        r1.scores["loglik"],
     )
-    assert parent.data.metrics["round_score_sorted"] == r1["scores"]["sorted"]
+    assert parent.data.metrics["round_score_sorted"] == r1.scores["sorted"]
 
 
 def test_npd_status_has_a_column_per_eval_set(run):
@@ -144,11 +145,11 @@ def test_prefect_shows_a_table_per_round_and_a_summary(run):
     table = found["npd-sets-round-1"]
     assert table.type == "table" and table.task_run_id is not None
     rows = {x["result"]: x["value"] for x in json.loads(table.data)}
-    (r1,) = run.res["rounds"]
-    assert rows["score loglik (teacher_loglik, primary)"] == round(r1["scores"]["loglik"], 4)
-    assert rows["score sorted (exact_match)"] == round(r1["scores"]["sorted"], 4)
-    assert rows["kept / generated"] == f"{r1['n_kept']} / 16" and r1["n_generated"] == 16
-    assert rows["mean loss"] == r1["mean_loss"] and rows["train tokens"] == r1["train_tokens"]
+    (r1,) = run.res.rounds
+    assert rows["score loglik (teacher_loglik, primary)"] == round(r1.scores["loglik"], 4)
+    assert rows["score sorted (exact_match)"] == round(r1.scores["sorted"], 4)
+    assert rows["kept / generated"] == f"{r1.n_kept} / 16" and r1.n_generated == 16
+    assert rows["mean loss"] == r1.mean_loss and rows["train tokens"] == r1.train_tokens
     assert {k for k in rows if k.startswith("seconds ")} == {
         f"seconds {s}" for s in ("generate", "score", "filter", "pack", "train", "evaluate")
     }
@@ -170,9 +171,9 @@ def test_the_best_checkpoint_is_a_registered_transformers_model(run):
 
     uri = f"sqlite:///{run.root / 'mlflow.db'}"
     best = checkpoint(run.root, "sets")
-    assert run.res["registered"] == {"name": MODEL, "version": "1"}
+    assert run.res.registered == {"name": MODEL, "version": "1"}
     version = MlflowClient(uri).get_model_version(MODEL, "1")
-    assert version.run_id == run.res["mlflow_run_id"]
+    assert version.run_id == run.res.mlflow_run_id
     assert version.tags == {
         "npd.run_id": "sets",
         "npd.round": str(best.round),

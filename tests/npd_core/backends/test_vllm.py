@@ -120,8 +120,8 @@ def test_stages_store_vllm_rows_that_match_hf(tmp_path, tiny_world):
     samples = store.read_stage("v", 1, "generate", "samples")
     v_scores = store.read_stage("v", 1, "score", "scores")
     assert set(samples.column("backend").to_pylist()) == {"vllm"}  # no silent fallback
-    assert gen.metrics["backend"] == sc.metrics["backend"] == "vllm"
-    assert samples.num_rows == 96 and gen.metrics["engine_refresh_s"] == 0.0
+    assert gen.metrics.backend == sc.metrics.backend == "vllm"
+    assert samples.num_rows == 96 and gen.metrics.engine_refresh_s == 0.0
 
     hf = _spec(tmp_path, tiny_world, "h", generate={"backend": "hf"})
     generate_stage(hf, 1, PROV)
@@ -131,7 +131,7 @@ def test_stages_store_vllm_rows_that_match_hf(tmp_path, tiny_world):
 
     # the same vLLM samples scored by HF: same run, score.backend: hf
     spec_h = _spec(tmp_path, tiny_world, "v", score={"backend": "hf"})
-    assert score_stage(spec_h, 1, PROV).metrics["backend"] == "hf"
+    assert score_stage(spec_h, 1, PROV).metrics.backend == "hf"
     h_scores = store.read_stage("v", 1, "score", "scores")
     assert v_scores.schema == h_scores.schema
 

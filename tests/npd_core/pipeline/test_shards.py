@@ -60,11 +60,9 @@ def _round(root, world, shards: int) -> RunSpec:
         name = parts[0]["stage"]
         assert not spec.store.has_stage("r", 1, name)  # readers see no partial round
         res = commit_stage(spec, 1, name, parts)
-        assert len(res.metrics["shard_seconds"]) == shards
+        assert len(res.metrics.shard_seconds) == shards
         if name == "generate":
-            assert (
-                res.metrics["n_generated"] == 24 == sum(p["metrics"]["n_generated"] for p in parts)
-            )
+            assert res.metrics.n_generated == 24 == sum(p["metrics"]["n_generated"] for p in parts)
     filter_stage(spec, 1, PROV)
     return spec
 

@@ -6,7 +6,7 @@ import json
 import os
 
 from npd_core.config import NPDConfig
-from npd_core.pipeline.spec import RunSpec, set_scores
+from npd_core.pipeline.spec import RunSpec
 
 
 def test_runspec_checkpoint_layout(tmp_path):
@@ -36,16 +36,3 @@ def test_stage_threads_are_recorded_at_the_start_and_kept_by_a_retry(tmp_path, m
     assert legacy.stage_threads() == 1  # resolved here: 2 cores, two stages
     pinned = RunSpec(str(tmp_path), "y", {"threads": 3}, "t", "s0", "a", "b").with_threads()
     assert pinned.threads == 3
-
-
-def test_an_evaluation_persisted_before_eval_sets_reads_as_the_primary_sets():
-    """A run begun by an older npd and retried: its cached evaluate results have no per-set
-    scores; they are the one set's, as the run's new results give them."""
-    old = {"score": 41.0, "metric": "exact_match", "io_spans": []}
-    assert set_scores(old, "heldout") == {
-        **old,
-        "scores": {"heldout": 41.0},
-        "metrics": {"heldout": "exact_match"},
-    }
-    new = {"score": 2.0, "metric": "m", "scores": {"a": 1.0, "b": 2.0}, "metrics": {"a": "m"}}
-    assert set_scores(new, "b") == new

@@ -113,7 +113,7 @@ def test_filter_records_a_reason_for_every_dropped_row(scored):
     kl = np.array(scores.column("student_forward_kl_sum").to_pylist())
     assert (kl >= 0).all() and kl.sum() > 0
     kept = np.array([x["kept"] for x in f])
-    assert res.metrics["dropped_kl_share"] == pytest.approx(kl[~kept].sum() / kl.sum())
+    assert res.metrics.dropped_kl_share == pytest.approx(kl[~kept].sum() / kl.sum())
     assert {x["rule"] for x in f} == {"band"}
     assert json.loads(f[0]["rule_params"]) == dict(
         q_low=0.05, q_high=0.9, abs_low=None, abs_high=None, drop_unfinished=False
@@ -123,10 +123,10 @@ def test_filter_records_a_reason_for_every_dropped_row(scored):
     reason = [x["filter_reason"] for x in f]
     dropped = Counter(x for x in reason if x is not None)
     m = res.metrics
-    assert set(dropped) <= REASONS and m["drop_reasons"] == dict(dropped)
-    assert m["n_kept"] + sum(dropped.values()) == 32 and 0 < m["n_kept"] < 32
-    assert m["kept_fraction"] == pytest.approx(m["n_kept"] / 32)
-    lo, hi = m["band_low"], m["band_high"]
+    assert set(dropped) <= REASONS and m.drop_reasons == dict(dropped)
+    assert m.n_kept + sum(dropped.values()) == 32 and 0 < m.n_kept < 32
+    assert m.kept_fraction == pytest.approx(m.n_kept / 32)
+    lo, hi = m.band_low, m.band_high
     for why, d in zip(reason, sc, strict=True):
         assert why != "below_band" or d < lo
         assert why != "above_band" or d > hi
@@ -147,12 +147,12 @@ def test_scoring_pays_only_for_what_the_rule_uses(scored):
     finally:
         score_stage(scored, 1, PROV)
         filter_stage(scored, 1, PROV)
-    assert res.metrics["views"] == 1
+    assert res.metrics.views == 1
     for name in (*SCORE_COLUMNS[1:], "student_forward_kl_sum"):
         assert t.column(name).null_count == 32, name
     for name in ("teacher_logprob_sum", "topk_ids", "topk_logprobs"):
         assert t.column(name).equals(full.column(name)), name
-    assert flt.metrics["dropped_kl_share"] is None and flt.metrics["delta_ifd_q50"] is None
+    assert flt.metrics.dropped_kl_share is None and flt.metrics.delta_ifd_q50 is None
     samples = scored.store.read_stage("r", 1, "generate", "samples").to_pylist()
     empty = {(x["prompt_id"], x["sample_idx"]) for x in samples if x["response_tokens"] == 0}
     assert all(x["kept"] == ((x["prompt_id"], x["sample_idx"]) not in empty) for x in f)
@@ -174,21 +174,21 @@ def test_pack_places_every_kept_sample_once_within_the_row(scored, overlong):
     length = {(x["prompt_id"], x["sample_idx"]): x["length"] for x in pk}
     assert len(length) == len(pk)  # each sample once
     if overlong == "truncate":
-        assert set(length) == set(kept) and res.metrics["dropped_overlong"] == 0
+        assert set(length) == set(kept) and res.metrics.dropped_overlong == 0
         assert all(n == min(kept[k][1], max_len) for k, n in length.items())
     else:
-        assert set(length) == set(kept) - over and res.metrics["dropped_overlong"] == len(over)
+        assert set(length) == set(kept) - over and res.metrics.dropped_overlong == len(over)
         assert all(n == kept[k][1] for k, n in length.items())
     rows: dict[int, list[dict]] = {}
     for x in pk:
         rows.setdefault(x["row"], []).append(x)
-    assert sorted(rows) == list(range(len(rows))) == list(range(res.metrics["rows"]))
+    assert sorted(rows) == list(range(len(rows))) == list(range(res.metrics.rows))
     for row in rows.values():
         assert sorted(x["slot"] for x in row) == list(range(len(row)))
         assert sum(x["length"] for x in row) <= max_len
     tokens = sum(x["length"] for x in pk)
-    assert res.metrics["packed_tokens"] == tokens
-    assert res.metrics["fill_ratio"] == pytest.approx(tokens / (len(rows) * max_len))
+    assert res.metrics.packed_tokens == tokens
+    assert res.metrics.fill_ratio == pytest.approx(tokens / (len(rows) * max_len))
 
 
 def test_train_consumes_exactly_the_packed_rows(scored):
@@ -204,12 +204,12 @@ def test_train_consumes_exactly_the_packed_rows(scored):
     )
     pack = pack_stage(spec, 1, PROV)
     pk = spec.store.read_stage("r", 1, "pack", "pack")
-    tokens = pack.metrics["packed_tokens"]
+    tokens = pack.metrics.packed_tokens
     response = sum(x["length"] - kept[(x["prompt_id"], x["sample_idx"])][0] for x in pk.to_pylist())
     tr = train_stage(spec, 1, PROV).metrics
-    n_rows = pack.metrics["rows"]
-    assert tr["steps"] == n_rows and tr["train_tokens"] == tokens and tr["loss_tokens"] == response
-    assert tr["fill_ratio"] == pytest.approx(tokens / (n_rows * max_len))
+    n_rows = pack.metrics.rows
+    assert tr.steps == n_rows and tr.train_tokens == tokens and tr.loss_tokens == response
+    assert tr.fill_ratio == pytest.approx(tokens / (n_rows * max_len))
     ckpt = query(spec.store.db_path, "select step, train_tokens from checkpoints").to_pylist()
     assert ckpt == [{"step": n_rows, "train_tokens": tokens}]
 
@@ -219,8 +219,8 @@ def test_train_consumes_exactly_the_packed_rows(scored):
         x["length"] = kept[(x["prompt_id"], x["sample_idx"])][0] + 1
     spec.store.write_stage("r", 1, "pack", {"pack": pa.Table.from_pylist(row0, pk.schema)})
     tr = train_stage(spec, 1, PROV).metrics
-    assert tr["steps"] == 1 and tr["loss_tokens"] == len(row0)
-    assert tr["train_tokens"] == sum(x["length"] for x in row0)
+    assert tr.steps == 1 and tr.loss_tokens == len(row0)
+    assert tr.train_tokens == sum(x["length"] for x in row0)
 
 
 def test_score_and_train_run_with_the_kernels_recorded_in_the_spec(scored, monkeypatch):
@@ -273,13 +273,13 @@ def test_everything_filtered_trains_nothing_and_goes_on(tmp_path, tiny_world):
     for stage in (generate_stage, score_stage, filter_stage):
         stage(spec, 1, PROV)
     flt = filter_stage(spec, 1, PROV)
-    assert flt.metrics["n_kept"] == 0
-    assert set(flt.metrics["drop_reasons"]) <= {"below_band", "unfinished", "empty", "non_finite"}
-    assert sum(flt.metrics["drop_reasons"].values()) == 16  # every row has its reason
+    assert flt.metrics.n_kept == 0
+    assert set(flt.metrics.drop_reasons) <= {"below_band", "unfinished", "empty", "non_finite"}
+    assert sum(flt.metrics.drop_reasons.values()) == 16  # every row has its reason
     pack = pack_stage(spec, 1, PROV).metrics
-    assert pack["rows"] == pack["packed_tokens"] == pack["dropped_overlong"] == 0
+    assert pack.rows == pack.packed_tokens == pack.dropped_overlong == 0
     tr = train_stage(spec, 1, PROV)
-    assert tr.metrics["steps"] == 0 and tr.metrics["train_tokens"] == 0
+    assert tr.metrics.steps == 0 and tr.metrics.train_tokens == 0
     ckpt = query(spec.store.db_path, "select step, train_tokens from checkpoints").to_pylist()
     assert ckpt == [{"step": 0, "train_tokens": 0}]  # θ_1 = θ_0, and the run goes on
     n = query(spec.store.db_path, "select count(*) from samples where filter_reason is null")
@@ -304,6 +304,6 @@ def test_every_generation_empty_trains_nothing_and_goes_on(tmp_path, tiny_world)
     spec.store.write_stage("r", 1, "generate", {"samples": empty})
     score_stage(spec, 1, PROV)
     flt = filter_stage(spec, 1, PROV)
-    assert flt.metrics["n_kept"] == 0 and flt.metrics["drop_reasons"] == {"empty": n}
-    assert pack_stage(spec, 1, PROV).metrics["rows"] == 0
-    assert train_stage(spec, 1, PROV).metrics["steps"] == 0
+    assert flt.metrics.n_kept == 0 and flt.metrics.drop_reasons == {"empty": n}
+    assert pack_stage(spec, 1, PROV).metrics.rows == 0
+    assert train_stage(spec, 1, PROV).metrics.steps == 0
