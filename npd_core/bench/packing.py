@@ -22,10 +22,10 @@ What it does, in order:
 5. trains two copies of the same initial student, one per layout, alternating steps so that
    background load hits both alike, and reports tokens/s on real response tokens;
 6. reports the kernel the pipeline's own selection picks for these rows
-   (``npd_core.method.attention.select``, what ``train.attention: auto`` records in a run's spec)
+   (``npd_core.pipeline.autotune.select``, what ``train.attention: auto`` records in a run's spec)
    and times the real learner, ``train_round`` as the train stage calls it (collation included),
    with each exact kernel of the device: ``selection`` and ``learner`` in the output (on CUDA
-   the candidates are ``attention.KERNELS["cuda"]``; ``selection.unavailable`` names those that
+   the candidates are ``autotune.KERNELS["cuda"]``; ``selection.unavailable`` names those that
    cannot run here and why, e.g. flash-attn not installed).
    ``--model DIR`` trains an HF checkpoint (e.g. the toy world's student) instead of a random one.
 
@@ -83,7 +83,7 @@ from npd_core.pipeline.autotune import Shape, kernels, race, select, unavailable
 
 def attention_candidates(device: torch.device, bf16: bool = False) -> tuple[list[str], list[str]]:
     """Exact attention implementations to try: (packed, padded). CUDA: the pipeline's CUDA
-    candidates that run here (``attention.KERNELS``; bf16 autocast lets the flash kernels in)
+    candidates that run here (``autotune.KERNELS``; bf16 autocast lets the flash kernels in)
     and per-sequence SDPA; padded, SDPA and transformers' flash_attention_2 where flash-attn is
     importable. CPU: the pipeline's candidates (flex attention has no CPU backward), and eager."""
     if device.type == "cuda":
@@ -516,7 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--attention",
         default="auto",
         help="packed: auto, sdpa, eager, sdpa_varlen; CUDA: torch_varlen, flex_document, "
-        "flash_varlen (attention.KERNELS), flash_attention_2 (rows flattened to one)",
+        "flash_varlen (autotune.KERNELS), flash_attention_2 (rows flattened to one)",
     )
     p.add_argument("--padded-attention", default="auto", help="padded baseline: auto, sdpa, ...")
     p.add_argument(
