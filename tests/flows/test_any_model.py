@@ -52,12 +52,14 @@ def llama_run(tmp_path_factory, prefect_api):
     assert res.returncode == 0, res.stderr[-3000:]
     shown = npd("status", *status[2:])
     assert shown.returncode == 0, shown.stderr[-2000:]
+    shown_json = npd("status", *status[2:], "--json")
+    assert shown_json.returncode == 0, shown_json.stderr[-2000:]
     out = d / run[run.index("--out") + 1]
-    return json.loads(res.stdout), out, d / write[2], shown.stdout
+    return json.loads(res.stdout), out, d / write[2], shown.stdout, json.loads(shown_json.stdout)
 
 
 def test_the_readme_prints_the_config_the_example_writes(llama_run):
-    _, _, example_dir, _ = llama_run
+    _, _, example_dir, *_ = llama_run
     assert _readme_block("### Worked example", "yaml") == example.CONFIG
     assert (example_dir / "my.yaml").read_text() == example.CONFIG
 
@@ -79,7 +81,7 @@ def test_the_run_completes_on_llama_with_gsm8k_on_both_sets(llama_run):
 def test_every_sample_keeps_the_templated_prompt_it_was_tokenised_from(llama_run):
     """The chat template rendered the system turn and the generation prompt; the stored ids are
     that text's tokens; the assistant's worked answer is not part of the prompt."""
-    _, out, example_dir, _ = llama_run
+    _, out, example_dir, *_ = llama_run
     tok = AutoTokenizer.from_pretrained(example_dir / "student")
     rows = query(out / "npd.duckdb", "SELECT prompt, prompt_token_ids FROM samples").to_pylist()
     assert len(rows) == 32 * ROUNDS
@@ -117,9 +119,24 @@ def test_the_run_keeps_its_own_copies_of_the_sets(llama_run):
     assert hard["answer"] == "#### 38,852" and json.loads(hard["prompt"])[0]["role"] == "system"
 
 
-def test_npd_status_shows_both_sets(llama_run):
-    *_, shown = llama_run
-    assert "gsm8k" in shown and "hard" in shown
+def test_npd_status_shows_each_sets_score_every_round(llama_run):
+    """`npd status` has a score column per eval set, the primary one (gsm8k, the first of
+    eval.sets) starred and first; every round's row holds the scores the evals table stored
+    for both sets, as `npd status --json` gives them."""
+    _, out, _, shown, shown_json = llama_run
+    evals = query(out / "npd.duckdb", "SELECT round, eval_set, score FROM evals").to_pylist()
+    stored = {(e["round"], e["eval_set"]): e["score"] for e in evals}
+    (run,) = shown_json
+    assert {x["round"] for x in run["rounds"]} >= set(range(1, ROUNDS + 1))
+    for x in run["rounds"]:
+        assert x["scores"] == {n: stored[x["round"], n] for n in ("gsm8k", "hard")}
+    cells = [[c.strip() for c in re.split("[│┃]", line)[1:-1]] for line in shown.splitlines()]
+    header = next(c for c in cells if c and c[0] == "round")
+    assert header[1:3] == ["gsm8k*", "hard"]
+    body = {c[0]: c[1:3] for c in cells if c and c[0].isdigit()}
+    assert body == {
+        str(x["round"]): [f"{x['scores'][n]:.1f}" for n in ("gsm8k", "hard")] for x in run["rounds"]
+    }
 
 
 def test_checkpoints_are_llama_and_load_with_plain_transformers(llama_run):
