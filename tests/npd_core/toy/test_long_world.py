@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 from transformers import AutoTokenizer, Qwen2Config
@@ -125,7 +126,8 @@ def demo_spec(tmp_path, monkeypatch):
 
     def fake_flow(spec, out, show):
         got.update(spec)
-        return {"rounds": [], "run_id": spec["run_id"]}
+        out = {"rounds": [], "run_id": spec["run_id"]}  # the run summary's JSON, no rounds
+        return SimpleNamespace(rounds=[], to_json=lambda: out)
 
     monkeypatch.setattr(flows.cli, "run_flow", fake_flow)
 
