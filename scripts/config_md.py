@@ -45,10 +45,11 @@ def _type(annotation: object) -> str:
         return " \\| ".join(f"`{v}`" for v in typing.get_args(annotation))
     if annotation is type(None):
         return "none"
+    args = typing.get_args(annotation)
     if typing.get_origin(annotation) is dict:
-        return "mapping"
+        return f"mapping of {_type(args[0])} to {_type(args[1])}" if args else "mapping"
     if typing.get_origin(annotation) is list:
-        return "list"
+        return f"list of {_type(args[0])}" if args else "list"
     names = {bool: "bool", int: "int", float: "number", str: "text"}
     return names.get(annotation, getattr(annotation, "__name__", str(annotation)))
 
