@@ -21,30 +21,12 @@ import json
 import random
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from pathlib import Path
-from typing import Any
 
-from transformers import PreTrainedModel
-
-from npd_core.config import TrainConfig
-from npd_core.method.train import (
-    StepLog,
-    checkpoint_activations,
-    learner_dtype,
-    lr_at,
-    make_optimizer,
-)
-from npd_core.models import (
-    load_model,
-    load_tokenizer,
-    load_trainer_state,
-    rng_state,
-    save_checkpoint,
-)
-from npd_core.pipeline.spec import RunSpec, StageResult, rel_path
+from npd_core.method.train import StepLog, lr_at
+from npd_core.pipeline import learner
+from npd_core.pipeline.spec import RunSpec, StageResult
 from npd_core.seeds import seed_for
-from npd_core.store import table_from_rows
+from npd_core.train_spec import StepSpec
 
 CALIBRATION_STEPS = 5
 HORIZON_DRIFT = 0.10  # re-fit the lr horizon when the predicted steps move this much
@@ -52,13 +34,10 @@ NO_HORIZON = 10**9  # before the horizon is known: past the warmup the lr stays 
 
 
 @dataclass
-class Learner:
-    """The student between checkpoints: weights, optimizer and the counters a segment carries."""
+class Learner(learner.Learner):
+    """The student between checkpoints (``pipeline.learner``) with the clock and the counters
+    a segment carries."""
 
-    model: PreTrainedModel
-    tok: Any
-    optimizer: Any
-    step: int = 0
     clock_s: float = 0.0  # training clock at the start of this segment (evaluation excluded)
     train_start_s: float | None = None  # clock after the first step
     total_steps: int | None = None  # lr horizon, fixed after calibration
@@ -74,8 +53,8 @@ class Learner:
         """The training clock now."""
         return self.clock_s + time.perf_counter() - self._t0
 
-    def lr(self, cfg: TrainConfig) -> float:
-        return lr_at(self.step, cfg, self.total_steps or NO_HORIZON)
+    def lr(self, spec: StepSpec) -> float:
+        return lr_at(self.step, spec, self.total_steps or NO_HORIZON)
 
     def add(self, **amounts: float) -> None:
         for k, v in amounts.items():
@@ -104,19 +83,14 @@ class Learner:
 
 def resume(spec: RunSpec, k: int, clock0_s: float = 0.0) -> Learner:
     """θ_{k−1} with its optimizer and counters; θ_0 is the warm-start student at ``clock0_s``."""
-    src = spec.checkpoint(k - 1)
-    weights = learner_dtype(spec.cfg.train.weights_dtype)
-    model = checkpoint_activations(load_model(src, weights), spec.cfg.train.gradient_checkpointing)
-    opt = make_optimizer(model, spec.cfg.train)
-    state = load_trainer_state(Path(src)) if k > 1 else None
+    lrn, state = learner.open_learner(spec.checkpoint(k - 1), spec.cfg, resume=k > 1)
     if state is None:
-        return Learner(model, load_tokenizer(src), opt, clock_s=clock0_s)
-    opt.load_state_dict(state["optimizer"])
+        return Learner(lrn.model, lrn.tok, lrn.optimizer, clock_s=clock0_s)
     return Learner(
-        model,
-        load_tokenizer(src),
-        opt,
-        step=state["step"],
+        lrn.model,
+        lrn.tok,
+        lrn.optimizer,
+        step=lrn.step,
         clock_s=state["clock_s"],
         train_start_s=state["train_start_s"],
         total_steps=state["total_steps"],
@@ -127,30 +101,17 @@ def resume(spec: RunSpec, k: int, clock0_s: float = 0.0) -> Learner:
 def save(spec: RunSpec, k: int, lrn: Learner, seconds: float, started: float) -> StageResult:
     """Write θ_k (weights, optimizer, counters, clock) and its ``checkpoints`` row."""
     clock = lrn.elapsed()
-    dst = Path(spec.checkpoint(k))
-    state = dict(
-        optimizer=lrn.optimizer.state_dict(),
-        step=lrn.step,
-        round=k,
+    learner.save_learner(
+        lrn,
+        spec.checkpoint(k),
+        k,
+        spec.config,
         clock_s=clock,
         train_start_s=lrn.train_start_s,
         total_steps=lrn.total_steps,
         counters=lrn.counters,
-        rng=rng_state(),
-        config=spec.config,
     )
-    save_checkpoint(lrn.model, lrn.tok, dst, state)
-    row = dict(
-        run_id=spec.run_id,
-        round=k,
-        path=rel_path(spec.root, str(dst)),
-        step=lrn.step,
-        train_tokens=int(lrn.counters.get("train_tokens", 0)),
-        created_at=datetime.now(UTC),
-    )
-    spec.store.write_stage(
-        spec.run_id, k, "train", {"checkpoints": table_from_rows("checkpoints", [row])}
-    )
+    learner.record_checkpoint(spec, k, lrn.step, int(lrn.counters.get("train_tokens", 0)))
     losses = [x.loss for x in lrn.log]
     blob = json.dumps([k, lrn.step, losses]).encode()
     return StageResult(

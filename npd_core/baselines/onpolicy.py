@@ -21,7 +21,7 @@ from npd_core.data import read_prompts
 from npd_core.method.generate import apply_stop_strings, generate
 from npd_core.method.packing import IGNORE_INDEX, PackedBatch, Sample, collate, response_offsets
 from npd_core.method.score import response_scores
-from npd_core.method.train import Targets, optimizer_step
+from npd_core.method.train import Targets, micro_batches, optimizer_step
 from npd_core.models import format_prompts, frozen_dtype, load_model, use_bf16
 from npd_core.pipeline.spec import RunSpec, StageResult
 from npd_core.seeds import seed_for
@@ -54,7 +54,7 @@ def onpolicy_segment(
 ) -> StageResult:
     """θ_{k−1} → θ_k: on-policy steps until the training clock reaches ``until_s``."""
     cfg = spec.cfg
-    tc, g = cfg.train, cfg.generate
+    tc, g = cfg.train.step_spec(), cfg.generate
     torch.set_num_threads(cfg.stage_threads(concurrent=False))  # one stage at a time: all cores
     t_start, p_start = time.time(), time.perf_counter()
     teacher = load_model(spec.teacher, frozen_dtype(spec.cfg.models.frozen_dtype))
@@ -104,11 +104,14 @@ def onpolicy_segment(
         batch = collate(samples, rows, tok.pad_token_id, target_offsets=offsets)
         targets = teacher_topk(teacher, batch, offsets, cfg.score.top_k, use_bf16(cfg.models.bf16))
         t2 = time.perf_counter()
-        lrn.model.train()  # 4. one step on NPD's per-token loss
+        lrn.model.train()  # 4. one step on NPD's per-token loss, micro_rows rows a forward
+        micro = micro_batches(
+            samples, rows, tok.pad_token_id, tc.forwards(len(rows)), target_offsets=offsets
+        )
         loss = optimizer_step(
             lrn.model,
             lrn.optimizer,
-            batch,
+            micro,
             targets,
             tc,
             lr=lr,

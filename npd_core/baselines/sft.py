@@ -15,8 +15,8 @@ import torch
 from npd_core.baselines.budget import batch_indices, resume, save
 from npd_core.errors import TrainingError
 from npd_core.method.attention import for_training
-from npd_core.method.packing import Sample, collate, packed_rows
-from npd_core.method.train import optimizer_step
+from npd_core.method.packing import Sample, packed_rows
+from npd_core.method.train import micro_batches, optimizer_step
 from npd_core.models import use_bf16
 from npd_core.pipeline.spec import RunSpec, StageResult
 from npd_core.seeds import seed_for
@@ -61,7 +61,7 @@ def sft_segment(
     """θ_{k−1} → θ_k: packed CE steps on the teacher's answers until the clock reaches
     ``until_s``; the first segment's clock starts at ``clock0_s`` (the teacher's generation)."""
     cfg = spec.cfg
-    tc = cfg.train
+    tc = cfg.train.step_spec()
     torch.set_num_threads(cfg.stage_threads(concurrent=False))
     t_start, p_start = time.time(), time.perf_counter()
     p = cfg.pack
@@ -80,13 +80,17 @@ def sft_segment(
             t0 = time.perf_counter()
             lr = lrn.lr(tc)
             idx = batch_indices(len(rows), tc.rows_per_step, lrn.step, cfg.seed)
-            batch = collate(
-                samples, [rows[i] for i in idx], lrn.tok.pad_token_id, row_len=cfg.pack.max_seq_len
+            micro = micro_batches(
+                samples,
+                [rows[i] for i in idx],
+                lrn.tok.pad_token_id,
+                tc.forwards(len(idx)),
+                row_len=cfg.pack.max_seq_len,
             )
             loss = optimizer_step(  # targets=None: CE on the labels, i.e. the teacher's tokens
                 lrn.model,
                 lrn.optimizer,
-                batch,
+                micro,
                 None,
                 tc,
                 lr=lr,
@@ -94,6 +98,7 @@ def sft_segment(
                 bf16=use_bf16(cfg.models.bf16),
             )
             dt = time.perf_counter() - t0
-            lrn.add(train_s=dt, train_tokens=batch.n_real_tokens)
-            lrn.stepped(loss.item(), lr, batch.n_real_tokens, dt, budget_s, tc.warmup_steps)
+            tokens = sum(b.n_real_tokens for b in micro)
+            lrn.add(train_s=dt, train_tokens=tokens)
+            lrn.stepped(loss.item(), lr, tokens, dt, budget_s, tc.warmup_steps)
     return save(spec, k, lrn, time.perf_counter() - p_start, t_start)

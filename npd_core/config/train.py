@@ -2,39 +2,65 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Literal
 
 from pydantic import Field, model_validator
 
 from npd_core.config.base import Attention, Section
+from npd_core.train_spec import StepSpec
+
+STEP = StepSpec()  # the learner's defaults live with the plain spec the method reads
 
 
 class TrainConfig(Section):
     loss: Literal["forward_kl", "reverse_kl", "jsd", "ce"] = Field(
-        "forward_kl",
+        STEP.loss,
         description="forward KL on teacher top-k (default), reverse KL, GKD JSD(β), "
         "or hard-label CE on the teacher's argmax",
     )
-    beta: float = Field(0.5, ge=0.0, le=1.0, description="JSD β (0 = forward KL, 1 = reverse KL)")
-    sft_weight: float = Field(0.0, ge=0.0, le=10.0, description="weight of CE on sampled tokens")
+    beta: float = Field(
+        STEP.beta, ge=0.0, le=1.0, description="JSD β (0 = forward KL, 1 = reverse KL)"
+    )
+    sft_weight: float = Field(
+        STEP.sft_weight, ge=0.0, le=10.0, description="weight of CE on sampled tokens"
+    )
     rest_mass: bool = Field(
-        False, description="forward KL: match the mass outside the teacher's top-k as one bin"
+        STEP.rest_mass,
+        description="forward KL: match the mass outside the teacher's top-k as one bin",
     )
     loss_chunk_tokens: int = Field(
-        1024,
+        STEP.loss_chunk_tokens,
         ge=0,
         le=1_048_576,
         description="response positions whose logits exist at once in the loss, forward and "
         "backward (LM head applied chunk by chunk: memory ~ chunk × vocabulary); 0 = full logits",
     )
-    lr: float = Field(3e-3, gt=0.0, le=1.0, description="peak AdamW learning rate")
-    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="cosine floor ÷ peak")
-    warmup_steps: int = Field(10, ge=0, description="linear warmup steps at the start of the run")
-    weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="AdamW weight decay")
-    grad_clip: float = Field(1.0, gt=0.0, description="max global grad norm")
-    steps_per_round: int = Field(150, ge=1, le=10_000_000, description="optimizer steps per round")
-    epochs_per_round: float = Field(8.0, gt=0.0, le=100.0, description="passes over D_r at most")
-    rows_per_step: int = Field(16, ge=1, description="packed rows per optimizer step")
+    lr: float = Field(STEP.lr, gt=0.0, le=1.0, description="peak AdamW learning rate")
+    min_lr_ratio: float = Field(
+        STEP.min_lr_ratio, ge=0.0, le=1.0, description="cosine floor ÷ peak"
+    )
+    warmup_steps: int = Field(
+        STEP.warmup_steps, ge=0, description="linear warmup steps at the start of the run"
+    )
+    weight_decay: float = Field(STEP.weight_decay, ge=0.0, le=1.0, description="AdamW weight decay")
+    grad_clip: float = Field(STEP.grad_clip, gt=0.0, description="max global grad norm")
+    steps_per_round: int = Field(
+        STEP.steps_per_round, ge=1, le=10_000_000, description="optimizer steps per round"
+    )
+    epochs_per_round: float = Field(
+        STEP.epochs_per_round, gt=0.0, le=100.0, description="passes over D_r at most"
+    )
+    rows_per_step: int = Field(
+        STEP.rows_per_step, ge=1, description="packed rows per optimizer step"
+    )
+    micro_rows: int | None = Field(
+        STEP.micro_rows,
+        ge=1,
+        description="packed rows per forward (gradient accumulation): a step's rows go through "
+        "the model this many at a time and the update is the same (the loss is normalised over "
+        "the whole step); none = all of a process's rows in one forward",
+    )
     gradient_checkpointing: bool = Field(
         False, description="recompute activations in backward: less memory, ~1 more forward"
     )
@@ -83,3 +109,21 @@ class TrainConfig(Section):
                 "learner process needs a packed row a step; raise rows_per_step or lower nproc"
             )
         return self
+
+    @model_validator(mode="after")
+    def _as_many_forwards_per_rank(self) -> TrainConfig:
+        """Under DDP and FSDP every process forwards as often as the others (their collectives
+        pair up), so the one with a row fewer needs a row for each of its forwards."""
+        fewest, most = self.rows_per_step // self.nproc, -(-self.rows_per_step // self.nproc)
+        forwards = self.step_spec().forwards(most)
+        if forwards > fewest:
+            raise ValueError(
+                f"train.micro_rows ({self.micro_rows}): with rows_per_step {self.rows_per_step} "
+                f"on nproc {self.nproc} a learner process has {fewest} rows for {forwards} "
+                "forwards; raise micro_rows or make rows_per_step a multiple of nproc"
+            )
+        return self
+
+    def step_spec(self) -> StepSpec:
+        """The settings ``method.train`` reads, as plain values."""
+        return StepSpec(**{f.name: getattr(self, f.name) for f in fields(StepSpec)})

@@ -1,23 +1,26 @@
 """One rank of a data-parallel learner (torch.distributed: DDP, or FSDP2's ``fully_shard``).
 
-N ranks take the 1-process step together: each forwards its share of the step's packed rows,
-the response-token count of the whole step is all-reduced, and each rank backpropagates its
-per-token loss sum × N ÷ that count. DDP and FSDP average gradients over the ranks, so the
-gradient is the whole step's token mean, as in one process; clipping, AdamW and the lr schedule
-then do what they do there. Checkpoints hold the full weights and the full optimizer state in
-the 1-process layout (``optimizer.state_dict()`` of ``make_optimizer``; under fsdp gathered from
-the shards, and sharded again on load, by ``torch.distributed.checkpoint.state_dict``), so a
-round may resume on any number of ranks.
+N ranks take the 1-process step together: the response-token count of the whole step is
+all-reduced first, then each rank forwards its share of the step's packed rows (in as many
+micro-batches as every other rank, ``train.micro_rows``) and backpropagates each one's per-token
+loss sum × N ÷ that count, the gradients reduced across ranks on the last backward only. DDP and
+FSDP average gradients over the ranks, so the gradient is the whole step's token mean, as in one
+process; clipping, AdamW and the lr schedule then do what they do there. Checkpoints hold the
+full weights and the full optimizer state in the 1-process layout (``optimizer.state_dict()`` of
+``make_optimizer``; under fsdp gathered from the shards, and sharded again on load, by
+``torch.distributed.checkpoint.state_dict``), so a round may resume on any number of ranks.
 
 Both wrappers need the whole loss inside one module forward (their hooks run around it, and the
-chunked LM head calls the head outside the model's own forward): :class:`StepLoss` is that
+chunked LM head calls the head outside the model's own forward): :class:`TokenLosses` is that
 module. Needs an initialised default process group (``pipeline.workers`` starts one per rank).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -34,24 +37,29 @@ from torch.nn.parallel import DistributedDataParallel
 from transformers import PreTrainedModel
 
 from npd_core.method.packing import PackedBatch
-from npd_core.method.train import StepTotals, Targets, descend, make_optimizer, step_loss
-
-if TYPE_CHECKING:
-    from npd_core.config import TrainConfig
+from npd_core.method.train import (
+    StepTotals,
+    Targets,
+    accumulate,
+    apply_update,
+    forward_losses,
+    make_optimizer,
+)
+from npd_core.train_spec import StepSpec
 
 Strategy = Literal["ddp", "fsdp"]
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered, on rank 0 only
 
 
-class StepLoss(nn.Module):
-    """``step_loss`` of the student as a module's forward: the unit DDP and FSDP wrap."""
+class TokenLosses(nn.Module):
+    """``forward_losses`` of the student as a module's forward: the unit DDP and FSDP wrap."""
 
-    def __init__(self, student: PreTrainedModel, cfg: TrainConfig, bf16: bool) -> None:
+    def __init__(self, student: PreTrainedModel, spec: StepSpec, bf16: bool) -> None:
         super().__init__()
-        self.student, self.cfg, self.bf16 = student, cfg, bf16
+        self.student, self.spec, self.bf16 = student, spec, bf16
 
     def forward(self, batch: PackedBatch, targets: Targets | None) -> torch.Tensor:
-        return step_loss(self.student, batch, targets, self.cfg, bf16=self.bf16)
+        return forward_losses(self.student, batch, targets, self.spec, bf16=self.bf16)
 
 
 @dataclass
@@ -63,16 +71,16 @@ class DataParallel:
     world: int
     strategy: Strategy
     student: PreTrainedModel
-    loss: nn.Module  # DDP(StepLoss) or fully_shard(StepLoss)
+    loss: nn.Module  # DDP(TokenLosses) or fully_shard(TokenLosses)
     optimizer: torch.optim.Optimizer
-    cfg: TrainConfig
+    spec: StepSpec
 
     @classmethod
     def wrap(
-        cls, student: PreTrainedModel, cfg: TrainConfig, strategy: Strategy, bf16: bool
+        cls, student: PreTrainedModel, spec: StepSpec, strategy: Strategy, bf16: bool
     ) -> DataParallel:
         """Wrap ``student`` (the same weights on every rank) and make its optimizer."""
-        loss = StepLoss(student, cfg, bf16)
+        loss = TokenLosses(student, spec, bf16)
         if strategy == "ddp":
             loss = DistributedDataParallel(loss)  # broadcasts rank 0's weights
         else:
@@ -84,26 +92,37 @@ class DataParallel:
                 for m in loss.modules():
                     if isinstance(m, FSDPModule):
                         m.set_force_sum_reduction_for_comms(True)
-        opt = make_optimizer(student, cfg)  # over DTensor shards under fsdp
-        return cls(dist.get_rank(), dist.get_world_size(), strategy, student, loss, opt, cfg)
+        opt = make_optimizer(student, spec)  # over DTensor shards under fsdp
+        return cls(dist.get_rank(), dist.get_world_size(), strategy, student, loss, opt, spec)
 
     def update(
-        self, batch: PackedBatch, targets: Targets | None, *, lr: float, step: int
+        self, micro: Sequence[PackedBatch], targets: Targets | None, *, lr: float, step: int
     ) -> StepTotals:
-        """One optimizer step of the group; ``batch`` is this rank's rows of it."""
-        local = self.loss(batch, targets)  # this rank's token mean, fp32 scalar
-        n = batch.n_loss_tokens
-        sums = torch.tensor(
-            [local.item() * n, n, batch.n_real_tokens, batch.input_ids.numel()],
-            dtype=torch.float64,
-            device=local.device,
-        )
-        dist.all_reduce(sums)  # (loss sum, response tokens, real tokens, slots) of the step
-        loss_sum, n_all, real, slots = sums.tolist()
-        mean = loss_sum / max(n_all, 1)
-        share = local * (max(n, 1) * self.world / max(n_all, 1))  # Σ_rank × world ÷ n_all
-        descend(self.student, self.optimizer, share, self.cfg, lr=lr, step=step, total_loss=mean)
-        return StepTotals(mean, int(n_all), int(real), int(slots))
+        """One optimizer step of the group; ``micro`` are this rank's rows of it, in as many
+        micro-batches as on every other rank."""
+        dev = self.student.device
+        mine = StepTotals.of(0.0, micro)
+        counts = [mine.loss_tokens, mine.real_tokens, mine.slots]
+        step_counts = torch.tensor(counts, dtype=torch.float64, device=dev)
+        dist.all_reduce(step_counts)  # (response tokens, real tokens, slots) of the step
+        n_all, real, slots = (int(x) for x in step_counts.tolist())
+
+        def forward(batch: PackedBatch) -> torch.Tensor:  # × world: the wrappers average ranks
+            return self.loss(batch, targets) * self.world
+
+        share = accumulate(forward, micro, n_all, self._sync).to(dev, torch.float64)
+        dist.all_reduce(share)  # world × the step's loss
+        mean = share.item() / self.world
+        apply_update(self.student, self.optimizer, mean, self.spec, lr=lr, step=step)
+        return StepTotals(mean, n_all, real, slots)
+
+    def _sync(self, last: bool) -> AbstractContextManager[Any]:
+        """Gradients reduced across the ranks on a step's last backward only (accumulated
+        locally before it)."""
+        if self.strategy == "ddp":
+            return nullcontext() if last else self.loss.no_sync()
+        self.loss.set_requires_gradient_sync(last)
+        return nullcontext()
 
     def load_optimizer_state(self, state: dict[str, Any]) -> None:
         """Load a checkpoint's optimizer state (1-process layout) into this rank's optimizer,

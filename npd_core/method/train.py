@@ -1,12 +1,12 @@
 """Packed SFT on stored teacher targets: the learner of one round.
 
 Reads top to bottom like nanoGPT's loop: lr → micro-batch forward → loss → backward → clip →
-step → zero_grad → log. One optimizer step consumes ``rows_per_step`` packed rows; the loss is
-normalized per response token over the whole step, exactly as the unpacked batch would be.
+step → zero_grad → log. One optimizer step consumes ``rows_per_step`` packed rows, forwarded
+``micro_rows`` at a time (gradient accumulation); the loss is normalized per response token
+over the whole step, exactly as the unpacked batch in one forward would be.
 
-The step itself (:func:`optimizer_step`) reads its settings by name from a ``TrainConfig`` or a
-plain :class:`StepSpec`, and this module imports the config only for type checking: the packing
-bench times this very step on a GPU box with nothing but torch and transformers.
+Settings come as a plain :class:`~npd_core.train_spec.StepSpec` (``TrainConfig.step_spec()``),
+so the packing bench times this very step on a GPU box with nothing but torch and transformers.
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -27,10 +28,7 @@ from npd_core.method import losses
 from npd_core.method.head import chunked_rows, head_inputs
 from npd_core.method.packing import IGNORE_INDEX, PackedBatch, Sample, collate
 from npd_core.models import autocast
-
-if TYPE_CHECKING:
-    from npd_core.config import PackConfig, TrainConfig
-    from npd_core.method.data_parallel import DataParallel
+from npd_core.train_spec import StepSpec
 
 
 @dataclass
@@ -76,8 +74,14 @@ class StepTotals:
     slots: int  # rows × row length
 
     @classmethod
-    def of(cls, loss: float, batch: PackedBatch) -> StepTotals:
-        return cls(loss, batch.n_loss_tokens, batch.n_real_tokens, batch.input_ids.numel())
+    def of(cls, loss: float, micro: Sequence[PackedBatch]) -> StepTotals:
+        """The totals of a step whose rows are ``micro`` (one process's, every micro-batch)."""
+        return cls(
+            loss,
+            sum(b.n_loss_tokens for b in micro),
+            sum(b.n_real_tokens for b in micro),
+            sum(b.input_ids.numel() for b in micro),
+        )
 
 
 @dataclass
@@ -90,43 +94,27 @@ class RoundStats:
     log: list[StepLog] = field(default_factory=list)
 
 
-def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
+def lr_at(step: int, spec: StepSpec, total_steps: int) -> float:
     """Linear warmup, then cosine decay to ``min_lr_ratio × lr`` at ``total_steps``."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    span = max(1, total_steps - cfg.warmup_steps)
-    t = min(1.0, (step - cfg.warmup_steps) / span)
-    floor = cfg.lr * cfg.min_lr_ratio
-    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * t))
+    if step < spec.warmup_steps:
+        return spec.lr * (step + 1) / spec.warmup_steps
+    span = max(1, total_steps - spec.warmup_steps)
+    t = min(1.0, (step - spec.warmup_steps) / span)
+    floor = spec.lr * spec.min_lr_ratio
+    return floor + 0.5 * (spec.lr - floor) * (1 + math.cos(math.pi * t))
 
 
-def round_steps(n_rows: int, cfg: TrainConfig) -> int:
+def round_steps(n_rows: int, spec: StepSpec) -> int:
     """Optimizer steps of a round of ``n_rows`` packed rows: ``steps_per_round``, or fewer when
     ``epochs_per_round`` passes over the rows come first."""
-    return min(cfg.steps_per_round, math.ceil(cfg.epochs_per_round * n_rows / cfg.rows_per_step))
+    return min(spec.steps_per_round, math.ceil(spec.epochs_per_round * n_rows / spec.rows_per_step))
 
 
-def lr_horizon(start_step: int, n_rows: int, rounds_left: int, cfg: TrainConfig) -> int:
+def lr_horizon(start_step: int, n_rows: int, rounds_left: int, spec: StepSpec) -> int:
     """The step at which ``lr_at``'s cosine ends, re-estimated each round: the steps taken so
     far plus this round's for every round left (this one included), so the schedule ends with
     the last round even where the epoch bound cuts ``steps_per_round`` short."""
-    return start_step + round_steps(n_rows, cfg) * rounds_left
-
-
-@dataclass(frozen=True)
-class StepSpec:
-    """The loss and optimizer settings of one learner step as plain values: the fields of
-    ``TrainConfig`` with the same names and defaults (a test keeps them equal). The step
-    functions below take either, so a caller without pydantic (the packing bench) passes this."""
-
-    loss: str = "forward_kl"  # forward_kl, reverse_kl, jsd, ce
-    beta: float = 0.5  # JSD β
-    rest_mass: bool = False  # forward KL: the mass outside the teacher's top-k as one bin
-    sft_weight: float = 0.0  # weight of CE on the sampled tokens
-    loss_chunk_tokens: int = 1024  # response positions per LM-head chunk; 0 = full logits
-    lr: float = 3e-3  # peak AdamW learning rate
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0  # max global grad norm
+    return start_step + round_steps(n_rows, spec) * rounds_left
 
 
 def checkpoint_activations(model: PreTrainedModel, on: bool) -> PreTrainedModel:
@@ -209,10 +197,10 @@ class AdamWBF16(torch.optim.Optimizer):
                     self.state[p][key] = value.to(device=p.device, dtype=torch.float32)
 
 
-def make_optimizer(model: PreTrainedModel, cfg: StepSpec | TrainConfig) -> torch.optim.Optimizer:
-    """The learner's AdamW (β = 0.9, 0.95) at ``cfg.lr``; every method trains with it. Weights
+def make_optimizer(model: PreTrainedModel, spec: StepSpec) -> torch.optim.Optimizer:
+    """The learner's AdamW (β = 0.9, 0.95) at ``spec.lr``; every method trains with it. Weights
     in bfloat16 (``train.weights_dtype``) get :class:`AdamWBF16`, whose moments are float32."""
-    kw = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    kw = dict(lr=spec.lr, weight_decay=spec.weight_decay, betas=(0.9, 0.95))
     if any(p.dtype == torch.bfloat16 for p in model.parameters()):
         return AdamWBF16(model.parameters(), **kw)
     return torch.optim.AdamW(model.parameters(), **kw)
@@ -236,7 +224,7 @@ def token_losses(
     z: torch.Tensor,
     labels: torch.Tensor,
     topk: tuple[torch.Tensor, torch.Tensor] | None,
-    cfg: StepSpec | TrainConfig,
+    spec: StepSpec,
 ) -> torch.Tensor:
     """The configured loss of logit rows ``z`` (c, V) with their ``labels`` (c,) and teacher
     ``topk`` (ids, log-probs), (c, k) each; ``topk`` None is plain SFT (CE on the labels).
@@ -244,28 +232,28 @@ def token_losses(
     if topk is None:
         return losses.hard_ce(z, labels)
     tk_ids, tk_lp = topk
-    if cfg.loss == "forward_kl":
-        out = losses.forward_kl_topk(z, tk_ids, tk_lp, rest_mass=cfg.rest_mass)
-    elif cfg.loss == "reverse_kl":
+    if spec.loss == "forward_kl":
+        out = losses.forward_kl_topk(z, tk_ids, tk_lp, rest_mass=spec.rest_mass)
+    elif spec.loss == "reverse_kl":
         out = losses.reverse_kl(z, tk_ids, tk_lp)
-    elif cfg.loss == "jsd":
-        out = losses.generalized_jsd(z, tk_ids, tk_lp, cfg.beta)
+    elif spec.loss == "jsd":
+        out = losses.generalized_jsd(z, tk_ids, tk_lp, spec.beta)
     else:  # "ce": hard label on the teacher's argmax (top-k is sorted, so column 0)
         out = losses.hard_ce(z, tk_ids[:, 0])
-    if cfg.sft_weight:
-        out = out + cfg.sft_weight * losses.hard_ce(z, labels)
+    if spec.sft_weight:
+        out = out + spec.sft_weight * losses.hard_ce(z, labels)
     return out
 
 
 def per_token_loss(
-    logits: torch.Tensor, batch: PackedBatch, targets: Targets | None, cfg: StepSpec | TrainConfig
+    logits: torch.Tensor, batch: PackedBatch, targets: Targets | None, spec: StepSpec
 ) -> torch.Tensor:
     """The configured loss at every response position of ``batch`` from its full logits
     (B, T, V): the path of ``train.loss_chunk_tokens: 0`` and the reference of the chunked one.
     Positions with ``labels == IGNORE_INDEX`` (prompt, padding) carry no loss; ``targets is
     None`` means plain SFT (CE on the labels). Returns (M,) float32."""
     at, labels, topk = _response(batch, targets, logits.device)
-    return token_losses(logits[at], labels, topk, cfg)  # logits[at]: (M, V)
+    return token_losses(logits[at], labels, topk, spec)  # logits[at]: (M, V)
 
 
 def per_token_loss_chunked(
@@ -273,18 +261,18 @@ def per_token_loss_chunked(
     head: Callable[[torch.Tensor], torch.Tensor],
     batch: PackedBatch,
     targets: Targets | None,
-    cfg: StepSpec | TrainConfig,
+    spec: StepSpec,
 ) -> torch.Tensor:
     """:func:`per_token_loss` from the last hidden state (B, T, H) and the LM ``head``,
-    ``cfg.loss_chunk_tokens`` response positions at a time (``method.head``): the student's
+    ``spec.loss_chunk_tokens`` response positions at a time (``method.head``): the student's
     log-normaliser over the full vocabulary per chunk, forward and backward, so at most
     chunk × V logits exist. Returns (M,) float32."""
     at, labels, topk = _response(batch, targets, hidden.device)
 
     def rows(z: torch.Tensor, s: slice) -> torch.Tensor:
-        return token_losses(z, labels[s], None if topk is None else (topk[0][s], topk[1][s]), cfg)
+        return token_losses(z, labels[s], None if topk is None else (topk[0][s], topk[1][s]), spec)
 
-    return chunked_rows(hidden[at], head, rows, cfg.loss_chunk_tokens)  # hidden[at]: (M, H)
+    return chunked_rows(hidden[at], head, rows, spec.loss_chunk_tokens)  # hidden[at]: (M, H)
 
 
 def model_inputs(
@@ -305,39 +293,125 @@ def model_inputs(
     return inputs
 
 
-def step_loss(
+def forward_losses(
     model: PreTrainedModel,
     batch: PackedBatch,
     targets: Targets | None,
-    cfg: StepSpec | TrainConfig,
+    spec: StepSpec,
     *,
     bf16: bool = True,
     padded: bool = False,
     flatten: bool = False,
 ) -> torch.Tensor:
-    """Forward ``batch`` and return its loss: the per-token loss averaged over the batch's
-    response tokens (a scalar, fp32): :func:`per_token_loss_chunked`, or from the full logits
-    when ``cfg.loss_chunk_tokens`` is 0. ``padded``/``flatten``: see :func:`model_inputs`."""
+    """Forward ``batch`` and return the configured loss at each of its response positions,
+    (M,) float32: :func:`per_token_loss_chunked`, or from the full logits when
+    ``spec.loss_chunk_tokens`` is 0. ``padded``/``flatten``: see :func:`model_inputs`."""
     dev = next(model.parameters()).device
     B, T = batch.input_ids.shape
     inputs = model_inputs(batch, dev, padded=padded, flatten=flatten)
-    if cfg.loss_chunk_tokens:
+    if spec.loss_chunk_tokens:
         hidden, head = head_inputs(model, inputs, bf16)
         hidden = hidden.view(B, T, -1)  # (B, T, H)
-        per_token = per_token_loss_chunked(hidden, head, batch, targets, cfg)
-    else:
-        with autocast(bf16, dev):
-            logits = model(**inputs, use_cache=False).logits.view(B, T, -1)  # (B, T, V)
-        per_token = per_token_loss(logits, batch, targets, cfg)
+        return per_token_loss_chunked(hidden, head, batch, targets, spec)
+    with autocast(bf16, dev):
+        logits = model(**inputs, use_cache=False).logits.view(B, T, -1)  # (B, T, V)
+    return per_token_loss(logits, batch, targets, spec)
+
+
+def step_loss(
+    model: PreTrainedModel,
+    batch: PackedBatch,
+    targets: Targets | None,
+    spec: StepSpec,
+    *,
+    bf16: bool = True,
+    padded: bool = False,
+    flatten: bool = False,
+) -> torch.Tensor:
+    """The loss of ``batch`` in one forward: its per-token loss (:func:`forward_losses`)
+    averaged over its response tokens, a scalar (fp32)."""
+    per_token = forward_losses(
+        model, batch, targets, spec, bf16=bf16, padded=padded, flatten=flatten
+    )
     return losses.token_mean(per_token, batch.n_loss_tokens)
+
+
+def micro_batches(
+    samples: list[Sample],
+    rows: list[list[int]],
+    pad_id: int,
+    forwards: int,
+    row_len: int | None = None,
+    target_offsets: list[int] | None = None,
+) -> list[PackedBatch]:
+    """``rows`` (a process's rows of one step, in order) as ``forwards`` micro-batches whose
+    numbers of rows differ by one at most (``collate``'s other arguments as there)."""
+    assert len(rows) >= forwards, (len(rows), forwards)  # the config validates it
+    cut = [len(rows) * k // forwards for k in range(forwards + 1)]
+    return [
+        collate(samples, rows[a:b], pad_id, row_len=row_len, target_offsets=target_offsets)
+        for a, b in zip(cut, cut[1:], strict=False)
+    ]
+
+
+def no_sync(last: bool) -> AbstractContextManager[Any]:
+    """One process: no gradients to synchronise between the micro-batches."""
+    return nullcontext()
+
+
+def accumulate(
+    forward: Callable[[PackedBatch], torch.Tensor],
+    micro: Sequence[PackedBatch],
+    n_tokens: int,
+    sync: Callable[[bool], AbstractContextManager[Any]] = no_sync,
+) -> torch.Tensor:
+    """Forward and backward every micro-batch of one step, before its update. Each
+    backpropagates its share of the step's token mean, its per-token loss sum ÷ ``n_tokens``
+    (the response tokens of the whole step, counted before any forward), so the gradients add
+    up to those of the step in one forward, however its rows are split. ``forward``: the
+    per-token losses (M,) of a micro-batch; ``sync(last)``: a data-parallel wrapper's context
+    that reduces the gradients on the last backward only. Returns the sum of the micro-batches'
+    losses (detached fp32 scalar): the step's loss, or this process's share of it."""
+    parts = []
+    for j, batch in enumerate(micro):
+        with sync(j == len(micro) - 1):
+            loss = losses.token_mean(forward(batch), n_tokens)
+            loss.backward()
+        parts.append(loss.detach())
+    return torch.stack(parts).sum()
+
+
+def apply_update(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss: float,
+    spec: StepSpec,
+    *,
+    lr: float,
+    step: int,
+) -> None:
+    """The update of a step whose gradients are in place (:func:`accumulate`): check the
+    step's ``loss`` is finite → set lr → clip → step → zero_grad. A non-finite loss leaves the
+    weights as they were."""
+    if not math.isfinite(loss):
+        optimizer.zero_grad(set_to_none=True)
+        raise TrainingError(
+            f"non-finite loss ({loss}) at step {step}; round stopped, "
+            "last good checkpoint kept; lower train.lr or check the targets"
+        )
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def optimizer_step(
     model: PreTrainedModel,
     optimizer: torch.optim.Optimizer,
-    batch: PackedBatch,
+    batch: PackedBatch | Sequence[PackedBatch],
     targets: Targets | None,
-    cfg: StepSpec | TrainConfig,
+    spec: StepSpec,
     *,
     lr: float,
     step: int,
@@ -345,40 +419,32 @@ def optimizer_step(
     padded: bool = False,
     flatten: bool = False,
 ) -> torch.Tensor:
-    """One update on ``batch`` (packed or padded rows): set lr → forward → per-token loss →
-    backward → clip → step → zero_grad. Shared by the NPD learner, the baselines and the
-    packing bench, so every method takes (and the bench times) exactly the same step. Returns
-    the (detached) step loss."""
-    loss = step_loss(model, batch, targets, cfg, bf16=bf16, padded=padded, flatten=flatten)
-    descend(model, optimizer, loss, cfg, lr=lr, step=step)
-    return loss.detach()
+    """One update on a step's rows, packed or padded, as one ``batch`` or as its micro-batches:
+    forward → per-token loss → backward for each (:func:`accumulate`) → clip → step →
+    zero_grad (:func:`apply_update`). Shared by the NPD learner, the baselines and the benches,
+    so every method takes (and the benches time) exactly the same step. Returns the (detached)
+    step loss."""
+    micro = [batch] if isinstance(batch, PackedBatch) else batch
+
+    def forward(b: PackedBatch) -> torch.Tensor:
+        return forward_losses(model, b, targets, spec, bf16=bf16, padded=padded, flatten=flatten)
+
+    loss = accumulate(forward, micro, sum(b.n_loss_tokens for b in micro))
+    apply_update(model, optimizer, loss.item(), spec, lr=lr, step=step)
+    return loss
 
 
-def descend(
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    loss: torch.Tensor,
-    cfg: StepSpec | TrainConfig,
-    *,
-    lr: float,
-    step: int,
-    total_loss: float | None = None,
-) -> None:
-    """The update of one step from its ``loss``: check the step's loss is finite → set lr →
-    backward → clip → step → zero_grad. ``total_loss``: the whole step's loss where ``loss`` is
-    only this process's share of it (a data-parallel rank, ``method.data_parallel``)."""
-    value = loss if total_loss is None else torch.tensor(total_loss)
-    if not torch.isfinite(value):
-        raise TrainingError(
-            f"non-finite loss ({value.item()}) at step {step}; round stopped, "
-            "last good checkpoint kept; lower train.lr or check the targets"
-        )
-    for g in optimizer.param_groups:
-        g["lr"] = lr
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+class Ranks(Protocol):
+    """This process as one rank of a data-parallel learner (``method.data_parallel``)."""
+
+    rank: int
+    world: int
+
+    def update(
+        self, micro: Sequence[PackedBatch], targets: Targets | None, *, lr: float, step: int
+    ) -> StepTotals:
+        """One optimizer step of the group on this rank's micro-batches of it."""
+        ...
 
 
 def train_round(
@@ -387,8 +453,8 @@ def train_round(
     samples: list[Sample],
     targets: Targets | None,
     rows: list[list[int]],
-    cfg: TrainConfig,
-    pack_cfg: PackConfig,
+    spec: StepSpec,
+    row_len: int,
     *,
     start_step: int,
     total_steps: int,
@@ -396,19 +462,24 @@ def train_round(
     pad_id: int,
     bf16: bool = True,
     on_step: Callable[[StepLog], None] | None = None,
-    shard: DataParallel | None = None,
+    shard: Ranks | None = None,
 ) -> RoundStats:
-    """Train for at most ``steps_per_round`` optimizer steps on ``rows`` (from ``pack``) of
-    ``samples`` (already within ``max_seq_len``); ``targets.offsets`` align with ``samples``.
-    ``shard``: this process is one rank of a data-parallel learner; it trains on rows rank,
-    rank + world, … of each step and the group takes the 1-process step together."""
+    """Train for at most ``steps_per_round`` optimizer steps on ``rows`` (from ``pack``, each
+    ``row_len`` long) of ``samples`` (already within it); ``targets.offsets`` align with
+    ``samples``. ``shard``: this process is one rank of a data-parallel learner; it trains on
+    rows rank, rank + world, … of each step and the group takes the 1-process step together.
+    Each process forwards its rows of a step ``micro_rows`` at a time, every rank as often."""
     stats = RoundStats()
     if not rows:
         return stats
-    n_steps = round_steps(len(rows), cfg)
+    n_steps = round_steps(len(rows), spec)
+    rank, world = (0, 1) if shard is None else (shard.rank, shard.world)
+    per_step = spec.rows_per_step
+    forwards = spec.forwards(-(-per_step // world))  # the same on every rank
+    offsets = targets.offsets if targets is not None else None
     rng = random.Random(seed)
     stream: list[int] = list(range(len(rows)))  # rows are already in a seeded order
-    while len(stream) < n_steps * cfg.rows_per_step:  # later passes over D_r reshuffle
+    while len(stream) < n_steps * per_step:  # later passes over D_r reshuffle
         perm = list(range(len(rows)))
         rng.shuffle(perm)
         stream += perm
@@ -417,22 +488,16 @@ def train_round(
     for i in range(n_steps):
         t0 = time.perf_counter()
         step = start_step + i
-        lr = lr_at(step, cfg, total_steps)
-        step_rows = [rows[j] for j in stream[i * cfg.rows_per_step : (i + 1) * cfg.rows_per_step]]
-        batch = collate(
-            samples,
-            step_rows if shard is None else step_rows[shard.rank :: shard.world],
-            pad_id,
-            row_len=pack_cfg.max_seq_len,
-            target_offsets=targets.offsets if targets is not None else None,
-        )
+        lr = lr_at(step, spec, total_steps)
+        step_rows = [rows[j] for j in stream[i * per_step : (i + 1) * per_step]]
+        micro = micro_batches(samples, step_rows[rank::world], pad_id, forwards, row_len, offsets)
         if shard is not None:
-            done = shard.update(batch, targets, lr=lr, step=step)
+            done = shard.update(micro, targets, lr=lr, step=step)
         else:
             loss = optimizer_step(
-                model, optimizer, batch, targets, cfg, lr=lr, step=step, bf16=bf16
+                model, optimizer, micro, targets, spec, lr=lr, step=step, bf16=bf16
             )
-            done = StepTotals.of(loss.item(), batch)
+            done = StepTotals.of(loss.item(), micro)
         dt = time.perf_counter() - t0
         loss_sum += done.loss * done.loss_tokens
         stats.loss_tokens += done.loss_tokens

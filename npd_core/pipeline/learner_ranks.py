@@ -1,5 +1,5 @@
 """What each torchrun rank of a train stage on ``train.nproc`` processes runs
-(``python -m npd_core.pipeline.learner_ranks``, started by ``stages`` through
+(``python -m npd_core.pipeline.learner_ranks``, started by ``learner.learn_on_ranks`` through
 ``workers.WorkerGroup``): one job per round, in which every rank runs ``learn_round`` on its
 share of each step's rows and rank 0 writes θ_r and returns the round's stats and I/O spans.
 """
@@ -17,8 +17,9 @@ from npd_core import iotime
 from npd_core.crashpoints import pause_point
 from npd_core.method.train import StepLog
 from npd_core.pipeline import workers
+from npd_core.pipeline.learner import learn_round
 from npd_core.pipeline.spec import RunSpec
-from npd_core.pipeline.stages import learn_round
+from npd_core.pipeline.stages import packed_round
 
 
 def train_job(job: dict[str, Any], progress: workers.Progress) -> dict[str, Any]:
@@ -32,7 +33,7 @@ def train_job(job: dict[str, Any], progress: workers.Progress) -> dict[str, Any]
         pause_point(f"rank{dist.get_rank()}:train:{r}:{next(steps)}")
 
     with iotime.recording() as spans:
-        stats, step = learn_round(spec, r, on_step, parallel=True)
+        stats, step = learn_round(spec, r, packed_round(spec, r), on_step, parallel=True)
     return {"stats": asdict(stats), "step": step, "io_spans": spans}
 
 

@@ -9,7 +9,7 @@ tensors) so an orchestrator can persist it and key caches on it.
 What flows between stages is the store's tables, each written once: generate → ``samples``;
 score → ``scores`` (Δ-IFD and teacher top-k); filter → ``filter`` (kept, or the reason);
 pack → ``pack`` (row, slot and packed length of every kept sample, after the overlong policy);
-train reads exactly the packed samples back (``_packed_round``) and writes θ_r; evaluate scores θ_r.
+train reads exactly the packed samples back (``packed_round``) and writes θ_r; evaluate scores θ_r.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, replace
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,39 +34,32 @@ from npd_core.backends import vllm as vllm_backend
 from npd_core.config import NPDConfig
 from npd_core.data import Prompt, read_prompts, round_prompts
 from npd_core.errors import TrainingError, WorkerError
-from npd_core.method.attention import for_training, packed_attention
+from npd_core.method.attention import packed_attention
 from npd_core.method.batching import memory_budget
-from npd_core.method.data_parallel import DataParallel
 from npd_core.method.evaluate import exact_match, greedy_decoded, teacher_loglik
 from npd_core.method.filter import apply_filter, dropped_kl_share
 from npd_core.method.generate import Generation, apply_stop_strings, generate
 from npd_core.method.ifd import delta_ifd, log_ifd
 from npd_core.method.packing import Sample, packed_rows
 from npd_core.method.score import Scores, TopK, score
-from npd_core.method.train import (
-    RoundStats,
-    StepLog,
-    Targets,
-    checkpoint_activations,
-    learner_dtype,
-    lr_horizon,
-    make_optimizer,
-    train_round,
-)
+from npd_core.method.train import Targets
 from npd_core.models import (
     encode_prompts,
     format_prompts,
     frozen_dtype,
     load_model,
     load_tokenizer,
-    load_trainer_state,
     prompt_texts,
-    rng_state,
-    save_checkpoint,
     use_bf16,
     view_prefix,
 )
-from npd_core.pipeline import retention, workers
+from npd_core.pipeline import retention
+from npd_core.pipeline.learner import (
+    RoundRows,
+    learn_on_ranks,
+    learn_round,
+    record_checkpoint,
+)
 from npd_core.pipeline.results import (
     EvaluateMetrics,
     FilterMetrics,
@@ -85,7 +77,6 @@ from npd_core.store import Shard, table_from_rows
 
 Progress = Callable[[int], None] | None
 SAMPLE_KEY = ["prompt_id", "sample_idx"]
-LEARNER_RANKS = "npd_core.pipeline.learner_ranks"  # what train.nproc > 1 ranks run
 
 
 def _now() -> datetime:
@@ -476,7 +467,7 @@ def _samples_of(table: pa.Table) -> list[Sample]:
 
 def pack_stage(spec: RunSpec, r: int, prov: dict[str, str]) -> StageResult[PackMetrics]:
     """Best-fit-decreasing packing of the kept samples into rows of ``max_seq_len``; the table
-    it writes is the train stage's input as it stands (see ``_packed_round``)."""
+    it writes is the train stage's input as it stands (see ``packed_round``)."""
     cfg = spec.cfg
 
     def body() -> tuple[str, PackMetrics]:
@@ -507,7 +498,7 @@ def pack_stage(spec: RunSpec, r: int, prov: dict[str, str]) -> StageResult[PackM
 
 
 # ---------------------------------------------------------------- train
-def _packed_round(spec: RunSpec, r: int) -> tuple[list[Sample], list[list[int]], Targets | None]:
+def packed_round(spec: RunSpec, r: int) -> RoundRows:
     """D_r exactly as the pack stage laid it out, nothing re-derived: sample i is the pack
     table's i-th entry in (row, slot) order, cut to the length packed there (the overlong
     policy ran once, in the pack stage); rows are lists of those indices; the teacher targets
@@ -525,11 +516,11 @@ def _packed_round(spec: RunSpec, r: int) -> tuple[list[Sample], list[list[int]],
     for i, b in enumerate(row_of):
         rows[b].append(i)
     if not samples:
-        return samples, rows, None
+        return RoundRows(samples, rows, None)
     sc = store.read_stage(spec.run_id, r, "score", "scores").take(at)
     ids = _topk_arrays(sc.column("topk_ids"), np.int64)
     lps = _topk_arrays(sc.column("topk_logprobs"), np.float32)
-    return samples, rows, Targets.from_lists(ids, lps)
+    return RoundRows(samples, rows, Targets.from_lists(ids, lps))
 
 
 def _sample_keys(table: pa.Table) -> list[tuple[str, int]]:
@@ -548,88 +539,6 @@ def _topk_arrays(col: pa.ChunkedArray, dtype: type) -> list[np.ndarray]:
     return out
 
 
-def _learner(
-    src: str, cfg: NPDConfig, resume: bool, parallel: bool = False
-) -> tuple[Any, Any, torch.optim.Optimizer, int, DataParallel | None]:
-    """θ from ``src`` with its tokenizer, optimizer and step (the optimizer state resumed from
-    ``src``'s trainer state when ``resume``, i.e. from the second round on); ``parallel``: as
-    this rank's part of a data-parallel learner (``train.strategy``), which it also returns."""
-    tok = load_tokenizer(src)
-    weights = learner_dtype(cfg.train.weights_dtype)
-    model = checkpoint_activations(load_model(src, weights), cfg.train.gradient_checkpointing)
-    shard = None
-    if parallel:
-        shard = DataParallel.wrap(model, cfg.train, cfg.train.strategy, use_bf16(cfg.models.bf16))
-    opt = shard.optimizer if shard else make_optimizer(model, cfg.train)
-    state = load_trainer_state(Path(src)) if resume else None
-    if state is None:
-        return tok, model, opt, 0, shard
-    if shard:
-        shard.load_optimizer_state(state["optimizer"])
-    else:
-        opt.load_state_dict(state["optimizer"])
-    return tok, model, opt, state["step"], shard
-
-
-def learn_round(
-    spec: RunSpec, r: int, on_step: Callable | None = None, parallel: bool = False
-) -> tuple[RoundStats, int]:
-    """θ_{r−1} → θ_r on D_r, written to ``spec.checkpoint(r)``: packed SFT on the stored
-    teacher targets, ≤ steps_per_round steps; the round's stats and θ_r's step. ``parallel``:
-    this process is one torchrun rank of ``train.nproc`` (``learner_ranks``); rank 0 writes."""
-    cfg = spec.cfg
-    samples, rows, targets = _packed_round(spec, r)
-    src = spec.checkpoint(r - 1)
-    tok, model, opt, start_step, shard = _learner(src, cfg, resume=r > 1, parallel=parallel)
-    torch.manual_seed(seed_for(cfg.seed, "dropout", r))  # for models that have dropout
-    with for_training(model, spec.kernel("train")):
-        stats = train_round(
-            model,
-            opt,
-            samples,
-            targets,
-            rows,
-            cfg.train,
-            cfg.pack,
-            start_step=start_step,
-            total_steps=lr_horizon(start_step, len(rows), cfg.rounds - r + 1, cfg.train),
-            seed=seed_for(cfg.seed, "train", r),
-            pad_id=tok.pad_token_id,
-            bf16=use_bf16(cfg.models.bf16),
-            on_step=on_step,
-            shard=shard,
-        )
-    step = start_step + stats.steps
-    optimizer = shard.optimizer_state() if shard else opt.state_dict()  # None off rank 0
-    student = shard.full_student() if shard else model
-    if student is not None:
-        state = dict(optimizer=optimizer, step=step, round=r, rng=rng_state())
-        dst = Path(spec.checkpoint(r))
-        save_checkpoint(student, tok, dst, {**state, "config": cfg.model_dump(mode="json")})
-    return stats, step
-
-
-def _learn_on_ranks(
-    spec: RunSpec, r: int, on_step: Callable | None
-) -> tuple[RoundStats, int, dict[str, Any]]:
-    """``learn_round`` on the run's ``train.nproc`` torchrun ranks (started on the flow run's
-    first round, kept for the next ones: ``pipeline.workers``), each on its share of the
-    stage's threads; also how many ranks ran and how long starting them took (0 when kept)."""
-    n = spec.cfg.train.nproc
-    threads = max(1, spec.stage_threads() // n)
-    group = workers.group(n, LEARNER_RANKS, threads)
-    fresh = group.jobs == 0
-
-    def progress(entry: dict[str, Any]) -> None:
-        if on_step:
-            on_step(StepLog(**entry))
-
-    out = group.run({"spec": asdict(spec), "round": r, "threads": threads}, progress)
-    iotime.extend(out["io_spans"])
-    stats = RoundStats(**{**out["stats"], "log": [StepLog(**x) for x in out["stats"]["log"]]})
-    return stats, out["step"], {"ranks": n, "ranks_start_s": group.start_s if fresh else 0.0}
-
-
 def train_stage(
     spec: RunSpec, r: int, prov: dict[str, str], on_step: Callable | None = None
 ) -> StageResult[TrainMetrics]:
@@ -642,19 +551,10 @@ def train_stage(
         ranks: dict[str, Any] = {}
         with _stopped_round(r, spec.checkpoint(r - 1)):
             if cfg.train.nproc == 1:
-                stats, step = learn_round(spec, r, on_step)
+                stats, step = learn_round(spec, r, packed_round(spec, r), on_step)
             else:
-                stats, step, ranks = _learn_on_ranks(spec, r, on_step)
-        row = dict(
-            run_id=spec.run_id,
-            round=r,
-            path=rel_path(spec.root, spec.checkpoint(r)),
-            step=step,
-            train_tokens=stats.train_tokens,
-            created_at=_now(),
-        )
-        table = table_from_rows("checkpoints", [row])
-        spec.store.write_stage(spec.run_id, r, "train", {"checkpoints": table})
+                stats, step, ranks = learn_on_ranks(spec, r, on_step)
+        record_checkpoint(spec, r, step, stats.train_tokens)
         digest = _digest(r, step, stats.mean_loss, [x.loss for x in stats.log])
         return digest, TrainMetrics(
             steps=stats.steps,
@@ -710,6 +610,9 @@ def evaluate_stage(
             if all(p.answer is not None for p in prompts):
                 answers = [p.answer for p in prompts]
                 results[name] = exact_match(texts, answers, cfg.eval.metric, cfg.eval.answer_regex)
+                for also in cfg.eval.also:  # beside the set's own score, as sets of their own
+                    regex = cfg.eval.answer_regex
+                    results[f"{name}.{also}"] = exact_match(texts, answers, also, regex)
                 continue
             if teacher is None:
                 teacher = load_model(spec.teacher, frozen)
@@ -732,7 +635,7 @@ def evaluate_stage(
                 checkpoint=rel_path(spec.root, ckpt),
                 metric=res.metric,
                 score=res.score,
-                n=len(decoded[name][0]),
+                n=len(res.responses),
                 created_at=_now(),
                 flow_run_id=prov.get("flow_run_id"),
             )

@@ -8,7 +8,7 @@ import torch
 from tiny_qwen import qwen2
 from transformers import Qwen2ForCausalLM
 
-from npd_core.config import NPDConfig, PackConfig, TrainConfig
+from npd_core.config import NPDConfig, TrainConfig
 from npd_core.method.packing import Sample, collate
 from npd_core.method.train import (
     AdamWBF16,
@@ -19,10 +19,10 @@ from npd_core.method.train import (
     train_round,
 )
 from npd_core.models import load_tokenizer, rng_state, save_checkpoint
-from npd_core.pipeline.stages import _learner
+from npd_core.pipeline.learner import open_learner
 
 K = 4
-PACK = PackConfig(max_seq_len=64)
+ROW_LEN = 64
 
 
 def _model(dtype: torch.dtype) -> Qwen2ForCausalLM:
@@ -53,7 +53,7 @@ def _train(model, opt, cfg: TrainConfig, start: int = 0):
     """One ``train_round`` (``cfg.steps_per_round`` steps) on :func:`_case` from ``start``."""
     samples, targets, rows = _case(model.config.vocab_size)
     return train_round(
-        model, opt, samples, targets, rows, cfg, PACK, start_step=start,
+        model, opt, samples, targets, rows, cfg.step_spec(), ROW_LEN, start_step=start,
         total_steps=100, seed=start, pad_id=0, bf16=False,
     )  # fmt: skip
 
@@ -95,19 +95,21 @@ def test_pure_bf16_weights_train_with_float32_state_like_the_float32_path():
 
 
 def test_bf16_learner_checkpoint_resumes_exactly(tiny_world, tmp_path):
-    """``_learner`` loads θ in bf16 and its float32 moments from the checkpoint: two steps after
+    """``open_learner`` loads θ in bf16 and its float32 moments from the checkpoint: two steps after
     a save and a resume are the two steps the learner in memory takes."""
     cfg = NPDConfig(train=dict(weights_dtype="bfloat16", lr=1e-2, warmup_steps=0,
                                steps_per_round=2, rows_per_step=1))  # fmt: skip
-    tok, model, opt, step, _ = _learner(str(tiny_world.student), cfg, resume=False)
-    assert step == 0 and isinstance(opt, AdamWBF16)
+    lrn, state = open_learner(str(tiny_world.student), cfg, resume=False)
+    model, opt = lrn.model, lrn.optimizer
+    assert lrn.step == 0 and state is None and isinstance(opt, AdamWBF16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     _train(model, opt, cfg.train)
     state = dict(optimizer=opt.state_dict(), step=2, round=1, rng=rng_state())
     save_checkpoint(model, load_tokenizer(tiny_world.student), tmp_path / "ck", state)
 
-    _, back, back_opt, back_step, _ = _learner(str(tmp_path / "ck"), cfg, resume=True)
-    assert back_step == 2
+    lrn, state = open_learner(str(tmp_path / "ck"), cfg, resume=True)
+    back, back_opt = lrn.model, lrn.optimizer
+    assert lrn.step == state["step"] == 2
     for p, q in zip(model.parameters(), back.parameters(), strict=True):
         assert q.dtype == torch.bfloat16 and torch.equal(p, q)
     saved = opt.state_dict()["state"]

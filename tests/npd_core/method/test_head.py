@@ -21,7 +21,8 @@ from transformers import Gemma2Config, Gemma2ForCausalLM
 from npd_core.method.head import chunkable, chunks
 from npd_core.method.packing import IGNORE_INDEX, Sample, collate
 from npd_core.method.score import response_scores, score
-from npd_core.method.train import StepSpec, Targets, step_loss
+from npd_core.method.train import Targets, step_loss
+from npd_core.train_spec import StepSpec
 
 QWEN_VOCAB = 151_936
 VARIANTS = {  # every option of the per-token loss (train.loss, rest_mass, sft_weight, beta)
@@ -209,7 +210,8 @@ import json, resource, sys, torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 from npd_core.method.attention import register_varlen_attention
 from npd_core.method.packing import Sample, collate
-from npd_core.method.train import StepSpec, Targets, make_optimizer, optimizer_step
+from npd_core.method.train import Targets, make_optimizer, optimizer_step
+from npd_core.train_spec import StepSpec
 torch.manual_seed(0)
 V = 151936
 cfg = Qwen2Config(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=1,

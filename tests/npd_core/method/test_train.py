@@ -1,5 +1,6 @@
 """The learner: a round lowers the loss on the rows it trains on; a non-finite loss stops the
-round with a clear error and leaves weights alone; the lr schedule."""
+round with a clear error and leaves weights alone; the lr schedule; gradient accumulation
+(``train.micro_rows``) gives the one-forward step, and by default is that step bitwise."""
 
 from __future__ import annotations
 
@@ -11,7 +12,19 @@ from npd_core.config import PackConfig, TrainConfig
 from npd_core.errors import TrainingError
 from npd_core.method.losses import token_mean
 from npd_core.method.packing import Sample, collate, packed_rows
-from npd_core.method.train import Targets, lr_at, make_optimizer, per_token_loss, train_round
+from npd_core.method.train import (
+    Targets,
+    accumulate,
+    forward_losses,
+    lr_at,
+    make_optimizer,
+    micro_batches,
+    optimizer_step,
+    per_token_loss,
+    step_loss,
+    train_round,
+)
+from npd_core.train_spec import StepSpec
 
 
 def _model() -> Qwen2ForCausalLM:
@@ -63,8 +76,8 @@ def test_one_round_lowers_the_loss_on_a_fixed_batch():
         samples,
         targets,
         rows,
-        cfg,
-        pack,
+        cfg.step_spec(),
+        pack.max_seq_len,
         start_step=0,
         total_steps=8,
         seed=0,
@@ -94,8 +107,8 @@ def test_non_finite_loss_raises_and_keeps_weights(bad):
             kept,
             targets,
             rows,
-            cfg,
-            pack,
+            cfg.step_spec(),
+            pack.max_seq_len,
             start_step=0,
             total_steps=3,
             seed=0,
@@ -120,7 +133,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
 
     from tiny_qwen import make_case, student
 
-    from npd_core.method.train import checkpoint_activations, step_loss
+    from npd_core.method.train import checkpoint_activations
 
     samples, targets = make_case([(3, 5), (6, 2), (2, 7), (4, 4)], seed=3)
     batch = collate(samples, [[0, 1], [2, 3]], pad_id=0, target_offsets=targets.offsets)
@@ -136,3 +149,113 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
         assert losses[0] == pytest.approx(losses[1], abs=1e-5)
         for (name, a), b in zip(plain.named_parameters(), ckpt.parameters(), strict=True):
             torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=0, msg=name)
+
+
+def _accumulation_case():
+    """Five rows of packed samples of uneven lengths (11 samples), their targets, and the tiny
+    float32 Qwen2 of the method tests."""
+    from tiny_qwen import make_case, qwen2
+
+    pr = [(3, 5), (6, 2), (2, 7), (4, 4), (5, 1), (2, 3), (3, 6), (7, 2), (2, 2), (4, 5), (3, 3)]
+    samples, targets = make_case(pr, seed=5)
+    rows = [[0, 1], [2, 3, 4], [5], [6, 7], [8, 9, 10]]
+    return qwen2(), samples, targets, rows
+
+
+@pytest.mark.parametrize("row_len", [32, None], ids=["packed", "padded_per_micro_batch"])
+def test_accumulated_gradients_equal_the_one_forward_step(row_len):
+    """The step's 5 rows in 1, 2, 3 or 5 forwards (``micro_rows`` 5, 3, 2, 1): the same loss
+    and gradients within 1e-6 (fp32), the loss normalised by the whole step's 40 response
+    tokens; also with each micro-batch padded to its own longest row (the on-policy batch)."""
+    model, samples, targets, rows = _accumulation_case()
+    model.train()
+    grads, step_losses = [], []
+    for micro_rows in (5, 3, 2, 1):
+        forwards = StepSpec(micro_rows=micro_rows).forwards(len(rows))
+        micro = micro_batches(samples, rows, 0, forwards, row_len, targets.offsets)
+        assert len(micro) == forwards and max(len(b.input_ids) for b in micro) <= micro_rows
+        n = sum(b.n_loss_tokens for b in micro)
+        assert n == 40
+
+        def forward(b):
+            return forward_losses(model, b, targets, StepSpec(), bf16=False)
+
+        step_losses.append(accumulate(forward, micro, n).item())
+        grads.append([p.grad.clone() for p in model.parameters()])
+        model.zero_grad(set_to_none=True)
+    assert step_losses == pytest.approx([step_losses[0]] * 4, abs=1e-6)
+    for got in grads[1:]:
+        for a, b in zip(grads[0], got, strict=True):
+            torch.testing.assert_close(b, a, atol=1e-6, rtol=0)
+
+
+def _round(base, samples, targets, rows, spec: StepSpec) -> dict[str, torch.Tensor]:
+    """The weights after ``train_round`` with ``spec`` on a copy of ``base``."""
+    import copy
+
+    model = copy.deepcopy(base)
+    train_round(
+        model, make_optimizer(model, spec), samples, targets, rows, spec, 32,
+        start_step=0, total_steps=spec.steps_per_round, seed=0, pad_id=0, bf16=False,
+    )  # fmt: skip
+    return dict(model.named_parameters())
+
+
+def test_micro_rows_train_the_one_forward_round_and_none_is_that_step_bitwise():
+    """Three steps of ``train_round``, 5 rows a step: ``micro_rows`` 2 (3 forwards a step) gives
+    the weights of one forward a step within 1e-5 (AdamW's first steps move every weight by
+    about lr, whatever the size of its gradient, so 1e-7 in a gradient near 0 shows as 2e-6
+    here). ``micro_rows`` none (the default) is bitwise the plain step written out: forward
+    all rows, mean over their response tokens, backward, clip, AdamW."""
+    import copy
+
+    base, samples, targets, rows = _accumulation_case()
+    spec = StepSpec(lr=1e-2, warmup_steps=0, steps_per_round=3, rows_per_step=5)
+    one = _round(base, samples, targets, rows, spec)
+    accumulated = _round(base, samples, targets, rows, StepSpec(**{**vars(spec), "micro_rows": 2}))
+    for name, w in one.items():
+        torch.testing.assert_close(accumulated[name], w, atol=1e-5, rtol=0, msg=name)
+
+    spec = StepSpec(**{**vars(spec), "steps_per_round": 1})
+    got = _round(base, samples, targets, rows, spec)
+    plain = copy.deepcopy(base).train()
+    opt = make_optimizer(plain, spec)
+    for g in opt.param_groups:
+        g["lr"] = lr_at(0, spec, 1)
+    batch = collate(samples, rows, 0, row_len=32, target_offsets=targets.offsets)
+    step_loss(plain, batch, targets, spec, bf16=False).backward()
+    torch.nn.utils.clip_grad_norm_(plain.parameters(), spec.grad_clip)
+    opt.step()
+    for name, w in plain.named_parameters():
+        assert torch.equal(got[name], w), name
+
+
+def test_optimizer_step_takes_a_batch_or_its_micro_batches():
+    """``optimizer_step`` on one batch and on its rows as micro-batches: the same step loss."""
+    import copy
+
+    base, samples, targets, rows = _accumulation_case()
+    losses = []
+    for forwards in (1, 5):
+        model = copy.deepcopy(base).train()
+        micro = micro_batches(samples, rows, 0, forwards, 32, targets.offsets)
+        batch = micro[0] if forwards == 1 else micro
+        losses.append(
+            optimizer_step(
+                model, make_optimizer(model, StepSpec()), batch, targets, StepSpec(),
+                lr=1e-3, step=0, bf16=False,
+            ).item()
+        )  # fmt: skip
+    assert losses[1] == pytest.approx(losses[0], abs=1e-6)
+
+
+def test_the_config_makes_the_step_spec_and_checks_micro_rows_per_rank():
+    """``TrainConfig.step_spec()`` carries the config's values (its defaults are the spec's);
+    on 2 processes, 5 rows a step and 1 row a forward would give one process 3 forwards and
+    the other 2 rows: refused in one line naming the field and the fix."""
+    assert TrainConfig().step_spec() == StepSpec()
+    assert TrainConfig(micro_rows=4, lr=1e-4).step_spec() == StepSpec(micro_rows=4, lr=1e-4)
+    assert StepSpec(micro_rows=4).forwards(16) == 4 and StepSpec().forwards(16) == 1
+    TrainConfig(rows_per_step=5, nproc=2, micro_rows=2)  # 3 rows: 2 forwards; 2 rows: 2
+    with pytest.raises(ValueError, match=r"train.micro_rows \(1\).*2 rows for 3 forwards"):
+        TrainConfig(rows_per_step=5, nproc=2, micro_rows=1)

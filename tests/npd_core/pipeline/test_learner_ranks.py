@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from npd_core.config import NPDConfig
 from npd_core.errors import TrainingError
 from npd_core.models import TRAINER_STATE
-from npd_core.pipeline import stages, workers
+from npd_core.pipeline import learner, stages, workers
 from npd_core.pipeline.spec import RunSpec
 from npd_core.pipeline.stages import filter_stage, generate_stage, pack_stage, score_stage
 from npd_core.store import Store, query
@@ -91,7 +91,7 @@ def _optimizer(spec: RunSpec, r: int) -> dict:
 
 def _group(spec: RunSpec) -> workers.WorkerGroup:
     """The run's group of 2 ranks (what train_stage uses), started if none is live."""
-    return workers.group(2, stages.LEARNER_RANKS, max(1, spec.stage_threads() // 2))
+    return workers.group(2, learner.LEARNER_RANKS, max(1, spec.stage_threads() // 2))
 
 
 def test_two_ranks_train_the_one_process_round_and_resume_on_either(run):

@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 import pytest
 
 from npd_core.config import NPDConfig
-from npd_core.pipeline import stages
+from npd_core.pipeline import learner, stages
 from npd_core.pipeline.spec import RunSpec
 from npd_core.pipeline.stages import (
     filter_stage,
@@ -260,7 +260,7 @@ def test_score_and_train_run_with_the_kernels_recorded_in_the_spec(scored, monke
         used.append(model.config._attn_implementation)
         raise Stop  # the kernel is all this test needs of the round
 
-    monkeypatch.setattr(stages, "train_round", train_round)
+    monkeypatch.setattr(learner, "train_round", train_round)
     pack_stage(scored, 1, PROV)
     for s in (spec, scored, dataclasses.replace(scored, attention={})):
         with pytest.raises(Stop):
