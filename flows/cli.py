@@ -485,7 +485,13 @@ def ui(
 
     out.mkdir(parents=True, exist_ok=True)
     # soft_wrap: a URL or an export line stays one line in a log file too (no console width)
-    serve_ui(out, port, mlflow_port, say=lambda m: err.print(m, markup=False, highlight=False))
+    # soft_wrap: a URL or an export line stays one line in a log file too (no console width)
+    serve_ui(
+        out,
+        port,
+        mlflow_port,
+        say=lambda m: err.print(m, markup=False, highlight=False, soft_wrap=True),
+    )
 
 
 @app.command()
