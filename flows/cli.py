@@ -485,7 +485,6 @@ def ui(
 
     out.mkdir(parents=True, exist_ok=True)
     # soft_wrap: a URL or an export line stays one line in a log file too (no console width)
-    # soft_wrap: a URL or an export line stays one line in a log file too (no console width)
     serve_ui(
         out,
         port,
