@@ -39,6 +39,7 @@ from npd_core.method.train import StepLog, make_optimizer, train_round
 from npd_core.models import n_params, save_checkpoint
 from npd_core.toy import long_task, views_task
 from npd_core.toy import task as toy_task
+from npd_core.toy.smol import SmolSpec, build_smol_world
 
 WORLD_FILE = "world.json"
 # progress(description, total) → advance(n): a bar per phase of the build (``build_toy_world``)
@@ -244,12 +245,13 @@ class ViewsSpec(_Digest):
         )
 
 
-WORLDS: dict[str, type[ToySpec] | type[LongSpec] | type[ViewsSpec]] = {
+WORLDS: dict[str, type[ToySpec] | type[LongSpec] | type[ViewsSpec] | type[SmolSpec]] = {
     "toy": ToySpec,
     "long": LongSpec,
     "views": ViewsSpec,
+    "smol": SmolSpec,
 }
-WorldSpec = ToySpec | LongSpec | ViewsSpec
+WorldSpec = ToySpec | LongSpec | ViewsSpec | SmolSpec
 
 
 @dataclass
@@ -382,6 +384,8 @@ def build_toy_world(
     (the world search's curves); it must leave the model as it found it. ``progress`` sees
     each model's training steps and held-out scoring as they happen."""
     spec = spec or ToySpec()
+    if isinstance(spec, SmolSpec):  # a real model, built its own way (npd_core.toy.smol)
+        return build_smol_world(cache, spec, log)
     root = Path(cache) / f"{spec.prefix}-{spec.digest()}"
     if (root / WORLD_FILE).is_file():
         return _load(root)

