@@ -11,6 +11,7 @@ so the packing bench times this very step on a GPU box with nothing but torch an
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import time
@@ -350,20 +351,15 @@ def micro_batches(
     cut = [len(rows) * k // forwards for k in range(forwards + 1)]
     return [
         collate(samples, rows[a:b], pad_id, row_len=row_len, target_offsets=target_offsets)
-        for a, b in zip(cut, cut[1:], strict=False)
+        for a, b in itertools.pairwise(cut)
     ]
-
-
-def no_sync(last: bool) -> AbstractContextManager[Any]:
-    """One process: no gradients to synchronise between the micro-batches."""
-    return nullcontext()
 
 
 def accumulate(
     forward: Callable[[PackedBatch], torch.Tensor],
     micro: Sequence[PackedBatch],
     n_tokens: int,
-    sync: Callable[[bool], AbstractContextManager[Any]] = no_sync,
+    sync: Callable[[bool], AbstractContextManager[Any]] | None = None,
 ) -> torch.Tensor:
     """Forward and backward every micro-batch of one step, before its update. Each
     backpropagates its share of the step's token mean, its per-token loss sum ÷ ``n_tokens``
@@ -374,7 +370,7 @@ def accumulate(
     losses (detached fp32 scalar): the step's loss, or this process's share of it."""
     parts = []
     for j, batch in enumerate(micro):
-        with sync(j == len(micro) - 1):
+        with sync(j == len(micro) - 1) if sync else nullcontext():
             loss = losses.token_mean(forward(batch), n_tokens)
             loss.backward()
         parts.append(loss.detach())

@@ -5,6 +5,7 @@ clock that only the steps advance, so the test does not depend on the machine's 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from npd_core.baselines.onpolicy import onpolicy_segment, teacher_topk
 from npd_core.config import NPDConfig
 from npd_core.method.packing import Sample, collate
 from npd_core.method.score import score
+from npd_core.method.train import optimizer_step
 from npd_core.models import load_model, load_tokenizer, load_trainer_state
 from npd_core.pipeline.spec import RunSpec
 from npd_core.store import Store
@@ -151,3 +153,24 @@ def test_onpolicy_segments_stop_on_the_clock_and_resume(spec, monkeypatch):
     assert CALIBRATION_STEPS == 5 and state["total_steps"] == 7
     rows = spec.store.query("select round, step from checkpoints order by round").to_pylist()
     assert [(r["round"], r["step"]) for r in rows if r["round"] > 0] == [(1, 4), (2, 7)]
+
+
+def test_onpolicy_steps_forward_micro_rows_at_a_time(spec, monkeypatch):
+    """``train.micro_rows: 3``: an on-policy step's samples (one a row) go through the student
+    at most 3 at a time, in NPD's accumulation path (``optimizer_step`` on micro-batches)."""
+    config = {**spec.config, "train": {**spec.config["train"], "micro_rows": 3}}
+    clock = StepClock()
+    for module in (onpolicy, budget):
+        monkeypatch.setattr(module, "time", clock)
+    seen = []
+
+    def step(model, optimizer, micro, *args, **kw):
+        seen.append([len(b.input_ids) for b in micro])
+        clock.now += 1.0  # one step ends the segment
+        return optimizer_step(model, optimizer, micro, *args, **kw)
+
+    monkeypatch.setattr(onpolicy, "optimizer_step", step)
+    res = onpolicy_segment(replace(spec, config=config), 1, 0.5, 1.0, prompts_per_step=4)
+    (rows,) = seen
+    assert res.metrics["steps"] == 1 and np.isfinite(res.metrics["log"][0]["loss"])
+    assert len(rows) == -(-sum(rows) // 3) and max(rows) <= 3 and max(rows) - min(rows) <= 1

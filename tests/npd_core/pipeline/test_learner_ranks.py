@@ -1,7 +1,7 @@
 """The train stage on 2 torchrun ranks (gloo, fp32): the weights of the 1-process round (DDP
-within 1e-5, FSDP2 within 1e-4), a resume on another number of ranks, one group of ranks for
-every round, a killed rank failing the round in one line with nothing written. The ranks'
-lifecycle itself: test_workers.py."""
+within 1e-5, FSDP2 within 1e-4), also in micro-batches (``train.micro_rows``), a resume on
+another number of ranks, one group of ranks for every round, a killed rank failing the round
+in one line with nothing written. The ranks' lifecycle itself: test_workers.py."""
 
 from __future__ import annotations
 
@@ -105,12 +105,12 @@ def test_two_ranks_train_the_one_process_round_and_resume_on_either(run):
 
     got = stages.train_stage(ddp, 1, PROV).metrics
     assert _gap(_weights(ddp, 1), w1) <= 1e-5
-    assert got["ranks"] == 2 and got["ranks_start_s"] > 0
+    assert got.ranks == 2 and got.ranks_start_s > 0
     for key in ("steps", "train_tokens", "loss_tokens", "fill_ratio"):
-        assert got[key] == ref1[key], key
-    assert got["mean_loss"] == pytest.approx(ref1["mean_loss"], abs=1e-6)
-    losses = [x["loss"] for x in ref1["log"]]
-    assert [x["loss"] for x in got["log"]] == pytest.approx(losses, rel=1e-5)
+        assert getattr(got, key) == getattr(ref1, key), key
+    assert got.mean_loss == pytest.approx(ref1.mean_loss, abs=1e-6)
+    losses = [x["loss"] for x in ref1.log]
+    assert [x["loss"] for x in got.log] == pytest.approx(losses, rel=1e-5)
     opt = _optimizer(ddp, 1)
     assert opt["param_groups"] == opt1["param_groups"]
     assert opt["state"].keys() == opt1["state"].keys()
@@ -119,12 +119,25 @@ def test_two_ranks_train_the_one_process_round_and_resume_on_either(run):
             torch.testing.assert_close(opt["state"][i][name], s[name], rtol=1e-3, atol=1e-6)
 
     resumed = stages.train_stage(fsdp, 2, PROV).metrics  # FSDP loads DDP's optimizer state
-    assert _gap(_weights(fsdp, 2), w2) <= 1e-4 and resumed["ranks_start_s"] == 0  # same ranks
+    assert _gap(_weights(fsdp, 2), w2) <= 1e-4 and resumed.ranks_start_s == 0  # same ranks
 
     stages.train_stage(fsdp, 1, PROV)
     assert _gap(_weights(fsdp, 1), w1) <= 1e-4
     stages.train_stage(one, 2, PROV)  # one process loads FSDP's optimizer state
     assert _gap(_weights(one, 2), w2) <= 1e-4
+
+
+def test_micro_batches_on_ranks_train_the_one_forward_round(run):
+    """``train.micro_rows: 1``: each of 2 ranks forwards its 2 rows of a step one at a time
+    (gradients reduced on the second backward only): θ_1 is the 1-process round's in one
+    forward a step (DDP within 1e-5, FSDP 1e-4; one process in micro-batches: test_train.py)."""
+    one = _on(run, 1)
+    stages.train_stage(one, 1, PROV)
+    w1 = _weights(one, 1)
+    for strategy, tolerance in (("ddp", 1e-5), ("fsdp", 1e-4)):
+        spec = _on(run, 2, strategy, train={**TRAIN, "micro_rows": 1})
+        assert stages.train_stage(spec, 1, PROV).metrics.steps == 10
+        assert _gap(_weights(spec, 1), w1) <= tolerance, strategy
 
 
 def test_scale_bench_trains_on_one_and_two_ranks(run, tmp_path):
