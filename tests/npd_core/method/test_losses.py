@@ -174,14 +174,15 @@ def by_beta(z, ids, lp, beta, rest_mass=False):
 
 
 @settings(max_examples=20, deadline=None)
-@given(seed=seeds, k=st.integers(1, V - 1))
+@given(seed=seeds, k=st.integers(1, V - 3))
 def test_the_tail_bucket_is_the_divergence_of_the_coarsened_distributions(seed, k):
     """rest_mass: each of the teacher's top-k ids a bin, everything else one bin, the same for
     both models; built here by summing full distributions over the bins, for every loss. A
-    coarsening never raises a divergence (data processing), so it is at most the full one."""
+    coarsening never raises a divergence (data processing), so it is at most the full one.
+    (The rest is 1 − Σ top-k in float32, so the tails here hold ≥ 1% of the mass.)"""
     g = torch.Generator().manual_seed(seed)
-    z = 3 * torch.randn(5, V, generator=g)  # student logits
-    t = torch.log_softmax(3 * torch.randn(5, V, generator=g), -1)  # the full teacher
+    z = torch.randn(5, V, generator=g)  # student logits
+    t = torch.log_softmax(torch.randn(5, V, generator=g), -1)  # the full teacher
     top = t.topk(k, -1)  # what the score stage stores: raw top-k log-probs, best first
     s = torch.log_softmax(z, -1)
     onehot = F.one_hot(top.indices, V).sum(1).bool()  # (N, V) in the top-k
