@@ -56,8 +56,14 @@ def headline(
     peers: Annotated[str | None, typer.Option(help="external peers to add, e.g. trl")] = None,
     world: Annotated[
         str,
-        typer.Option("--world", help="embedded world when the config names no models: toy, long"),
+        typer.Option(
+            "--world", help="embedded world when the config names no models: toy, long, views, smol"
+        ),
     ] = "toy",
+    resume: Annotated[
+        str | None,
+        typer.Option(help="a bench id: run what it left unfinished (give the same options)"),
+    ] = None,
 ) -> None:
     """The headline benchmark (when no subcommand is given)."""
     if ctx.invoked_subcommand is not None:
@@ -74,6 +80,7 @@ def headline(
         names=[v.strip() for v in variants.split(",") if v.strip()] if variants else None,
         peers=[p.strip() for p in peers.split(",") if p.strip()] if peers else [],
         world=world,
+        resume=resume,
     )
 
 
@@ -270,7 +277,9 @@ def cost(
         Path | None,
         typer.Option("--bench", help="an `npd bench` JSON (default: docs/bench-WORLD.json)"),
     ] = None,
-    world: Annotated[str, typer.Option("--world", help="the bench's world: toy, long")] = "toy",
+    world: Annotated[
+        str, typer.Option("--world", help="the bench's world: toy, long, views, smol")
+    ] = "toy",
     out: WorldOutOpt = Path("npd-out"),
     as_json: JsonOpt = False,
 ) -> None:
@@ -278,36 +287,17 @@ def cost(
     bench's sample efficiency (seed 0), against what seeds 1-2 measured."""
     from npd_core.bench import cost as cost_model
     from npd_core.errors import ConfigError
-    from npd_core.toy.world import WORLDS, build_toy_world, world_spec
+    from npd_core.toy.world import WORLDS
 
     if world not in WORLDS:
         raise ConfigError(f"--world {world}: unknown world; choose from {', '.join(WORLDS)}")
     path = bench or Path("docs") / f"bench-{world}.json"
     if not path.is_file():
         raise ConfigError(f"--bench {path}: no such file; run `npd bench --world {world}` first")
-    report = json.loads(path.read_text())
-    if not all(Path(p).exists() for p in report["paths"].values()):
-        # the bench ran elsewhere: this machine's copy of its embedded world (the same digest)
-        built = build_toy_world(out / "toy", world_spec(world), log=lambda m: err.print(m))
-        keys = ("teacher", "student", "train_prompts", "eval_prompts")
-        report["paths"] = {k: str(getattr(built, k)) for k in keys}
-    report["out"] = str(out.resolve())
-    local = out / f".cost-{path.stem}.json"
-    out.mkdir(parents=True, exist_ok=True)
-    local.write_text(json.dumps(report))
-    res = cost_model.run(local, log=lambda m: err.print(m, markup=False))
+    log = lambda m: err.print(m, markup=False)  # noqa: E731
+    res = cost_model.run(cost_model.localize(path, world, out, log), log=log)
     res["bench"] = str(path)
     print(json.dumps(res, indent=1) if as_json else cost_model.summary(res))
-
-
-# Small settings of `npd bench scale --tiny` (the tiny toy world): a round of 16 prompts
-TINY_SCALE = dict(
-    data={"prompts_per_round": 16, "eval_size": 8},
-    generate={"max_new_tokens": 24, "n_per_prompt": 2},
-    filter={"rule": "none", "drop_unfinished": False},
-    pack={"max_seq_len": 64},
-    train={"steps_per_round": 4, "rows_per_step": 4},
-)
 
 
 @bench_app.command("scale")
@@ -325,39 +315,11 @@ def scale(
     and 2 torchrun ranks (gloo), one thread each: seconds, speedups, the overheads (Ray start,
     task dispatch, torchrun start) and whether the results are the same. Writes its runs to
     OUT/bench-scale (replaced on every call)."""
-    import shutil
-
-    from npd_core.bench.scale import run_bench
-    from npd_core.config import load_config
-    from npd_core.pipeline.kernels import choose_attention
-    from npd_core.pipeline.spec import RunSpec
-    from npd_core.store import Store
-    from npd_core.toy.world import ToySpec, build_toy_world
+    from npd_core.bench.scale import run_bench, scale_spec
     from tasks.tracking import flatten
 
-    overrides: dict[str, Any] = {**(TINY_SCALE if tiny else {}), "rounds": 1, "threads": 1}
-    overrides["models"] = {"bf16": False}  # fp32: the results are compared
-    cfg = load_config(config, overrides)
-    Store(out)
-    world = build_toy_world(
-        out / "toy", ToySpec.tiny() if tiny else None, log=lambda m: err.print(m, markup=False)
-    )
-    root = out / "bench-scale"
-    shutil.rmtree(root, ignore_errors=True)
-    Store(root)
-    base = RunSpec(
-        str(root),
-        "scale",
-        cfg.model_dump(mode="json"),
-        str(world.teacher),
-        str(world.student),
-        str(world.train_prompts),
-        str(world.eval_prompts),
-    )
     log = lambda m: err.print(m, markup=False, highlight=False)  # noqa: E731
-    # scoring per sequence, as a run on CPU scores; the learner's fixed kernel (no timing)
-    base = choose_attention(base, log, roles=("score_teacher", "score_student"))
-    res = run_bench(base, log=log)
+    res = run_bench(scale_spec(out, config, tiny, log), log=log)
     res["world"] = "tiny" if tiny else "toy"
     if as_json:
         sys.stdout.write(json.dumps(res) + "\n")

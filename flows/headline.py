@@ -27,6 +27,7 @@ from flows.variants import MAIN, BenchContext, Variant, peer_variant, variants
 from npd_core.bench import search as sr
 from npd_core.bench.harness import DEFAULT_BUDGET_S, QUICK_FRACTION, Hyper, checkpoint_times
 from npd_core.bench.machine import machine
+from npd_core.bench.progress import Progress
 from npd_core.bench.stats import headline_numbers, summarize
 from npd_core.config import NPDConfig, load_config
 from npd_core.errors import ConfigError
@@ -55,16 +56,43 @@ class BenchPlan:
     points: list[Hyper]
     held_out: int  # held-out prompts each checkpoint is scored on
     quick: bool
+    resume: bool  # the bench ``bench_id`` ran before: run what it left unfinished
+
+    def knobs(self) -> dict[str, Any]:
+        """What a resumed bench must plan the same (also its MLflow run's params)."""
+        return {
+            "budget_s": self.budget_s,
+            "quick": self.quick,
+            "seeds": self.n_seeds,
+            "grid": json.dumps(self.grid),
+            "variants": ",".join(v.name for v in self.selected),
+            "config_digest": self.cfg.digest(),
+            "paths": self.paths,
+        }
 
 
 def run_bench(plan: BenchPlan, log: Callable[[str], None]) -> dict[str, Any]:
-    """Run the benchmark ``plan`` settles; return its JSON object (also in ``<out>/<id>/``)."""
+    """Run the benchmark ``plan`` settles (what a resumed one left); return its JSON object
+    (also in ``<out>/<id>/``). Its progress is saved after the search and after each run."""
+    folder = plan.out / plan.bench_id
+    if plan.resume:
+        progress = Progress.resume(folder, plan.knobs())
+        done = sum(map(len, progress.results.values()))
+        log(f"resuming {plan.bench_id} (attempt {progress.attempt}): {done} runs finished")
+    else:
+        progress = Progress(folder, plan.knobs(), plan.started)
     ctx = open_bench(plan, log)
-    chosen, search_scores = search(ctx, plan)
-    run_variants(ctx, plan, chosen)
+    ctx.attempt = progress.attempt
+    ctx.calibration = progress.calibration  # the probes add to them, and ctx.results to these
+    ctx.results = progress.results
+    if progress.chosen is None:
+        progress.chosen, progress.search_scores = search(ctx, plan)
+        progress.save()
+    chosen = progress.chosen
+    run_variants(ctx, plan, chosen, progress)
     table = results_table(ctx, plan, chosen)
-    report = make_report(ctx, plan, table, chosen, search_scores)
-    return publish(ctx, report, table, plan.started)
+    report = make_report(ctx, plan, table, chosen, progress.search_scores)
+    return publish(ctx, report, table, progress.started)
 
 
 def search(
@@ -92,9 +120,11 @@ def plan_bench(
     peers: list[str],
     log: Callable[[str], None],
     world: str = "toy",
+    resume: str | None = None,
 ) -> BenchPlan:
     """Load the config, pick the variants (unknown names are a ConfigError), resolve the world
-    (built or loaded) and lay the search grid around the config's own lr and batch size."""
+    (built or loaded) and lay the search grid around the config's own lr and batch size.
+    ``resume``: the id of the bench to carry on (planned with the same options)."""
     from flows.spec import resolve_spec
     from npd_core.data import read_prompts
 
@@ -108,7 +138,7 @@ def plan_bench(
             f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(known)}"
         )
     selected = [known[n] for n in chosen_names] + [peer_variant(p) for p in peers]
-    bench_id = f"bench-{datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:4]}"
+    bench_id = resume or f"bench-{datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:4]}"
     spec, _ = resolve_spec(cfg, out, bench_id, log=log, world=world)
     paths = {k: spec[k] for k in ("teacher", "student", "train_prompts", "eval_prompts")}
     lengths = sr.base_lengths(paths, cfg)
@@ -131,6 +161,7 @@ def plan_bench(
         points=sr.grid_points(base, grid),
         held_out=min(n_eval, cfg.data.eval_size or n_eval),
         quick=quick,
+        resume=resume is not None,
     )
 
 
@@ -139,13 +170,7 @@ def open_bench(plan: BenchPlan, log: Callable[[str], None]) -> BenchContext:
     runners share; the baselines' checkpoints split the budget evenly."""
     from tasks import tracking
 
-    knobs = {
-        "budget_s": plan.budget_s,
-        "quick": plan.quick,
-        "seeds": plan.n_seeds,
-        "grid": json.dumps(plan.grid),
-        "variants": ",".join(v.name for v in plan.selected),
-    }
+    knobs = {k: v for k, v in plan.knobs().items() if k not in ("config_digest", "paths")}
     config = plan.cfg.model_dump(mode="json")
     parent = tracking.start_run(str(plan.out), plan.bench_id, "bench", {**knobs, "config": config})
     eval_at = checkpoint_times(plan.budget_s)
@@ -159,14 +184,18 @@ def open_bench(plan: BenchPlan, log: Callable[[str], None]) -> BenchContext:
     return ctx
 
 
-def run_variants(ctx: BenchContext, plan: BenchPlan, chosen: dict[str, Hyper]) -> None:
+def run_variants(
+    ctx: BenchContext, plan: BenchPlan, chosen: dict[str, Hyper], progress: Progress
+) -> None:
     """Every selected variant with its method's searched hyperparameters: ``--seeds`` seeds for
-    the main ones, one for the others; results go to ``ctx.results``."""
+    the main ones, one for the others, those not finished yet; each result goes to
+    ``progress.results`` and is saved at once."""
     for v in plan.selected:
-        ctx.results[v.name] = []
-        for seed in range(plan.n_seeds if v.main else 1):
+        done = progress.results.setdefault(v.name, [])
+        for seed in range(len(done), plan.n_seeds if v.main else 1):
             res = v.run(ctx, seed, chosen[v.method])
-            ctx.results[v.name].append(res)
+            done.append(res)
+            progress.save()
             ctx.log(
                 f"{v.name} seed {seed}: {res.curve[0]['score']:.2f} → "
                 f"{res.curve[-1]['score']:.2f} in {res.wall_s:.0f} s"
@@ -208,16 +237,9 @@ def make_report(
         "machine": machine(),
         "config": ctx.config,  # the bench's config (each variant's overrides are in settings)
         "paths": plan.paths,  # the world: teacher, student, prompts (the cost model's input)
-        "grid": {
-            "multipliers": {k: list(v) for k, v in plan.grid.items()},
-            "points": [asdict(h) for h in plan.points],
-            "base": asdict(plan.base),
-            "base_lengths": plan.lengths,
-            "extend": {"factor": sr.EXTEND, "max_per_axis": sr.MAX_EXTENSIONS},
-            "search_budget_s": plan.budget_s * sr.SEARCH_FRACTION if len(plan.points) > 1 else None,
-            "chosen": {m: asdict(h) for m, h in chosen.items()},
-            "scores": search_scores,
-        },
+        "grid": sr.search_report(
+            plan.grid, plan.base, plan.lengths, plan.budget_s, chosen, search_scores
+        ),
         "budget_s": plan.budget_s,
         "eval_at": ctx.eval_at,
         "calibration": ctx.calibration,

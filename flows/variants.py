@@ -45,12 +45,13 @@ class BenchContext:
     calibration: dict[str, dict[str, sizing.Probe]] = field(default_factory=dict)  # by batch
     results: dict[str, list[VariantResult]] = field(default_factory=dict)  # done so far
     tag: str = ""  # run-id infix: "" for the main runs, "search-…" for the grid search
+    attempt: int = 0  # resumed benches (``--resume``): their runs' ids say which attempt ran them
 
     def spec(self, name: str, seed: int, config: dict[str, Any]) -> RunSpec:
         """A RunSpec of this bench's world for ``config`` (validated), with its own run id."""
         label = f"{self.tag}{name}-s{seed}"
         cfg = NPDConfig.model_validate({**config, "seed": seed, "name": label})
-        run_id = f"{self.bench_id}-{label}"
+        run_id = f"{self.bench_id}-{f'a{self.attempt}-' if self.attempt else ''}{label}"
         return RunSpec(str(self.out), run_id, cfg.model_dump(mode="json"), **self.paths)
 
 
@@ -91,19 +92,14 @@ def run_npd(
     config["rounds"] = sizing.npd_rounds(NPDConfig.model_validate(config), cal, ctx.budget_s)
     spec = ctx.spec(name, seed, config)
     res = distill_flow(spec)
-    _nest(ctx, res["mlflow_run_id"])
-    rounds = res["rounds"]
-    c = npd_curve(
-        _times(res), res["start_score"], rounds, ctx.budget_s * (1 + SLACK), _round_steps(spec)
-    )
+    _nest(ctx, res.mlflow_run_id)
+    c = npd_curve(res, ctx.budget_s * (1 + SLACK), _round_steps(spec))
     cfg = spec.cfg
     return VariantResult(
         curve=c.points,
         wall_s=c.points[-1]["wall_s"],
-        train_tokens=int(sum(x["train_tokens"] or 0 for x in rounds if x["round"] in c.rounds)),
-        generated_tokens=int(
-            sum(x["generated_tokens"] for x in rounds if x["round"] in c.produced)
-        ),
+        train_tokens=c.train_tokens,
+        generated_tokens=c.generated_tokens,
         stage_seconds=c.stage_seconds,
         settings={
             "rounds": cfg.rounds,
@@ -117,13 +113,8 @@ def run_npd(
             "prompts_per_round": cfg.data.prompts_per_round,
         },
         run_id=spec.run_id,
-        mlflow_run_id=res["mlflow_run_id"],
+        mlflow_run_id=res.mlflow_run_id,
     )
-
-
-def _times(res: dict[str, Any]) -> StageTimes:
-    """When a distill flow run's stages ran, and their loads and writes."""
-    return StageTimes(res["stage_intervals"], res.get("io_intervals", []))
 
 
 def _optimizer_steps(spec: RunSpec) -> int:
@@ -172,11 +163,12 @@ def _probe(ctx: BenchContext, hyper: Hyper, threads: int) -> sizing.Probe:
     )
     spec = replace(ctx, tag="").spec(f"probe-b{key}-t{threads}", 0, config)
     res = distill_flow(spec)
-    _nest(ctx, res["mlflow_run_id"])
+    _nest(ctx, res.mlflow_run_id)
     pack = spec.store.read_stage(spec.run_id, 1, "pack", "pack")
     rows = len(set(pack.column("row").to_pylist()))
-    n = res["rounds"][0]["n_generated"]
-    cal = sizing.probe_figures(_times(res), n, rows, _optimizer_steps(spec), hyper.rows_per_step)
+    n = res.rounds[0].n_generated
+    times = StageTimes.of(res)
+    cal = sizing.probe_figures(times, n, rows, _optimizer_steps(spec), hyper.rows_per_step)
     ctx.log(
         f"probe at batch {key}, {threads} threads: 2 NPD rounds in {cal['probe_s']:.1f} s, "
         f"gain {cal['overlap_gain']:.2f}"

@@ -9,11 +9,11 @@ The same seconds are left out of every variant's clock.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from npd_core import iotime
+from npd_core.pipeline.results import RunSummary
 
 Interval = tuple[str, int, float, float]  # (stage, round, start, end), absolute seconds
 Span = tuple[float, float]
@@ -26,16 +26,19 @@ class StageTimes:
     stages: Sequence[Interval]
     io: Sequence[Interval] = ()
 
+    @classmethod
+    def of(cls, run: RunSummary) -> StageTimes:
+        return cls(run.stage_intervals, run.io_intervals)
+
 
 @dataclass(frozen=True)
 class NpdCurve:
     """An NPD run on its clock, cut where the budget ends."""
 
     points: list[dict[str, float]]  # θ_0, then each round in time: wall_s, score, tokens, steps
-    rounds: list[int]  # the rounds on the curve
-    end: float  # absolute time the last of them ended (the totals stop there)
-    stage_seconds: dict[str, float]  # as the clock counts them, clipped at ``end``
-    produced: set[int]  # rounds whose generation ended by ``end``
+    stage_seconds: dict[str, float]  # as the clock counts them, until the curve's last round
+    train_tokens: int  # trained on in the curve's rounds
+    generated_tokens: int  # sampled by the rounds whose generation ended by then
 
 
 def paused_clock(intervals: Sequence[tuple[float, float, bool]]) -> Callable[[float], float]:
@@ -103,32 +106,28 @@ def io_spans(times: StageTimes) -> dict[tuple[str, int], list[Span]]:
     return {k: iotime.merged(v) for k, v in io.items()}
 
 
-def npd_curve(
-    times: StageTimes,
-    start_score: float,
-    rounds: Sequence[Mapping[str, Any]],
-    limit_s: float,
-    steps: dict[int, int],
-) -> NpdCurve:
+def npd_curve(run: RunSummary, limit_s: float, steps: dict[int, int]) -> NpdCurve:
     """An NPD run's curve on its clock, cut at ``limit_s``: θ_0, then every round whose
     checkpoint came in time, with the teacher tokens scored for the rounds it was trained on
     (every view, dropped samples included) and its optimizer steps (``steps`` by round); the
     seconds per stage the clock counted until then (evaluation: that of the curve's
-    checkpoints, off the clock)."""
+    checkpoints, off the clock) and the tokens trained and sampled."""
+    times = StageTimes.of(run)
     clock, _ = npd_clock(times)
     ends = {r: e for stage, r, _, e in times.stages if stage == "train"}
-    points = [{"wall_s": 0.0, "score": start_score, "teacher_tokens": 0, "steps": 0}]
+    points = [{"wall_s": 0.0, "score": run.start_score, "teacher_tokens": 0, "steps": 0}]
     covered, teacher = [], 0
     end = min(s for _, _, s, _ in times.stages)
-    for x in rounds:
-        teacher += x["teacher_tokens"]
-        wall = clock(ends[x["round"]])
+    for x in run.rounds:
+        teacher += x.teacher_tokens
+        wall = clock(ends[x.round])
         if wall > limit_s:
             break
-        points.append({"wall_s": wall, "score": x["score"], "teacher_tokens": teacher})
-        points[-1]["steps"] = steps[x["round"]]
-        covered.append(x["round"])
-        end = ends[x["round"]]
+        points.append(
+            {"wall_s": wall, "score": x.score, "teacher_tokens": teacher, "steps": steps[x.round]}
+        )
+        covered.append(x.round)
+        end = ends[x.round]
     on_curve = {0, *covered}
     io = io_spans(times)
     stage_s: dict[str, float] = {}
@@ -141,4 +140,6 @@ def npd_curve(
                 max(0.0, min(b, end) - a) for a, b in work
             )
     made = {r for stage, r, _, e in times.stages if stage == "generate" and e <= end}
-    return NpdCurve(points, covered, end, stage_s, made)
+    trained = sum(x.train_tokens for x in run.rounds if x.round in covered)
+    generated = sum(x.generated_tokens for x in run.rounds if x.round in made)
+    return NpdCurve(points, stage_s, trained, generated)

@@ -485,6 +485,24 @@ def _packed_rows(pool: list[Any], rows: int, row_tokens: int, j: int) -> tuple[A
 
 
 # ---------------------------------------------------------------- the command
+def localize(bench_path: Path, world: str, out: Path, log: Callable[[str], None]) -> Path:
+    """A copy of the bench JSON in ``out`` that the unit costs can run from here: with ``out``
+    as its output directory and, when the bench ran elsewhere, this machine's copy of its
+    embedded ``world`` (the same digest)."""
+    from npd_core.toy.world import build_toy_world, world_spec
+
+    report = json.loads(bench_path.read_text())
+    if not all(Path(p).exists() for p in report["paths"].values()):
+        built = build_toy_world(out / "toy", world_spec(world), log=log)
+        keys = ("teacher", "student", "train_prompts", "eval_prompts")
+        report["paths"] = {k: str(getattr(built, k)) for k in keys}
+    report["out"] = str(out.resolve())
+    local = out / f".cost-{bench_path.stem}.json"
+    out.mkdir(parents=True, exist_ok=True)
+    local.write_text(json.dumps(report))
+    return local
+
+
 def run(bench_path: Path, log: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
     """Measure the units in a process of its own (``--units-only``), then model ``bench``."""
     bench = json.loads(bench_path.read_text())

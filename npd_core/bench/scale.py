@@ -43,6 +43,14 @@ from npd_core.pipeline.spec import RunSpec
 from npd_core.store import SCORE_COLUMNS, Shard
 
 PROV = {"flow_run_id": "bench-scale", "task_run_id": "bench-scale"}
+# Small settings of `npd bench scale --tiny` (the tiny toy world): a round of 16 prompts
+TINY_SCALE = dict(
+    data={"prompts_per_round": 16, "eval_size": 8},
+    generate={"max_new_tokens": 24, "n_per_prompt": 2},
+    filter={"rule": "none", "drop_unfinished": False},
+    pack={"max_seq_len": 64},
+    train={"steps_per_round": 4, "rows_per_step": 4},
+)
 TOLERANCE = 1e-5  # scores and weights (ddp), the issue's
 VOLATILE = ("run_id", "created_at", "flow_run_id", "task_run_id")
 SAMPLE_FLOATS = ("sample_logprob_sum",)  # the generator's own sum: within 1e-6 relative
@@ -237,3 +245,28 @@ def run_bench(
         with workers.scope():
             out["train"] = train_arms(one, nprocs, log)
     return out
+
+
+def scale_spec(out: Path, config: Path | None, tiny: bool, log: Log) -> RunSpec:
+    """The one-round run the bench measures, in ``out/bench-scale`` (emptied first): the toy world
+    (``tiny``: the tiny one and ``TINY_SCALE``) under ``config``'s settings, one thread a stage,
+    float32 (the layouts' results are compared), teacher and student scored per sequence as a run
+    on CPU scores."""
+    import shutil
+
+    from npd_core.config import load_config
+    from npd_core.pipeline.kernels import choose_attention
+    from npd_core.store import Store
+    from npd_core.toy.world import ToySpec, build_toy_world
+
+    overrides: dict[str, Any] = {**(TINY_SCALE if tiny else {}), "rounds": 1, "threads": 1}
+    overrides["models"] = {"bf16": False}
+    cfg = load_config(config, overrides)
+    Store(out)
+    world = build_toy_world(out / "toy", ToySpec.tiny() if tiny else None, log=log)
+    root = out / "bench-scale"
+    shutil.rmtree(root, ignore_errors=True)
+    Store(root)
+    paths = (world.teacher, world.student, world.train_prompts, world.eval_prompts)
+    base = RunSpec(str(root), "scale", cfg.model_dump(mode="json"), *map(str, paths))
+    return choose_attention(base, log, roles=("score_teacher", "score_student"))

@@ -96,6 +96,28 @@ def scaled(base: Hyper, lr_mult: float, batch_mult: float) -> Hyper:
     )
 
 
+def search_report(
+    grid: Grid,
+    base: Hyper,
+    lengths: dict[str, float],
+    budget_s: float,
+    chosen: dict[str, Hyper],
+    rows: dict[str, list[dict[str, Any]]],
+) -> dict[str, Any]:
+    """The bench JSON's ``grid``: how the hyperparameters were searched and what won."""
+    points = grid_points(base, grid)
+    return {
+        "multipliers": {k: list(v) for k, v in grid.items()},
+        "points": [asdict(h) for h in points],
+        "base": asdict(base),
+        "base_lengths": lengths,
+        "extend": {"factor": EXTEND, "max_per_axis": MAX_EXTENSIONS},
+        "search_budget_s": budget_s * SEARCH_FRACTION if len(points) > 1 else None,
+        "chosen": {m: asdict(h) for m, h in chosen.items()},
+        "scores": rows,
+    }
+
+
 def search(
     methods: Iterable[str], score: Score, base: Hyper, grid: Grid, log: Callable[[str], None]
 ) -> tuple[dict[str, Hyper], dict[str, list[dict[str, Any]]]]:

@@ -316,3 +316,41 @@ def test_report_tables_fit_an_80_column_terminal(monkeypatch):
     for needle in ("staleness-2", "steps-300", "55.1–67.3", "4.56M", "351k", " 42 ", " 77 "):
         assert needle in text
     assert "speedup vs onpolicy: 3.50× (95% CI [2.00, 5.00])" in text
+
+
+def test_run_variants_runs_only_what_a_resumed_bench_left_and_saves_each_run(tmp_path):
+    """npd finished seed 0 before the bench stopped: seeds 1-2 and the ablation run (with fresh
+    run ids, the attempt's), each saved as it ends."""
+    from flows.headline import BenchPlan, run_variants
+    from flows.variants import Variant
+    from npd_core.bench.harness import VariantResult
+    from npd_core.bench.progress import Progress
+    from npd_core.bench.search import GRID
+
+    ran = []
+
+    def runner(name):
+        def run(ctx, seed, h):
+            on_disk = Progress.resume(tmp_path / "b", {}).results  # what a crash now keeps
+            assert sum(map(len, on_disk.values())) == 1 + len(ran)  # seed 0, then each run
+            ran.append(ctx.spec(name, seed, {}).run_id)
+            return VariantResult([{"wall_s": 0.0, "score": float(seed)}], 1.0, 0, 0, {})
+
+        return run
+
+    selected = [Variant("npd", "npd", runner("npd"), main=True)]
+    selected.append(Variant("staleness-0", "npd", runner("staleness-0")))
+    plan = BenchPlan(
+        cfg=NPDConfig(), out=tmp_path, bench_id="b", started=0.0, selected=selected, methods={},
+        paths={}, budget_s=10.0, n_seeds=3, grid=GRID, base=HYPER, lengths={}, points=[HYPER],
+        held_out=16, quick=False, resume=True,
+    )  # fmt: skip
+    progress = Progress(tmp_path / "b", {}, 0.0, attempt=1)
+    progress.results["npd"] = [VariantResult([{"wall_s": 0.0, "score": 9.0}], 1.0, 0, 0, {})]
+    progress.save()
+    paths = dict.fromkeys(("teacher", "student", "train_prompts", "eval_prompts"), "x")
+    ctx = BenchContext(tmp_path, "b", paths, {}, 10.0, [], "", lambda m: None, attempt=1)
+    run_variants(ctx, plan, {"npd": HYPER}, progress)
+    assert ran == ["b-a1-npd-s1", "b-a1-npd-s2", "b-a1-staleness-0-s0"]
+    assert [r.curve[0]["score"] for r in progress.results["npd"]] == [9.0, 1.0, 2.0]
+    assert Progress.resume(tmp_path / "b", {}).results == progress.results

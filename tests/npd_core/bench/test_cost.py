@@ -196,3 +196,18 @@ def test_no_target_when_onpolicy_gains_nothing():
     assert [r["seed"] for r in res["onpolicy"]["runs"]] == [1, 2]
     proj = cost.project({"variants": variants}, UNITS["2"], work=WORK)
     assert proj["npd"] is None and proj["onpolicy"] is None and proj["speedup"] is None
+
+
+def test_localize_points_the_copy_at_this_output_directory(tmp_path):
+    """A bench whose world exists here keeps its paths; its copy names ``out`` as its output."""
+    import json
+
+    paths = {k: str(tmp_path / k) for k in ("teacher", "student", "train_prompts", "eval_prompts")}
+    for p in paths.values():
+        open(p, "w").close()
+    bench = tmp_path / "bench-toy.json"
+    bench.write_text(json.dumps({"paths": paths, "out": "/elsewhere", "budget_s": 140.0}))
+    local = cost.localize(bench, "toy", tmp_path / "out", lambda m: None)
+    assert local == tmp_path / "out" / ".cost-bench-toy.json"
+    copy = json.loads(local.read_text())
+    assert copy == {"paths": paths, "out": str((tmp_path / "out").resolve()), "budget_s": 140.0}

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 
 import pytest
 
 from npd_core.bench.harness import Hyper
-from npd_core.bench.search import GRID, search
+from npd_core.bench.search import GRID, QUICK_GRID, search, search_report
 
 
 def _fake_search(score_of) -> tuple[Hyper, list[dict]]:
@@ -43,3 +44,15 @@ def test_search_extends_each_axis_at_most_twice_and_keeps_ties_on_the_earlier_po
     flat, rows = _fake_search(lambda lr, r: 1.0)  # all tied: the base point stays
     assert flat == HYPER_BASE
     assert [x["rows_per_step"] for x in rows if x["extension"]] == [32]  # batch was at its edge
+
+
+def test_search_report_lists_the_grid_and_the_choice():
+    h, rows = _fake_search(lambda lr, r: 1.0)
+    rep = search_report(GRID, HYPER_BASE, {"prompt_tokens": 9.0}, 100.0, {"npd": h}, {"npd": rows})
+    assert rep["multipliers"] == {"lr": [1.0, 0.5, 2.0], "batch": [1.0, 0.5]}
+    assert len(rep["points"]) == 6 and rep["points"][0] == rep["base"] == asdict(HYPER_BASE)
+    assert rep["points"][4] == {"lr": 5e-4, "rows_per_step": 8, "prompts_per_step": 32}
+    assert rep["search_budget_s"] == 50.0 and rep["extend"] == {"factor": 2.0, "max_per_axis": 2}
+    assert rep["chosen"] == {"npd": asdict(h)} and rep["scores"]["npd"] == rows
+    one = search_report(QUICK_GRID, HYPER_BASE, {}, 100.0, {}, {})
+    assert one["search_budget_s"] is None  # one point: no search runs
