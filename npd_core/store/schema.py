@@ -12,7 +12,7 @@ import pyarrow as pa
 from npd_core.config import DEFAULT_EVAL_SET
 from npd_core.errors import StoreError, first_line
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 # 2: derived best/regressed checkpoints, run lineage columns
 # 3: Δ-IFD columns nullable (not computed when the filter rule needs none), the student's
 #    forward KL per sample, the filter rule and its parameters per row, dropped KL per round
@@ -20,6 +20,10 @@ SCHEMA_VERSION = 5
 #    eval.primary set
 # 5: the generate and score stages of a sharded round hold one file per shard
 #    (samples-00000-of-00002.parquet, …; orchestration.shards): the views read them all
+# 6: where each training sequence comes from (samples.source: student, teacher or reference,
+#    data.mix; null in older files reads as student), the generator's log-prob of each sampled
+#    token (samples.token_logprobs) and the teacher's (scores.teacher_token_logprobs), both
+#    stored where train.loss sampled_reverse_kl reads them
 STAGES = ("generate", "score", "filter", "pack", "train", "evaluate", "summary")
 
 # --------------------------------------------------------------------------------------------
@@ -62,6 +66,8 @@ SAMPLES_SCHEMA = pa.schema(
         _req("response_tokens", pa.int32()),
         _req("finished", pa.bool_()),  # EOS seen
         _opt("sample_logprob_sum", pa.float32()),  # generator's log-prob of its sampled tokens
+        _opt("source", pa.string()),  # student | teacher | reference (data.mix; schema 6)
+        _opt("token_logprobs", pa.list_(pa.float32())),  # (response_tokens,) the generator's
         *_PROVENANCE,
     ]
 )
@@ -87,6 +93,7 @@ SCORES_SCHEMA = pa.schema(
         _opt("student_forward_kl_sum", pa.float32()),  # Σ_t KL(teacher top-k ‖ generator)
         _opt("topk_ids", pa.list_(pa.list_(pa.int32()))),  # (response_tokens, k)
         _opt("topk_logprobs", pa.list_(pa.list_(pa.float32()))),  # (response_tokens, k)
+        _opt("teacher_token_logprobs", pa.list_(pa.float32())),  # (response_tokens,) schema 6
         *_PROVENANCE,
     ]
 )
@@ -276,15 +283,16 @@ CREATE OR REPLACE VIEW scores AS
 SELECT * FROM read_parquet(['.npd/empty/scores.parquet', 'runs/*/round=*/score/scores*.parquet'],
                            hive_partitioning = false, allow_empty = true, union_by_name = true)
 """
+# Samples written before schema 6 have no source: they are the student's.
 SAMPLES_VIEW_SQL = """
 CREATE OR REPLACE VIEW samples AS
-SELECT g.*,
+SELECT g.* REPLACE (coalesce(g.source, 'student') AS source),
        s.teacher_logprob_sum, s.student_logprob_sum,
        s.teacher_resp_logprob_sum, s.student_resp_logprob_sum,
        s.ifd_teacher, s.ifd_student, s.delta_ifd, s.student_forward_kl_sum,
        f.kept, f.filter_reason, f.rule AS filter_rule, f.rule_params AS filter_rule_params
 FROM read_parquet(['.npd/empty/samples.parquet', 'runs/*/round=*/generate/samples*.parquet'],
-                  hive_partitioning = false, allow_empty = true) AS g
+                  hive_partitioning = false, allow_empty = true, union_by_name = true) AS g
 LEFT JOIN scores AS s
        ON s.run_id = g.run_id AND s.round = g.round
       AND s.prompt_id = g.prompt_id AND s.sample_idx = g.sample_idx

@@ -449,6 +449,43 @@ def test_a_store_of_schema_4_opens_and_reads_sharded_stages(tmp_path: Path) -> N
     assert reopened.query(q).to_pylist() == [{"run_id": "new", "n": 4}, {"run_id": "old", "n": 4}]
 
 
+def test_a_store_of_schema_5_reads_its_samples_as_the_students(tmp_path: Path) -> None:
+    """Schema 6 adds samples.source and the per-token log-probs (samples.token_logprobs,
+    scores.teacher_token_logprobs): a store npd of schema 5 wrote (files without them) opens
+    with its rows, which read as the student's samples with no per-token log-probs, beside a
+    round written after it whose mixed-in teacher samples SQL tells apart."""
+    import pyarrow.parquet as pq
+
+    root = tmp_path / "out"
+    store = Store(root)
+    write_round(store, "old", 1, 4)
+    new_columns = {"samples": ["source", "token_logprobs"], "scores": ["teacher_token_logprobs"]}
+    for table, columns in new_columns.items():
+        for f in [*root.glob(f"runs/*/**/{table}.parquet"), root / f".npd/empty/{table}.parquet"]:
+            pq.write_table(pq.read_table(f).drop_columns(columns), f)
+    (root / "npd-store.json").write_text(json.dumps({"schema_version": 5, "project": "npd"}))
+    with duckdb.connect(str(root / "npd.duckdb")) as con:
+        con.execute("CREATE OR REPLACE VIEW store_meta AS SELECT 5 AS schema_version")
+    reopened = Store(root, create=False)
+    assert json.loads((root / "npd-store.json").read_text())["schema_version"] == SCHEMA_VERSION
+    rows = samples("new", 1, 4).to_pylist()
+    for i, row in enumerate(rows):
+        row.update(source="teacher" if i % 2 else "student", token_logprobs=[-0.5 * i])
+    gen = table_from_rows("samples", rows)
+    reopened.write_stage("new", 1, "generate", {"samples": gen})
+    reopened.write_stage("new", 1, "score", {"scores": scores(gen)})
+    q = """SELECT run_id, source, count(*) AS n, count(token_logprobs) AS with_logprobs,
+                  count(delta_ifd) AS scored
+           FROM samples GROUP BY ALL ORDER BY ALL"""
+    assert reopened.query(q).to_pylist() == [
+        {"run_id": "new", "source": "student", "n": 2, "with_logprobs": 2, "scored": 2},
+        {"run_id": "new", "source": "teacher", "n": 2, "with_logprobs": 2, "scored": 2},
+        {"run_id": "old", "source": "student", "n": 4, "with_logprobs": 0, "scored": 4},
+    ]
+    q = "SELECT count(*) AS n, count(teacher_token_logprobs) AS t FROM scores"
+    assert reopened.query(q).to_pylist() == [{"n": 8, "t": 0}]
+
+
 def test_parquet_goes_through_the_stores_filesystem(tmp_path: Path, monkeypatch) -> None:
     """The store on a file:// URL is the store on the path; every Parquet file a stage writes
     or reads is opened through its fsspec filesystem; a filesystem without folder renames
