@@ -14,10 +14,11 @@ process of its own, started on first use and kept until the npd process exits:
 
 Rows match the HF backend's (:mod:`npd_core.method.generate`, :mod:`npd_core.method.score`):
 response token ids with EOS when seen, the log-prob of each sampled token under the model at
-temperature 1 (vLLM's default ``raw_logprobs``), the teacher's top-k log-probs per response
-position and the conditional and response-only log-likelihoods, both from
-``prompt_logprobs``. Each sample draws from its own seed, derived from (stage seed, prompt index,
-sample index), so a sample does not depend on how vLLM batches it.
+temperature 1 (vLLM's default ``raw_logprobs``), the teacher's top-k log-probs and its log-prob
+of the response token per response position, and the conditional and response-only
+log-likelihoods, all from ``prompt_logprobs``. Each sample draws from its own seed, derived
+from (stage seed, prompt index, sample index), so a sample does not depend on how vLLM batches
+it.
 """
 
 from __future__ import annotations
@@ -190,10 +191,10 @@ def score(
     vocab = json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
     k = min(top_k, vocab) if top_k else 0
     with _engine(role, model_dir, options) as (engine, times):
-        cond, resp, tk_ids, tk_lps = engine.call(
+        cond, resp, tk_ids, tk_lps, tok_lps = engine.call(
             "score", progress, prompts=prompts, responses=responses, view=view, k=k
         )
-    return Scores(cond, resp, tk_ids if k else None, tk_lps if k else None), times
+    return Scores(cond, resp, tk_ids if k else None, tk_lps if k else None, None, tok_lps), times
 
 
 def shutdown() -> None:
@@ -419,9 +420,10 @@ def _score(
     responses: list[list[int]],
     view: list[int] | None,
     k: int,
-) -> tuple[np.ndarray, np.ndarray | None, list[np.ndarray], list[np.ndarray]]:
+) -> tuple[np.ndarray, np.ndarray | None, list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
     """Each sample's views as prompt-only requests with ``prompt_logprobs``: per position vLLM
-    returns the actual token's log-prob first, then the top ``k`` by rank (conditional view)."""
+    returns the actual token's log-prob first, then the top ``k`` by rank (conditional view).
+    Returns both views' sums, the top-k and the conditional view's per-token log-probs."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -442,6 +444,7 @@ def _score(
     sums = np.zeros(len(seqs))
     tk_ids: list[np.ndarray] = []
     tk_lps: list[np.ndarray] = []
+    tok_lps: list[np.ndarray] = []  # (r,) per sample, conditional view
     for j, o in enumerate(outs):
         width = 1 + (k if j < n else 0)
         r = len(responses[j % n])
@@ -449,8 +452,10 @@ def _score(
         assert len(pl.logprobs) == (len(seqs[j]) - 1) * width, (j, len(pl.logprobs), width)
         lp = np.asarray(pl.logprobs[len(pl.logprobs) - r * width :], np.float32).reshape(r, width)
         sums[j] = lp[:, 0].astype(np.float64).sum()
+        if j < n:
+            tok_lps.append(lp[:, 0].copy())
         if j < n and k:
             ids = pl.token_ids[len(pl.token_ids) - r * width :]
             tk_ids.append(np.asarray(ids, np.int32).reshape(r, width)[:, 1:])
             tk_lps.append(lp[:, 1:].copy())
-    return sums[:n], sums[n:] if view is not None else None, tk_ids, tk_lps
+    return sums[:n], sums[n:] if view is not None else None, tk_ids, tk_lps, tok_lps

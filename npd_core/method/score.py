@@ -49,6 +49,7 @@ class Scores:
     topk_ids: list[np.ndarray] | None  # N arrays (r_i, k) int32, conditional view
     topk_logprobs: list[np.ndarray] | None  # N arrays (r_i, k) float32
     forward_kl_sum: np.ndarray | None = None  # (N,) Σ_t KL(teacher top-k ‖ this model)
+    token_logprobs: list[np.ndarray] | None = None  # N arrays (r_i,) float32, log p(y_t | x, y_<t)
 
 
 @dataclass
@@ -204,15 +205,16 @@ def score(
         for idx, sc in _views(model, [Sample(view, r) for r in responses], **kw):
             view_lp[idx] = sc.token_logprob.cpu()
         resp_sum = _per_sample(view_lp, resp_len).numpy()
-    topk_ids = topk_lp = None
-    if top_k:
-        bounds = np.concatenate([[0], np.cumsum(resp_len)])
-        topk_ids = [tk_ids[bounds[i] : bounds[i + 1]].numpy() for i in range(len(responses))]
-        topk_lp = [tk_lp[bounds[i] : bounds[i + 1]].numpy() for i in range(len(responses))]
+    bounds = np.concatenate([[0], np.cumsum(resp_len)])
+
+    def split(flat: torch.Tensor) -> list[np.ndarray]:  # (Σ r_i, ...) → N arrays (r_i, ...)
+        return [flat[bounds[i] : bounds[i + 1]].numpy() for i in range(len(responses))]
+
     return Scores(
         _per_sample(tok_lp, resp_len).numpy(),
         resp_sum,
-        topk_ids,
-        topk_lp,
+        split(tk_ids) if top_k else None,
+        split(tk_lp) if top_k else None,
         _per_sample(kl, resp_len).numpy() if targets else None,
+        split(tok_lp),
     )
