@@ -56,18 +56,20 @@ def _words(tok: Any) -> list[str]:
     ]
 
 
-def first_letter(rng: random.Random, words: list[str]) -> tuple[str, str]:
-    w = rng.choice(words)
-    return f'What is the first letter of the word "{w}"?', w[0]
+def first_letter(words: list[str]) -> list[tuple[str, str]]:
+    return [(f'What is the first letter of the word "{w}"?', w[0]) for w in words]
 
 
-def addition(rng: random.Random, words: list[str]) -> tuple[str, str]:
-    a, b = rng.randrange(10), rng.randrange(10)
-    return f"What is {a} + {b}?", str(a + b)
+def addition(words: list[str]) -> list[tuple[str, str]]:
+    """One-digit sums, asked two ways (200 questions)."""
+    pairs = [(a, b) for a in range(10) for b in range(10)]
+    return [(f"What is {a} + {b}?", str(a + b)) for a, b in pairs] + [
+        (f"What is the sum of {a} and {b}?", str(a + b)) for a, b in pairs
+    ]
 
 
-# task name → a generator of (question, answer); each ≥ 50% for the teacher (``SmolWorld.meta``)
-TASKS: dict[str, Callable[[random.Random, list[str]], tuple[str, str]]] = {
+# task name → every (question, answer) it has; each ≥ 50% for the teacher (world.json's per_task)
+TASKS: dict[str, Callable[[list[str]], list[tuple[str, str]]]] = {
     "first_letter": first_letter,
     "addition": addition,
 }
@@ -83,10 +85,11 @@ class Warmup:
 
 @dataclass(frozen=True)
 class SmolSpec:
-    n_train: int = 2000  # distillation prompts
+    n_train: int = 1000  # distillation prompts (the demo's 6 rounds of 128 take 768)
     n_eval: int = 600  # held-out prompts (the binomial 95% half-width at 10%: 2.4 points)
-    n_warm: int = 800  # prompts whose teacher answers warm the student up (disjoint)
-    mix: tuple[tuple[str, float], ...] = (("first_letter", 0.5), ("addition", 0.5))
+    n_warm: int = 400  # prompts whose teacher answers warm the student up (disjoint)
+    # the addition share takes all 200 of its questions over the three sets
+    mix: tuple[tuple[str, float], ...] = (("first_letter", 0.9), ("addition", 0.1))
     layers: int = 8  # the student's decoder layers: the teacher's first 8 (56.6 M parameters)
     warm_steps: int = 50
     warm_lr: float = 1e-4
@@ -136,17 +139,27 @@ def gguf_path() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
 
 
-def make_prompts(spec: SmolSpec, words: list[str]) -> list[Prompt]:
-    """``n_train + n_eval + n_warm`` distinct questions drawn by ``spec.mix``, in that order."""
+def make_prompts(spec: SmolSpec, words: list[str]) -> list[list[Prompt]]:
+    """Train, held-out and warm-up prompts: each task's share (``spec.mix``) of each set, drawn
+    without replacement from the task's shuffled questions (so no question is in two sets),
+    each set shuffled."""
     rng = random.Random(spec.seed)
-    names, weights = zip(*spec.mix, strict=True)
-    seen: dict[str, Prompt] = {}
-    want = spec.n_train + spec.n_eval + spec.n_warm
-    while len(seen) < want:
-        name = rng.choices(names, weights)[0]
-        question, answer = TASKS[name](rng, words)
-        seen.setdefault(question, Prompt(f"{name}-{len(seen)}", question, answer))
-    return list(seen.values())
+    pools = {}
+    for name, _ in spec.mix:
+        pools[name] = TASKS[name](words)
+        rng.shuffle(pools[name])
+    sets = []
+    for n in (spec.n_train, spec.n_eval, spec.n_warm):
+        drawn: list[Prompt] = []
+        for i, (name, share) in enumerate(spec.mix):
+            want = n - len(drawn) if i == len(spec.mix) - 1 else round(n * share)
+            if want > len(pools[name]):
+                raise ValueError(f"smol world: task {name} has too few questions for {spec}")
+            taken, pools[name] = pools[name][:want], pools[name][want:]
+            drawn += [Prompt(f"{name}-{len(sets)}-{j}", q, a) for j, (q, a) in enumerate(taken)]
+        rng.shuffle(drawn)
+        sets.append(drawn)
+    return sets
 
 
 def score(model, tok, prompts: list[Prompt], spec: SmolSpec) -> tuple[float, list[str]]:
@@ -160,10 +173,10 @@ def score(model, tok, prompts: list[Prompt], spec: SmolSpec) -> tuple[float, lis
 
 
 def per_task(prompts: list[Prompt], texts: list[str]) -> dict[str, float]:
-    """Points per task (the prompt id's prefix)."""
+    """Points per task (the prompt id's first part)."""
     out: dict[str, list[float]] = {}
     for p, t in zip(prompts, texts, strict=True):
-        out.setdefault(p.id.rsplit("-", 1)[0], []).append(
+        out.setdefault(p.id.split("-")[0], []).append(
             exact_match([t], [p.answer], "regex", ANSWER_REGEX).score
         )
     return {k: round(sum(v) / len(v), 1) for k, v in sorted(out.items())}
@@ -186,10 +199,7 @@ def build_smol_world(
         import_gguf(gguf, tmp / "teacher")
         tok = load_tokenizer(tmp / "teacher")
         teacher = load_model(tmp / "teacher")
-        prompts = make_prompts(spec, _words(tok))
-        train = prompts[: spec.n_train]
-        held = prompts[spec.n_train : spec.n_train + spec.n_eval]
-        warm = prompts[spec.n_train + spec.n_eval :]
+        train, held, warm = make_prompts(spec, _words(tok))
         write_prompts(tmp / "train.jsonl", train)
         write_prompts(tmp / "eval.jsonl", held)
         meta: dict = {"spec": asdict(spec), "gguf": file_digest(gguf)}
