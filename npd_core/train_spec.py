@@ -15,9 +15,11 @@ from dataclasses import dataclass
 class StepSpec:
     """Loss, optimizer, schedule and batch of the learner's optimizer steps."""
 
-    loss: str = "forward_kl"  # forward_kl, reverse_kl, jsd, ce
+    loss: str = "forward_kl"  # forward_kl, reverse_kl, jsd, ce, sampled_reverse_kl
     beta: float = 0.5  # JSD β
-    rest_mass: bool = False  # forward KL: the mass outside the teacher's top-k as one bin
+    rest_mass: bool = False  # KL/JSD: the mass outside the teacher's top-k as one bin
+    normalize: str = "token"  # token: a step's loss ÷ its response tokens; sequence: GKD's 1/L_y
+    ratio_clip: float = 2.0  # sampled_reverse_kl: the importance ratio to the generator at most
     sft_weight: float = 0.0  # weight of CE on the sampled tokens
     loss_chunk_tokens: int = 1024  # response positions per LM-head chunk; 0 = full logits
     lr: float = 3e-3  # peak AdamW learning rate

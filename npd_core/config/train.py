@@ -14,10 +14,13 @@ STEP = StepSpec()  # the learner's defaults live with the plain spec the method 
 
 
 class TrainConfig(Section):
-    loss: Literal["forward_kl", "reverse_kl", "jsd", "ce"] = Field(
+    loss: Literal["forward_kl", "reverse_kl", "jsd", "ce", "sampled_reverse_kl"] = Field(
         STEP.loss,
         description="forward KL on teacher top-k (default), reverse KL, GKD JSD(β), "
-        "or hard-label CE on the teacher's argmax",
+        "hard-label CE on the teacher's argmax, or sampled_reverse_kl: the per-token advantage "
+        "log p_T − log p_S at the sampled token (on-policy distillation's objective), weighted by "
+        "the importance ratio to the generator truncated at train.ratio_clip (the generate and "
+        "score stages then store per-token log-probs)",
     )
     beta: float = Field(
         STEP.beta, ge=0.0, le=1.0, description="JSD β (0 = forward KL, 1 = reverse KL)"
@@ -27,7 +30,23 @@ class TrainConfig(Section):
     )
     rest_mass: bool = Field(
         STEP.rest_mass,
-        description="forward KL: match the mass outside the teacher's top-k as one bin",
+        description="forward KL, reverse KL and JSD: the teacher's top-k ids and one bin for "
+        "the mass outside them, for both models (else forward KL renormalizes the top-k and "
+        "reverse KL and JSD give ids outside it a floor); exact either way when score.top_k "
+        "covers the vocabulary",
+    )
+    normalize: Literal["token", "sequence"] = Field(
+        STEP.normalize,
+        description="token: a step's loss is the mean over its response tokens; sequence: "
+        "each sequence's token mean, averaged over the step's sequences (GKD's 1/L_y), so long "
+        "or unfinished samples do not dominate a step",
+    )
+    ratio_clip: float = Field(
+        STEP.ratio_clip,
+        ge=1.0,
+        le=1000.0,
+        description="sampled_reverse_kl: largest importance ratio p_learner / p_generator of a "
+        "sampled token (truncated importance sampling: the samples come from an older student)",
     )
     loss_chunk_tokens: int = Field(
         STEP.loss_chunk_tokens,
@@ -123,6 +142,11 @@ class TrainConfig(Section):
                 "forwards; raise micro_rows or make rows_per_step a multiple of nproc"
             )
         return self
+
+    @property
+    def needs_token_logprobs(self) -> bool:
+        """The generate and score stages store per-token log-probs (for the sampled-token loss)."""
+        return self.loss == "sampled_reverse_kl"
 
     def step_spec(self) -> StepSpec:
         """The settings ``method.train`` reads, as plain values."""

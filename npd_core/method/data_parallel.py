@@ -43,6 +43,7 @@ from npd_core.method.train import (
     accumulate,
     apply_update,
     forward_losses,
+    loss_units,
     make_optimizer,
 )
 from npd_core.train_spec import StepSpec
@@ -102,15 +103,15 @@ class DataParallel:
         micro-batches as on every other rank."""
         dev = self.student.device
         mine = StepTotals.of(0.0, micro)
-        counts = [mine.loss_tokens, mine.real_tokens, mine.slots]
+        counts = [mine.loss_tokens, mine.real_tokens, mine.slots, loss_units(micro, self.spec)]
         step_counts = torch.tensor(counts, dtype=torch.float64, device=dev)
-        dist.all_reduce(step_counts)  # (response tokens, real tokens, slots) of the step
-        n_all, real, slots = (int(x) for x in step_counts.tolist())
+        dist.all_reduce(step_counts)  # (response tokens, real tokens, slots, loss units) of it
+        n_all, real, slots, units = (int(x) for x in step_counts.tolist())
 
         def forward(batch: PackedBatch) -> torch.Tensor:  # × world: the wrappers average ranks
             return self.loss(batch, targets) * self.world
 
-        share = accumulate(forward, micro, n_all, self._sync).to(dev, torch.float64)
+        share = accumulate(forward, micro, units, self._sync).to(dev, torch.float64)
         dist.all_reduce(share)  # world × the step's loss
         mean = share.item() / self.world
         apply_update(self.student, self.optimizer, mean, self.spec, lr=lr, step=step)

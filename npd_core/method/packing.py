@@ -64,6 +64,11 @@ class PackedBatch:
         return int((self.labels != IGNORE_INDEX).sum())
 
     @property
+    def n_loss_sequences(self) -> int:
+        """Sequences with at least one response position (``train.normalize: sequence``)."""
+        return int(self.seq_ids[self.labels != IGNORE_INDEX].unique().numel())
+
+    @property
     def n_real_tokens(self) -> int:
         return int((self.seq_ids >= 0).sum())
 

@@ -3,7 +3,8 @@
 Reads top to bottom like nanoGPT's loop: lr → micro-batch forward → loss → backward → clip →
 step → zero_grad → log. One optimizer step consumes ``rows_per_step`` packed rows, forwarded
 ``micro_rows`` at a time (gradient accumulation); the loss is normalized per response token
-over the whole step, exactly as the unpacked batch in one forward would be.
+(or per sequence, ``train.normalize``) over the whole step, exactly as the unpacked batch in one
+forward would be.
 
 Settings come as a plain :class:`~npd_core.train_spec.StepSpec` (``TrainConfig.step_spec()``),
 so the packing bench times this very step on a GPU box with nothing but torch and transformers.
@@ -17,7 +18,7 @@ import random
 import time
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -34,25 +35,54 @@ from npd_core.train_spec import StepSpec
 
 @dataclass
 class Targets:
-    """Teacher top-k per response position, flat over samples (sample i at ``offsets[i]``)."""
+    """Teacher top-k per response position, flat over samples (sample i at ``offsets[i]``);
+    for ``train.loss: sampled_reverse_kl`` also the teacher's and the generator's log-prob of
+    each response token (the generator's NaN where a sequence has none: ``data.mix``)."""
 
     topk_ids: torch.Tensor  # (M, k) long
     topk_logprobs: torch.Tensor  # (M, k) float32
     offsets: list[int]  # (N,) start of each sample's rows
+    teacher_token: torch.Tensor | None = None  # (M,) float32
+    generator_token: torch.Tensor | None = None  # (M,) float32
 
     @classmethod
-    def from_lists(cls, ids: list[np.ndarray], logprobs: list[np.ndarray]) -> Targets:
+    def from_lists(
+        cls,
+        ids: list[np.ndarray],
+        logprobs: list[np.ndarray],
+        teacher_token: list[np.ndarray] | None = None,
+        generator_token: list[np.ndarray] | None = None,
+    ) -> Targets:
         lens = [len(a) for a in ids]
         offsets = np.concatenate([[0], np.cumsum(lens)])[:-1].astype(int).tolist()
+
+        def flat(arrays: list[np.ndarray] | None) -> torch.Tensor | None:
+            return None if arrays is None else torch.from_numpy(np.concatenate(arrays)).float()
+
         return cls(
             torch.from_numpy(np.concatenate(ids)).long(),
             torch.from_numpy(np.concatenate(logprobs)).float(),
             offsets,
+            flat(teacher_token),
+            flat(generator_token),
         )
 
     def subset(self, index: list[int]) -> Targets:
         """The targets of samples ``index`` (same table, re-pointed offsets)."""
-        return Targets(self.topk_ids, self.topk_logprobs, [self.offsets[i] for i in index])
+        return replace(self, offsets=[self.offsets[i] for i in index])
+
+
+@dataclass(frozen=True)
+class PositionTargets:
+    """:class:`Targets` at the M response positions of a batch, on the learner's device."""
+
+    topk_ids: torch.Tensor  # (M, k) long
+    topk_logprobs: torch.Tensor  # (M, k) float32
+    teacher_token: torch.Tensor | None  # (M,)
+    generator_token: torch.Tensor | None  # (M,)
+
+    def __getitem__(self, s: slice) -> PositionTargets:
+        return PositionTargets(*(None if x is None else x[s] for x in vars(self).values()))
 
 
 @dataclass
@@ -209,36 +239,53 @@ def make_optimizer(model: PreTrainedModel, spec: StepSpec) -> torch.optim.Optimi
 
 def _response(
     batch: PackedBatch, targets: Targets | None, dev: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-    """Where ``batch`` carries loss (B, T) bool, its labels there (M,) and the teacher's top-k
-    ids and log-probs there, (M, k) each (None: plain SFT)."""
+) -> tuple[torch.Tensor, torch.Tensor, PositionTargets | None]:
+    """Where ``batch`` carries loss (B, T) bool, its labels there (M,) and the teacher's
+    targets there (None: plain SFT)."""
     at = batch.labels != IGNORE_INDEX  # (B, T)
     labels = batch.labels[at].to(dev)  # (M,)
     if targets is None:
         return at.to(dev), labels, None
-    idx = batch.target_index[at]
-    topk = (targets.topk_ids[idx].to(dev), targets.topk_logprobs[idx].to(dev))  # (M, k) each
+    idx = batch.target_index[at]  # (M,)
+
+    def there(x: torch.Tensor | None) -> torch.Tensor | None:
+        return None if x is None else x[idx].to(dev)
+
+    topk = PositionTargets(
+        *(there(x) for x in (targets.topk_ids, targets.topk_logprobs)),  # (M, k) each
+        there(targets.teacher_token),  # (M,)
+        there(targets.generator_token),
+    )
     return at.to(dev), labels, topk
 
 
 def token_losses(
     z: torch.Tensor,
     labels: torch.Tensor,
-    topk: tuple[torch.Tensor, torch.Tensor] | None,
+    topk: PositionTargets | None,
     spec: StepSpec,
 ) -> torch.Tensor:
-    """The configured loss of logit rows ``z`` (c, V) with their ``labels`` (c,) and teacher
-    ``topk`` (ids, log-probs), (c, k) each; ``topk`` None is plain SFT (CE on the labels).
+    """The configured loss of logit rows ``z`` (c, V) with their ``labels`` (c,) and the
+    teacher's targets there; ``topk`` None is plain SFT (CE on the labels).
     Returns (c,) float32."""
     if topk is None:
         return losses.hard_ce(z, labels)
-    tk_ids, tk_lp = topk
+    tk_ids, tk_lp = topk.topk_ids, topk.topk_logprobs
     if spec.loss == "forward_kl":
         out = losses.forward_kl_topk(z, tk_ids, tk_lp, rest_mass=spec.rest_mass)
     elif spec.loss == "reverse_kl":
-        out = losses.reverse_kl(z, tk_ids, tk_lp)
+        out = losses.reverse_kl(z, tk_ids, tk_lp, rest_mass=spec.rest_mass)
     elif spec.loss == "jsd":
-        out = losses.generalized_jsd(z, tk_ids, tk_lp, spec.beta)
+        out = losses.generalized_jsd(z, tk_ids, tk_lp, spec.beta, rest_mass=spec.rest_mass)
+    elif spec.loss == "sampled_reverse_kl":
+        if topk.teacher_token is None or topk.generator_token is None:
+            raise TrainingError(
+                "train.loss sampled_reverse_kl: the round's targets lack the teacher's or the "
+                "generator's per-token log-probs; rerun its generate and score stages with it"
+            )
+        out = losses.sampled_reverse_kl(
+            z, labels, topk.teacher_token, topk.generator_token, spec.ratio_clip
+        )
     else:  # "ce": hard label on the teacher's argmax (top-k is sorted, so column 0)
         out = losses.hard_ce(z, tk_ids[:, 0])
     if spec.sft_weight:
@@ -254,7 +301,26 @@ def per_token_loss(
     Positions with ``labels == IGNORE_INDEX`` (prompt, padding) carry no loss; ``targets is
     None`` means plain SFT (CE on the labels). Returns (M,) float32."""
     at, labels, topk = _response(batch, targets, logits.device)
-    return token_losses(logits[at], labels, topk, spec)  # logits[at]: (M, V)
+    out = token_losses(logits[at], labels, topk, spec)  # logits[at]: (M, V)
+    return _normalized(out, batch, at, spec)
+
+
+def _normalized(
+    per_token: torch.Tensor, batch: PackedBatch, at: torch.Tensor, spec: StepSpec
+) -> torch.Tensor:
+    """``train.normalize: sequence``: each position's loss (M,) × 1 ÷ its sequence's response
+    tokens (``losses.sequence_weights``); per token, as it is."""
+    if spec.normalize == "token":
+        return per_token
+    return per_token * losses.sequence_weights(batch.seq_ids[at.cpu()]).to(per_token.device)
+
+
+def loss_units(micro: Sequence[PackedBatch], spec: StepSpec) -> int:
+    """What a step's loss is divided by (``losses.token_mean``): its response tokens, or, with
+    ``train.normalize: sequence``, its sequences that carry loss."""
+    if spec.normalize == "token":
+        return sum(b.n_loss_tokens for b in micro)
+    return sum(b.n_loss_sequences for b in micro)
 
 
 def per_token_loss_chunked(
@@ -271,9 +337,10 @@ def per_token_loss_chunked(
     at, labels, topk = _response(batch, targets, hidden.device)
 
     def rows(z: torch.Tensor, s: slice) -> torch.Tensor:
-        return token_losses(z, labels[s], None if topk is None else (topk[0][s], topk[1][s]), spec)
+        return token_losses(z, labels[s], None if topk is None else topk[s], spec)
 
-    return chunked_rows(hidden[at], head, rows, spec.loss_chunk_tokens)  # hidden[at]: (M, H)
+    out = chunked_rows(hidden[at], head, rows, spec.loss_chunk_tokens)  # hidden[at]: (M, H)
+    return _normalized(out, batch, at, spec)
 
 
 def model_inputs(
@@ -334,7 +401,7 @@ def step_loss(
     per_token = forward_losses(
         model, batch, targets, spec, bf16=bf16, padded=padded, flatten=flatten
     )
-    return losses.token_mean(per_token, batch.n_loss_tokens)
+    return losses.token_mean(per_token, loss_units([batch], spec))
 
 
 def micro_batches(
@@ -363,7 +430,7 @@ def accumulate(
 ) -> torch.Tensor:
     """Forward and backward every micro-batch of one step, before its update. Each
     backpropagates its share of the step's token mean, its per-token loss sum ÷ ``n_tokens``
-    (the response tokens of the whole step, counted before any forward), so the gradients add
+    (the whole step's :func:`loss_units`, counted before any forward), so the gradients add
     up to those of the step in one forward, however its rows are split. ``forward``: the
     per-token losses (M,) of a micro-batch; ``sync(last)``: a data-parallel wrapper's context
     that reduces the gradients on the last backward only. Returns the sum of the micro-batches'
@@ -425,7 +492,7 @@ def optimizer_step(
     def forward(b: PackedBatch) -> torch.Tensor:
         return forward_losses(model, b, targets, spec, bf16=bf16, padded=padded, flatten=flatten)
 
-    loss = accumulate(forward, micro, sum(b.n_loss_tokens for b in micro))
+    loss = accumulate(forward, micro, loss_units(micro, spec))
     apply_update(model, optimizer, loss.item(), spec, lr=lr, step=step)
     return loss
 
