@@ -4,6 +4,8 @@ This module plans a bench (the config, the variants, the world, the search grid)
 Prefect work (:mod:`flows.variants`), and reports it: JSON, plot, MLflow and two Rich tables. The
 rules every variant runs under are :mod:`npd_core.bench.harness`; the clock, the search, the round
 sizing and the statistics are :mod:`npd_core.bench.clock`, ``search``, ``sizing`` and ``stats``.
+What a bench finished is saved as it goes (:mod:`npd_core.bench.progress`): ``--resume BENCH_ID``
+runs the rest.
 """
 
 from __future__ import annotations

@@ -275,6 +275,17 @@ def test_bench_quick_json_has_every_field(tmp_path, tiny_world, prefect_server, 
             paid = sum(x for k, x in st.items() if not (name == "sft" and k == "generate"))
             assert (paid > 0) == (model["target_score"] > v["curve"][0]["score"])
 
+    # --resume of a finished bench runs nothing again and reports the same results; a resume
+    # with other options is refused
+    res = CliRunner().invoke(app, [*args, "--resume", rep["bench_id"]])
+    assert res.exit_code == 0, res.output
+    again = json.loads(res.stdout)
+    assert again["variants"] == rep["variants"] and again["calibration"] == rep["calibration"]
+    children = f"tags.mlflow.parentRunId = '{rep['mlflow_run_id']}'"
+    assert len(c.search_runs([parent.info.experiment_id], children)) == len(kids)
+    res = CliRunner().invoke(app, [*args, "--seeds", "2", "--resume", rep["bench_id"]])
+    assert isinstance(res.exception, ConfigError) and "planned with seeds=1" in str(res.exception)
+
 
 def test_report_tables_fit_an_80_column_terminal(monkeypatch):
     """Every variant name and stage number is shown whole at 80 columns (rich truncates with …)."""
