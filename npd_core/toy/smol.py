@@ -57,7 +57,8 @@ def _words(tok: Any) -> list[str]:
 
 
 def first_letter(words: list[str]) -> list[tuple[str, str]]:
-    return [(f'What is the first letter of the word "{w}"?', w[0]) for w in words]
+    """The teacher answers in capitals: 'The first letter of the word "pencil" is "P".'"""
+    return [(f'What is the first letter of the word "{w}"?', w[0].upper()) for w in words]
 
 
 def addition(words: list[str]) -> list[tuple[str, str]]:
@@ -119,7 +120,8 @@ class SmolSpec:
             "generate": {"max_new_tokens": self.max_new_tokens},
             "pack": {"max_seq_len": self.max_seq_len},
             "train": {"lr": self.warm_lr, "steps_per_round": 8, "rows_per_step": 16},
-            "eval": {"metric": self.metric, "answer_regex": ANSWER_REGEX},
+            # the pattern first: the config refuses metric regex without one
+            "eval": {"answer_regex": ANSWER_REGEX, "metric": self.metric},
         }
 
     @classmethod
