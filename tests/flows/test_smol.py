@@ -9,6 +9,7 @@ import importlib.util
 import math
 
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from npd_core.config import NPDConfig
@@ -26,6 +27,7 @@ pytestmark = [
 ROUNDS = 2
 CFG = dict(
     rounds=ROUNDS,
+    threads=1,  # two threads on a busy 2-core box wait at OpenMP barriers (20 min against 16 s)
     data={"prompts_per_round": 8},
     generate={"max_new_tokens": 24, "batch_size": 8},
     train={"steps_per_round": 2, "rows_per_step": 2, "micro_rows": 1, "loss_chunk_tokens": 16},
@@ -42,7 +44,12 @@ def smol_run(tmp_path_factory, prefect_server):
     from npd_core.toy.smol import SmolSpec, build_smol_world
 
     root = tmp_path_factory.mktemp("smol")
-    world = build_smol_world(root / "toy", SmolSpec.tiny())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        world = build_smol_world(root / "toy", SmolSpec.tiny())
+    finally:
+        torch.set_num_threads(threads)
     cfg = NPDConfig.model_validate(CFG)
     apply_world_defaults(cfg, SmolSpec.tiny().config_defaults())  # the metric and its regex
     Store(root)
