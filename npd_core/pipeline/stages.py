@@ -208,6 +208,8 @@ def generate_stage(
                         response_tokens=len(gen.token_ids),
                         finished=gen.finished,
                         sample_logprob_sum=gen.logprob_sum,
+                        source="student",
+                        token_logprobs=gen.logprobs if cfg.train.needs_token_logprobs else None,
                         created_at=now,
                         **prov,
                     )
@@ -326,6 +328,7 @@ def score_stage(
             delta = delta_ifd(ifd_t, ifd_s)
             s_cond, s_resp, s_kl = st.cond_logprob_sum, st.resp_logprob_sum, st.forward_kl_sum
         now = _now()
+        per_token = cfg.train.needs_token_logprobs
         keys = s.select(["run_id", "round", *SAMPLE_KEY]).to_pylist()
         rows = [
             dict(
@@ -340,6 +343,7 @@ def score_stage(
                 student_forward_kl_sum=_nulls(s_kl, i),
                 topk_ids=t.topk_ids[i].tolist(),
                 topk_logprobs=t.topk_logprobs[i].tolist(),
+                teacher_token_logprobs=t.token_logprobs[i].tolist() if per_token else None,
                 created_at=now,
                 **prov,
             )
@@ -520,7 +524,20 @@ def packed_round(spec: RunSpec, r: int) -> RoundRows:
     sc = store.read_stage(spec.run_id, r, "score", "scores").take(at)
     ids = _topk_arrays(sc.column("topk_ids"), np.int64)
     lps = _topk_arrays(sc.column("topk_logprobs"), np.float32)
-    return RoundRows(samples, rows, Targets.from_lists(ids, lps))
+    if not spec.cfg.train.needs_token_logprobs:
+        return RoundRows(samples, rows, Targets.from_lists(ids, lps))
+    teacher = _token_arrays(sc.column("teacher_token_logprobs"), ids)
+    generator = _token_arrays(s.take(at).column("token_logprobs"), ids)
+    return RoundRows(samples, rows, Targets.from_lists(ids, lps, teacher, generator))
+
+
+def _token_arrays(col: pa.ChunkedArray, like: list[np.ndarray]) -> list[np.ndarray]:
+    """list<float> column → one (positions,) float32 array per row, as long as ``like``'s; NaN
+    where a row has none (a sequence without a generator: data.mix)."""
+    return [
+        np.full(len(n), np.nan, np.float32) if x is None else np.asarray(x, np.float32)
+        for x, n in zip(col.to_pylist(), like, strict=True)
+    ]
 
 
 def _sample_keys(table: pa.Table) -> list[tuple[str, int]]:
