@@ -22,6 +22,7 @@ def test_prefect_ui_is_told_its_own_api_url_and_the_printed_one_is_the_same(tmp_
     assert prefect.argv[-4:] == ["--host", "127.0.0.1", "--port", "4311"]
     assert (prefect.url, mlflow.url) == ("http://127.0.0.1:4311", "http://127.0.0.1:5311")
     assert mlflow.argv[mlflow.argv.index("--port") + 1] == "5311"
+    assert mlflow.env == {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
 @pytest.mark.parametrize("taken", ["--port", "--mlflow-port"])
