@@ -31,17 +31,16 @@ import torch
 
 from npd_core import iotime
 from npd_core.backends import vllm as vllm_backend
-from npd_core.config import NPDConfig
 from npd_core.data import Prompt, read_prompts, round_prompts
 from npd_core.errors import TrainingError, WorkerError
 from npd_core.method.attention import packed_attention
 from npd_core.method.batching import memory_budget
 from npd_core.method.evaluate import exact_match, greedy_decoded, teacher_loglik
 from npd_core.method.filter import apply_filter, dropped_kl_share
-from npd_core.method.generate import Generation, apply_stop_strings, generate
+from npd_core.method.generate import apply_stop_strings
 from npd_core.method.ifd import delta_ifd, log_ifd
 from npd_core.method.packing import Sample, packed_rows
-from npd_core.method.score import Scores, TopK, score
+from npd_core.method.score import TopK
 from npd_core.method.train import Targets
 from npd_core.models import (
     encode_prompts,
@@ -51,15 +50,16 @@ from npd_core.models import (
     load_tokenizer,
     prompt_texts,
     use_bf16,
-    view_prefix,
 )
 from npd_core.pipeline import retention
+from npd_core.pipeline.engines import Progress, generate_with, score_with
 from npd_core.pipeline.learner import (
     RoundRows,
     learn_on_ranks,
     learn_round,
     record_checkpoint,
 )
+from npd_core.pipeline.mix import fixed_sequences, mixed_in
 from npd_core.pipeline.results import (
     EvaluateMetrics,
     FilterMetrics,
@@ -75,7 +75,6 @@ from npd_core.pipeline.spec import RunSpec, generator_round, rel_path
 from npd_core.seeds import seed_for
 from npd_core.store import Shard, table_from_rows
 
-Progress = Callable[[int], None] | None
 SAMPLE_KEY = ["prompt_id", "sample_idx"]
 
 
@@ -109,49 +108,7 @@ def _threads(spec: RunSpec) -> None:
     torch.set_num_threads(spec.stage_threads())
 
 
-def _engine_times(times: vllm_backend.EngineTimes, prefix: str = "") -> dict[str, float]:
-    """How long vLLM took to start, or to load the round's snapshot, as stage metrics."""
-    return {f"{prefix}engine_start_s": times.start_s, f"{prefix}engine_refresh_s": times.refresh_s}
-
-
 # ---------------------------------------------------------------- generate
-def _generate_with(
-    backend: str,
-    ckpt: str,
-    tok: Any,
-    ids: list[list[int]],
-    seeds: list[list[int]],
-    cfg: NPDConfig,
-    progress: Progress,
-) -> tuple[list[list[Generation]], dict[str, float]]:
-    """Sample with the HF or the vLLM engine: the generations and vLLM's engine timings."""
-    g = cfg.generate
-    sampling = dict(
-        n_per_prompt=g.n_per_prompt,
-        max_new_tokens=g.max_new_tokens,
-        eos_ids={tok.eos_token_id},
-        temperature=g.temperature,
-        top_p=g.top_p,
-        seeds=seeds,
-        progress=progress,
-    )
-    if backend == "vllm":
-        opts = vllm_backend.EngineOptions.of(cfg)
-        gens, times = vllm_backend.generate(ckpt, ids, options=opts, **sampling)
-        return gens, _engine_times(times)
-    model = load_model(ckpt, frozen_dtype(cfg.models.frozen_dtype))
-    gens = generate(
-        model,
-        ids,
-        pad_id=tok.pad_token_id,
-        batch_size=g.batch_size,
-        bf16=use_bf16(cfg.models.bf16),
-        memory=memory_budget(g.memory_gb, model.device),
-        **sampling,
-    )
-    return gens, {}
-
-
 def generate_stage(
     spec: RunSpec,
     r: int,
@@ -180,7 +137,7 @@ def generate_stage(
             for p in prompts
         ]
         backend = vllm_backend.resolve(g.backend, "generate.backend")
-        gens, engine = _generate_with(backend, ckpt, tok, ids, seeds, cfg, progress)
+        gens, engine = generate_with(backend, ckpt, tok, ids, seeds, cfg, progress)
         now = _now()
         rows = []
         for p, ptext, pid, outs, p_seeds in zip(prompts, texts, ids, gens, seeds, strict=True):
@@ -214,6 +171,7 @@ def generate_stage(
                         **prov,
                     )
                 )
+        mixed_in(rows, fixed_sequences(spec, r, prompts, ids, tok, g.n_per_prompt))
         table = table_from_rows("samples", rows)
         _write(spec, r, "generate", shard, table)
         return _table_digest(table), GenerateMetrics(
@@ -228,49 +186,6 @@ def generate_stage(
 
 
 # ---------------------------------------------------------------- score
-def _score_with(
-    backend: str,
-    model_dir: str,
-    role: str,
-    prompts: list[list[int]],
-    resps: list[list[int]],
-    top_k: int | None,
-    cfg: NPDConfig,
-    progress: Progress,
-    targets: TopK | None = None,
-    kernel: str | None = None,
-) -> tuple[Scores, dict[str, float]]:
-    """Score with the HF or the vLLM engine: the scores and vLLM's engine timings. The
-    prompt-less view only when the filter needs it; the KL to ``targets`` and the packed
-    attention ``kernel`` (the run's recorded choice; None = the model's own) with HF only."""
-    f = cfg.filter
-    view = None
-    if f.needs_views:
-        view = view_prefix(load_tokenizer(model_dir), f.view, f.view_text, cfg.data.chat_template)
-    if backend == "vllm":
-        opts = vllm_backend.EngineOptions.of(cfg)
-        res, times = vllm_backend.score(
-            model_dir, role, prompts, resps, view=view, top_k=top_k, options=opts, progress=progress
-        )
-        return res, _engine_times(times, f"{role}_")
-    model = load_model(model_dir, frozen_dtype(cfg.models.frozen_dtype))
-    with packed_attention(model, kernel):
-        res = score(
-            model,
-            prompts,
-            resps,
-            view=view,
-            top_k=top_k,
-            batch_tokens=cfg.score.batch_tokens,
-            bf16=use_bf16(cfg.models.bf16),
-            targets=targets,
-            memory=memory_budget(cfg.score.memory_gb, model.device),
-            stage=f"score ({role})",
-            progress=progress,
-        )
-    return res, {}
-
-
 def _nulls(x: np.ndarray | None, i: int) -> float | None:
     return None if x is None else x[i]
 
@@ -294,7 +209,7 @@ def score_stage(
         resps = s.column("response_token_ids").to_pylist()
         knob = "score.backend" if cfg.score.backend else "generate.backend"
         backend = vllm_backend.resolve(cfg.score.backend or cfg.generate.backend, knob)
-        t, t_engine = _score_with(
+        t, t_engine = score_with(
             backend,
             spec.teacher,
             "teacher",
@@ -311,7 +226,7 @@ def score_stage(
         if cfg.filter.needs_views:
             student_dir = spec.checkpoint(generator_round(r, cfg.staleness))
             top = TopK(t.topk_ids, t.topk_logprobs)
-            st, s_engine = _score_with(
+            st, s_engine = score_with(
                 backend,
                 student_dir,
                 "student",

@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 import pytest
 
 from npd_core.config import NPDConfig
-from npd_core.pipeline import learner, stages
+from npd_core.pipeline import engines, learner
 from npd_core.pipeline.spec import RunSpec
 from npd_core.pipeline.stages import (
     filter_stage,
@@ -227,13 +227,13 @@ def test_score_and_train_run_with_the_kernels_recorded_in_the_spec(scored, monke
     """Each stage takes its role's kernel from the spec (a retry reads the same spec); a spec
     without a choice trains with the fixed sdpa_varlen; every kernel gives the same numbers."""
     seen = []
-    real = stages.packed_attention
+    real = engines.packed_attention
 
     def spy(model, name):
         seen.append(name)
         return real(model, name)
 
-    monkeypatch.setattr(stages, "packed_attention", spy)
+    monkeypatch.setattr(engines, "packed_attention", spy)  # score's engine
     before = scored.store.read_stage("r", 1, "score", "scores")
     spec = dataclasses.replace(
         scored, attention={"train": "sdpa", "score_teacher": "sdpa_varlen", "score_student": "sdpa"}
