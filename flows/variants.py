@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from npd_core.bench import sizing
+from npd_core.bench.ablations import ablations
 from npd_core.bench.clock import StageTimes, npd_curve
 from npd_core.bench.harness import NPD_BENCH, SLACK, Hyper, VariantResult
 from npd_core.config import NPDConfig, merge
@@ -25,8 +26,6 @@ from npd_core.errors import ConfigError
 from npd_core.pipeline.spec import RunSpec
 
 MAIN = ("npd", "sft", "onpolicy")
-FILTER_RULES = ("none", "band", "fence")  # the ablations' rules: the filter study's confirm set
-STEP_FACTORS = (0.5, 2.0)  # the steps-per-round ablations: half and twice the default's steps
 PEERS = {"trl": "flows.peers:trl_variant"}  # --peers name → "module:function" returning a Variant
 
 
@@ -205,47 +204,14 @@ def _baseline_result(spec: RunSpec, res: dict[str, Any], extra: dict[str, Any]) 
 # ---------------------------------------------------------------- the registry
 def variants(cfg: NPDConfig) -> dict[str, Variant]:
     """The built-in variants: the three main ones, then NPD's ablations."""
-    ablations = {
-        **filter_ablations(cfg),
-        "staleness-0": {"staleness": 0},
-        "staleness-2": {"staleness": 2},
-        **{f"steps-x{f:g}": _scaled_steps(cfg, f) for f in STEP_FACTORS},
-    }
     out = {
         "npd": Variant("npd", "npd", run_npd, main=True),
         "sft": Variant("sft", "sft", run_sft, main=True),
         "onpolicy": Variant("onpolicy", "onpolicy", run_onpolicy, main=True),
     }
-    for name, over in ablations.items():
+    for name, over in ablations(cfg).items():
         out[name] = Variant(name, "npd", partial(run_npd, name=name, overrides=over))
     return out
-
-
-def filter_ablations(cfg: NPDConfig) -> dict[str, dict[str, Any]]:
-    """The filter settings the config does not use: each of ``FILTER_RULES`` but its own rule,
-    and the other choice of ``drop_unfinished`` (the filter study's default is rule ``none``
-    keeping unfinished samples, so by default these are band, fence and drop-unfinished)."""
-    out: dict[str, dict[str, Any]] = {
-        f"filter-{rule}": {"filter": {"rule": rule}}
-        for rule in FILTER_RULES
-        if rule != cfg.filter.rule
-    }
-    flip = not cfg.filter.drop_unfinished
-    out["drop-unfinished" if flip else "keep-unfinished"] = {"filter": {"drop_unfinished": flip}}
-    return out
-
-
-def _scaled_steps(cfg: NPDConfig, factor: float) -> dict[str, Any]:
-    """A round of ``factor`` × the default's optimizer steps: a round takes
-    min(steps_per_round, epochs_per_round × its rows ÷ rows_per_step) steps, so both bounds
-    scale (on the toy the epoch bound is the one that binds)."""
-    t = cfg.train
-    return {
-        "train": {
-            "steps_per_round": max(1, round(t.steps_per_round * factor)),
-            "epochs_per_round": t.epochs_per_round * factor,
-        }
-    }
 
 
 def peer_variant(name: str) -> Variant:

@@ -1,0 +1,49 @@
+"""NPD's ablations in ``npd bench``: each a name and the config it changes (the rest of the run
+is the ``npd`` variant's, with NPD's searched hyperparameters)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from npd_core.config import NPDConfig
+
+FILTER_RULES = ("none", "band", "fence")  # the ablations' rules: the filter study's confirm set
+STEP_FACTORS = (0.5, 2.0)  # the steps-per-round ablations: half and twice the default's steps
+
+
+def ablations(cfg: NPDConfig) -> dict[str, dict[str, Any]]:
+    """Name → config overrides: the filter settings ``cfg`` does not use, staleness 0 and 2,
+    and rounds of half and twice its optimizer steps."""
+    return {
+        **filter_ablations(cfg),
+        "staleness-0": {"staleness": 0},
+        "staleness-2": {"staleness": 2},
+        **{f"steps-x{f:g}": _scaled_steps(cfg, f) for f in STEP_FACTORS},
+    }
+
+
+def filter_ablations(cfg: NPDConfig) -> dict[str, dict[str, Any]]:
+    """The filter settings the config does not use: each of ``FILTER_RULES`` but its own rule,
+    and the other choice of ``drop_unfinished`` (the filter study's default is rule ``none``
+    keeping unfinished samples, so by default these are band, fence and drop-unfinished)."""
+    out: dict[str, dict[str, Any]] = {
+        f"filter-{rule}": {"filter": {"rule": rule}}
+        for rule in FILTER_RULES
+        if rule != cfg.filter.rule
+    }
+    flip = not cfg.filter.drop_unfinished
+    out["drop-unfinished" if flip else "keep-unfinished"] = {"filter": {"drop_unfinished": flip}}
+    return out
+
+
+def _scaled_steps(cfg: NPDConfig, factor: float) -> dict[str, Any]:
+    """A round of ``factor`` × the default's optimizer steps: a round takes
+    min(steps_per_round, epochs_per_round × its rows ÷ rows_per_step) steps, so both bounds
+    scale (on the toy the epoch bound is the one that binds)."""
+    t = cfg.train
+    return {
+        "train": {
+            "steps_per_round": max(1, round(t.steps_per_round * factor)),
+            "epochs_per_round": t.epochs_per_round * factor,
+        }
+    }

@@ -1,0 +1,35 @@
+"""NPD's ablations are the settings the config does not use, and rounds of half and twice its
+optimizer steps."""
+
+from __future__ import annotations
+
+from npd_core.bench.ablations import ablations
+from npd_core.config import NPDConfig
+
+
+def test_ablations_of_the_default_config():
+    cfg = NPDConfig.model_validate({"train": {"steps_per_round": 40, "epochs_per_round": 2.0}})
+    a = ablations(cfg)
+    assert list(a) == [
+        "filter-band", "filter-fence", "drop-unfinished", "staleness-0", "staleness-2",
+        "steps-x0.5", "steps-x2",
+    ]  # fmt: skip
+    assert a["filter-band"] == {"filter": {"rule": "band"}}
+    assert a["drop-unfinished"] == {"filter": {"drop_unfinished": True}}
+    assert a["steps-x0.5"] == {"train": {"steps_per_round": 20, "epochs_per_round": 1.0}}
+    assert a["steps-x2"] == {"train": {"steps_per_round": 80, "epochs_per_round": 4.0}}
+
+
+def test_a_config_with_a_filter_ablates_towards_the_others():
+    cfg = NPDConfig.model_validate({"filter": {"rule": "band", "drop_unfinished": True}})
+    a = ablations(cfg)
+    assert [n for n in a if n.startswith(("filter", "drop", "keep"))] == [
+        "filter-none", "filter-fence", "keep-unfinished",
+    ]  # fmt: skip
+    assert a["keep-unfinished"] == {"filter": {"drop_unfinished": False}}
+    assert (
+        ablations(NPDConfig.model_validate({"train": {"steps_per_round": 1}}))["steps-x0.5"][
+            "train"
+        ]["steps_per_round"]
+        == 1
+    )  # never below one step
