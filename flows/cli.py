@@ -226,7 +226,7 @@ def demo(
     overrides: OverridesArg = None,
 ) -> None:
     """Build (or reuse) an embedded world and distill its student for a few rounds
-    (``key=value`` pairs override the config, e.g. ``npd demo train.lr=2e-3``)."""
+    (key=value pairs override the config: npd demo train.lr=2e-3)."""
     from npd_core.config import load_config
 
     cfg = load_config(config, parse_overrides(overrides or [], rounds=rounds))
@@ -254,8 +254,8 @@ def run(
     as_json: JsonOpt = False,
 ) -> None:
     """Distill a teacher/student pair (HF folders or GGUF files) on your prompts (JSONL, Parquet
-    or a datasets folder; plain or conversational), as the config says; ``key=value`` pairs
-    override it (``npd run run.yaml train.lr=2e-5 rounds=5``)."""
+    or a datasets folder; plain or conversational), as the config says; key=value pairs
+    override it: npd run run.yaml train.lr=2e-5 rounds=5."""
     from npd_core.config import load_config
 
     # before torch and transformers load: a bad config fails fast
