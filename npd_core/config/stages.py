@@ -30,6 +30,23 @@ class ModelsConfig(Section):
     )
 
 
+class MixConfig(Section):
+    fraction: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="share of each round's training sequences taken from the fixed source "
+        "instead of the student (GKD's 1 − λ); 0 = every sequence the student's own sample",
+    )
+    source: Literal["teacher", "reference"] = Field(
+        "teacher",
+        description="teacher = the teacher's own sample of the prompt (temperature 1, one seed "
+        "per prompt and sample index, decoded once and reused by later rounds); reference = "
+        "the prompt's reference answer; either scored by the teacher and trained with the same "
+        "loss (stored with samples.source)",
+    )
+
+
 class DataConfig(Section):
     prompts: str | None = Field(
         None,
@@ -76,6 +93,10 @@ class DataConfig(Section):
         2048, ge=1, le=10_000_000, description="prompts sampled per round"
     )
     eval_size: int | None = Field(None, ge=1, description="held-out prompts evaluated; none = all")
+    mix: MixConfig = Field(
+        default_factory=MixConfig,
+        description="mixed data (GKD's λ): a share of each round's sequences from a fixed source",
+    )
 
     def reader_options(self) -> dict[str, Any]:
         """The keyword arguments of ``data.read_prompts`` this section sets."""
@@ -134,9 +155,28 @@ class ScoreConfig(Section):
 class FilterConfig(Section):
     rule: Literal["band", "fence", "upper", "lower", "none"] = Field(
         "none",
-        description="Δ-IFD rule: none (keep every well-formed sample; the default, since no "
-        "rule beat it in the filter study: docs/results), band (quantiles), fence "
+        description="rule on filter.score: none (keep every well-formed sample; the default, "
+        "since no rule beat it in the filter study: docs/results), band (quantiles), fence "
         "(median ± k·MAD), upper / lower (one tail of the band)",
+    )
+    score: Literal["delta_ifd", "conditional", "teacher_nll", "learner_ratio"] = Field(
+        "delta_ifd",
+        description="what the rule reads, and its bad tail: delta_ifd (IFD_teacher − "
+        "IFD_student; high), conditional (mean NLL_teacher(y|x) − mean NLL_generator(y|x), no "
+        "prompt-less views; high), teacher_nll (the teacher's mean NLL of the response; high), "
+        "learner_ratio (mean per-token log p_learner − log p_generator, the sample's staleness; "
+        "both tails; applied in each train step, fixed-source rows exempt)",
+    )
+    ifd_form: Literal["log_ratio", "ratio"] = Field(
+        "log_ratio",
+        description="delta_ifd: log IFD = mean NLL(y|x) − mean NLL(y), or Cherry-LLM's ratio "
+        "IFD = mean NLL(y|x) ÷ mean NLL(y)",
+    )
+    ratio_clip: float | None = Field(
+        None,
+        gt=0.0,
+        description="learner_ratio: weight a kept sample min(ratio_clip, exp(ratio)) "
+        "(V-trace-style truncation); none = weight 1",
     )
     q_low: float = Field(0.05, ge=0.0, le=1.0, description="band/lower: lower quantile kept")
     q_high: float = Field(0.90, ge=0.0, le=1.0, description="band/upper: upper quantile kept")
@@ -189,7 +229,7 @@ class FilterConfig(Section):
     @property
     def needs_views(self) -> bool:
         """Whether scoring computes the prompt-less views and the student's scores."""
-        return self.rule != "none" or self.compute_delta_ifd
+        return (self.rule != "none" and self.score == "delta_ifd") or self.compute_delta_ifd
 
 
 class PackConfig(Section):

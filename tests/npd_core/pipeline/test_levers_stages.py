@@ -1,17 +1,23 @@
-"""The stages behind the sampled-token loss, without Prefect: with ``train.loss:
+"""The stages behind the on-policy levers, without Prefect: with ``train.loss:
 sampled_reverse_kl`` the generate stage stores the generator's log-prob of each sampled token
 and the score stage the teacher's, each summing to the row's stored sum; the train stage trains
-on them; by default neither is stored (the tables of a default run are as before)."""
+on them; by default neither is stored (the tables of a default run are as before). Mixed data
+(``data.mix``): the fixed source's sequences in the student's stead, told apart by source."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 import pytest
 
 from npd_core.config import NPDConfig
-from npd_core.pipeline.spec import RunSpec
+from npd_core.data import read_prompts
+from npd_core.models import encode_prompts, load_tokenizer, prompt_texts
+from npd_core.pipeline import mix
+from npd_core.pipeline.mix import is_mixed
+from npd_core.pipeline.spec import RunSpec, rel_path
 from npd_core.pipeline.stages import (
     filter_stage,
     generate_stage,
@@ -79,3 +85,74 @@ def test_a_default_run_stores_no_per_token_log_probs(tmp_path, tiny_world):
     assert spec.store.query(q).to_pylist() == [
         {"n": 8, "gen": 0, "teacher": 0, "source": "student"}
     ]
+
+
+def test_is_mixed_takes_the_fraction_by_a_seeded_coin_per_sample():
+    cfg = NPDConfig.model_validate({"data": {"mix": {"fraction": 0.3}}})
+    picks = [is_mixed(cfg, 1, f"p{i}", k) for i in range(2000) for k in range(2)]
+    assert 0.27 < np.mean(picks) < 0.33
+    assert picks == [is_mixed(cfg, 1, f"p{i}", k) for i in range(2000) for k in range(2)]
+    assert picks != [is_mixed(cfg, 2, f"p{i}", k) for i in range(2000) for k in range(2)]
+    assert not any(is_mixed(NPDConfig(), 1, f"p{i}", 0) for i in range(100))
+
+
+@pytest.mark.parametrize("source", ["teacher", "reference"])
+def test_mixed_sequences_come_from_the_fixed_source_and_train(
+    tmp_path, tiny_world, source, monkeypatch
+):
+    """data.mix 0.5: about half the round's sequences are the teacher's T = 1 samples (the same
+    in round 2, taken from round 1's rows) or the reference answers, told apart by source in
+    SQL, scored by the teacher, without generator log-probs, and trained with the rest."""
+    spec = _round(tmp_path, tiny_world, loss="sampled_reverse_kl")
+    mix = {"mix": {"fraction": 0.5, "source": source}}
+    config = NPDConfig.model_validate({**spec.config, "data": {**spec.config["data"], **mix}})
+    spec = dataclasses.replace(spec, config=config.model_dump(mode="json"))
+    for stage in (generate_stage, score_stage, filter_stage, pack_stage):
+        stage(spec, 1, PROV)
+    q = """SELECT g.source, count(*) AS n, count(g.token_logprobs) AS gen,
+                  count(s.teacher_token_logprobs) AS scored
+           FROM samples AS g JOIN scores AS s USING (run_id, round, prompt_id, sample_idx)
+           GROUP BY ALL ORDER BY ALL"""
+    rows = spec.store.query(q).to_pylist()
+    assert [x["source"] for x in rows] == sorted(["student", source])
+    mixed = next(x for x in rows if x["source"] == source)
+    assert mixed["gen"] == 0 and mixed["scored"] == mixed["n"] and 0 < mixed["n"] < 8
+    prompts = {p.id: p for p in read_prompts(spec.train_prompts)}
+    out = spec.store.query(
+        "SELECT prompt_id, sample_idx, response, response_token_ids, generator_checkpoint "
+        f"FROM samples WHERE source = '{source}'"
+    ).to_pylist()
+    for x in out:
+        if source == "reference":
+            assert x["response"] == prompts[x["prompt_id"]].answer
+        else:
+            assert x["generator_checkpoint"] == rel_path(spec.root, spec.teacher)
+    tr = train_stage(spec, 1, PROV).metrics
+    assert tr.steps == 2 and math.isfinite(tr.mean_loss)
+    if source == "teacher":
+        _round_2_decodes_only_what_round_1_lacks(spec, prompts, out, monkeypatch)
+
+
+def _round_2_decodes_only_what_round_1_lacks(spec, prompts, round_1, monkeypatch):
+    """Round 2's teacher sequences for the prompts and sample indices that round 1 mixed in
+    are round 1's rows, not decoded again; the others are decoded once, with the same seed
+    whichever round asks (so a fresh decode of a round-1 pair gives its row too)."""
+    first = {(x["prompt_id"], x["sample_idx"]): x["response_token_ids"] for x in round_1}
+    tok = load_tokenizer(spec.teacher)
+    ps = [prompts[key[0]] for key in first] + list(prompts.values())[:40]
+    ps = list({p.id: p for p in ps}.values())
+    ids = encode_prompts(tok, prompt_texts(tok, [p.prompt for p in ps], "auto"), "auto")
+    decoded, decode = [], mix.generate
+
+    def counted(model, prompts, **kw):
+        decoded.extend(prompts)
+        return decode(model, prompts, **kw)
+
+    monkeypatch.setattr(mix, "generate", counted)
+    again = mix.fixed_sequences(spec, 2, ps, ids, tok, 2)
+    reused = [key for key in again if key in first]
+    assert all(again[key].token_ids == first[key] for key in reused)
+    assert len(decoded) == len(again) - len(reused) > 0
+    monkeypatch.setattr(mix, "_earlier_teacher_samples", lambda spec, r: {})
+    fresh = mix.fixed_sequences(spec, 1, ps, ids, tok, 2)
+    assert all(fresh[key].token_ids == first[key] for key in first)
