@@ -6,11 +6,14 @@ and reports it as one more curve. TRL's defaults suit large LLMs (bf16, gradient
 lr 1e-6, β = 1 = reverse KL, 512 completion tokens); ``trl_args`` sets every one of them from our
 config instead, so the comparison is of implementations, not of settings:
 
-- loss: TRL offers generalized JSD(β) over the *full* vocabulary; our ``forward_kl`` on the
-  teacher's top-k maps to β = 0, the closest it offers (identical when k ≥ the vocabulary; the
-  toy world's 318 tokens are more than k = 16, where ours matches the renormalized top-16 and
-  TRL the full distribution), ``reverse_kl`` to β = 1, ``jsd`` to our β (same convention);
-  ``ce`` has no TRL twin.
+- loss: TRL 1.16's ``DistillationTrainer`` computes generalized JSD(β) over the *full*
+  vocabulary, per token, always on the student's own samples (λ = 1; ``lmbda`` and
+  ``loss_top_k`` exist only in ``trl.experimental``); :func:`effective_loss` states exactly that
+  in the bench JSON. Our ``forward_kl`` on the teacher's top-k maps to β = 0, the closest it
+  offers (identical when k ≥ the vocabulary; the toy world's 318 tokens are more than k = 16,
+  where ours matches the renormalized top-16 and TRL the full distribution), ``reverse_kl`` to
+  β = 1, ``jsd`` to our β (same convention); ``ce``, ``sampled_reverse_kl`` and per-sequence
+  normalisation have no TRL twin.
 - precision: ``bf16`` as ``models.bf16``. TRL 1.16 samples under accelerate's bf16 autocast, but
   its loss calls the backbones directly, past the autocast wrapper, so on fp32 weights the
   teacher and student forwards of its train step run in fp32 whatever ``bf16`` says.
@@ -86,10 +89,15 @@ def trl_args(
     """TRL's config matching our on-policy settings; also returns the fields we set.
     ``max_steps=None``: no step cap (the clock stops training), horizon calibrated."""
     t, g = cfg.train, cfg.generate
-    if t.loss == "ce":
+    if t.loss not in ("forward_kl", "reverse_kl", "jsd"):
         raise ConfigError(
-            "train.loss: 'ce' has no DistillationTrainer equivalent; use forward_kl, "
+            f"train.loss: {t.loss!r} has no DistillationTrainer equivalent; use forward_kl, "
             "reverse_kl or jsd with --peers trl"
+        )
+    if t.normalize != "token":
+        raise ConfigError(
+            "train.normalize: TRL's DistillationTrainer averages over tokens only; set it to "
+            "token with --peers trl"
         )
     if t.sft_weight:
         raise ConfigError("train.sft_weight: TRL's DistillationTrainer has no sft mix; set it to 0")
@@ -131,7 +139,30 @@ def trl_args(
         min_lr_ratio=t.min_lr_ratio,
         lr_horizon="max_steps" if max_steps else "calibrated as onpolicy's",
     )
-    return args, {**settings, **schedule}
+    return args, {**settings, **schedule, "effective": effective_loss(cfg)}
+
+
+def effective_loss(cfg: NPDConfig) -> dict[str, Any]:
+    """What TRL 1.16's DistillationTrainer optimises under our config, stated for readers of the
+    bench JSON beside ours: JSD(β) over the full vocabulary per completion token, on λ = 1 (every
+    sequence the current student's own sample; no teacher or reference mix), against our loss on
+    the teacher's stored top-k of near-policy samples."""
+    t = cfg.train
+    return {
+        "loss": "generalized_jsd",  # β = 0 forward KL, β = 1 reverse KL
+        "beta": LOSS_BETA.get(t.loss, t.beta),
+        "lmbda": 1.0,  # fraction of on-policy (student-sampled) sequences
+        "vocabulary_coverage": "full",
+        "normalize": "token",
+        "ours": {
+            "loss": t.loss,
+            "beta": t.beta if t.loss == "jsd" else LOSS_BETA.get(t.loss),
+            "lmbda": 1.0 - cfg.data.mix.fraction,
+            "vocabulary_coverage": f"teacher top-{cfg.score.top_k}"
+            + (" + rest bucket" if t.rest_mass else ""),
+            "normalize": t.normalize,
+        },
+    }
 
 
 @dataclass

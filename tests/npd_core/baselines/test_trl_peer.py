@@ -161,3 +161,40 @@ def test_lr_horizon_is_fixed_after_calibration_as_onpolicy_fixes_it():
     clock.train_s = 30.0
     clock.on_step_end(None, TrainerState(global_step=6), control, opt, lambda_lr)
     assert control.should_training_stop and sched.horizon == 15
+
+
+@pytest.mark.peers
+@needs_trl
+def test_the_bench_json_states_what_trl_optimises_beside_ours(tmp_path):
+    """variants.trl.settings.effective: TRL 1.16's JSD(β) over the full vocabulary, per token,
+    λ = 1, beside our loss, β, λ (1 − data.mix.fraction) and the teacher's top-k; the losses
+    and normalisation TRL has no twin of are refused in one line."""
+    from npd_core.baselines.peers.trl_peer import trl_args
+
+    over = {
+        "train": {"loss": "jsd", "beta": 0.3, "rest_mass": True},
+        "data": {"mix": {"fraction": 0.25}},
+    }
+    cfg = NPDConfig.model_validate(over)
+    _, settings = trl_args(cfg, prompts_per_step=4, max_steps=2, output_dir=str(tmp_path))
+    assert settings["effective"] == {
+        "loss": "generalized_jsd",
+        "beta": 0.3,
+        "lmbda": 1.0,
+        "vocabulary_coverage": "full",
+        "normalize": "token",
+        "ours": {
+            "loss": "jsd",
+            "beta": 0.3,
+            "lmbda": 0.75,
+            "vocabulary_coverage": "teacher top-16 + rest bucket",
+            "normalize": "token",
+        },
+    }
+    for train, field in (
+        ({"loss": "sampled_reverse_kl"}, "train.loss"),
+        ({"normalize": "sequence"}, "train.normalize"),
+    ):
+        cfg = NPDConfig.model_validate({"train": train})
+        with pytest.raises(ConfigError, match=field):
+            trl_args(cfg, prompts_per_step=4, max_steps=2, output_dir=str(tmp_path))
