@@ -2,8 +2,8 @@
 together on Ctrl-C or SIGTERM.
 
 Each service starts in its own session (so its own process group) and is stopped by signalling
-the whole group: ``prefect server start`` runs the API in a child process that outlives a signal
-sent to its own pid only, and the MLflow UI runs its web workers as children too.
+the whole group, so that no process it started (the MLflow UI's uvicorn worker, the workers of a
+Prefect server) outlives it.
 
 Prefect's UI does not learn its API's address from ``--port``: it asks ``/ui-settings``, which
 answers ``PREFECT_UI_API_URL`` (else ``PREFECT_API_URL``, else port 4200). The server is started

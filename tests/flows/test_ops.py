@@ -326,8 +326,8 @@ def test_npd_ui_serves_both_and_ctrl_c_stops_every_process(tmp_path, prefect_api
         assert healthy(f"http://127.0.0.1:{port}/api/health")
         assert healthy(f"http://127.0.0.1:{mlflow_port}/health")
         family = _descendants(ui.pid)
-        # prefect server + its API child, mlflow ui + its uvicorn worker, at least
-        assert len(family) >= 4, family
+        # prefect server (one process in Prefect 3.9), mlflow ui + its uvicorn worker, at least
+        assert len(family) >= 3, family
         ui.send_signal(signal.SIGINT)
         assert ui.wait(timeout=120) == 0
     finally:
