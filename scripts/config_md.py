@@ -75,6 +75,18 @@ def _row(key: str, field: FieldInfo, value: object) -> str:
     return f"| `{key}` | {_default(value)} | {_values(field)} | {text} |"
 
 
+def _rows(prefix: str, section: BaseModel) -> list[str]:
+    """One row per field of ``section``; a nested section's fields as ``prefix.name.field``."""
+    rows = []
+    for key, sub in type(section).model_fields.items():
+        value = getattr(section, key)
+        if isinstance(value, BaseModel):
+            rows += _rows(f"{prefix}.{key}", value)
+        else:
+            rows.append(_row(f"{prefix}.{key}", sub, value))
+    return rows
+
+
 def render() -> str:
     """The whole page, from ``NPDConfig``'s fields in declaration order."""
     cfg = NPDConfig()
@@ -85,10 +97,7 @@ def render() -> str:
         if not isinstance(value, BaseModel):
             top.append(_row(name, field, value))
             continue
-        rows = [
-            _row(f"{name}.{key}", sub, getattr(value, key))
-            for key, sub in type(value).model_fields.items()
-        ]
+        rows = _rows(name, value)
         sections.append(f"## {name}\n\n{head}\n" + "\n".join(rows) + "\n")
     return "\n".join([HEADER, f"## top level\n\n{head}\n" + "\n".join(top) + "\n", *sections])
 
