@@ -5,7 +5,8 @@ Which sequences: sample k of prompt p in round r is mixed in when a seeded coin 
 r, p, k) falls under ``data.mix.fraction``, so the choice is the same for any shard count or
 order. What replaces it: the teacher's sample of (p, k) (``temperature`` 1, no top-p, its own
 seed, independent of the round: the same fixed sequence every round, taken from an earlier
-round's samples when one has it, decoded once otherwise), or the reference answer with EOS.
+round's samples when one has it, decoded once otherwise, with the HF engine whatever
+``generate.backend`` says), or the reference answer with EOS.
 Either is scored by the teacher and trained like any sample; it has no generator, so the
 sampled-token loss skips it (``samples.token_logprobs`` null).
 """
