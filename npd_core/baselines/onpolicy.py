@@ -12,6 +12,7 @@ what NPD adds: no round of samples made ahead, no packing, no overlap of generat
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import torch
 from transformers import PreTrainedModel
@@ -30,19 +31,20 @@ from npd_core.seeds import seed_for
 def teacher_topk(
     teacher: PreTrainedModel, batch: PackedBatch, offsets: list[int], top_k: int, bf16: bool
 ) -> Targets:
-    """The teacher's top-k log-probs at every response position of ``batch``, one forward and
-    the LM head chunk by chunk (``method.score.response_scores``).
+    """The teacher's top-k log-probs and its log-prob of the response token at every response
+    position of ``batch``, one forward and the LM head chunk by chunk
+    (``method.score.response_scores``).
 
     ``batch`` comes from ``collate(..., target_offsets=offsets)``; the table is indexed by its
     ``target_index``, so the student's loss reads the teacher at the same positions.
-    Returns targets of shape (M, k), M = response tokens in the batch.
+    Returns targets of shape (M, k) and (M,), M = response tokens in the batch.
     """
     sc = response_scores(teacher, batch, top_k=top_k, bf16=bf16)
-    values, ids = sc.topk_logprobs.cpu(), sc.topk_ids.cpu()  # (M, k)
+    values, ids, tok_lp = sc.topk_logprobs.cpu(), sc.topk_ids.cpu(), sc.token_logprob.cpu()
     index = batch.target_index[batch.labels != IGNORE_INDEX]  # (M,) row of each position
-    table_ids, table_lp = torch.empty_like(ids), torch.empty_like(values)
-    table_ids[index], table_lp[index] = ids, values
-    return Targets(table_ids, table_lp, offsets)
+    table_ids, table_lp, table_tok = (torch.empty_like(x) for x in (ids, values, tok_lp))
+    table_ids[index], table_lp[index], table_tok[index] = ids, values, tok_lp
+    return Targets(table_ids, table_lp, offsets, teacher_token=table_tok)
 
 
 def onpolicy_segment(
@@ -92,17 +94,20 @@ def onpolicy_segment(
             batch_size=g.batch_size,
             bf16=use_bf16(cfg.models.bf16),
         )
-        samples = [
-            Sample(prompts[i], ids)
+        answers = [
+            (prompts[i], cut)
             for i, outs in zip(idx, gens, strict=True)
             for x in outs
-            if (ids := apply_stop_strings(x, text, cfg.data.stop)[0].token_ids)
+            if (cut := apply_stop_strings(x, text, cfg.data.stop)[0]).token_ids
         ]
+        samples = [Sample(p, cut.token_ids) for p, cut in answers]
         t1 = time.perf_counter()  # 3. the teacher scores them
         offsets = response_offsets(samples)
         rows = [[i] for i in range(len(samples))]  # one sample per row, padded to the longest
         batch = collate(samples, rows, tok.pad_token_id, target_offsets=offsets)
         targets = teacher_topk(teacher, batch, offsets, cfg.score.top_k, use_bf16(cfg.models.bf16))
+        sampled = torch.tensor([lp for _, cut in answers for lp in cut.logprobs])  # (M,)
+        targets = replace(targets, generator_token=sampled)  # sampled_reverse_kl's ratio ≈ 1
         t2 = time.perf_counter()
         lrn.model.train()  # 4. one step on NPD's per-token loss, micro_rows rows a forward
         micro = micro_batches(

@@ -25,7 +25,8 @@ from npd_core.store import Store
 
 
 def test_teacher_topk_equals_the_score_stage(tiny_world):
-    """One padded forward gives the same top-k the scoring stage stores for NPD."""
+    """One padded forward gives the same top-k (and per-token log-probs) the scoring stage
+    stores for NPD."""
     tok = load_tokenizer(tiny_world.teacher)
     teacher = load_model(tiny_world.teacher)
     prompts = [tok("12,34=")["input_ids"], tok("5,77,31=")["input_ids"]]
@@ -49,6 +50,9 @@ def test_teacher_topk_equals_the_score_stage(tiny_world):
         assert torch.equal(got.topk_ids[off : off + n], torch.from_numpy(ref.topk_ids[i]).long())
         np.testing.assert_allclose(
             got.topk_logprobs[off : off + n].numpy(), ref.topk_logprobs[i], atol=1e-5
+        )
+        np.testing.assert_allclose(  # the sampled-token loss's log p_T(y_t)
+            got.teacher_token[off : off + n].numpy(), ref.token_logprobs[i], atol=1e-5
         )
 
 
@@ -174,3 +178,26 @@ def test_onpolicy_steps_forward_micro_rows_at_a_time(spec, monkeypatch):
     (rows,) = seen
     assert res.metrics["steps"] == 1 and np.isfinite(res.metrics["log"][0]["loss"])
     assert len(rows) == -(-sum(rows) // 3) and max(rows) <= 3 and max(rows) - min(rows) <= 1
+
+
+def test_onpolicy_trains_the_sampled_token_loss_on_its_own_samples(spec, monkeypatch):
+    """``train.loss: sampled_reverse_kl`` on-policy: the generator is the current student, so
+    the targets carry its sampling log-probs beside the teacher's, and the step trains."""
+    config = {**spec.config, "train": {**spec.config["train"], "loss": "sampled_reverse_kl"}}
+    clock = StepClock()
+    for module in (onpolicy, budget):
+        monkeypatch.setattr(module, "time", clock)
+    seen = []
+
+    def step(model, optimizer, micro, targets, *args, **kw):
+        seen.append(targets)
+        clock.now += 1.0  # one step ends the segment
+        return optimizer_step(model, optimizer, micro, targets, *args, **kw)
+
+    monkeypatch.setattr(onpolicy, "optimizer_step", step)
+    res = onpolicy_segment(replace(spec, config=config), 1, 0.5, 1.0, prompts_per_step=4)
+    (targets,) = seen
+    assert res.metrics["steps"] == 1 and np.isfinite(res.metrics["log"][0]["loss"])
+    gen, teacher = targets.generator_token, targets.teacher_token
+    assert gen.shape == teacher.shape == (len(targets.topk_ids),)
+    assert torch.isfinite(gen).all() and (gen <= 0).all() and (teacher <= 0).all()
