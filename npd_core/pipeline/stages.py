@@ -36,7 +36,7 @@ from npd_core.errors import TrainingError, WorkerError
 from npd_core.method.attention import packed_attention
 from npd_core.method.batching import memory_budget
 from npd_core.method.evaluate import exact_match, greedy_decoded, teacher_loglik
-from npd_core.method.filter import apply_filter, dropped_kl_share
+from npd_core.method.filter import ScoreColumns, apply_filter, dropped_kl_share, sample_scores
 from npd_core.method.generate import apply_stop_strings
 from npd_core.method.ifd import delta_ifd, log_ifd
 from npd_core.method.packing import Sample, packed_rows
@@ -330,12 +330,26 @@ def filter_stage(spec: RunSpec, r: int, prov: dict[str, str]) -> StageResult[Fil
         s = store.read_stage(spec.run_id, r, "generate", "samples")
         sc = store.read_stage(spec.run_id, r, "score", "scores")
         delta = _column(sc, "delta_ifd")
-        res = apply_filter(
+        teacher = sc.column("teacher_logprob_sum").to_numpy(zero_copy_only=False)
+        tokens = s.column("response_tokens").to_numpy()
+        cols = ScoreColumns(
+            tokens,
+            teacher,
+            _column(s, "sample_logprob_sum"),
             delta,
-            sc.column("teacher_logprob_sum").to_numpy(zero_copy_only=False),
-            s.column("response_tokens").to_numpy(),
+            _column(sc, "teacher_resp_logprob_sum"),
+            _column(sc, "student_logprob_sum"),
+            _column(sc, "student_resp_logprob_sum"),
+        )
+        src = s.column("source").to_pylist() if "source" in s.schema.names else [None] * len(s)
+        fixed = np.array([x not in (None, "student") for x in src], dtype=bool)
+        res = apply_filter(
+            sample_scores(cols, cfg.filter),
+            teacher,
+            tokens,
             s.column("finished").to_numpy(zero_copy_only=False),
             cfg.filter,
+            exempt=fixed if cfg.filter.score in ("conditional", "learner_ratio") else None,
         )
         now = _now()
         params = json.dumps(res.params, sort_keys=True)

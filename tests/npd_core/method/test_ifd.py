@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from npd_core.method.ifd import delta_ifd, log_ifd
+from npd_core.method.ifd import conditional, delta_ifd, log_ifd, ratio_ifd, teacher_nll
 from npd_core.method.score import TopK, score
 
 
@@ -104,3 +104,13 @@ def test_multi_token_view_and_kl_to_targets():
             kl += float((p_t * (np.log(p_t) - logp[ctx, ids[i][t]].numpy())).sum())
         assert math.isclose(s.forward_kl_sum[i], kl, abs_tol=1e-5)
     assert s.topk_ids is None
+
+
+def test_cherry_ratio_conditional_and_teacher_nll_hand_computed():
+    # the response above: mean NLL(y|x) = 0.75, mean NLL(y) = 1.75 → Cherry's IFD = 0.75 / 1.75
+    got = ratio_ifd(np.array([-1.5]), np.array([-3.5]), np.array([2]))
+    assert math.isclose(got[0], 0.75 / 1.75)
+    assert np.isnan(ratio_ifd(np.array([0.0]), np.array([0.0]), np.array([0])))[0]
+    # teacher Σ = −4, generator Σ = −1 over 2 tokens: L_c^T − L_c^S = 2 − 0.5
+    assert conditional(np.array([-4.0]), np.array([-1.0]), np.array([2]))[0] == 1.5
+    assert teacher_nll(np.array([-4.0]), np.array([2]))[0] == 2.0

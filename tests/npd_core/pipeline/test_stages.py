@@ -116,7 +116,13 @@ def test_filter_records_a_reason_for_every_dropped_row(scored):
     assert res.metrics.dropped_kl_share == pytest.approx(kl[~kept].sum() / kl.sum())
     assert {x["rule"] for x in f} == {"band"}
     assert json.loads(f[0]["rule_params"]) == dict(
-        q_low=0.05, q_high=0.9, abs_low=None, abs_high=None, drop_unfinished=False
+        q_low=0.05,
+        q_high=0.9,
+        abs_low=None,
+        abs_high=None,
+        score="delta_ifd",
+        ifd_form="log_ratio",
+        drop_unfinished=False,
     )
     assert len(f) == len(sc) == 32
     assert all((x["filter_reason"] is None) == x["kept"] for x in f)
@@ -157,6 +163,28 @@ def test_scoring_pays_only_for_what_the_rule_uses(scored):
     empty = {(x["prompt_id"], x["sample_idx"]) for x in samples if x["response_tokens"] == 0}
     assert all(x["kept"] == ((x["prompt_id"], x["sample_idx"]) not in empty) for x in f)
     assert {(x["rule"], x["rule_params"]) for x in f} == {("none", '{"drop_unfinished": false}')}
+
+
+def test_conditional_score_needs_no_view(scored):
+    """``filter.score: conditional``: one scored view (no student pass), and the rule's bound is
+    the quantile of L_c^T − L_c^S from the teacher's stored sum and the generator's own."""
+    cfg = {"rule": "upper", "score": "conditional", "q_high": 0.75, "drop_unfinished": False}
+    spec = _with(scored, filter=cfg)
+    try:
+        res = score_stage(spec, 1, PROV)
+        flt = filter_stage(spec, 1, PROV)
+        t = spec.store.read_stage("r", 1, "score", "scores")
+    finally:
+        score_stage(scored, 1, PROV)
+        filter_stage(scored, 1, PROV)
+    s = spec.store.read_stage("r", 1, "generate", "samples")
+    n = np.array(s.column("response_tokens").to_pylist(), dtype=float)
+    gen = np.array(s.column("sample_logprob_sum").to_pylist(), dtype=float)
+    teacher = np.array(t.column("teacher_logprob_sum").to_pylist(), dtype=float)
+    cond = (gen - teacher)[n > 0] / n[n > 0]
+    assert res.metrics.views == 1 and t.column("delta_ifd").null_count == 32
+    assert flt.metrics.band_high == pytest.approx(np.quantile(cond, 0.75))
+    assert flt.metrics.n_kept == int((cond <= np.quantile(cond, 0.75)).sum())
 
 
 @pytest.mark.parametrize("overlong", ["truncate", "drop"])
