@@ -140,6 +140,19 @@ def test_micro_batches_on_ranks_train_the_one_forward_round(run):
         assert _gap(_weights(spec, 1), w1) <= tolerance, strategy
 
 
+def test_per_sequence_normalisation_on_ranks_trains_the_one_process_round(run):
+    """``train.normalize: sequence``: the step's sequences are counted over both ranks and
+    every micro-batch before any backward, so 2 DDP ranks forwarding one row at a time train
+    the 1-process round's θ_1 (within 1e-5)."""
+    per_sequence = {**TRAIN, "normalize": "sequence"}
+    one = _on(run, 1, train=per_sequence)
+    stages.train_stage(one, 1, PROV)
+    w1 = _weights(one, 1)
+    spec = _on(run, 2, "ddp", train={**per_sequence, "micro_rows": 1})
+    assert stages.train_stage(spec, 1, PROV).metrics.steps == 10
+    assert _gap(_weights(spec, 1), w1) <= 1e-5
+
+
 def test_scale_bench_trains_on_one_and_two_ranks(run, tmp_path):
     """`npd bench scale`'s learner half (npd_core/bench/scale.py) on a copy of the run, on the
     module's ranks (kept: no start to pay, so 0 s): N = 2 gives N = 1's weights within 1e-5,
