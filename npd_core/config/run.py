@@ -25,6 +25,15 @@ from npd_core.metric_names import METRIC_NAMES, PYTHON_METRIC
 from npd_core.threads import stage_threads
 
 
+def _known_metric(value: str) -> str:
+    if value not in METRIC_NAMES and not PYTHON_METRIC.fullmatch(value):
+        raise ValueError(
+            f"unknown metric {value!r}; choose from {', '.join(METRIC_NAMES)} or "
+            "python:module:function"
+        )
+    return value
+
+
 class EvalConfig(Section):
     max_new_tokens: int | None = Field(None, ge=1, description="none = generate.max_new_tokens")
     batch_size: int = Field(
@@ -47,6 +56,12 @@ class EvalConfig(Section):
         None,
         description="metric regex: the pattern whose first match's first group is the answer "
         "(in the response, and in the reference when it matches there)",
+    )
+    also: list[str] = Field(
+        default_factory=list,
+        description="more metrics (names as eval.metric) graded on the same greedy answers of "
+        "every set that has answers, each stored as a set of its own, '<set>.<metric>', beside "
+        "the set's eval.metric score (the views world: exact, every line right)",
     )
     regression_margin: float = Field(
         3.0,
@@ -107,16 +122,16 @@ class EvalConfig(Section):
     @field_validator("metric")
     @classmethod
     def _known_metric(cls, value: str) -> str:
-        if value not in METRIC_NAMES and not PYTHON_METRIC.fullmatch(value):
-            raise ValueError(
-                f"unknown metric {value!r}; choose from {', '.join(METRIC_NAMES)} or "
-                "python:module:function"
-            )
-        return value
+        return _known_metric(value)
+
+    @field_validator("also")
+    @classmethod
+    def _known_metrics(cls, values: list[str]) -> list[str]:
+        return [_known_metric(v) for v in values]
 
     @model_validator(mode="after")
     def _regex(self) -> EvalConfig:
-        if self.metric == "regex" and not self.answer_regex:
+        if "regex" in (self.metric, *self.also) and not self.answer_regex:
             raise ValueError("metric regex needs eval.answer_regex (a pattern with one group)")
         if self.answer_regex is not None:
             try:

@@ -88,7 +88,8 @@ def check_run(
     fields = {name: eval_set_field(cfg, name) for name in eval_sets}
     evals = {name: _read_set(fields[name], path, cfg) for name, path in eval_sets.items()}
     check_overlap(prompts, {fields[n]: ps for n, ps in evals.items()}, cfg.data.allow_overlap)
-    metric_fn(cfg.eval.metric, cfg.eval.answer_regex)  # a user's metric is imported now
+    for metric in (cfg.eval.metric, *cfg.eval.also):  # a user's metric is imported now
+        metric_fn(metric, cfg.eval.answer_regex)
     context = min(c.get("max_position_embeddings") or 1 << 30 for c in cfgs.values())
     for name, ps in (("data.prompts", prompts), *((fields[n], ps) for n, ps in evals.items())):
         ids = _formatted(tok_s, student, name, ps, cfg.data.chat_template)

@@ -228,7 +228,7 @@ class ViewsSpec(_Digest):
             "train": {"lr": self.train_lr},
             "generate": {"max_new_tokens": self.max_new_tokens},
             "pack": {"max_seq_len": self.max_seq_len},
-            "eval": {"metric": self.metric},
+            "eval": {"metric": self.metric, "also": ["exact"]},  # every line right, beside
         }
 
     @classmethod

@@ -7,11 +7,16 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from transformers import AutoTokenizer, Qwen2Config
 
+from npd_core.config import NPDConfig
 from npd_core.data import Prompt
 from npd_core.method.evaluate import exact_match
+from npd_core.pipeline.spec import RunSpec
+from npd_core.pipeline.stages import evaluate_stage
+from npd_core.store import Store, query
 from npd_core.toy import gates, views_task
 from npd_core.toy.world import LongSpec, ModelSpec, ToySpec, ViewsSpec, build_toy_world
 
@@ -128,7 +133,7 @@ def test_m2_plateau_arithmetic():
 def test_views_world_sizes_its_config():
     spec = ViewsSpec()
     assert spec.max_new_tokens == 91  # 1.3 × the longest answer, 70 tokens with its EOS
-    assert spec.config_defaults()["eval"] == {"metric": "lines"}
+    assert spec.config_defaults()["eval"] == {"metric": "lines", "also": ["exact"]}
     assert spec.n_eval >= 1000 and spec.prefix == "views"
     assert gates.onpolicy_batches(spec, 8.5, 60.0)[0] == round(16 * 512 / 68.5)
     assert len({ToySpec().digest(), LongSpec().digest(), spec.digest()}) == 3
@@ -183,3 +188,23 @@ def test_build_reports_progress_and_curves_leave_it_unchanged(tmp_path):
         ("student", 0),
         ("student", 2),
     ]
+
+
+def test_evaluate_stage_reports_exact_beside_lines(tmp_path):
+    """``eval.also``: the same greedy answers graded again, stored as a set of its own."""
+    world = build_toy_world(tmp_path / "toy", TINY, log=lambda m: None)
+    cfg = NPDConfig.model_validate(TINY.config_defaults()).model_dump(mode="json")
+    store = Store(tmp_path / "out")
+    row = dict(run_id="a", status="running", config_json=json.dumps(cfg), config_hash="h")
+    store.write_run({**row, "created_at": datetime.now(UTC)})
+    paths = (world.teacher, world.student, world.train_prompts, world.eval_prompts)
+    spec = RunSpec(str(tmp_path / "out"), "a", cfg, *map(str, paths))
+    res = evaluate_stage(spec, 0, {})
+    rows = query(store.db_path, "SELECT eval_set, metric, score, n FROM evals").to_pylist()
+    by_set = {r["eval_set"]: r for r in rows}
+    assert by_set.keys() == {"heldout", "heldout.exact"}
+    assert by_set["heldout"]["metric"] == "lines"
+    assert by_set["heldout.exact"]["metric"] == "exact_match"
+    assert by_set["heldout.exact"]["n"] == TINY.n_eval
+    assert by_set["heldout.exact"]["score"] <= by_set["heldout"]["score"]
+    assert res.metrics.score == by_set["heldout"]["score"]
