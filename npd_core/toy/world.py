@@ -385,7 +385,7 @@ def build_toy_world(
     each model's training steps and held-out scoring as they happen."""
     spec = spec or ToySpec()
     if isinstance(spec, SmolSpec):  # a real model, built its own way (npd_core.toy.smol)
-        return build_smol_world(cache, spec, log)
+        return _load(build_smol_world(cache, spec, fit, log))
     root = Path(cache) / f"{spec.prefix}-{spec.digest()}"
     if (root / WORLD_FILE).is_file():
         return _load(root)

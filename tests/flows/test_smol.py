@@ -41,20 +41,22 @@ CFG = dict(
 def smol_run(tmp_path_factory, prefect_server):
     from flows.distill import distill_flow
     from flows.spec import apply_world_defaults
-    from npd_core.toy.smol import SmolSpec, build_smol_world
+    from npd_core.toy.smol import SmolSpec
+    from npd_core.toy.world import build_toy_world
 
     root = tmp_path_factory.mktemp("smol")
+    out = root / "out"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        world = build_smol_world(root / "toy", SmolSpec.tiny())
+        world = build_toy_world(root / "worlds", SmolSpec.tiny())
     finally:
         torch.set_num_threads(threads)
     cfg = NPDConfig.model_validate(CFG)
     apply_world_defaults(cfg, SmolSpec.tiny().config_defaults())  # the metric and its regex
-    Store(root)
+    Store(out)
     spec = RunSpec(
-        str(root),
+        str(out),
         "smol",
         cfg.model_dump(mode="json"),
         str(world.teacher),
@@ -63,7 +65,7 @@ def smol_run(tmp_path_factory, prefect_server):
         str(world.eval_prompts),
     )
     distill_flow(spec)
-    return root, world
+    return out, world
 
 
 def test_prompts_are_the_chat_templates_tokens(smol_run):
