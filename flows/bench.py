@@ -203,7 +203,11 @@ def generate(
 @bench_app.command("filter")
 def filter_study(
     stage: Annotated[
-        str, typer.Option(help="screen (every rule × staleness 1, 4) or confirm (best 2 + ref.)")
+        str,
+        typer.Option(
+            help="screen (every rule × staleness 1, 4), confirm (best 2 + ref.) or junk "
+            "(each score's AUROC for planted junk, no training: needs --run)"
+        ),
     ] = "screen",
     as_json: JsonOpt = False,
     out: Annotated[Path, typer.Option("--out", help="output directory")] = Path("npd-out"),
@@ -214,14 +218,36 @@ def filter_study(
             "--budget-s", help="training seconds of a full-budget cell (default 140)", min=1
         ),
     ] = None,
+    run: Annotated[
+        str | None, typer.Option("--run", help="junk: the run whose checkpoints θ_k are sampled")
+    ] = None,
+    rounds: Annotated[
+        str, typer.Option(help="junk: comma-separated rounds k of θ_k")
+    ] = "1,2,3,4,5",
+    n: Annotated[int, typer.Option(help="junk: samples per round", min=8)] = 1024,
 ) -> None:
     """The pre-registered filter study (docs/results); resumes where it stopped."""
     from flows.env import prefect_env
     from flows.filter_study import run_study
     from npd_core.errors import ConfigError
 
+    if stage == "junk":
+        from npd_core.bench.junk import run_junk
+
+        if run is None:
+            raise ConfigError("--stage junk needs --run RUN_ID (a run with checkpoints θ_k)")
+        ks = [int(x) for x in rounds.split(",") if x.strip()]
+        res = run_junk(
+            str(out), run, ks, n, log=lambda m: err.print(m, markup=False, highlight=False)
+        )
+        path = out / "filter-study" / "junk.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(res, indent=1) + "\n")
+        if as_json:
+            sys.stdout.write(json.dumps(res) + "\n")
+        return
     if stage not in ("screen", "confirm"):
-        raise ConfigError(f"--stage {stage!r}: choose screen or confirm")
+        raise ConfigError(f"--stage {stage!r}: choose screen, confirm or junk")
     prefect_env(out)
     res = run_study(
         stage, out, config, budget_s, lambda m: err.print(m, markup=False, highlight=False)

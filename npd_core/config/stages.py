@@ -165,7 +165,7 @@ class FilterConfig(Section):
         "IFD_student; high), conditional (mean NLL_teacher(y|x) − mean NLL_generator(y|x), no "
         "prompt-less views; high), teacher_nll (the teacher's mean NLL of the response; high), "
         "learner_ratio (mean per-token log p_learner − log p_generator, the sample's staleness; "
-        "both tails; applied in each train step, fixed-source rows exempt)",
+        "both tails; rated by npd bench filter --stage junk, not yet applied by the train step)",
     )
     ifd_form: Literal["log_ratio", "ratio"] = Field(
         "log_ratio",
@@ -224,6 +224,11 @@ class FilterConfig(Section):
             raise ValueError(f"q_low ({self.q_low}) must be < q_high ({self.q_high})")
         if self.abs_low is not None and self.abs_high is not None and self.abs_low >= self.abs_high:
             raise ValueError(f"abs_low ({self.abs_low}) must be < abs_high ({self.abs_high})")
+        if self.score == "learner_ratio" and self.rule != "none":
+            raise ValueError(
+                "score learner_ratio: the train step does not apply it yet (npd bench filter "
+                "--stage junk rates it); choose delta_ifd, conditional or teacher_nll"
+            )
         return self
 
     @property

@@ -112,6 +112,24 @@ def test_every_view_is_filled_and_the_run_completed(e2e):
     assert all(r["filter_rule"] == "band" and 0 < r["dropped_kl_share"] < 1 for r in filt)
 
 
+def test_junk_bench_rates_every_score_on_the_runs_checkpoints(e2e):
+    """``npd bench filter --stage junk`` on θ_1, θ_2 (learners θ_2, θ_3): each score's AUROC is
+    a probability for every junk kind, the looping samples (never finished) are found by the
+    unfinished flag at least by chance, and the summary's mean is over the rounds."""
+    from npd_core.bench.junk import FLAGS, KINDS, run_junk
+
+    res = run_junk(str(e2e.root), "e2e", (1, 2), n=40, log=lambda m: None)
+    rows = [res["rounds"][k] for k in ("1", "2")]
+    for row in rows:
+        assert set(row) == set(FLAGS)
+        assert all(0 <= row[s][kind] <= 1 for s in FLAGS for kind in KINDS)
+        assert row["unfinished"]["loop"] >= 0.5
+    for s in FLAGS:
+        got = res["summary"][s]["all"]
+        assert got["mean"] == pytest.approx((rows[0][s]["all"] + rows[1][s]["all"]) / 2)
+        assert got["ci95"][0] <= got["mean"] <= got["ci95"][1]
+
+
 def test_ifd_views_bench_samples_the_runs_checkpoints(e2e):
     """Every candidate view's tokens are what the tokenizer gives, each ρ is a correlation,
     the mean is over the checkpoints and the best is the largest mean."""

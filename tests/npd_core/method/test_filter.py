@@ -171,7 +171,7 @@ def test_each_score_from_hand_made_sums():
     # Cherry's ratio: IFD_T = (4/2)/(6/2) = 2/3, IFD_S = (2/2)/(3/2) = 2/3 → 0;
     # second: IFD_T = 0.5/1.5 = 1/3, IFD_S = 0.75/1.0 = 3/4 → 1/3 − 3/4
     np.testing.assert_allclose(got(score="delta_ifd", ifd_form="ratio"), [0.0, 1 / 3 - 3 / 4])
-    assert got(score="learner_ratio") is None  # the train step's, not the filter stage's
+    assert sample_scores(_COLS, _ratio_cfg(rule="upper")) is None  # the train step's
 
 
 def test_rules_apply_to_the_chosen_score_and_exempt_fixed_source_rows():
@@ -200,26 +200,32 @@ def test_rules_apply_to_the_chosen_score_and_exempt_fixed_source_rows():
 
 def test_views_only_for_delta_ifd_rules():
     assert FilterConfig(rule="fence").needs_views is True
-    for score in ("conditional", "teacher_nll", "learner_ratio"):
+    for score in ("conditional", "teacher_nll"):
         assert FilterConfig(rule="fence", score=score).needs_views is False
 
 
+def _ratio_cfg(**kw) -> FilterConfig:
+    """A learner_ratio rule, which the config refuses until the train step applies it."""
+    return FilterConfig.model_construct(score="learner_ratio", **kw)
+
+
 def test_learner_ratio_rule_waits_for_the_train_step():
-    cfg = FilterConfig(rule="fence", score="learner_ratio")
-    res = _run(None, cfg, tokens=[2, 0, 2])
+    with pytest.raises(ValueError, match="train step does not apply it yet"):
+        FilterConfig(rule="fence", score="learner_ratio")
+    res = _run(None, _ratio_cfg(rule="fence"), tokens=[2, 0, 2])
     assert res.reasons == [None, "empty", None]  # well-formedness only
     assert res.params["score"] == "learner_ratio" and res.params["ratio_clip"] is None
 
 
 def test_step_weights_fence_and_clip():
     r = np.array([0.0, 0.01, -0.01, 0.02, -0.02, 0.0, 2.0, np.nan])  # 2.0: stale; NaN: fixed
-    fence_cfg = FilterConfig(rule="fence", score="learner_ratio", k=3)
+    fence_cfg = _ratio_cfg(rule="fence", k=3)
     np.testing.assert_array_equal(step_weights(r, fence_cfg), [1, 1, 1, 1, 1, 1, 0, 1])
-    clip = FilterConfig(rule="fence", score="learner_ratio", k=3, ratio_clip=1.0)
+    clip = _ratio_cfg(rule="fence", k=3, ratio_clip=1.0)
     w = step_weights(r, clip)
     np.testing.assert_allclose(w[:6], np.minimum(1.0, np.exp(r[:6])))
     assert w[6] == 0.0 and w[7] == 1.0
-    lower = FilterConfig(rule="lower", score="learner_ratio", abs_low=-0.015)
+    lower = _ratio_cfg(rule="lower", abs_low=-0.015)
     np.testing.assert_array_equal(step_weights(r, lower), [1, 1, 1, 1, 0, 1, 1, 1])
 
 
