@@ -7,7 +7,8 @@ order. What replaces it: the teacher's sample of (p, k) (``temperature`` 1, no t
 seed, independent of the round: the same fixed sequence every round, taken from an earlier
 round's samples when one has it, decoded once otherwise, with the HF engine whatever
 ``generate.backend`` says), or the reference answer with EOS.
-Either is scored by the teacher and trained like any sample; it has no generator, so the
+The student samples only the other pairs (each from its own seed, as without the mix).
+Either source is scored by the teacher and trained like any sample; it has no generator, so the
 sampled-token loss skips it (``samples.token_logprobs`` null).
 """
 
@@ -21,7 +22,7 @@ import pyarrow.compute as pc
 from npd_core.config import NPDConfig
 from npd_core.data import Prompt
 from npd_core.errors import ConfigError
-from npd_core.method.generate import apply_stop_strings, generate
+from npd_core.method.generate import Generation, apply_stop_strings, generate
 from npd_core.models import frozen_dtype, load_model, use_bf16
 from npd_core.pipeline.spec import RunSpec, rel_path
 from npd_core.seeds import seed_for
@@ -100,6 +101,37 @@ def fixed_sequences(
                 gen.token_ids, text, gen.finished, gen.logprob_sum, seed, teacher
             )
     return out
+
+
+def student_pairs(
+    prompts: list[Prompt], n_per_prompt: int, fixed: dict[tuple[str, int], Fixed]
+) -> list[tuple[int, int]]:
+    """The (prompt index, sample index) pairs the student still samples: all but the fixed
+    source's, so a mixed-in sequence costs no student decoding."""
+    return [
+        (i, k) for i, p in enumerate(prompts) for k in range(n_per_prompt) if (p.id, k) not in fixed
+    ]
+
+
+def merged(
+    prompts: list[Prompt],
+    n_per_prompt: int,
+    pairs: list[tuple[int, int]],
+    sampled: list[list[Generation]],
+    fixed: dict[tuple[str, int], Fixed],
+) -> list[list[Generation]]:
+    """The student's generations of ``pairs`` (one each, in order) and the fixed source's
+    sequences, as ``out[prompt index][sample index]`` (:func:`mixed_in` then marks the latter)."""
+    got = {pair: g for pair, (g,) in zip(pairs, sampled, strict=True)}
+    return [
+        [
+            got[(i, k)]
+            if (i, k) in got
+            else Generation(fixed[(p.id, k)].token_ids, [], fixed[(p.id, k)].finished)
+            for k in range(n_per_prompt)
+        ]
+        for i, p in enumerate(prompts)
+    ]
 
 
 def mixed_in(rows: list[dict[str, Any]], fixed: dict[tuple[str, int], Fixed]) -> None:

@@ -59,7 +59,7 @@ from npd_core.pipeline.learner import (
     learn_round,
     record_checkpoint,
 )
-from npd_core.pipeline.mix import fixed_sequences, mixed_in
+from npd_core.pipeline.mix import fixed_sequences, merged, mixed_in, student_pairs
 from npd_core.pipeline.results import (
     EvaluateMetrics,
     FilterMetrics,
@@ -137,7 +137,19 @@ def generate_stage(
             for p in prompts
         ]
         backend = vllm_backend.resolve(g.backend, "generate.backend")
-        gens, engine = generate_with(backend, ckpt, tok, ids, seeds, cfg, progress)
+        fixed = fixed_sequences(spec, r, prompts, ids, tok, g.n_per_prompt)  # data.mix
+        if fixed:  # the student samples the other pairs only, one a prompt entry
+            pairs = student_pairs(prompts, g.n_per_prompt, fixed)
+            one = cfg.model_copy(update={"generate": g.model_copy(update={"n_per_prompt": 1})})
+            job_ids, job_seeds = [ids[i] for i, _ in pairs], [[seeds[i][k]] for i, k in pairs]
+            sampled, engine = (
+                generate_with(backend, ckpt, tok, job_ids, job_seeds, one, progress)
+                if pairs
+                else ([], {})
+            )
+            gens = merged(prompts, g.n_per_prompt, pairs, sampled, fixed)
+        else:
+            gens, engine = generate_with(backend, ckpt, tok, ids, seeds, cfg, progress)
         now = _now()
         rows = []
         for p, ptext, pid, outs, p_seeds in zip(prompts, texts, ids, gens, seeds, strict=True):
@@ -171,7 +183,7 @@ def generate_stage(
                         **prov,
                     )
                 )
-        mixed_in(rows, fixed_sequences(spec, r, prompts, ids, tok, g.n_per_prompt))
+        mixed_in(rows, fixed)
         table = table_from_rows("samples", rows)
         _write(spec, r, "generate", shard, table)
         return _table_digest(table), GenerateMetrics(

@@ -15,7 +15,7 @@ import pytest
 from npd_core.config import NPDConfig
 from npd_core.data import read_prompts
 from npd_core.models import encode_prompts, load_tokenizer, prompt_texts
-from npd_core.pipeline import mix
+from npd_core.pipeline import mix, stages
 from npd_core.pipeline.mix import is_mixed
 from npd_core.pipeline.spec import RunSpec, rel_path
 from npd_core.pipeline.stages import (
@@ -102,13 +102,29 @@ def test_mixed_sequences_come_from_the_fixed_source_and_train(
 ):
     """data.mix 0.5: about half the round's sequences are the teacher's T = 1 samples (the same
     in round 2, taken from round 1's rows) or the reference answers, told apart by source in
-    SQL, scored by the teacher, without generator log-probs, and trained with the rest."""
+    SQL, scored by the teacher, without generator log-probs, and trained with the rest; the
+    student decodes only its own half, each sample as it would without the mix."""
     spec = _round(tmp_path, tiny_world, loss="sampled_reverse_kl")
+    q = "SELECT prompt_id, sample_idx, response_token_ids FROM samples"
+    unmixed = {(x["prompt_id"], x["sample_idx"]): x for x in spec.store.query(q).to_pylist()}
     mix = {"mix": {"fraction": 0.5, "source": source}}
     config = NPDConfig.model_validate({**spec.config, "data": {**spec.config["data"], **mix}})
     spec = dataclasses.replace(spec, config=config.model_dump(mode="json"))
+    decoded, decode = [], stages.generate_with
+
+    def counted(backend, ckpt, tok, ids, seeds, cfg, progress):
+        decoded.extend(ids)
+        return decode(backend, ckpt, tok, ids, seeds, cfg, progress)
+
+    monkeypatch.setattr(stages, "generate_with", counted)
     for stage in (generate_stage, score_stage, filter_stage, pack_stage):
         stage(spec, 1, PROV)
+    monkeypatch.undo()
+    student = spec.store.query(q + " WHERE source = 'student'").to_pylist()
+    assert len(decoded) == len(student)  # the student decodes only the pairs it keeps
+    for x in student:  # and each the same as without the mix (its own seed)
+        key = (x["prompt_id"], x["sample_idx"])
+        assert x["response_token_ids"] == unmixed[key]["response_token_ids"]
     q = """SELECT g.source, count(*) AS n, count(g.token_logprobs) AS gen,
                   count(s.teacher_token_logprobs) AS scored
            FROM samples AS g JOIN scores AS s USING (run_id, round, prompt_id, sample_idx)
