@@ -481,7 +481,7 @@ def ui(
 ) -> None:
     """Start a Prefect server and the MLflow UI over the output directory (its mlflow.db and
     artifacts); prints both URLs; Ctrl-C stops both, child processes included."""
-    from flows.ui import serve_ui
+    from npd_core.servers import serve_ui
 
     out.mkdir(parents=True, exist_ok=True)
     # soft_wrap: a URL or an export line stays one line in a log file too (no console width)

@@ -1,5 +1,6 @@
-"""``npd ui``: a local Prefect server and the MLflow UI over one output directory, stopped
-together on Ctrl-C or SIGTERM.
+"""The servers behind ``npd ui``: a local Prefect server and the MLflow UI over one output
+directory, stopped together on Ctrl-C or SIGTERM. Plain subprocess and socket code (no Prefect or
+MLflow import): the command only wires options and printing to :func:`serve_ui`.
 
 Each service starts in its own session (so its own process group) and is stopped by signalling
 the whole group, so that no process it started (the MLflow UI's uvicorn worker, the workers of a

@@ -29,8 +29,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from flows.ui import group_alive
 from npd_core.atomic import atomic_file
+from npd_core.servers import group_alive
 from npd_core.store import STAGES, query
 from tasks.tracking import copy_db
 

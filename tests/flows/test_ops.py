@@ -35,9 +35,9 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from flows.cli import app
-from flows.ui import healthy
 from npd_core.config import NPDConfig
 from npd_core.errors import StoreUsageError
+from npd_core.servers import healthy
 from npd_core.store import Store, query, table_from_rows
 
 runner = CliRunner()

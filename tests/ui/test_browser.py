@@ -35,7 +35,7 @@ from resume_checks import (
     write_config,
 )
 
-from flows.ui import healthy
+from npd_core.servers import healthy
 from npd_core.store import query
 from tasks.artifacts import key
 from tasks.tracking import EXPERIMENT, copy_db

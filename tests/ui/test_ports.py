@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from resume_checks import NPD, REPO
 
-from flows.ui import check_ports, commands, prefect_api_url
 from npd_core.errors import NPDError
+from npd_core.servers import check_ports, commands, prefect_api_url
 
 
 def test_prefect_ui_is_told_its_own_api_url_and_the_printed_one_is_the_same(tmp_path):
