@@ -16,6 +16,7 @@ from npd_core.config import NPDConfig
 from npd_core.modelio import SMOL_EXTRA, SMOL_INSTALL
 from npd_core.pipeline.spec import RunSpec
 from npd_core.store import Store, query
+from npd_core.toy.smol import ANSWER_REGEX
 
 pytestmark = [
     pytest.mark.smol,
@@ -33,14 +34,13 @@ CFG = dict(
     train={"steps_per_round": 2, "rows_per_step": 2, "micro_rows": 1, "loss_chunk_tokens": 16},
     pack={"max_seq_len": 256},
     score={"batch_tokens": 1024},
-    eval={"batch_size": 16},
+    eval={"batch_size": 16, "metric": "regex", "answer_regex": ANSWER_REGEX},  # the world's
 )
 
 
 @pytest.fixture(scope="module")
 def smol_run(tmp_path_factory, prefect_server):
     from flows.distill import distill_flow
-    from flows.spec import apply_world_defaults
     from npd_core.toy.smol import SmolSpec
     from npd_core.toy.world import build_toy_world
 
@@ -53,7 +53,6 @@ def smol_run(tmp_path_factory, prefect_server):
     finally:
         torch.set_num_threads(threads)
     cfg = NPDConfig.model_validate(CFG)
-    apply_world_defaults(cfg, SmolSpec.tiny().config_defaults())  # the metric and its regex
     Store(out)
     spec = RunSpec(
         str(out),
