@@ -230,7 +230,8 @@ def demo(
     from npd_core.config import load_config
 
     cfg = load_config(config, parse_overrides(overrides or [], rounds=rounds))
-    from flows.spec import resolve_spec  # after the config: a bad one fails before torch loads
+    # after the config: a bad one fails before torch loads
+    from npd_core.pipeline.resolve import resolve_spec
 
     build = Bars(True)
     with build.progress:
@@ -268,7 +269,7 @@ def run(
             f"{config}: `npd run` needs held-out prompts; set data.eval_prompts, or eval.sets "
             "for several sets"
         )
-    from flows.spec import resolve_spec
+    from npd_core.pipeline.resolve import resolve_spec
 
     spec, _ = resolve_spec(cfg, out, new_run_id())
     err.print(f"run {spec['run_id']}: {cfg.rounds} rounds, staleness {cfg.staleness}")

@@ -192,8 +192,8 @@ def scheduled_flow(config: str | None = None, out: str = "npd-out") -> RunSummar
     ``runs.parent_run_id``/``parent_round`` record where it came from."""
     from prefect.runtime import deployment, flow_run
 
-    from flows.spec import resolve_spec
     from npd_core.config import load_config
+    from npd_core.pipeline.resolve import resolve_spec
     from npd_core.store.lineage import last_best
 
     run_id = f"sched-{str(flow_run.get_id())[:8]}"

@@ -127,7 +127,7 @@ def plan_bench(
     """Load the config, pick the variants (unknown names are a ConfigError), resolve the world
     (built or loaded) and lay the search grid around the config's own lr and batch size.
     ``resume``: the id of the bench to carry on (planned with the same options)."""
-    from flows.spec import resolve_spec
+    from npd_core.pipeline.resolve import resolve_spec
     from npd_core.data import read_prompts
 
     started = time.time()

@@ -314,7 +314,7 @@ def test_command_lists_show_each_commands_help_reflowed():
 def test_run_and_demo_take_key_value_overrides(tmp_path, monkeypatch):
     """`npd run CONFIG key=value …` and `npd demo key=value …` lay the pairs over the config (a
     YAML value each, `--rounds` last); an unknown key is one `error:` line that names it."""
-    import flows.spec
+    import npd_core.pipeline.resolve
 
     got = []
 
@@ -322,7 +322,7 @@ def test_run_and_demo_take_key_value_overrides(tmp_path, monkeypatch):
         got.append(cfg)
         raise SystemExit(0)  # the config is all this test needs
 
-    monkeypatch.setattr(flows.spec, "resolve_spec", resolved)
+    monkeypatch.setattr(npd_core.pipeline.resolve, "resolve_spec", resolved)
     cfg = tmp_path / "run.yaml"
     paths = {"teacher": "t", "student": "s"}
     cfg.write_text(yaml.safe_dump({"models": paths, "data": {"prompts": "p", "eval_prompts": "e"}}))

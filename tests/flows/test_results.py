@@ -41,8 +41,8 @@ def run(tmp_path_factory, tiny_world, prefect_server) -> Run:
     exact match) and ``loglik`` (16 of them without answers: the teacher's log-likelihood), the
     second one primary; the best checkpoint registered as ``npd-tiny``."""
     from flows.distill import distill_flow
-    from flows.spec import resolve_spec
     from npd_core.config import NPDConfig
+    from npd_core.pipeline.resolve import resolve_spec
     from npd_core.pipeline.spec import RunSpec
 
     root = tmp_path_factory.mktemp("results")

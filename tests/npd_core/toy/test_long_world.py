@@ -119,9 +119,11 @@ def test_long_world_sizes_its_config():
 def demo_spec(tmp_path, monkeypatch):
     """Run ``npd demo --world long`` up to its flow; return what the flow would get."""
     import flows.cli
-    import flows.spec
+    import npd_core.pipeline.resolve
 
-    monkeypatch.setattr(flows.spec, "world_spec", lambda name: TINY if name == "long" else None)
+    monkeypatch.setattr(
+        npd_core.pipeline.resolve, "world_spec", lambda name: TINY if name == "long" else None
+    )
     got: dict = {}
 
     def fake_flow(spec, out, show):
@@ -158,8 +160,8 @@ def test_demo_world_long_takes_the_worlds_config_defaults(demo_spec, tmp_path):
 
 
 def test_demo_unknown_world_is_a_config_error(tmp_path):
-    from flows.spec import resolve_spec
     from npd_core.errors import ConfigError
+    from npd_core.pipeline.resolve import resolve_spec
 
     with pytest.raises(ConfigError, match="choose from toy, long"):
         resolve_spec(load_config(None), tmp_path, "r", world="huge")
@@ -168,10 +170,10 @@ def test_demo_unknown_world_is_a_config_error(tmp_path):
 def test_bench_plan_on_the_long_world_carries_its_defaults(tmp_path, monkeypatch):
     """``npd bench --world long`` plans on the long world: its paths, and a config whose
     response cap (which sizes onpolicy's batch) and metric are the world's."""
-    import flows.spec
+    import npd_core.pipeline.resolve
     from flows.headline import plan_bench
 
-    monkeypatch.setattr(flows.spec, "world_spec", lambda name: TINY)
+    monkeypatch.setattr(npd_core.pipeline.resolve, "world_spec", lambda name: TINY)
     plan = plan_bench(
         out=tmp_path,
         config=None,

@@ -1,6 +1,6 @@
 """From a validated config to a ``RunSpec``: an embedded world (the toy by default, or ``long``)
 fills in what the config leaves out, and every input is checked before anything is written for
-the run."""
+the run. Plain library code: ``npd demo``/``npd run``, the scheduled flow and the bench call it."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from npd_core.config import NPDConfig
 from npd_core.data import Prompt, reads_as_is, write_prompts
 from npd_core.errors import ConfigError, DataError
 from npd_core.modelio import GGUF_CACHE, local_model
-from npd_core.pipeline.spec import RunSpec
 from npd_core.pipeline.preflight import check_backends, check_run
+from npd_core.pipeline.spec import RunSpec
 from npd_core.store import Store
 from npd_core.store.lineage import used_prompt_ids
 from npd_core.toy.world import WORLDS, BuildProgress, ToyWorld, build_toy_world, world_spec
