@@ -111,37 +111,6 @@ OverridesArg = Annotated[
 ]
 
 
-def parse_overrides(pairs: list[str], **options: Any) -> dict[str, Any]:
-    """``section.key=value`` pairs (values read as YAML), then the command's own options that
-    are set, as the nested dict ``load_config`` lays over the config file; an unknown key is a
-    one-line error naming it."""
-    import yaml
-    from pydantic import BaseModel
-
-    from npd_core.config import NPDConfig
-
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, eq, value = pair.partition("=")
-        if not (eq and key):
-            raise ConfigError(f"{pair!r}: an override is key=value, e.g. train.lr=2e-5")
-        *path, last = key.split(".")
-        model: Any = NPDConfig
-        for i, part in enumerate(key.split(".")):
-            if model is not None and part not in model.model_fields:
-                raise ConfigError(
-                    f"{pair}: unknown config key {'.'.join(key.split('.')[: i + 1])!r}; "
-                    "`npd config show` lists the keys"
-                )
-            field = model.model_fields[part].annotation if model is not None else None
-            model = field if isinstance(field, type) and issubclass(field, BaseModel) else None
-        node = out
-        for part in path:
-            node = node.setdefault(part, {})
-        node[last] = yaml.safe_load(value)
-    return out | {k: v for k, v in options.items() if v is not None}
-
-
 def _score_columns(sets: list[str], primary: str) -> list[str]:
     """One score column per eval set (the primary one starred), or "score" for the one set."""
     return ["score"] if len(sets) == 1 else [f"{n}*" if n == primary else n for n in sets]
@@ -228,6 +197,7 @@ def demo(
     """Build (or reuse) an embedded world and distill its student for a few rounds
     (key=value pairs override the config: npd demo train.lr=2e-3)."""
     from npd_core.config import load_config
+    from npd_core.config.overrides import parse_overrides
 
     cfg = load_config(config, parse_overrides(overrides or [], rounds=rounds))
     # after the config: a bad one fails before torch loads
@@ -258,6 +228,7 @@ def run(
     or a datasets folder; plain or conversational), as the config says; key=value pairs
     override it: npd run run.yaml train.lr=2e-5 rounds=5."""
     from npd_core.config import load_config
+    from npd_core.config.overrides import parse_overrides
 
     # before torch and transformers load: a bad config fails fast
     cfg = load_config(config, parse_overrides(overrides or []))
