@@ -29,7 +29,8 @@ HEADER = f"""# Config reference
 
 Every key is optional; a key left out takes the default below. `npd config init my.yaml` writes
 all of them with these descriptions as comments, `npd config show my.yaml` prints the resolved
-config, and a wrong key or value is refused in one `error:` line naming it. Relative paths are
+config, `npd run my.yaml train.lr=2e-5 rounds=5` overrides keys for one run (dotted key, YAML
+value), and a wrong key or value is refused in one `error:` line naming it. Relative paths are
 resolved against the config file's folder. Regenerate this page after changing a field:
 `{COMMAND}`.
 """
