@@ -1,5 +1,5 @@
-"""The README's worked example, runnable without a download: writes into DIR the files a user
-brings (stand-ins for them) and the config that distils with them.
+"""The docs' worked example (data-and-eval.md), runnable without a download: writes into DIR
+the files a user brings (stand-ins for them) and the config that distils with them.
 
     DIR/teacher, DIR/student  tiny random Llama checkpoints sharing a byte-level tokenizer whose
                               Jinja chat template has a system turn (your own HF checkpoints
@@ -9,7 +9,7 @@ brings (stand-ins for them) and the config that distils with them.
     DIR/gsm8k-test            a datasets save_to_disk folder, GSM8K's columns: question, answer
                               ("... #### 1,234"), id
     DIR/hard.jsonl            a second eval set: conversations with larger numbers
-    DIR/my.yaml               the run's config (as printed in the README)
+    DIR/my.yaml               the run's config (as printed in docs/data-and-eval.md)
 
 Usage: python examples/chat_gsm8k.py DIR, then npd run DIR/my.yaml --out OUT.
 """

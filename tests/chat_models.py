@@ -1,4 +1,4 @@
-"""The chat model family of the README's worked example (``examples/chat_gsm8k.py``: tiny Llama
+"""The chat model family of the docs' worked example (``examples/chat_gsm8k.py``: tiny Llama
 checkpoints, a byte-level tokenizer with a Jinja chat template that has a system turn), for the
 tests; examples/ is no package, so it is loaded from its file."""
 

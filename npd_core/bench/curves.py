@@ -2,7 +2,7 @@
 
 A *curve* is a list of ``(wall_s, score)`` points, ``wall_s`` ascending, the first point the
 warm-start student at 0 s. ``wall_s`` is the variant's training clock: evaluation time is not in
-it. Decisions, stated once here and in the README:
+it. Decisions, stated once here and in docs/bench.md:
 
 - **Between checkpoints the score is interpolated linearly**; after a curve's last point it stays
   at its last score. "First reaches s" is the first time the interpolated curve is ≥ s: inside

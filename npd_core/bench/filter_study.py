@@ -89,10 +89,10 @@ def curve_figures(curve: cv.Curve) -> dict[str, float]:
 
 
 def decide(cells: list[dict[str, Any]]) -> dict[str, Any]:
-    """The README's decision rule, applied as written: a rule replaces the reference only if the
-    Welch 95% CI of (rule − reference) final score lies above 0 at one staleness or more and its
-    mean difference is ≥ −1 point at every staleness; among such rules the best mean over
-    staleness wins; otherwise the reference is the default."""
+    """The filter study's pre-registered decision rule, applied as written: a rule replaces the
+    reference only if the Welch 95% CI of (rule − reference) final score lies above 0 at one
+    staleness or more and its mean difference is ≥ −1 point at every staleness; among such rules
+    the best mean over staleness wins; otherwise the reference is the default."""
     finals: dict[tuple[str, int], list[float]] = {}
     for c in cells:
         finals.setdefault((c["rule"], c["staleness"]), []).append(c["final_score"])

@@ -20,7 +20,7 @@ grows as the square of the list, a long tail) and written step by step like a re
 so generation dominates an on-policy step as it does at model scale; each pass depends on the
 one before, so an early mistake derails the final line; and the checker is exact. Fixed before
 any method was compared on it (the search that chose its sizes: npd-out/world-search/REPORT.md
-and the README).
+and docs/worlds.md).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ one-layer student must choose each next word in a single attention step (no room
 duplicates or to compose), and plateaus in the 70s on the true answers while the teacher reaches
 the 90s. With one token per character the same sort had no gap (a two-layer 84 k student reached
 99.6%), and computed-key sorts, prefix sums, pointer chasing, random walks on an 800-entry table
-and 3-digit sorts left the teacher far below 90% within the budget (see the README). Fixed
+and 3-digit sorts left the teacher far below 90% within the budget (see docs/worlds.md). Fixed
 before any method was compared.
 
 Why letters and not digits: the checkpoints are Qwen2, and ``AutoTokenizer`` loads every Qwen2

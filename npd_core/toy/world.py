@@ -116,7 +116,7 @@ class LongSpec(_Digest):
     final line. Sizes chosen by a time-boxed search against the headline issue's criteria
     (teacher ≥ 90% held-out, 4–20× the student, the student's SFT plateau ≥ 15 points below,
     student decoding ≥ 50% of a synchronous on-policy step); the search's log and the
-    measurements are in the README (``python -m npd_core.toy.world_search`` reruns it)."""
+    measurements are in docs/worlds.md (``python -m npd_core.toy.world_search`` reruns it)."""
 
     n_train: int = 4000
     n_eval: int = 500

@@ -25,7 +25,7 @@ ROUNDS = 2  # the example config's
 
 
 def _readme_block(after: str, lang: str) -> str:
-    """The first ``lang`` code block of the README after the line ``after``."""
+    """The first ``lang`` code block of docs/data-and-eval.md after the line ``after``."""
     text = README.read_text()
     text = text[text.index(after) :]
     return re.search(rf"```{lang}\n(.*?)```", text, re.S).group(1)
@@ -33,7 +33,7 @@ def _readme_block(after: str, lang: str) -> str:
 
 @pytest.fixture(scope="module")
 def llama_run(tmp_path_factory, prefect_api):
-    """The worked example's commands, as the README gives them, in a fresh folder."""
+    """The worked example's commands, as the docs give them, in a fresh folder."""
     d = tmp_path_factory.mktemp("example")
     commands = _readme_block("### Worked example", "bash").strip().splitlines()
     write, run, status = (c.split("#")[0].split() for c in commands)
