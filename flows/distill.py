@@ -19,7 +19,6 @@ from prefect.futures import PrefectFuture
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from prefect.tasks import Task
 
-from flows import runners
 from flows.remote import remote_rounds
 from npd_core.pipeline import workers
 from npd_core.pipeline.kernels import choose_attention
@@ -28,8 +27,8 @@ from npd_core.pipeline.results import RoundSummary, RunSummary, StageResult
 from npd_core.pipeline.spec import RunSpec, generator_round
 from npd_core.store import lease
 from tasks import run as run_tasks
+from tasks import runners, tracking
 from tasks import stages as t
-from tasks import tracking
 
 
 def _produce(
