@@ -15,7 +15,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -27,10 +27,11 @@ from rich.table import Table
 from flows.env import finite, prefect_env
 from flows.variants import MAIN, BenchContext, Variant, peer_variant, variants
 from npd_core.bench import search as sr
+from npd_core.bench.cost import cost_lines, in_run
 from npd_core.bench.harness import DEFAULT_BUDGET_S, QUICK_FRACTION, Hyper, checkpoint_times
 from npd_core.bench.machine import machine
 from npd_core.bench.progress import Progress
-from npd_core.bench.stats import headline_numbers, summarize
+from npd_core.bench.stats import headline_numbers, learns, summarize
 from npd_core.config import NPDConfig, load_config
 from npd_core.errors import ConfigError
 
@@ -59,6 +60,8 @@ class BenchPlan:
     held_out: int  # held-out prompts each checkpoint is scored on
     quick: bool
     resume: bool  # the bench ``bench_id`` ran before: run what it left unfinished
+    recorded: dict[str, Hyper] = field(default_factory=dict)  # --quick: the last full bench's
+    tuned: dict[str, str] = field(default_factory=dict)  # method → search, its file, or untuned
 
     def knobs(self) -> dict[str, Any]:
         """What a resumed bench must plan the same (also its MLflow run's params)."""
@@ -92,7 +95,7 @@ def run_bench(plan: BenchPlan, log: Callable[[str], None]) -> dict[str, Any]:
         progress.save()
     chosen = progress.chosen
     run_variants(ctx, plan, chosen, progress)
-    table = results_table(ctx, plan, chosen)
+    table = results_table(ctx, plan, chosen, progress.search_scores)
     report = make_report(ctx, plan, table, chosen, progress.search_scores)
     return publish(ctx, report, table, progress.started)
 
@@ -108,7 +111,7 @@ def search(
         sub = replace(ctx, budget_s=budget, eval_at=[budget], tag=f"search{k}-")
         return plan.methods[method].run(sub, 0, h).curve[-1]["score"]
 
-    return sr.search(plan.methods, score, plan.base, plan.grid, ctx.log)
+    return sr.search(plan.methods, score, plan.base, plan.grid, ctx.log, plan.recorded)
 
 
 def plan_bench(
@@ -127,8 +130,8 @@ def plan_bench(
     """Load the config, pick the variants (unknown names are a ConfigError), resolve the world
     (built or loaded) and lay the search grid around the config's own lr and batch size.
     ``resume``: the id of the bench to carry on (planned with the same options)."""
-    from npd_core.pipeline.resolve import resolve_spec
     from npd_core.data import read_prompts
+    from npd_core.pipeline.resolve import resolve_spec
 
     started = time.time()
     cfg = load_config(config)
@@ -146,6 +149,9 @@ def plan_bench(
     lengths = sr.base_lengths(paths, cfg)
     base = sr.base_hyper(cfg, lengths["prompt_tokens"], lengths["response_tokens"])
     grid = sr.QUICK_GRID if quick else sr.GRID
+    # --quick with the world's default config: the settings its last full bench chose
+    recorded = sr.recorded_choice(world) if quick and config is None else None
+    methods = {v.method: known.get(v.method, v) for v in selected}
     n_eval = len(read_prompts(paths["eval_prompts"]))
     return BenchPlan(
         cfg=cfg,
@@ -153,7 +159,7 @@ def plan_bench(
         bench_id=bench_id,
         started=started,
         selected=selected,
-        methods={v.method: known.get(v.method, v) for v in selected},
+        methods=methods,
         paths=paths,
         budget_s=(budget_s or DEFAULT_BUDGET_S) * (QUICK_FRACTION if quick else 1.0),
         n_seeds=seeds or (1 if quick else 3),
@@ -164,6 +170,8 @@ def plan_bench(
         held_out=min(n_eval, cfg.data.eval_size or n_eval),
         quick=quick,
         resume=resume is not None,
+        recorded=recorded[0] if recorded else {},
+        tuned=sr.tuning(methods, grid, recorded),
     )
 
 
@@ -205,17 +213,27 @@ def run_variants(
 
 
 def results_table(
-    ctx: BenchContext, plan: BenchPlan, chosen: dict[str, Hyper]
+    ctx: BenchContext,
+    plan: BenchPlan,
+    chosen: dict[str, Hyper],
+    search_scores: dict[str, list[dict[str, Any]]],
 ) -> dict[str, dict[str, Any]]:
-    """One row per variant: its seeds summarized, with the hyperparameters it ran with."""
-    return {
-        v.name: {
-            **summarize(ctx.results[v.name], plan.budget_s),
+    """One row per variant: its seeds summarized, with the hyperparameters it ran with, where
+    they came from, and whether it learns (its grid points, if it is its method's own variant,
+    and its seeds' mean final score against the warm start)."""
+    table = {}
+    for v in plan.selected:
+        row = summarize(ctx.results[v.name], plan.budget_s)
+        grid = [r["score"] for r in search_scores.get(v.method, [])] if v.name == v.method else []
+        start = row["seed_curves"][0][0]["score"]
+        table[v.name] = {
+            **row,
+            **learns(start, [row["final_score"], *grid], plan.held_out),
             "hyperparameters": asdict(chosen[v.method]),
+            "tuned": plan.tuned[v.method],
             "method": v.method,
         }
-        for v in plan.selected
-    }
+    return table
 
 
 def make_report(
@@ -229,7 +247,7 @@ def make_report(
     from npd_core.data import read_prompts
     from tasks import tracking
 
-    return {
+    report = {
         "bench_id": plan.bench_id,
         "variants": table,
         **headline_numbers(table),
@@ -240,8 +258,15 @@ def make_report(
         "config": ctx.config,  # the bench's config (each variant's overrides are in settings)
         "paths": plan.paths,  # the world: teacher, student, prompts (the cost model's input)
         "grid": sr.search_report(
-            plan.grid, plan.base, plan.lengths, plan.budget_s, chosen, search_scores
-        ),
+            plan.grid,
+            plan.base,
+            plan.lengths,
+            plan.budget_s,
+            chosen,
+            search_scores,
+            plan.held_out,
+            plan.tuned,
+        ),  # fmt: skip
         "budget_s": plan.budget_s,
         "eval_at": ctx.eval_at,
         "calibration": ctx.calibration,
@@ -250,6 +275,7 @@ def make_report(
         "mlflow_run_id": ctx.mlflow_parent,
         "mlflow_uri": tracking.tracking_uri(ctx.out),
     }
+    return {**report, **in_run(report)}
 
 
 def publish(
@@ -355,8 +381,10 @@ def print_report(rep: dict[str, Any]) -> None:
         return f" (95% CI [{c[0]:.2f}, {c[1]:.2f}])" if c else ""
 
     sp = rep["speedup_vs_onpolicy"]
+    untuned = " (untuned: the config's own lr and batch)" if rep.get("speedup_untuned") else ""
     err.print(
         f"speedup vs onpolicy: {f'{sp:.2f}×' if sp is not None else 'n/a'}{ci('speedup')}"
+        + untuned
         + (f" — {rep['speedup_reason']}" if rep.get("speedup_reason") else "")
     )
     for key, unit in (("speedups", "time"), ("teacher_token_ratios", "teacher tokens")):
@@ -370,6 +398,11 @@ def print_report(rep: dict[str, Any]) -> None:
     for key in ("npd_minus_sft_points", "npd_minus_onpolicy_points"):
         if rep[key] is not None:
             err.print(f"{key}: {rep[key]:+.2f}{ci(key)}")
+    flat = [n for n, v in rep["variants"].items() if v.get("learns") is False]
+    if flat:
+        err.print(f"does not learn (no grid point above its start by 1 SE): {', '.join(flat)}")
+    for line in cost_lines(rep):
+        err.print(line)
     err.print(f"plot: {rep['plot']}")
     err.print(f"MLflow: {rep['mlflow_uri']} (run {rep['mlflow_run_id']})")
 

@@ -801,7 +801,7 @@ def section_projection(b: Bench, box: TimeBox, res: dict[str, Any]) -> None:
     bench = json.loads(path.read_text())
     work = cost.workload(bench)
     try:
-        units = device_units(b.report, {work["npd_rows"], work["sft_rows"]})
+        units = cost.device_units(b.report, {work["npd_rows"], work["sft_rows"]})
     except (KeyError, ZeroDivisionError) as e:
         res.update(available=False, why=f"a rate the cost model needs was not measured: {e}")
         return
@@ -816,24 +816,6 @@ def section_projection(b: Bench, box: TimeBox, res: dict[str, Any]) -> None:
         units=units,
         **proj,
     )
-
-
-def device_units(rep: dict[str, Any], rows: set[int]) -> dict[str, Any]:
-    """The measured rates of ``rep`` in the cost model's units (``cost.measure_units``): full
-    rows only, so no per-step fixed cost is separated (``c0_s`` 0)."""
-    op = rep["onpolicy_step"]
-    train = {"c0_s": 0.0, "tokens_per_s": rep["train"]["best_tokens_per_s"]}
-    return {
-        "decode": {
-            k: v["tokens_per_s"]
-            for k, v in rep["generate"]["batches"].items()
-            if "tokens_per_s" in v
-        },
-        "score_packed_tokens_per_s": rep["score"]["tokens_per_s"],
-        "score_padded_tokens_per_s": op["train_tokens"] / op["teacher_score_s"],
-        "train_packed": {str(r): train for r in rows},
-        "train_padded": {"c0_s": 0.0, "tokens_per_s": op["train_tokens"] / op["student_update_s"]},
-    }
 
 
 def _per_sample_split(b: Bench, res: dict[str, Any]) -> None:

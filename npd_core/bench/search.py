@@ -6,18 +6,28 @@ per step, the base value being the sequences that fit the packed rows' token cap
 (``rows × max_seq_len`` over prompt + the response θ_0 actually writes). Each grid point gets a
 short run (seed 0, ``SEARCH_FRACTION`` of the budget); the best final score wins, ties to the
 earlier point (the base first). Where the winner sits at the edge of an axis that has several
-values, that axis extends one step past it, until the choice is interior.
+values, that axis extends one step past it, until the choice is interior. A variant none of whose
+points ends above its start still runs its seeds at its best point (``stats.learns`` marks it).
+
+Noise rule: a search is *separated* when its winner beats the runner-up by more than one
+standard error of the difference of two held-out scores (:func:`separated`); the report says so
+per method, so a choice made among noise is visible. ``npd bench --quick`` runs no search: each
+method takes the choice the world's last full bench recorded (:func:`recorded_choice`), or the
+config's own values, marked untuned.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import json
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from npd_core.bench.harness import Hyper
+from npd_core.bench.stats import score_se
 from npd_core.config import NPDConfig
 
 Grid = dict[str, tuple[float, ...]]  # "lr", "batch" → multipliers of the base point
@@ -27,6 +37,7 @@ SEARCH_FRACTION = 0.5  # each grid point's search run (docs/bench-toy.json: 0.25
 EXTEND = 2.0  # a grid edge extends by this factor of its multiplier…
 MAX_EXTENSIONS = 2  # …at most this many times per axis
 LENGTH_SAMPLE = 256  # θ_0's answers to this many prompts size the on-policy batch
+DOCS = Path(__file__).resolve().parents[2] / "docs"  # docs/bench-<world>.json: the last full bench
 
 Point = tuple[float, float]  # (lr multiplier, batch multiplier)
 # (method, hyperparameters, index of the method's search run) → the run's final score
@@ -96,6 +107,28 @@ def scaled(base: Hyper, lr_mult: float, batch_mult: float) -> Hyper:
     )
 
 
+def recorded_choice(world: str, docs: Path = DOCS) -> tuple[dict[str, Hyper], str] | None:
+    """The hyperparameters the last full bench of ``world`` chose (``grid.chosen`` of
+    ``docs/bench-<world>.json``) and that file's name; None when there is none (or it was a
+    ``--quick`` bench, which chose nothing)."""
+    path = docs / f"bench-{world}.json"
+    if not path.is_file():
+        return None
+    report = json.loads(path.read_text())
+    if report.get("quick") or not report.get("grid", {}).get("chosen"):
+        return None
+    return {m: Hyper(**h) for m, h in report["grid"]["chosen"].items()}, f"docs/{path.name}"
+
+
+def separated(rows: list[dict[str, Any]], n: int) -> bool | None:
+    """Whether a method's search winner beats its runner-up by more than one ``score_se`` on
+    ``n`` held-out prompts; None with fewer than two points (no search)."""
+    if len(rows) < 2:
+        return None
+    best, second = sorted((r["score"] for r in rows), reverse=True)[:2]
+    return best - second > score_se(best, second, n)
+
+
 def search_report(
     grid: Grid,
     base: Hyper,
@@ -103,8 +136,12 @@ def search_report(
     budget_s: float,
     chosen: dict[str, Hyper],
     rows: dict[str, list[dict[str, Any]]],
+    held_out: int,
+    tuned: Mapping[str, str],
 ) -> dict[str, Any]:
-    """The bench JSON's ``grid``: how the hyperparameters were searched and what won."""
+    """The bench JSON's ``grid``: how the hyperparameters were searched, what won, whether the
+    winner stands out of the noise (``separated``) and where each method's values came from
+    (``tuned``: search, a recorded bench's file, or untuned)."""
     points = grid_points(base, grid)
     return {
         "multipliers": {k: list(v) for k, v in grid.items()},
@@ -115,22 +152,45 @@ def search_report(
         "search_budget_s": budget_s * SEARCH_FRACTION if len(points) > 1 else None,
         "chosen": {m: asdict(h) for m, h in chosen.items()},
         "scores": rows,
+        "separated": {m: separated(r, held_out) for m, r in rows.items()},
+        "tuned": dict(tuned),
     }
 
 
 def search(
-    methods: Iterable[str], score: Score, base: Hyper, grid: Grid, log: Callable[[str], None]
+    methods: Iterable[str],
+    score: Score,
+    base: Hyper,
+    grid: Grid,
+    log: Callable[[str], None],
+    recorded: Mapping[str, Hyper] | None = None,
 ) -> tuple[dict[str, Hyper], dict[str, list[dict[str, Any]]]]:
     """Per method, ``score`` at every grid point; the best wins (ties: the earlier point). Where
     the winner sits at the edge of an axis that has several values, that axis extends one step
     past it (× or ÷ ``EXTEND`` of the edge multiplier, the other axis at the winner's value), at
-    most ``MAX_EXTENSIONS`` times per axis, until the choice is interior. Returns the choice and
-    every search run's row, by method."""
+    most ``MAX_EXTENSIONS`` times per axis, until the choice is interior. A method in
+    ``recorded`` takes that choice unsearched. Returns the choice and every search run's row,
+    by method."""
     chosen: dict[str, Hyper] = {}
     rows: dict[str, list[dict[str, Any]]] = {}
     for method in methods:
-        chosen[method], rows[method] = _search_one(method, score, base, grid, log)
+        if recorded and method in recorded:
+            chosen[method], rows[method] = recorded[method], []
+        else:
+            chosen[method], rows[method] = _search_one(method, score, base, grid, log)
     return chosen, rows
+
+
+def tuning(
+    methods: Iterable[str], grid: Grid, recorded: tuple[dict[str, Hyper], str] | None
+) -> dict[str, str]:
+    """Where each method's hyperparameters come from: ``search`` (a grid of several points),
+    the recorded bench's file, or ``untuned`` (the config's own values)."""
+    searched = len(grid["lr"]) * len(grid["batch"]) > 1
+    return {
+        m: "search" if searched else recorded[1] if recorded and m in recorded[0] else "untuned"
+        for m in methods
+    }
 
 
 def _search_one(

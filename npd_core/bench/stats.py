@@ -8,6 +8,10 @@ onpolicy, score differences), each with its 95% interval.
 
 With one seed there is no interval (``None``). Final scores, mean curves and the speedup's
 targets are defined in :mod:`npd_core.bench.curves`.
+
+A variant *learns* when one of its grid points (or its own seeds' mean final score) ends above
+the warm start by more than one standard error of the difference of two held-out scores
+(:func:`learns`); every speedup against a variant that does not learn is undefined.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from npd_core.bench.curves import Curve
 from npd_core.bench.harness import SLACK, VariantResult
 
 POINT_KEYS = ("wall_s", "score", "teacher_tokens", "steps")
+MAIN_PAIR = ("npd", "onpolicy")  # the speedup's two variants
 
 
 def bootstrap_ci(
@@ -97,6 +102,22 @@ def diff_ci(a: Sequence[float], b: Sequence[float]) -> tuple[float, float] | Non
     df = (vx + vy) ** 2 / (vx**2 / (len(x) - 1) + vy**2 / (len(y) - 1))
     half = stats.t.ppf(0.975, df) * se
     return float(d - half), float(d + half)
+
+
+def score_se(a: float, b: float, n: int) -> float:
+    """Standard error, in points, of the difference of two held-out scores ``a`` and ``b``
+    (0–100) on ``n`` prompts each, each taken as a binomial proportion."""
+    pa, pb = min(max(a / 100, 0.0), 1.0), min(max(b / 100, 0.0), 1.0)
+    return 100 * float(np.sqrt((pa * (1 - pa) + pb * (1 - pb)) / max(n, 1)))
+
+
+def learns(start: float, scores: Sequence[float], n: int) -> dict[str, Any]:
+    """Whether any of ``scores`` (a variant's grid points and its seeds' mean final score) ends
+    above ``start`` by more than one :func:`score_se` on ``n`` held-out prompts; with the best
+    score and its margin, so a reader sees how close the call was."""
+    best = max(scores)
+    se = score_se(start, best, n)
+    return {"learns": best - start > se, "best_point_score": best, "learns_se": se}
 
 
 def summarize(results: list[VariantResult], budget_s: float) -> dict[str, Any]:
@@ -179,8 +200,20 @@ def headline_numbers(table: dict[str, dict[str, Any]]) -> dict[str, Any]:
         c = table[name].get("seed_curves_teacher_tokens")
         return [[(p["teacher_tokens"], p["score"]) for p in x] for x in c] if c else None
 
-    out: dict[str, Any] = {}
-    if "npd" in table and "onpolicy" in table:
+    out: dict[str, Any] = {
+        "speedup_untuned": any(table[n].get("tuned") == "untuned" for n in MAIN_PAIR if n in table)
+    }
+    flat = [n for n in MAIN_PAIR if n in table and table[n].get("learns") is False]
+    if flat:
+        why = f"{' and '.join(flat)} does not learn (no grid point above its start by 1 SE)"
+        out.update(
+            speedup_vs_onpolicy=None,
+            speedup_ci95=None,
+            speedup_reason=why,
+            speedups=None,
+            teacher_token_ratios=None,
+        )
+    elif "npd" in table and "onpolicy" in table:
         on, nd, finals = curves("onpolicy"), curves("npd"), table["onpolicy"]["final_scores"]
         s = cv.speedup(on, nd, 1.0, finals)
         out.update(

@@ -206,6 +206,14 @@ def test_bench_quick_json_has_every_field(tmp_path, tiny_world, prefect_server, 
         assert set(idle) == set(v["stage_seconds"]) - {"evaluate"}
         assert idle["train"] == pytest.approx(max(0, 1 - v["stage_seconds"]["train"] / v["wall_s"]))
         assert v["hyperparameters"] == rep["grid"]["chosen"][name]
+        assert v["tuned"] == "untuned" and isinstance(v["learns"], bool)  # --config: none recorded
+    assert rep["speedup_untuned"] is True and rep["grid"]["separated"] == dict.fromkeys(
+        rep["seeds"]
+    )
+    # the cost model calibrated on the runs themselves: a prediction, no seeds 1-2 to check it
+    assert "predicted_speedup_75" in rep and "gpu_projection" in rep
+    if rep["predicted_vs_measured_75"]:
+        assert rep["predicted_vs_measured_75"]["measured_seeds_1_2"] is None
     # one seed each: the differences are those of the final scores, with no interval
     assert rep["speedup_vs_onpolicy"] is not None or rep["speedup_reason"]
     assert rep["speedup_ci95"] is None
@@ -318,7 +326,11 @@ def test_report_tables_fit_an_80_column_terminal(monkeypatch):
         "plot": "/x/bench.png",
         "mlflow_uri": "sqlite:///x/mlflow.db",
         "mlflow_run_id": "r",
-    }
+        "speedup_untuned": True,
+        "predicted_vs_measured_75": {"predicted": 1.82, "measured_seeds_1_2": 1.92,
+                                     "relative_error": -0.052},
+    }  # fmt: skip
+    rep["variants"] = {**rep["variants"], "drop-unfinished": {**v, "learns": False}}
     console = Console(width=80, record=True, file=io.StringIO())
     monkeypatch.setattr(headline, "err", console)
     headline.print_report(rep)
@@ -326,7 +338,9 @@ def test_report_tables_fit_an_80_column_terminal(monkeypatch):
     assert "…" not in text and max(map(len, text.splitlines())) <= 80
     for needle in ("staleness-2", "steps-300", "55.1–67.3", "4.56M", "351k", " 42 ", " 77 "):
         assert needle in text
-    assert "speedup vs onpolicy: 3.50× (95% CI [2.00, 5.00])" in text
+    assert "speedup vs onpolicy: 3.50× (95% CI [2.00, 5.00]) (untuned" in text
+    assert "does not learn (no grid point above its start by 1 SE): drop-unfinished" in text
+    assert "predicted_speedup_75: 1.82× (seeds 1–2 measured 1.92×, -5%)" in text
 
 
 def test_run_variants_runs_only_what_a_resumed_bench_left_and_saves_each_run(tmp_path):

@@ -3,6 +3,8 @@ variant's seconds per stage, NPD's pipelined clock, and the validation against l
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from npd_core.bench import cost
@@ -200,8 +202,6 @@ def test_no_target_when_onpolicy_gains_nothing():
 
 def test_localize_points_the_copy_at_this_output_directory(tmp_path):
     """A bench whose world exists here keeps its paths; its copy names ``out`` as its output."""
-    import json
-
     paths = {k: str(tmp_path / k) for k in ("teacher", "student", "train_prompts", "eval_prompts")}
     for p in paths.values():
         open(p, "w").close()
@@ -211,3 +211,82 @@ def test_localize_points_the_copy_at_this_output_directory(tmp_path):
     assert local == tmp_path / "out" / ".cost-bench-toy.json"
     copy = json.loads(local.read_text())
     assert copy == {"paths": paths, "out": str((tmp_path / "out").resolve()), "budget_s": 140.0}
+
+
+def _bench(variants: dict[str, dict]) -> dict:
+    """A bench JSON around ``variants`` whose workload is ``WORK`` (npd on 1 thread with the
+    probe's overlap gain 1.5, the baselines on 2)."""
+    rows = {"lr": 1e-3, "rows_per_step": 4, "prompts_per_step": 32}
+    variants["npd"]["settings"] = [{"threads": 1}]
+    return {
+        "variants": variants,
+        "config": {
+            "staleness": 1, "threads": 2, "generate": {"batch_size": 128, "n_per_prompt": 1},
+            "pack": {"max_seq_len": 256}, "score": {"top_k": 16, "batch_tokens": 4096},
+        },
+        "grid": {
+            "base_lengths": {"prompt_tokens": 9.0, "response_tokens": 40.0},
+            "chosen": {"npd": rows, "sft": rows, "onpolicy": rows},
+        },
+        "calibration": {"4": {"1": {"overlap_gain": 1.5}}},
+        "train_prompts": 100,
+    }  # fmt: skip
+
+
+def test_calibrate_reads_each_stages_rate_off_the_seed_0_runs():
+    """Runs made of the model's seconds: each unit is tokens ÷ the stage's seconds at the run's
+    batch, the per-step fixed cost folded into the rate at that batch."""
+    bench = _bench(_variants((("npd", 4.0), ("sft", 2.0), ("onpolicy", 3.0))))
+    work = cost.workload(bench)
+    assert {k: work[k] for k in WORK} == WORK
+    units = cost.calibrate(bench, work)
+    assert units["1"]["decode"] == {"128": pytest.approx(1000.0)}  # UNITS["1"] at batch 128
+    assert units["1"]["score_packed_tokens_per_s"] == pytest.approx(5000.0)
+    # 400 tokens a step at 0.1 + 400/2000 = 0.3 s a step: 1333 tokens/s, no c0
+    assert units["1"]["train_packed"]["4"] == {"c0_s": 0.0, "tokens_per_s": pytest.approx(4000 / 3)}
+    assert units["2"]["decode"] == {"32": pytest.approx(600.0)}
+    assert units["2"]["teacher_decode_tokens_per_s"] == pytest.approx(500.0)
+    assert units["2"]["score_padded_tokens_per_s"] == pytest.approx(4000.0)
+    assert units["2"]["train_padded"]["tokens_per_s"] == pytest.approx(400 / (0.05 + 400 / 3000))
+
+
+def test_in_run_predicts_the_speedup_seeds_1_2_measure(tmp_path):
+    """The bench's own cost model: predicted_speedup_75 from seed 0 equals what seeds 1-2
+    measured on runs that follow the model; the GPU projection uses the GPU bench's rates."""
+    bench = _bench(_variants((("npd", 4.0), ("sft", 2.0), ("onpolicy", 3.0))))
+    gpu = {
+        "device": {"name": "H100", "student": {"like": "Qwen2.5-0.5B"},
+                   "teacher": {"like": "Qwen2.5-3B"}},
+        "generate": {"prompt_len": 64, "new_tokens": 128,
+                     "batches": {"8": {"tokens_per_s": 80.0}, "128": {"tokens_per_s": 1300.0}}},
+        "score": {"tokens_per_s": 56_000.0},
+        "train": {"best_tokens_per_s": 61_000.0},
+        "onpolicy_step": {"train_tokens": 12_000, "teacher_score_s": 0.25, "student_update_s": 1.0},
+    }  # fmt: skip
+    path = tmp_path / "gpu-bench.json"
+    path.write_text(json.dumps(gpu))
+    res = cost.in_run(bench, path)
+    pm = res["predicted_vs_measured_75"]
+    assert res["predicted_speedup_75"] == pytest.approx(pm["measured_seeds_1_2"], rel=1e-6)
+    assert pm["within_tolerance"] is True and res["cost_model"]["bottleneck"]["npd"] == "train"
+    g = res["gpu_projection"]
+    units = cost.device_units(gpu, {4})
+    assert g["units"] == units and g["device"] == "H100" and len(g["assumptions"]) == 5
+    assert g["speedup"] == pytest.approx(cost.project(bench, units)["speedup"])
+    assert units["score_padded_tokens_per_s"] == 48_000.0  # 12,000 tokens in 0.25 s
+    lines = cost.cost_lines(res)
+    assert lines[0].startswith("predicted_speedup_75: ") and lines[0].endswith(", +0%)")
+    assert "projection to H100 (not measured)" in lines[1]
+    assert cost.in_run(bench, tmp_path / "none.json")["gpu_projection"] is None
+
+
+def test_in_run_without_onpolicy_or_with_one_seed():
+    one = _bench(_variants((("npd", 4.0), ("onpolicy", 3.0))))
+    for v in one["variants"].values():
+        v["seed_curves"], v["seed_totals"] = v["seed_curves"][:1], v["seed_totals"][:1]
+    res = cost.in_run(one)
+    assert res["predicted_speedup_75"] is not None  # predicted from seed 0 …
+    assert res["predicted_vs_measured_75"]["measured_seeds_1_2"] is None  # … validated later
+    del one["variants"]["onpolicy"]
+    res = cost.in_run(one)
+    assert res["predicted_speedup_75"] is None and res["cost_model"]["available"] is False

@@ -8,7 +8,15 @@ from dataclasses import asdict
 import pytest
 
 from npd_core.bench.harness import Hyper
-from npd_core.bench.search import GRID, QUICK_GRID, search, search_report
+from npd_core.bench.search import (
+    GRID,
+    QUICK_GRID,
+    recorded_choice,
+    search,
+    search_report,
+    separated,
+    tuning,
+)
 
 
 def _fake_search(score_of) -> tuple[Hyper, list[dict]]:
@@ -48,11 +56,56 @@ def test_search_extends_each_axis_at_most_twice_and_keeps_ties_on_the_earlier_po
 
 def test_search_report_lists_the_grid_and_the_choice():
     h, rows = _fake_search(lambda lr, r: 1.0)
-    rep = search_report(GRID, HYPER_BASE, {"prompt_tokens": 9.0}, 100.0, {"npd": h}, {"npd": rows})
+    rep = search_report(
+        GRID, HYPER_BASE, {"prompt_tokens": 9.0}, 100.0, {"npd": h}, {"npd": rows}, 1000,
+        {"npd": "search"},
+    )  # fmt: skip
     assert rep["multipliers"] == {"lr": [1.0, 0.5, 2.0], "batch": [1.0, 0.5]}
     assert len(rep["points"]) == 6 and rep["points"][0] == rep["base"] == asdict(HYPER_BASE)
     assert rep["points"][4] == {"lr": 5e-4, "rows_per_step": 8, "prompts_per_step": 32}
     assert rep["search_budget_s"] == 50.0 and rep["extend"] == {"factor": 2.0, "max_per_axis": 2}
     assert rep["chosen"] == {"npd": asdict(h)} and rep["scores"]["npd"] == rows
-    one = search_report(QUICK_GRID, HYPER_BASE, {}, 100.0, {}, {})
+    assert rep["separated"] == {"npd": False} and rep["tuned"] == {"npd": "search"}  # all tied
+    one = search_report(QUICK_GRID, HYPER_BASE, {}, 100.0, {}, {}, 1000, {})
     assert one["search_budget_s"] is None  # one point: no search runs
+
+
+def test_separated_needs_a_lead_above_one_standard_error():
+    # 1000 prompts at 50 and 47: SE of the difference = 100·√(2·0.25/1000) ≈ 2.24 points
+    rows = [{"score": 47.0}, {"score": 50.0}, {"score": 30.0}]
+    assert separated(rows, 1000) is True
+    assert separated(rows, 100) is False  # SE ≈ 7.1 points on 100 prompts
+    assert separated(rows[:1], 1000) is None  # one point: no search
+
+
+def test_quick_takes_the_last_full_benchs_choice_unsearched(tmp_path):
+    """docs/bench-WORLD.json's grid.chosen is what --quick runs at; a quick bench's file or
+    none leaves the config's values, marked untuned."""
+    import json
+
+    chosen = {"npd": asdict(Hyper(0.012, 4, 60)), "onpolicy": asdict(Hyper(0.006, 8, 121))}
+    (tmp_path / "bench-toy.json").write_text(
+        json.dumps({"quick": False, "grid": {"chosen": chosen}})
+    )
+    (tmp_path / "bench-long.json").write_text(
+        json.dumps({"quick": True, "grid": {"chosen": chosen}})
+    )
+    rec = recorded_choice("toy", tmp_path)
+    assert rec == (
+        {"npd": Hyper(0.012, 4, 60), "onpolicy": Hyper(0.006, 8, 121)},
+        "docs/bench-toy.json",
+    )
+    assert recorded_choice("long", tmp_path) is None and recorded_choice("views", tmp_path) is None
+    scored = []
+    got, rows = search(
+        ["npd", "sft", "onpolicy"], lambda m, h, k: scored.append(m) or 1.0, HYPER_BASE,
+        QUICK_GRID, lambda m: None, rec[0],
+    )  # fmt: skip
+    assert got == {"npd": rec[0]["npd"], "sft": HYPER_BASE, "onpolicy": rec[0]["onpolicy"]}
+    assert scored == [] and rows == {"npd": [], "sft": [], "onpolicy": []}
+    assert tuning(["npd", "sft"], QUICK_GRID, rec) == {
+        "npd": "docs/bench-toy.json",
+        "sft": "untuned",
+    }
+    assert tuning(["npd"], QUICK_GRID, None) == {"npd": "untuned"}
+    assert tuning(["npd"], GRID, rec) == {"npd": "search"}

@@ -50,3 +50,30 @@ def test_speedup_ci_resamples_finals_with_their_curves():
     assert ci is not None and ci[0] >= 2.0 - 1e-9
     with pytest.raises(ValueError):
         st.speedup_ci(on, nd, finals=[40.0])  # one final per onpolicy curve
+
+
+def test_learns_needs_a_gain_above_one_standard_error():
+    # start 20, 500 prompts: SE of the difference at 23 = 100·√((0.16 + 0.1771)/500) ≈ 2.60
+    assert st.score_se(20.0, 23.0, 500) == pytest.approx(2.597, abs=1e-3)
+    yes = st.learns(20.0, [18.0, 23.0, 21.0], 500)
+    assert yes["learns"] is True and yes["best_point_score"] == 23.0
+    assert st.learns(20.0, [18.0, 22.0], 500)["learns"] is False  # 2 points: within the noise
+    assert st.learns(20.0, [19.0, 20.0], 10_000)["learns"] is False  # at or below its start
+
+
+def _row(final: float, learns: bool, tuned: str = "search") -> dict:
+    """One seed (no bootstrap): θ_0 at 10, ``final`` at 100 s."""
+    curve = [{"wall_s": 0.0, "score": 10.0}, {"wall_s": 100.0, "score": final}]
+    return {"seed_curves": [curve], "final_scores": [final], "learns": learns, "tuned": tuned}
+
+
+def test_every_speedup_against_a_variant_that_does_not_learn_is_undefined():
+    out = st.headline_numbers({"npd": _row(40.0, True), "onpolicy": _row(11.0, False)})
+    assert out["speedup_vs_onpolicy"] is None and out["speedups"] is None
+    assert out["teacher_token_ratios"] is None and out["speedup_ci95"] is None
+    assert out["speedup_reason"].startswith("onpolicy does not learn")
+    assert out["npd_minus_onpolicy_points"] == pytest.approx(29.0)  # scores still compared
+    both = st.headline_numbers({"npd": _row(40.0, True), "onpolicy": _row(30.0, True)})
+    assert both["speedup_vs_onpolicy"] is not None and both["speedup_untuned"] is False
+    raw = {"npd": _row(40.0, True, "untuned"), "onpolicy": _row(30.0, True)}
+    assert st.headline_numbers(raw)["speedup_untuned"] is True
