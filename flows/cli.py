@@ -489,7 +489,8 @@ def export(
     AutoModelForCausalLM/AutoTokenizer.from_pretrained load without npd, and/or register it in
     the MLflow Model Registry (--register NAME: a transformers model with its tokenizer, tagged
     with run id, round and score)."""
-    from flows.export import export_checkpoint, parse_round, register_checkpoint
+    from flows.export import register_checkpoint
+    from npd_core.store.export import export_checkpoint, parse_round
 
     if dest is None and register is None:
         raise StoreUsageError("npd export: give a directory to write, --register NAME, or both")
