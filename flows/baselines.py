@@ -14,6 +14,7 @@ from typing import Any
 
 from prefect import flow
 
+from npd_core.baselines.result import baseline_result, counted_s
 from npd_core.baselines.sft import DATA_ROUND, teacher_as_generator
 from npd_core.pipeline.kernels import choose_attention
 from npd_core.pipeline.spec import RunSpec
@@ -41,29 +42,7 @@ def _train_and_evaluate(
         b.record_checkpoint(spec, k, segments[-1], evals[-1], mlf)
     scores = [e.metrics.score for e in evals]
     run_tasks.close_run(spec, mlf, scores[0], scores[-1])
-    last = segments[-1]["metrics"]
-    counters = last["counters"]
-    stage_s = {k.removesuffix("_s"): v for k, v in counters.items() if k.endswith("_s")}
-    stage_s["evaluate"] = sum(e.seconds for e in evals)
-    clocks = [0.0] + [x["metrics"]["clock_s"] for x in segments]
-    upfront = data["metrics"]["teacher_tokens"] if data else 0  # sft: the teacher's answers
-    teacher = [0] + [upfront + x["metrics"]["counters"].get("teacher_tokens", 0) for x in segments]
-    steps = [0] + [x["metrics"]["step"] for x in segments]
-    return {
-        "run_id": spec.run_id,
-        "mlflow_run_id": mlf,
-        "curve": [
-            {"wall_s": w, "score": s, "teacher_tokens": int(n), "steps": int(k)}
-            for w, s, n, k in zip(clocks, scores, teacher, steps, strict=True)
-        ],
-        "wall_s": last["clock_s"],
-        "steps": last["step"],
-        "total_steps": last["total_steps"],
-        "train_tokens": int(counters.get("train_tokens", 0)),
-        "generated_tokens": int(counters.get("generated_tokens", 0)),
-        "stage_seconds": stage_s,
-        "data": data,
-    }
+    return baseline_result(spec.run_id, mlf, segments, scores, sum(e.seconds for e in evals), data)
 
 
 @flow(name="npd-sft", flow_run_name="{spec.run_id}", log_prints=True)
@@ -85,18 +64,13 @@ def sft_flow(
         }
 
     def segment(k: int, until: float, prev: dict | None, mlf: str) -> dict:
-        clock0 = _counted_s(prev) if k == 1 else 0.0  # the teacher's answers are on the clock
+        clock0 = counted_s(prev) if k == 1 else 0.0  # the teacher's answers are on the clock
         return b.sft_train(spec, k, until, eval_at[-1], clock0, upstream=prev, mlflow_run=mlf)
 
     res = _train_and_evaluate(spec, eval_at, mlflow_parent, segment, before=teacher_answers)
     res["generated_tokens"] = res["data"]["metrics"]["generated_tokens"]
-    res["stage_seconds"]["generate"] = _counted_s(res["data"])
+    res["stage_seconds"]["generate"] = counted_s(res["data"])
     return res
-
-
-def _counted_s(stage: dict) -> float:
-    """A stage's seconds less its loads and writes (``io_spans``), as the clocks count them."""
-    return stage["seconds"] - sum(e - s for s, e in stage["io_spans"])
 
 
 @flow(name="npd-onpolicy", flow_run_name="{spec.run_id}", log_prints=True)
