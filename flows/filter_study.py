@@ -10,21 +10,19 @@ by the end of a sitting resumes where it stopped.
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, replace
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from flows.env import finite
 from flows.variants import BenchContext, run_npd
 from npd_core.bench import curves as cv
+from npd_core.bench import filter_stages as fst
 from npd_core.bench import filter_study as fs
 from npd_core.bench.harness import DEFAULT_BUDGET_S, SLACK, Hyper
 from npd_core.config import load_config, merge
-from npd_core.errors import ConfigError
 
 
 def run_cell(ctx: BenchContext, cell: fs.Cell, hyper: Hyper) -> dict[str, Any]:
@@ -55,19 +53,8 @@ def run_study(
     from tasks import tracking
 
     folder = out / "filter-study"
-    saved = _load(folder / f"{stage}.json")
-    if stage == "screen":
-        cells = fs.screen_cells()
-    else:
-        screen = _load(folder / "screen.json")
-        names = {x.name for x in fs.screen_cells()}
-        done = [c for c in screen.get("cells", []) if c["name"] in names]
-        if len(done) < len(names):
-            raise ConfigError(
-                f"{folder / 'screen.json'}: the screen has {len(done)} of "
-                f"{len(names)} cells; run `npd bench filter --stage screen` first"
-            )
-        cells = fs.confirm_cells(fs.confirm_rules(done))
+    saved = fst.load(folder / f"{stage}.json")
+    cells = fst.stage_cells(stage, folder)
     cfg = load_config(config)
     plan = plan_bench(
         out=out, config=config, quick=True, seeds=1, budget_s=None, names=["npd"], peers=[], log=log
@@ -83,42 +70,14 @@ def run_study(
             continue
         log(f"filter study {stage}: {cell.name} ({len(results) + 1}/{len(cells)})")
         results[cell.name] = {"name": cell.name, **run_cell(ctx, cell, hyper)}
-        _save(folder / f"{stage}.json", {"stage": stage, "cells": list(results.values())})
+        fst.save(folder / f"{stage}.json", {"stage": stage, "cells": list(results.values())})
     done = [results[c.name] for c in cells]
-    report: dict[str, Any] = {
-        "stage": stage,
-        "budget_s": budget,
-        "hyperparameters": asdict(hyper),
-        "finished_at": datetime.now().isoformat(timespec="seconds"),
-        "summary": fs.summary(done),
-        "cells": done,
-    }
-    if stage == "screen":
-        report["confirm_rules"] = fs.confirm_rules(done)
-    else:
-        report["decision"] = fs.decide(done)
-    st4 = {
-        rule: fs.mean_by_round([c for c in done if c["rule"] == rule and c["staleness"] == 4])
-        for rule in dict.fromkeys(c["rule"] for c in done)
-    }
-    png = rule_curves(
-        st4, f"npd bench filter ({stage}): staleness 4, mean over seeds", folder / f"{stage}.png"
-    )
+    report = fst.report(stage, budget, hyper, done)
+    title = f"npd bench filter ({stage}): staleness {fst.PLOT_STALENESS}, mean over seeds"
+    png = rule_curves(fst.plotted_means(done), title, folder / f"{stage}.png")
     report["plot"] = str(png.resolve())
-    _save(folder / f"{stage}.json", report)
+    fst.save(folder / f"{stage}.json", report)
     tracking.log_artifact(str(out), ctx.mlflow_parent, folder / f"{stage}.json")
     tracking.log_artifact(str(out), ctx.mlflow_parent, png)
     tracking.end_run(str(out), ctx.mlflow_parent)
     return finite(report)
-
-
-def _load(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def _save(path: Path, data: dict[str, Any]) -> None:
-    from npd_core.atomic import atomic_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps(finite(data), indent=1))
