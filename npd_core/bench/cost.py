@@ -242,7 +242,7 @@ def calibrate(bench: dict[str, Any], work: dict[str, Any]) -> dict[str, Any]:
     def put(threads: Any, path: tuple[str, ...], value: float | None) -> None:
         if value is None:
             return
-        node = units.setdefault(str(threads), {"decode": {}})
+        node = units.setdefault(str(threads), {})
         for k in path[:-1]:
             node = node.setdefault(k, {})
         node.setdefault(path[-1], value)  # the first run to measure a unit keeps it
