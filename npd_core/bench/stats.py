@@ -203,17 +203,7 @@ def headline_numbers(table: dict[str, dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {
         "speedup_untuned": any(table[n].get("tuned") == "untuned" for n in MAIN_PAIR if n in table)
     }
-    flat = [n for n in MAIN_PAIR if n in table and table[n].get("learns") is False]
-    if flat:
-        why = f"{' and '.join(flat)} does not learn (no grid point above its start by 1 SE)"
-        out.update(
-            speedup_vs_onpolicy=None,
-            speedup_ci95=None,
-            speedup_reason=why,
-            speedups=None,
-            teacher_token_ratios=None,
-        )
-    elif "npd" in table and "onpolicy" in table:
+    if "npd" in table and "onpolicy" in table:
         on, nd, finals = curves("onpolicy"), curves("npd"), table["onpolicy"]["final_scores"]
         s = cv.speedup(on, nd, 1.0, finals)
         out.update(
@@ -237,6 +227,13 @@ def headline_numbers(table: dict[str, dict[str, Any]]) -> dict[str, Any]:
             speedups=None,
             teacher_token_ratios=None,
         )
+    flat = [n for n in MAIN_PAIR if n in table and table[n].get("learns") is False]
+    if flat:  # the crossing times stay (measurements); no ratio against a flat curve
+        why = f"{' and '.join(flat)} does not learn (no grid point above its start by 1 SE)"
+        out.update(speedup_vs_onpolicy=None, speedup_ci95=None, speedup_reason=why)
+        for key in ("speedups", "teacher_token_ratios"):
+            if out[key]:
+                out[key] = [{**x, "ratio": None, "ci95": None, "reason": why} for x in out[key]]
     for other in ("sft", "onpolicy"):
         key = f"npd_minus_{other}_points"
         if "npd" in table and other in table:

@@ -69,9 +69,10 @@ def _row(final: float, learns: bool, tuned: str = "search") -> dict:
 
 def test_every_speedup_against_a_variant_that_does_not_learn_is_undefined():
     out = st.headline_numbers({"npd": _row(40.0, True), "onpolicy": _row(11.0, False)})
-    assert out["speedup_vs_onpolicy"] is None and out["speedups"] is None
-    assert out["teacher_token_ratios"] is None and out["speedup_ci95"] is None
+    assert out["speedup_vs_onpolicy"] is None and out["speedup_ci95"] is None
     assert out["speedup_reason"].startswith("onpolicy does not learn")
+    assert [x["fraction"] for x in out["speedups"]] == [0.5, 0.75, 0.9, 1.0]
+    assert all(x["ratio"] is None and x["reason"] == out["speedup_reason"] for x in out["speedups"])
     assert out["npd_minus_onpolicy_points"] == pytest.approx(29.0)  # scores still compared
     both = st.headline_numbers({"npd": _row(40.0, True), "onpolicy": _row(30.0, True)})
     assert both["speedup_vs_onpolicy"] is not None and both["speedup_untuned"] is False
