@@ -12,10 +12,8 @@ import inspect
 import json
 import sys
 import time
-import uuid
 import warnings
 from dataclasses import replace
-from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -54,10 +52,6 @@ RUN: dict[str, str] = {}  # the run this command started or resumed (for the res
 @app.callback()
 def _main(debug: Annotated[bool, typer.Option("--debug", help="show tracebacks")] = False) -> None:
     DEBUG["on"] = debug
-
-
-def new_run_id() -> str:
-    return f"{datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
 
 
 class Bars:
@@ -201,7 +195,7 @@ def demo(
 
     cfg = load_config(config, parse_overrides(overrides or [], rounds=rounds))
     # after the config: a bad one fails before torch loads
-    from npd_core.pipeline.resolve import resolve_spec
+    from npd_core.pipeline.resolve import new_run_id, resolve_spec
 
     build = Bars(True)
     with build.progress:
@@ -240,7 +234,7 @@ def run(
             f"{config}: `npd run` needs held-out prompts; set data.eval_prompts, or eval.sets "
             "for several sets"
         )
-    from npd_core.pipeline.resolve import resolve_spec
+    from npd_core.pipeline.resolve import new_run_id, resolve_spec
 
     spec, _ = resolve_spec(cfg, out, new_run_id())
     err.print(f"run {spec['run_id']}: {cfg.rounds} rounds, staleness {cfg.staleness}")

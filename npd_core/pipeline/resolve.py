@@ -4,10 +4,13 @@ the run. Plain library code: ``npd demo``/``npd run``, the scheduled flow and th
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from npd_core.atomic import atomic_file
 from npd_core.config import NPDConfig
 from npd_core.data import Prompt, reads_as_is, write_prompts
 from npd_core.errors import ConfigError, DataError
@@ -17,6 +20,11 @@ from npd_core.pipeline.spec import RunSpec
 from npd_core.store import Store
 from npd_core.store.lineage import used_prompt_ids
 from npd_core.toy.world import WORLDS, BuildProgress, ToyWorld, build_toy_world, world_spec
+
+
+def new_run_id() -> str:
+    """npd's own run id: when it was made, readable, and a random suffix."""
+    return f"{datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
 
 
 def resolve_spec(
@@ -102,8 +110,6 @@ def freeze(prompts: list[Prompt], out: Path, run_id: str, name: str) -> Path:
     retry and resume reads with the default options, whatever form and field names the
     user's set has (Parquet, a folder of shards, a save_to_disk folder, a glob)."""
     path = RunSpec.path(out, run_id).with_name(f"{name}.jsonl")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".jsonl.tmp")
-    write_prompts(tmp, prompts)
-    tmp.replace(path)
+    with atomic_file(path) as tmp:
+        write_prompts(tmp, prompts)
     return path

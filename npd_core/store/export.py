@@ -1,7 +1,7 @@
 """``npd export``'s writing half: one checkpoint of a run as a plain HF model directory (config,
 weights, tokenizer), which ``AutoModelForCausalLM``/``AutoTokenizer.from_pretrained`` load
 without npd. No optimizer or RNG state goes along; ``npd-export.json`` says where the weights
-came from. (Registering it in the MLflow Model Registry is ``flows/export.py``.)"""
+came from. Registering it in the MLflow Model Registry needs MLflow, so the command does that."""
 
 from __future__ import annotations
 
