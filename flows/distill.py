@@ -77,16 +77,6 @@ def _sharded(
     return runners.submit(runner, t.commit, None, spec=spec, r=r, stage=stage, upstream=parts)
 
 
-def _raise_first_failure(futures: list[PrefectFuture]) -> None:
-    """Re-raise the stage's own error: tasks downstream of a failure stay Pending, and asking
-    them for a result would only say so."""
-    for f in futures:
-        f.wait()
-    for f in sorted(futures, key=lambda f: f.state.timestamp):
-        if f.state.is_failed() or f.state.is_crashed():
-            f.result()
-
-
 @flow(
     name="npd-distill",
     flow_run_name="{spec.run_id}",
@@ -175,7 +165,7 @@ def _local_rounds(
         *(f for p in produced.values() for f in p.values()),
         *(trains[r] for r in range(1, last + 1)),
     ]
-    _raise_first_failure(shards + stage_futures + rounds)
+    runners.raise_first_failure(shards + stage_futures + rounds)
     return [f.result() for f in stage_futures], [f.result() for f in rounds]
 
 

@@ -6,6 +6,7 @@ process, where its torchrun ranks live (``npd_core.pipeline.workers``). Each sha
 for what one engine needs (:func:`shard_resources`), so K shards run on K workers, or K GPUs.
 With no ``ray_address`` the runner starts a local cluster for the flow run and stops it at the
 end; prefect-ray reuses a cluster this process already joined (``ray.init``) and leaves it up.
+A failed round re-raises its stage's own error (:func:`raise_first_failure`).
 """
 
 from __future__ import annotations
@@ -100,3 +101,13 @@ def shard_resources(spec: RunSpec, runner: TaskRunner | None) -> Any:
     gpus = EngineOptions.of(spec.cfg).gpus if total.get("GPU", 0) > 0 else 0
     cpus = min(spec.stage_threads(), int(total.get("CPU", 1)))
     return remote_options(num_cpus=cpus, num_gpus=gpus)
+
+
+def raise_first_failure(futures: list[PrefectFuture]) -> None:
+    """Re-raise the stage's own error: tasks downstream of a failure stay Pending, and asking
+    them for a result would only say so."""
+    for f in futures:
+        f.wait()
+    for f in sorted(futures, key=lambda f: f.state.timestamp):
+        if f.state.is_failed() or f.state.is_crashed():
+            f.result()
