@@ -65,6 +65,30 @@ class _Digest:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
 
 
+class _Sized(_Digest):
+    """A world whose runs need their own round size, lr, response cap, row length and metric
+    (class attributes and properties, not fields: the digest covers fields only)."""
+
+    round_prompts: int
+    train_lr: float
+    metric: str
+    also: tuple[str, ...] = ()  # metrics graded beside the primary (eval.also)
+
+    def config_defaults(self) -> dict:
+        """Round size, learning rate, response cap, row length and metric for runs on this
+        world (a config that sets them keeps its own)."""
+        evals: dict = {"metric": self.metric}
+        if self.also:
+            evals["also"] = list(self.also)
+        return {
+            "data": {"prompts_per_round": self.round_prompts},
+            "train": {"lr": self.train_lr},
+            "generate": {"max_new_tokens": self.max_new_tokens},  # type: ignore[attr-defined]
+            "pack": {"max_seq_len": self.max_seq_len},  # type: ignore[attr-defined]
+            "eval": evals,
+        }
+
+
 @dataclass(frozen=True)
 class ToySpec(_Digest):
     n_train: int = 4000  # distillation prompts
@@ -110,7 +134,7 @@ class ToySpec(_Digest):
 
 
 @dataclass(frozen=True)
-class LongSpec(_Digest):
+class LongSpec(_Sized):
     """The long-answer world: selection-sort traces of ``min_len``–``max_len`` words
     (``long_task``), ``n² − 1`` response tokens each (68.8 on average, 15–143), graded on the
     final line. Sizes chosen by a time-boxed search against the headline issue's criteria
@@ -152,17 +176,6 @@ class LongSpec(_Digest):
     def response_text(self, answer: str) -> str:
         return long_task.response_text(answer)
 
-    def config_defaults(self) -> dict:
-        """Round size, learning rate, response cap, row length and metric for runs on this
-        world (a config that sets them keeps its own)."""
-        return {
-            "data": {"prompts_per_round": self.round_prompts},
-            "train": {"lr": self.train_lr},
-            "generate": {"max_new_tokens": self.max_new_tokens},
-            "pack": {"max_seq_len": self.max_seq_len},
-            "eval": {"metric": self.metric},
-        }
-
     @classmethod
     def tiny(cls) -> LongSpec:
         """Seconds to build; for tests of the pipeline, not of the method."""
@@ -180,7 +193,7 @@ class LongSpec(_Digest):
 
 
 @dataclass(frozen=True)
-class ViewsSpec(_Digest):
+class ViewsSpec(_Sized):
     """The views world: eight views of a list of ``min_len``–``max_len`` words, one a line
     (``views_task``), 44–70 response tokens (≈ 60), graded per line (``eval.metric: lines``).
     The student's warm start is SFT on true answers until its held-out curve has flattened
@@ -202,6 +215,7 @@ class ViewsSpec(_Digest):
 
     prefix = "views"
     metric = "lines"
+    also = ("exact",)  # every line right, beside the per-line score
     # a round carries about the toy's response tokens (2,048 × ~9): 256 × ~60 ≈ 15 k, as the
     # long world's round
     round_prompts = 256
@@ -219,17 +233,6 @@ class ViewsSpec(_Digest):
 
     def response_text(self, answer: str) -> str:
         return views_task.response_text(answer)
-
-    def config_defaults(self) -> dict:
-        """Round size, learning rate, response cap, row length and metric for runs on this
-        world (a config that sets them keeps its own)."""
-        return {
-            "data": {"prompts_per_round": self.round_prompts},
-            "train": {"lr": self.train_lr},
-            "generate": {"max_new_tokens": self.max_new_tokens},
-            "pack": {"max_seq_len": self.max_seq_len},
-            "eval": {"metric": self.metric, "also": ["exact"]},  # every line right, beside
-        }
 
     @classmethod
     def tiny(cls) -> ViewsSpec:
