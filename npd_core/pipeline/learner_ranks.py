@@ -18,8 +18,8 @@ from npd_core.crashpoints import pause_point
 from npd_core.method.train import StepLog
 from npd_core.pipeline import workers
 from npd_core.pipeline.learner import learn_round
+from npd_core.pipeline.round_rows import packed_round
 from npd_core.pipeline.spec import RunSpec
-from npd_core.pipeline.stages import packed_round
 
 
 def train_job(job: dict[str, Any], progress: workers.Progress) -> dict[str, Any]:

@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 
 from npd_core import iotime
@@ -39,9 +38,8 @@ from npd_core.method.evaluate import exact_match, greedy_decoded, teacher_loglik
 from npd_core.method.filter import ScoreColumns, apply_filter, dropped_kl_share, sample_scores
 from npd_core.method.generate import apply_stop_strings
 from npd_core.method.ifd import delta_ifd, log_ifd
-from npd_core.method.packing import Sample, packed_rows
+from npd_core.method.packing import packed_rows
 from npd_core.method.score import TopK
-from npd_core.method.train import Targets
 from npd_core.models import (
     encode_prompts,
     format_prompts,
@@ -54,7 +52,6 @@ from npd_core.models import (
 from npd_core.pipeline import retention
 from npd_core.pipeline.engines import Progress, generate_with, score_with
 from npd_core.pipeline.learner import (
-    RoundRows,
     learn_on_ranks,
     learn_round,
     record_checkpoint,
@@ -71,11 +68,10 @@ from npd_core.pipeline.results import (
     TrainMetrics,
     combined,
 )
+from npd_core.pipeline.round_rows import SAMPLE_KEY, packed_round, samples_of
 from npd_core.pipeline.spec import RunSpec, generator_round, rel_path
 from npd_core.seeds import seed_for
 from npd_core.store import Shard, table_from_rows
-
-SAMPLE_KEY = ["prompt_id", "sample_idx"]
 
 
 def _now() -> datetime:
@@ -401,15 +397,6 @@ def filter_stage(spec: RunSpec, r: int, prov: dict[str, str]) -> StageResult[Fil
 
 
 # ---------------------------------------------------------------- pack
-def _samples_of(table: pa.Table) -> list[Sample]:
-    pairs = zip(
-        table.column("prompt_token_ids").to_pylist(),
-        table.column("response_token_ids").to_pylist(),
-        strict=True,
-    )
-    return [Sample(p, y) for p, y in pairs]
-
-
 def pack_stage(spec: RunSpec, r: int, prov: dict[str, str]) -> StageResult[PackMetrics]:
     """Best-fit-decreasing packing of the kept samples into rows of ``max_seq_len``; the table
     it writes is the train stage's input as it stands (see ``packed_round``)."""
@@ -419,7 +406,7 @@ def pack_stage(spec: RunSpec, r: int, prov: dict[str, str]) -> StageResult[PackM
         store = spec.store
         s = store.read_stage(spec.run_id, r, "generate", "samples")
         s = s.filter(store.read_stage(spec.run_id, r, "filter", "filter").column("kept"))
-        samples = _samples_of(s)
+        samples = samples_of(s)
         p = cfg.pack
         seed = seed_for(cfg.seed, "pack", r)
         kept, index, rows = packed_rows(samples, p.max_seq_len, p.overlong, p.mode, seed)
@@ -443,60 +430,6 @@ def pack_stage(spec: RunSpec, r: int, prov: dict[str, str]) -> StageResult[PackM
 
 
 # ---------------------------------------------------------------- train
-def packed_round(spec: RunSpec, r: int) -> RoundRows:
-    """D_r exactly as the pack stage laid it out, nothing re-derived: sample i is the pack
-    table's i-th entry in (row, slot) order, cut to the length packed there (the overlong
-    policy ran once, in the pack stage); rows are lists of those indices; the teacher targets
-    are decoded for the packed samples only."""
-    store = spec.store
-    pk = store.read_stage(spec.run_id, r, "pack", "pack")
-    pk = pk.sort_by([("row", "ascending"), ("slot", "ascending")])
-    s = store.read_stage(spec.run_id, r, "generate", "samples")
-    where = {key: i for i, key in enumerate(_sample_keys(s))}
-    at = pa.array([where[key] for key in _sample_keys(pk)], pa.int64())
-    lengths = pk.column("length").to_pylist()
-    samples = [x.cut(n) for x, n in zip(_samples_of(s.take(at)), lengths, strict=True)]
-    row_of = pk.column("row").to_pylist()
-    rows: list[list[int]] = [[] for _ in range(1 + max(row_of, default=-1))]
-    for i, b in enumerate(row_of):
-        rows[b].append(i)
-    if not samples:
-        return RoundRows(samples, rows, None)
-    sc = store.read_stage(spec.run_id, r, "score", "scores").take(at)
-    ids = _topk_arrays(sc.column("topk_ids"), np.int64)
-    lps = _topk_arrays(sc.column("topk_logprobs"), np.float32)
-    if not spec.cfg.train.needs_token_logprobs:
-        return RoundRows(samples, rows, Targets.from_lists(ids, lps))
-    teacher = _token_arrays(sc.column("teacher_token_logprobs"), ids)
-    generator = _token_arrays(s.take(at).column("token_logprobs"), ids)
-    return RoundRows(samples, rows, Targets.from_lists(ids, lps, teacher, generator))
-
-
-def _token_arrays(col: pa.ChunkedArray, like: list[np.ndarray]) -> list[np.ndarray]:
-    """list<float> column → one (positions,) float32 array per row, as long as ``like``'s; NaN
-    where a row has none (a sequence without a generator: data.mix)."""
-    return [
-        np.full(len(n), np.nan, np.float32) if x is None else np.asarray(x, np.float32)
-        for x, n in zip(col.to_pylist(), like, strict=True)
-    ]
-
-
-def _sample_keys(table: pa.Table) -> list[tuple[str, int]]:
-    return list(zip(*(table.column(c).to_pylist() for c in SAMPLE_KEY), strict=True))
-
-
-def _topk_arrays(col: pa.ChunkedArray, dtype: type) -> list[np.ndarray]:
-    """list<list<x>> column → one (positions, k) array per row, without a Python loop per value."""
-    out: list[np.ndarray] = []
-    for chunk in col.chunks:
-        n_pos = pc.list_value_length(chunk).to_numpy(zero_copy_only=False)  # (rows,)
-        inner = pc.list_flatten(chunk)
-        k = int(pc.max(pc.list_value_length(inner)).as_py() or 1) if len(inner) else 1
-        flat = pc.list_flatten(inner).to_numpy(zero_copy_only=False).astype(dtype).reshape(-1, k)
-        out += np.split(flat, np.cumsum(n_pos)[:-1])
-    return out
-
-
 def train_stage(
     spec: RunSpec, r: int, prov: dict[str, str], on_step: Callable | None = None
 ) -> StageResult[TrainMetrics]:
