@@ -181,8 +181,9 @@ def demo(
         str,
         typer.Option(
             "--world",
-            help="embedded world: toy (short sorted lists) or long (selection-sort traces, "
-            "graded on their final line)",
+            help="embedded world: toy (short sorted lists), long (selection-sort traces, "
+            "graded on their final line), views (eight views of a list, graded per line) or "
+            "smol (SmolLM2-135M-Instruct and a pruned student; `make smol` first)",
         ),
     ] = "toy",
     as_json: JsonOpt = False,
