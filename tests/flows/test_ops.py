@@ -233,17 +233,17 @@ def test_nightly_runs_continue_from_the_best_and_skip_used_prompts(
     best = query(
         db,
         "select run_id, round, path, score from checkpoints where is_best and run_id = ?",
-        [first["run_id"]],
+        [first.run_id],
     ).to_pylist()[0]
-    run2 = query(db, "select * from runs where run_id = ?", [second["run_id"]]).to_pylist()[0]
-    assert (run2["parent_run_id"], run2["parent_round"]) == (first["run_id"], best["round"])
+    run2 = query(db, "select * from runs where run_id = ?", [second.run_id]).to_pylist()[0]
+    assert (run2["parent_run_id"], run2["parent_round"]) == (first.run_id, best["round"])
     assert run2["deployment"] == "npd-scheduled" and Path(run2["student"]) == out / best["path"]
-    assert second["start_score"] == best["score"]  # θ_0 of run 2 is run 1's best, re-evaluated
+    assert second.start_score == best["score"]  # θ_0 of run 2 is run 1's best, re-evaluated
     gen = (
         query(
             db,
             "select distinct generator_checkpoint g from samples where run_id = ?",
-            [second["run_id"]],
+            [second.run_id],
         )
         .column("g")
         .to_pylist()
@@ -256,7 +256,7 @@ def test_nightly_runs_continue_from_the_best_and_skip_used_prompts(
             .column(0)
             .to_pylist()
         )
-        for r in (first["run_id"], second["run_id"])
+        for r in (first.run_id, second.run_id)
     ]
     assert used[0] and used[1] and not used[0] & used[1]
     pinned = _nightly_config(tmp_path / "pinned.yaml", tiny_world, schedule={"pin_student": True})

@@ -100,7 +100,7 @@ def test_a_failed_shard_is_retried_alone(runs):
     counts = stage_counts(Path(two.root), "two")
     assert counts[("generate-shard0", 1)] == 1 and counts[("generate-shard1", 1)] == 2
     assert counts[("generate", 1)] == 1  # the commit: the stage became visible once
-    assert runs["res"]["final_score"] is not None
+    assert runs["res"].final_score is not None
 
 
 def test_two_ray_shards_store_the_tables_of_one_shard(runs):

@@ -50,6 +50,12 @@ CASES = {
         ("steps\n\n  a b c \n", "x\na b c", 1.0),
         ("a b c\nsteps", "a b c", 0.0),
     ],
+    "lines": [
+        ("A aa bb\nD bb aa\n", "A aa bb\nD bb aa", 1.0),
+        ("A aa bb\nD xx aa", "A aa bb\nD bb aa", 0.5),  # one line of two wrong
+        ("A aa bb", "A aa bb\nD bb aa\nU aa\nW aa", 0.25),  # missing lines score nothing
+        ("D bb aa\nA aa bb", "A aa bb\nD bb aa", 0.0),  # each line in its own place
+    ],
 }
 
 
