@@ -262,7 +262,7 @@ def test_nightly_runs_continue_from_the_best_and_skip_used_prompts(
     pinned = _nightly_config(tmp_path / "pinned.yaml", tiny_world, schedule={"pin_student": True})
     third = scheduled_flow(str(pinned), str(out))
     run3 = query(
-        db, "select parent_run_id, student from runs where run_id = ?", [third["run_id"]]
+        db, "select parent_run_id, student from runs where run_id = ?", [third.run_id]
     ).to_pylist()[0]
     assert run3 == {"parent_run_id": None, "student": str(tiny_world.student)}
 
