@@ -264,6 +264,15 @@ class NPDConfig(Section):
         return self
 
     @model_validator(mode="after")
+    def _step_weights_in_one_process(self) -> NPDConfig:
+        if self.filter.weighs_steps and self.train.nproc > 1:
+            raise ValueError(
+                "filter.score learner_ratio weighs each step's samples in one learner process; "
+                f"set train.nproc: 1 (is {self.train.nproc}) or choose another filter.score"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _one_source_of_eval_sets(self) -> NPDConfig:
         if self.eval.sets and self.data.eval_prompts:
             raise ValueError(

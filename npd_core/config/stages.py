@@ -165,7 +165,8 @@ class FilterConfig(Section):
         "IFD_student; high), conditional (mean NLL_teacher(y|x) − mean NLL_generator(y|x), no "
         "prompt-less views; high), teacher_nll (the teacher's mean NLL of the response; high), "
         "learner_ratio (mean per-token log p_learner − log p_generator, the sample's staleness; "
-        "both tails; rated by npd bench filter --stage junk, not yet applied by the train step)",
+        "both tails; applied by the train step over each step's samples: beyond the rule's "
+        "bounds a sample weighs 0 in that step, recorded in the store's step_weights)",
     )
     ifd_form: Literal["log_ratio", "ratio"] = Field(
         "log_ratio",
@@ -224,12 +225,13 @@ class FilterConfig(Section):
             raise ValueError(f"q_low ({self.q_low}) must be < q_high ({self.q_high})")
         if self.abs_low is not None and self.abs_high is not None and self.abs_low >= self.abs_high:
             raise ValueError(f"abs_low ({self.abs_low}) must be < abs_high ({self.abs_high})")
-        if self.score == "learner_ratio" and self.rule != "none":
-            raise ValueError(
-                "score learner_ratio: the train step does not apply it yet (npd bench filter "
-                "--stage junk rates it); choose delta_ifd, conditional or teacher_nll"
-            )
         return self
+
+    @property
+    def weighs_steps(self) -> bool:
+        """Whether the train step weighs its samples (a rule on ``learner_ratio``), which then
+        reads the generator's per-token log-probs."""
+        return self.rule != "none" and self.score == "learner_ratio"
 
     @property
     def needs_views(self) -> bool:

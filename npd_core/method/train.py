@@ -27,6 +27,7 @@ from transformers import PreTrainedModel
 
 from npd_core.errors import TrainingError
 from npd_core.method import losses
+from npd_core.method.filter import learner_ratio
 from npd_core.method.head import chunked_rows, head_inputs
 from npd_core.method.packing import IGNORE_INDEX, PackedBatch, Sample, collate
 from npd_core.models import autocast
@@ -115,6 +116,25 @@ class StepTotals:
         )
 
 
+@dataclass(frozen=True)
+class StepWeights:
+    """One step's sequence weights (``filter.score: learner_ratio``): the step's samples
+    (indices into the round's, sorted), each one's learner ratio (NaN: no generator) and the
+    weight its loss takes in the step."""
+
+    index: torch.Tensor  # (S,) long, sorted
+    ratio: torch.Tensor  # (S,) float32
+    weight: torch.Tensor  # (S,) float32
+
+    def at(self, seq: torch.Tensor) -> torch.Tensor:
+        """The weight of each position's sequence: seq (M,) sample indices → (M,) float32."""
+        index, weight = self.index.to(seq.device), self.weight.to(seq.device)
+        return weight[torch.searchsorted(index, seq)]
+
+
+Weigh = Callable[[np.ndarray], np.ndarray]  # a step's learner ratios (S,) → weights (S,)
+
+
 @dataclass
 class RoundStats:
     steps: int = 0
@@ -123,6 +143,7 @@ class RoundStats:
     mean_loss: float = float("nan")
     fill_ratio: float = float("nan")
     log: list[StepLog] = field(default_factory=list)
+    weights: dict[int, StepWeights] = field(default_factory=dict)  # by step; learner_ratio only
 
 
 def lr_at(step: int, spec: StepSpec, total_steps: int) -> float:
@@ -315,12 +336,20 @@ def _normalized(
     return per_token * losses.sequence_weights(batch.seq_ids[at.cpu()]).to(per_token.device)
 
 
-def loss_units(micro: Sequence[PackedBatch], spec: StepSpec) -> int:
+def loss_units(
+    micro: Sequence[PackedBatch], spec: StepSpec, weights: StepWeights | None = None
+) -> int:
     """What a step's loss is divided by (``losses.token_mean``): its response tokens, or, with
-    ``train.normalize: sequence``, its sequences that carry loss."""
-    if spec.normalize == "token":
-        return sum(b.n_loss_tokens for b in micro)
-    return sum(b.n_loss_sequences for b in micro)
+    ``train.normalize: sequence``, its sequences that carry loss. With ``weights``, those of
+    sequences of weight 0 do not count: a sample dropped in the step is as absent from it as
+    one the filter stage dropped, so the loss's scale does not shrink with the drops."""
+    units = 0
+    for b in micro:
+        seq = b.seq_ids[b.labels != IGNORE_INDEX]  # (M,)
+        if weights is not None:
+            seq = seq[weights.at(seq) > 0]
+        units += seq.numel() if spec.normalize == "token" else seq.unique().numel()
+    return units
 
 
 def per_token_loss_chunked(
@@ -404,6 +433,59 @@ def step_loss(
     return losses.token_mean(per_token, loss_units([batch], spec))
 
 
+@torch.no_grad()
+def learner_logprobs(
+    model: PreTrainedModel, batch: PackedBatch, spec: StepSpec, *, bf16: bool = True
+) -> torch.Tensor:
+    """The learner's log-prob of each response token of ``batch``, without gradient: (M,)
+    float32, from the LM head ``spec.loss_chunk_tokens`` positions at a time (all at once when
+    0), as the loss reads its logits."""
+    dev = next(model.parameters()).device
+    B, T = batch.input_ids.shape
+    hidden, head = head_inputs(model, model_inputs(batch, dev), bf16)
+    at, labels, _ = _response(batch, None, dev)
+
+    def logprob(z: torch.Tensor, s: slice) -> torch.Tensor:  # z (c, V) → (c,)
+        return torch.log_softmax(z.float(), -1).gather(-1, labels[s, None]).squeeze(-1)
+
+    size = spec.loss_chunk_tokens or max(1, len(labels))
+    return chunked_rows(hidden.view(B, T, -1)[at], head, logprob, size)  # hidden: (B, T, H)
+
+
+def ratio_weights(
+    model: PreTrainedModel,
+    micro: Sequence[PackedBatch],
+    targets: Targets,
+    spec: StepSpec,
+    weigh: Weigh,
+    *,
+    bf16: bool = True,
+) -> StepWeights:
+    """The weights of a step's sequences under ``filter.score: learner_ratio``: each
+    sequence's learner ratio (``filter.learner_ratio``) over the whole step, then ``weigh``
+    (``filter.step_weights`` with the run's rule). Taken before the step's first backward by a
+    forward of every micro-batch without gradient, so the rule sees the whole step whatever
+    ``micro_rows`` is: about a third more compute a step (one forward more beside each
+    forward and backward) and no more memory than one micro-batch's forward. A step of one
+    forward could read them from its own forward instead; one path keeps ``micro_rows`` 1
+    and the one-forward step identical."""
+    if targets.generator_token is None:
+        raise TrainingError(
+            "filter.score learner_ratio: the round's targets lack the generator's per-token "
+            "log-probs (samples.token_logprobs); rerun its generate stage with this config"
+        )
+    learner, generator, seq = [], [], []
+    for b in micro:
+        at = b.labels != IGNORE_INDEX  # (B, T)
+        learner.append(learner_logprobs(model, b, spec, bf16=bf16).cpu())  # (M,)
+        generator.append(targets.generator_token[b.target_index[at]])  # (M,)
+        seq.append(b.seq_ids[at])  # (M,)
+    index, local = torch.unique(torch.cat(seq), return_inverse=True)  # (S,), (ΣM,)
+    ratio = learner_ratio(torch.cat(learner), torch.cat(generator), local, len(index))
+    weight = torch.from_numpy(weigh(ratio.numpy())).float()  # (S,)
+    return StepWeights(index, ratio, weight)
+
+
 def micro_batches(
     samples: list[Sample],
     rows: list[list[int]],
@@ -469,6 +551,31 @@ def apply_update(
     optimizer.zero_grad(set_to_none=True)
 
 
+def step_gradients(
+    model: PreTrainedModel,
+    micro: Sequence[PackedBatch],
+    targets: Targets | None,
+    spec: StepSpec,
+    *,
+    bf16: bool = True,
+    padded: bool = False,
+    flatten: bool = False,
+    weights: StepWeights | None = None,
+) -> torch.Tensor:
+    """The gradients of a step on its micro-batches (:func:`accumulate` of
+    :func:`forward_losses`), before its update. ``weights`` (:func:`ratio_weights`): each
+    sequence's per-token losses × its weight, over the units of the sequences that weigh more
+    than 0 (:func:`loss_units`). Returns the (detached) step loss."""
+
+    def forward(b: PackedBatch) -> torch.Tensor:
+        out = forward_losses(model, b, targets, spec, bf16=bf16, padded=padded, flatten=flatten)
+        if weights is None:
+            return out
+        return out * weights.at(b.seq_ids[b.labels != IGNORE_INDEX]).to(out.device)  # (M,)
+
+    return accumulate(forward, micro, loss_units(micro, spec, weights))
+
+
 def optimizer_step(
     model: PreTrainedModel,
     optimizer: torch.optim.Optimizer,
@@ -481,18 +588,17 @@ def optimizer_step(
     bf16: bool = True,
     padded: bool = False,
     flatten: bool = False,
+    weights: StepWeights | None = None,
 ) -> torch.Tensor:
     """One update on a step's rows, packed or padded, as one ``batch`` or as its micro-batches:
-    forward → per-token loss → backward for each (:func:`accumulate`) → clip → step →
+    forward → per-token loss → backward for each (:func:`step_gradients`) → clip → step →
     zero_grad (:func:`apply_update`). Shared by the NPD learner, the baselines and the benches,
     so every method takes (and the benches time) exactly the same step. Returns the (detached)
     step loss."""
     micro = [batch] if isinstance(batch, PackedBatch) else batch
-
-    def forward(b: PackedBatch) -> torch.Tensor:
-        return forward_losses(model, b, targets, spec, bf16=bf16, padded=padded, flatten=flatten)
-
-    loss = accumulate(forward, micro, loss_units(micro, spec))
+    loss = step_gradients(
+        model, micro, targets, spec, bf16=bf16, padded=padded, flatten=flatten, weights=weights
+    )
     apply_update(model, optimizer, loss.item(), spec, lr=lr, step=step)
     return loss
 
@@ -526,12 +632,16 @@ def train_round(
     bf16: bool = True,
     on_step: Callable[[StepLog], None] | None = None,
     shard: Ranks | None = None,
+    weigh: Weigh | None = None,
 ) -> RoundStats:
     """Train for at most ``steps_per_round`` optimizer steps on ``rows`` (from ``pack``, each
     ``row_len`` long) of ``samples`` (already within it); ``targets.offsets`` align with
     ``samples``. ``shard``: this process is one rank of a data-parallel learner; it trains on
     rows rank, rank + world, … of each step and the group takes the 1-process step together.
-    Each process forwards its rows of a step ``micro_rows`` at a time, every rank as often."""
+    Each process forwards its rows of a step ``micro_rows`` at a time, every rank as often.
+    ``weigh`` (``filter.score: learner_ratio``, one process only): every step weighs its
+    sequences by their learner ratios (:func:`ratio_weights`), kept in the stats by step."""
+    assert weigh is None or (shard is None and targets is not None)  # the config checks it
     stats = RoundStats()
     if not rows:
         return stats
@@ -557,9 +667,14 @@ def train_round(
         if shard is not None:
             done = shard.update(micro, targets, lr=lr, step=step)
         else:
+            weights = None
+            if weigh is not None:
+                weights = ratio_weights(model, micro, targets, spec, weigh, bf16=bf16)
+                stats.weights[step] = weights
             loss = optimizer_step(
-                model, optimizer, micro, targets, spec, lr=lr, step=step, bf16=bf16
-            )
+                model, optimizer, micro, targets, spec, lr=lr, step=step, bf16=bf16,
+                weights=weights,
+            )  # fmt: skip
             done = StepTotals.of(loss.item(), micro)
         dt = time.perf_counter() - t0
         loss_sum += done.loss * done.loss_tokens

@@ -9,9 +9,11 @@ A checkpoint is a plain HF directory plus ``trainer_state.pt`` (``models.save_ch
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +24,12 @@ from npd_core import iotime
 from npd_core.config import NPDConfig
 from npd_core.method.attention import for_training
 from npd_core.method.data_parallel import DataParallel
+from npd_core.method.filter import step_weights
 from npd_core.method.packing import Sample
 from npd_core.method.train import (
     RoundStats,
     StepLog,
+    StepWeights,
     Targets,
     checkpoint_activations,
     learner_dtype,
@@ -63,12 +67,14 @@ class Learner:
 
 @dataclass
 class RoundRows:
-    """D_r as the learner takes it: the packed samples, the rows (lists of sample indices) and
-    the teacher's targets (None when nothing was packed)."""
+    """D_r as the learner takes it: the packed samples, the rows (lists of sample indices),
+    the teacher's targets (None when nothing was packed) and each sample's key in its round
+    (prompt_id, sample_idx)."""
 
     samples: list[Sample]
     rows: list[list[int]]
     targets: Targets | None
+    keys: list[tuple[str, int]]
 
 
 def open_learner(
@@ -110,18 +116,46 @@ def save_learner(lrn: Learner, dst: str, r: int, config: dict[str, Any], **count
     save_checkpoint(student, lrn.tok, Path(dst), {**state, **counters})
 
 
-def record_checkpoint(spec: RunSpec, r: int, step: int, train_tokens: int) -> None:
-    """θ_r's row in the store's ``checkpoints``, written as the train stage of round ``r``."""
+def record_checkpoint(
+    spec: RunSpec, r: int, step: int, train_tokens: int, weighed: Sequence[dict[str, Any]] = ()
+) -> None:
+    """θ_r's row in the store's ``checkpoints``, written as the train stage of round ``r``,
+    with the step weights' rows (:func:`step_weight_rows`) when the round has any."""
+    now = datetime.now(UTC)
     row = dict(
         run_id=spec.run_id,
         round=r,
         path=rel_path(spec.root, spec.checkpoint(r)),
         step=step,
         train_tokens=train_tokens,
-        created_at=datetime.now(UTC),
+        created_at=now,
     )
-    table = table_from_rows("checkpoints", [row])
-    spec.store.write_stage(spec.run_id, r, "train", {"checkpoints": table})
+    tables = {"checkpoints": table_from_rows("checkpoints", [row])}
+    if weighed:
+        rows = [dict(x, run_id=spec.run_id, round=r, created_at=now) for x in weighed]
+        tables["step_weights"] = table_from_rows("step_weights", rows)
+    spec.store.write_stage(spec.run_id, r, "train", tables)
+
+
+def step_weight_rows(data: RoundRows, weights: dict[int, StepWeights]) -> list[dict[str, Any]]:
+    """The ``step_weights`` rows of a round (``filter.score: learner_ratio``): every sample of
+    every step, by its key, with its learner ratio (null: a fixed source) and weight."""
+    rows = []
+    for step, w in weights.items():
+        columns = w.index.tolist(), w.ratio.tolist(), w.weight.tolist()
+        for i, ratio, weight in zip(*columns, strict=True):
+            prompt_id, sample_idx = data.keys[i]
+            ratio = None if math.isnan(ratio) else ratio
+            rows.append(
+                dict(
+                    step=step,
+                    prompt_id=prompt_id,
+                    sample_idx=sample_idx,
+                    ratio=ratio,
+                    weight=weight,
+                )
+            )
+    return rows
 
 
 def learn_round(
@@ -132,11 +166,13 @@ def learn_round(
     parallel: bool = False,
 ) -> tuple[RoundStats, int]:
     """θ_{r−1} → θ_r on D_r (``data``), written to ``spec.checkpoint(r)``: packed SFT on the
-    stored teacher targets, ≤ steps_per_round steps; the round's stats and θ_r's step.
+    stored teacher targets, ≤ steps_per_round steps, each weighing its samples by their
+    learner ratios under a ``learner_ratio`` rule; the round's stats and θ_r's step.
     ``parallel``: this process is one torchrun rank of ``train.nproc`` (``learner_ranks``)."""
     cfg = spec.cfg
     lrn, _ = open_learner(spec.checkpoint(r - 1), cfg, resume=r > 1, parallel=parallel)
     step_spec = cfg.train.step_spec()
+    weigh = partial(step_weights, cfg=cfg.filter) if cfg.filter.weighs_steps else None
     torch.manual_seed(seed_for(cfg.seed, "dropout", r))  # for models that have dropout
     with for_training(lrn.model, spec.kernel("train")):
         stats = train_round(
@@ -154,6 +190,7 @@ def learn_round(
             bf16=use_bf16(cfg.models.bf16),
             on_step=on_step,
             shard=lrn.shard,
+            weigh=weigh,
         )
     lrn.step += stats.steps
     save_learner(lrn, spec.checkpoint(r), r, cfg.model_dump(mode="json"))

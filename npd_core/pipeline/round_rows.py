@@ -1,6 +1,6 @@
 """D_r as the pack stage laid it out, read back for the learner: the packed samples in (row,
-slot) order, the rows, and the teacher targets decoded for those samples only (with the
-per-token log-probs when the loss needs them)."""
+slot) order with their keys, the rows, and the teacher targets decoded for those samples only
+(with the per-token log-probs when the loss or the step weights need them)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,20 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from npd_core.config import NPDConfig
+from npd_core.errors import TrainingError
 from npd_core.method.packing import Sample
 from npd_core.method.train import Targets
 from npd_core.pipeline.learner import RoundRows
 from npd_core.pipeline.spec import RunSpec
 
 SAMPLE_KEY = ["prompt_id", "sample_idx"]  # a sample's key within its round
+
+
+def needs_generator_logprobs(cfg: NPDConfig) -> bool:
+    """Whether the generate stage stores each sampled token's log-prob for the learner: the
+    sampled-token loss reads it, and so do the step weights of a ``learner_ratio`` rule."""
+    return cfg.train.needs_token_logprobs or cfg.filter.weighs_steps
 
 
 def samples_of(table: pa.Table) -> list[Sample]:
@@ -35,7 +43,8 @@ def packed_round(spec: RunSpec, r: int) -> RoundRows:
     pk = pk.sort_by([("row", "ascending"), ("slot", "ascending")])
     s = store.read_stage(spec.run_id, r, "generate", "samples")
     where = {key: i for i, key in enumerate(_sample_keys(s))}
-    at = pa.array([where[key] for key in _sample_keys(pk)], pa.int64())
+    keys = _sample_keys(pk)
+    at = pa.array([where[key] for key in keys], pa.int64())
     lengths = pk.column("length").to_pylist()
     samples = [x.cut(n) for x, n in zip(samples_of(s.take(at)), lengths, strict=True)]
     row_of = pk.column("row").to_pylist()
@@ -43,15 +52,34 @@ def packed_round(spec: RunSpec, r: int) -> RoundRows:
     for i, b in enumerate(row_of):
         rows[b].append(i)
     if not samples:
-        return RoundRows(samples, rows, None)
+        return RoundRows(samples, rows, None, keys)
     sc = store.read_stage(spec.run_id, r, "score", "scores").take(at)
     ids = _topk_arrays(sc.column("topk_ids"), np.int64)
     lps = _topk_arrays(sc.column("topk_logprobs"), np.float32)
-    if not spec.cfg.train.needs_token_logprobs:
-        return RoundRows(samples, rows, Targets.from_lists(ids, lps))
-    teacher = _token_arrays(sc.column("teacher_token_logprobs"), ids)
-    generator = _token_arrays(s.take(at).column("token_logprobs"), ids)
-    return RoundRows(samples, rows, Targets.from_lists(ids, lps, teacher, generator))
+    teacher = generator = None
+    if spec.cfg.train.needs_token_logprobs:
+        teacher = _token_arrays(sc.column("teacher_token_logprobs"), ids)
+    if needs_generator_logprobs(spec.cfg):
+        generator = _generator_arrays(s.take(at), ids, keys, r)
+    return RoundRows(samples, rows, Targets.from_lists(ids, lps, teacher, generator), keys)
+
+
+def _generator_arrays(
+    s: pa.Table, like: list[np.ndarray], keys: list[tuple[str, int]], r: int
+) -> list[np.ndarray]:
+    """``samples.token_logprobs`` of the packed samples ``s`` (:func:`_token_arrays`); a
+    student's sample without them (a round written for another config) is refused."""
+    names = s.schema.names
+    source = s.column("source").to_pylist() if "source" in names else [None] * len(s)
+    col = s.column("token_logprobs") if "token_logprobs" in names else pa.nulls(len(s))
+    for key, src, null in zip(keys, source, pc.is_null(col).to_pylist(), strict=True):
+        if src in (None, "student") and null:
+            raise TrainingError(
+                f"round {r} sample {key[0]}/{key[1]}: samples.token_logprobs is null, and "
+                "train.loss sampled_reverse_kl and filter.score learner_ratio read the "
+                "generator's per-token log-probs there; rerun the round from its generate stage"
+            )
+    return _token_arrays(col, like)
 
 
 def _token_arrays(col: pa.ChunkedArray, like: list[np.ndarray]) -> list[np.ndarray]:

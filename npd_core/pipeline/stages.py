@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from npd_core import iotime
+from npd_core import iotime, memory
 from npd_core.backends import vllm as vllm_backend
 from npd_core.data import Prompt, read_prompts, round_prompts
 from npd_core.errors import TrainingError, WorkerError
@@ -55,6 +55,7 @@ from npd_core.pipeline.learner import (
     learn_on_ranks,
     learn_round,
     record_checkpoint,
+    step_weight_rows,
 )
 from npd_core.pipeline.mix import fixed_sequences, merged, mixed_in, student_pairs
 from npd_core.pipeline.results import (
@@ -67,8 +68,14 @@ from npd_core.pipeline.results import (
     StageResult,
     TrainMetrics,
     combined,
+    peak_of,
 )
-from npd_core.pipeline.round_rows import SAMPLE_KEY, packed_round, samples_of
+from npd_core.pipeline.round_rows import (
+    SAMPLE_KEY,
+    needs_generator_logprobs,
+    packed_round,
+    samples_of,
+)
 from npd_core.pipeline.spec import RunSpec, generator_round, rel_path
 from npd_core.seeds import seed_for
 from npd_core.store import Shard, table_from_rows
@@ -91,13 +98,15 @@ def _table_digest(t: pa.Table) -> str:
 
 
 def _timed(stage: str, r: int, body: Callable[[], tuple[str, M]]) -> StageResult[M]:
-    """Run a stage's body; its result carries its seconds and, in ``io_spans``, the wall-time
-    spans it spent loading models and moving bytes (``npd_core.iotime``)."""
+    """Run a stage's body; its result carries its seconds, in ``io_spans`` the wall-time
+    spans it spent loading models and moving bytes (``npd_core.iotime``), and the process's
+    peak RSS during it (``npd_core.memory``)."""
     t0 = time.time()
     p0 = time.perf_counter()
-    with iotime.recording() as spans:
+    with iotime.recording() as spans, memory.peak_rss() as peak:
         digest, metrics = body()
-    return StageResult(stage, r, digest, time.perf_counter() - p0, t0, time.time(), metrics, spans)
+    seconds = time.perf_counter() - p0
+    return StageResult(stage, r, digest, seconds, t0, time.time(), metrics, spans, peak.mib)
 
 
 def _threads(spec: RunSpec) -> None:
@@ -174,7 +183,7 @@ def generate_stage(
                         finished=gen.finished,
                         sample_logprob_sum=gen.logprob_sum,
                         source="student",
-                        token_logprobs=gen.logprobs if cfg.train.needs_token_logprobs else None,
+                        token_logprobs=gen.logprobs if needs_generator_logprobs(cfg) else None,
                         created_at=now,
                         **prov,
                     )
@@ -313,7 +322,8 @@ def commit_stage(
     metrics = replace(combined(parts), commit_s=ended - t0)
     io = [x for p in parts for x in p.io_spans] + spans
     digest = _digest(*(p.digest for p in parts))
-    return StageResult(stage, r, digest, ended - started, started, ended, metrics, io)
+    times = (ended - started, started, ended)
+    return StageResult(stage, r, digest, *times, metrics, io, peak_of(parts))
 
 
 # ---------------------------------------------------------------- filter
@@ -434,18 +444,22 @@ def train_stage(
     spec: RunSpec, r: int, prov: dict[str, str], on_step: Callable | None = None
 ) -> StageResult[TrainMetrics]:
     """θ_{r−1} → θ_r on D_r (``learn_round``, here or on ``train.nproc`` torchrun ranks), and
-    θ_r's row in the store's ``checkpoints``."""
+    θ_r's row in the store's ``checkpoints`` (with ``step_weights`` under a ``learner_ratio``
+    rule, which the config keeps to one process)."""
     cfg = spec.cfg
     _threads(spec)
 
     def body() -> tuple[str, TrainMetrics]:
         ranks: dict[str, Any] = {}
+        weighed: list[dict[str, Any]] = []
         with _stopped_round(r, spec.checkpoint(r - 1)):
             if cfg.train.nproc == 1:
-                stats, step = learn_round(spec, r, packed_round(spec, r), on_step)
+                data = packed_round(spec, r)
+                stats, step = learn_round(spec, r, data, on_step)
+                weighed = step_weight_rows(data, stats.weights)
             else:
                 stats, step, ranks = learn_on_ranks(spec, r, on_step)
-        record_checkpoint(spec, r, step, stats.train_tokens)
+        record_checkpoint(spec, r, step, stats.train_tokens, weighed)
         digest = _digest(r, step, stats.mean_loss, [x.loss for x in stats.log])
         return digest, TrainMetrics(
             steps=stats.steps,

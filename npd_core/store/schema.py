@@ -12,7 +12,7 @@ import pyarrow as pa
 from npd_core.config import DEFAULT_EVAL_SET
 from npd_core.errors import StoreError, first_line
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 # 2: derived best/regressed checkpoints, run lineage columns
 # 3: Δ-IFD columns nullable (not computed when the filter rule needs none), the student's
 #    forward KL per sample, the filter rule and its parameters per row, dropped KL per round
@@ -24,6 +24,8 @@ SCHEMA_VERSION = 6
 #    data.mix; null in older files reads as student), the generator's log-prob of each sampled
 #    token (samples.token_logprobs) and the teacher's (scores.teacher_token_logprobs), both
 #    stored where train.loss sampled_reverse_kl reads them
+# 7: each sample's learner ratio and weight in each train step (step_weights, written by the
+#    train stage where filter.score learner_ratio weighs the steps)
 STAGES = ("generate", "score", "filter", "pack", "train", "evaluate", "summary")
 
 # --------------------------------------------------------------------------------------------
@@ -198,6 +200,20 @@ PACK_SCHEMA = pa.schema(
     ]
 )
 
+# One row per sample and train step where filter.score learner_ratio weighs the steps: the
+# sample's mean per-token log p_learner − log p_generator in that step (null: a fixed source,
+# data.mix, exempt) and the weight its loss took (0: beyond the rule's bounds).
+STEP_WEIGHTS_SCHEMA = pa.schema(
+    [
+        *_RUN_ROUND,
+        _req("step", pa.int64()),  # the learner's optimizer step (checkpoints.step counts them)
+        *_SAMPLE_KEY[2:],
+        _opt("ratio", pa.float32()),
+        _req("weight", pa.float32()),
+        _req("created_at", _TS),
+    ]
+)
+
 # Table name (= file stem) -> schema. Tables with these names are cast to them on write.
 SCHEMAS: dict[str, pa.Schema] = {
     "samples": SAMPLES_SCHEMA,
@@ -209,6 +225,7 @@ SCHEMAS: dict[str, pa.Schema] = {
     "checkpoints": CHECKPOINTS_SCHEMA,
     "evals": EVALS_SCHEMA,
     "pack": PACK_SCHEMA,
+    "step_weights": STEP_WEIGHTS_SCHEMA,
 }
 
 # --------------------------------------------------------------------------------------------
@@ -304,6 +321,12 @@ LEFT JOIN read_parquet(['.npd/empty/filter.parquet', 'runs/*/round=*/filter/filt
 FILTERED_VIEW_SQL = """
 CREATE OR REPLACE VIEW filtered AS SELECT * FROM samples WHERE kept
 """
+STEP_WEIGHTS_VIEW_SQL = """
+CREATE OR REPLACE VIEW step_weights AS
+SELECT * FROM read_parquet(['.npd/empty/step_weights.parquet',
+                            'runs/*/round=*/train/step_weights.parquet'],
+                           hive_partitioning = false, allow_empty = true, union_by_name = true)
+"""
 # In dependency order: scores before samples before filtered.
 VIEW_SQL = (
     STORE_META_VIEW_SQL,
@@ -315,6 +338,7 @@ VIEW_SQL = (
     SCORES_VIEW_SQL,
     SAMPLES_VIEW_SQL,
     FILTERED_VIEW_SQL,
+    STEP_WEIGHTS_VIEW_SQL,
 )
 VIEWS = (
     "store_meta",
@@ -326,6 +350,7 @@ VIEWS = (
     "scores",
     "samples",
     "filtered",
+    "step_weights",
 )  # the names VIEW_SQL creates, in the same order
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from npd_core.config import FilterConfig
+from npd_core.config import FilterConfig, NPDConfig
 from npd_core.method.filter import (
     MAD_SCALE,
     ScoreColumns,
@@ -205,13 +205,16 @@ def test_views_only_for_delta_ifd_rules():
 
 
 def _ratio_cfg(**kw) -> FilterConfig:
-    """A learner_ratio rule, which the config refuses until the train step applies it."""
-    return FilterConfig.model_construct(score="learner_ratio", **kw)
+    return FilterConfig(score="learner_ratio", **kw)
 
 
-def test_learner_ratio_rule_waits_for_the_train_step():
-    with pytest.raises(ValueError, match="train step does not apply it yet"):
-        FilterConfig(rule="fence", score="learner_ratio")
+def test_the_learner_ratio_rule_is_the_train_steps():
+    """The filter stage checks well-formedness only; the train step weighs (and only under a
+    rule), one learner process at a time."""
+    assert _ratio_cfg(rule="fence").weighs_steps and not _ratio_cfg(rule="none").weighs_steps
+    assert not FilterConfig(rule="fence").weighs_steps
+    with pytest.raises(ValueError, match=r"set train.nproc: 1 \(is 2\)"):
+        NPDConfig(filter=_ratio_cfg(rule="fence"), train=dict(nproc=2, rows_per_step=2))
     res = _run(None, _ratio_cfg(rule="fence"), tokens=[2, 0, 2])
     assert res.reasons == [None, "empty", None]  # well-formedness only
     assert res.params["score"] == "learner_ratio" and res.params["ratio_clip"] is None
