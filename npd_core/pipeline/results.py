@@ -115,9 +115,10 @@ M = TypeVar("M")
 @dataclass
 class StageResult(Generic[M]):
     """One stage of one round: what it wrote (``digest``: downstream cache keys use it), when
-    it ran, its metrics and the spans it spent loading models and moving bytes
-    (``npd_core.iotime``; the bench's clocks leave them out). The baselines' training segments
-    keep a plain dict of metrics."""
+    it ran, its metrics, the spans it spent loading models and moving bytes
+    (``npd_core.iotime``; the bench's clocks leave them out) and the peak RSS of the process
+    that ran it, during it (``npd_core.memory``; ``None``: not measured, as in a result
+    persisted before it was). The baselines' training segments keep a plain dict of metrics."""
 
     stage: str
     round: int
@@ -127,6 +128,7 @@ class StageResult(Generic[M]):
     ended: float
     metrics: M
     io_spans: list[Span] = field(default_factory=list)
+    peak_rss_mib: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -144,7 +146,10 @@ class StageResult(Generic[M]):
         known = {f.name for f in fields(kind)}
         metrics = kind(**{k: v for k, v in m.items() if k in known})
         times = (x["seconds"], x["started"], x["ended"])
-        return cls(x["stage"], x["round"], x["digest"], *times, metrics, [tuple(s) for s in spans])
+        spans = [tuple(s) for s in spans]
+        return cls(
+            x["stage"], x["round"], x["digest"], *times, metrics, spans, x.get("peak_rss_mib")
+        )
 
     @classmethod
     def __get_pydantic_core_schema__(cls, source: Any, handler: Any) -> core_schema.CoreSchema:
@@ -158,6 +163,12 @@ def digest_of(x: StageResult | dict[str, Any] | None) -> str:
     if x is None:
         return ""
     return x.digest if isinstance(x, StageResult) else str(x.get("digest", ""))
+
+
+def peak_of(results: list[StageResult]) -> float | None:
+    """The largest peak RSS among ``results``: a stage written in shards (each shard measured
+    in the process that ran it), or one stage over the rounds (``None``: none measured)."""
+    return max((x.peak_rss_mib for x in results if x.peak_rss_mib is not None), default=None)
 
 
 def combined(parts: list[StageResult]) -> Any:
@@ -190,6 +201,10 @@ class RoundStages:
         """Each stage's seconds, in the round's order, to the millisecond."""
         return {f.name: round(getattr(self, f.name).seconds, 3) for f in fields(self)}
 
+    def peak_rss_mib(self) -> dict[str, float | None]:
+        """Each stage's peak RSS in MiB (``None``: not measured), in the round's order."""
+        return {f.name: getattr(self, f.name).peak_rss_mib for f in fields(self)}
+
     def rounds_row(self) -> dict[str, Any]:
         """The round's columns of the store's ``rounds`` table (less run id and provenance)."""
         flt, trn = self.filter.metrics, self.train.metrics
@@ -209,7 +224,8 @@ class RoundStages:
 
     def mlflow_metrics(self, primary: str) -> dict[str, float]:
         """The round's MLflow metrics: scores (``score`` the primary set's, ``score_<set>``
-        each set's), what the filter kept, training, teacher tokens, stage seconds."""
+        each set's), what the filter kept, training, teacher tokens, stage seconds and peak
+        RSS."""
         flt, trn = self.filter.metrics, self.train.metrics
         return {
             **eval_metrics(self.evaluate.metrics.per_set(primary)),
@@ -224,6 +240,7 @@ class RoundStages:
             "delta_ifd_q50": flt.delta_ifd_q50,
             "delta_ifd_q95": flt.delta_ifd_q95,
             **{f"seconds_{k}": v for k, v in self.seconds().items()},
+            **{f"peak_rss_mib_{k}": v for k, v in self.peak_rss_mib().items()},
         }
 
 
@@ -276,8 +293,10 @@ class RoundSummary:
 @dataclass
 class RunSummary:
     """What a run reports (``distill_flow``'s return): scores from θ_0 to the last round, the
-    round summaries, what came from an earlier process's cache, and every stage's wall-time
-    interval with the loads and byte moves inside them, which the bench's clocks read.
+    round summaries, what came from an earlier process's cache, every stage's wall-time
+    interval with the loads and byte moves inside them, which the bench's clocks read, and each
+    stage's peak RSS over the rounds (``peak_rss_mib``: stage → MiB, ``None`` where none was
+    measured).
     ``launched``/``returned``: when the caller started the flow and got this back (the CLI
     sets them; ``wall_s`` and ``startup_s`` need them)."""
 
@@ -297,6 +316,7 @@ class RunSummary:
     io_intervals: list[Interval]  # loads and byte moves inside those stages
     launched: float | None = None
     returned: float | None = None
+    peak_rss_mib: dict[str, float | None] = field(default_factory=dict)
 
     @classmethod
     def of(
@@ -313,6 +333,7 @@ class RunSummary:
             flow_started=flow_started,
             stage_intervals=[(x.stage, x.round, x.started, x.ended) for x in stages],
             io_intervals=[(x.stage, x.round, s, e) for x in stages for s, e in x.io_spans],
+            peak_rss_mib={n: peak_of([x for x in stages if x.stage == n]) for n in METRICS},
             **kw,
         )
 
@@ -361,4 +382,5 @@ class RunSummary:
             "startup_s": round(startup, 2),
             "overhead_s": round(overhead, 2),
             "overhead_fraction": round(overhead / max(self.rounds_wall_s, 1e-9), 4),
+            "peak_rss_mib": self.peak_rss_mib,  # stage → the process's peak RSS during it, MiB
         }

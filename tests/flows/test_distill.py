@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -110,6 +110,14 @@ def test_every_view_is_filled_and_the_run_completed(e2e):
     assert set(stage_s) == {"generate", "score", "filter", "pack", "train", "evaluate"}
     filt = query(e2e.db, "select filter_rule, dropped_kl_share from rounds").to_pylist()
     assert all(r["filter_rule"] == "band" and 0 < r["dropped_kl_share"] < 1 for r in filt)
+
+
+def test_npd_run_json_reports_each_stages_peak_rss(e2e):
+    """``peak_rss_mib``: per stage, the peak RSS of this process (torch, Prefect and the tiny
+    models: hundreds of MiB) during that stage, the largest over the rounds."""
+    got = replace(e2e.res, launched=0.0, returned=1.0).to_json()["peak_rss_mib"]
+    assert list(got) == ["generate", "score", "filter", "pack", "train", "evaluate"]
+    assert all(100 < mib < 8192 for mib in got.values()), got
 
 
 def test_junk_bench_rates_every_score_on_the_runs_checkpoints(e2e):

@@ -3,6 +3,8 @@ older npd persisted as a dict reads too, shards combine, and ``npd run --json`` 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from prefect.serializers import JSONSerializer
 
 from npd_core.pipeline.results import (
@@ -18,12 +20,16 @@ from npd_core.pipeline.results import (
     TrainMetrics,
     combined,
     digest_of,
+    peak_of,
 )
 
 
-def _gen(seconds: float = 2.0, n: int = 8, refresh: float | None = None) -> StageResult:
+def _gen(
+    seconds: float = 2.0, n: int = 8, refresh: float | None = None, peak: float | None = 512.0
+) -> StageResult:
     m = GenerateMetrics(n, 10 * n, 5 * n, "hf", engine_refresh_s=refresh)
-    return StageResult("generate", 1, "g1", seconds, 100.0, 100.0 + seconds, m, [(100.0, 100.5)])
+    spans = [(100.0, 100.5)]
+    return StageResult("generate", 1, "g1", seconds, 100.0, 100.0 + seconds, m, spans, peak)
 
 
 def _round() -> RoundStages:
@@ -73,6 +79,7 @@ def test_a_result_persisted_as_a_dict_by_an_older_npd_reads_as_todays():
     }
     res = StageResult.of(old)
     assert res.io_spans == [(10.0, 11.0)] and res.metrics.pruned_rounds == []
+    assert res.peak_rss_mib is None  # not measured before npd_core.memory
     assert res.metrics.per_set("heldout") == EvaluateMetrics(
         41.0, "exact_match", {"heldout": 41.0}, {"heldout": "exact_match"}
     )
@@ -81,10 +88,11 @@ def test_a_result_persisted_as_a_dict_by_an_older_npd_reads_as_todays():
 
 
 def test_shards_combine_counts_summed_and_engine_seconds_the_longest():
-    parts = [_gen(2.0, 8, refresh=1.0), _gen(3.0, 4, refresh=4.0)]
+    parts = [_gen(2.0, 8, refresh=1.0, peak=700.0), _gen(3.0, 4, refresh=4.0, peak=None)]
     m = combined(parts)
     assert (m.n_generated, m.generated_tokens, m.prompt_tokens) == (12, 120, 60)
     assert m.engine_refresh_s == 4.0 and m.shard_seconds == [2.0, 3.0]
+    assert peak_of(parts) == 700.0 and peak_of(parts[1:]) is None  # the largest measured
 
 
 def test_a_round_summary_is_the_rounds_json_item():
@@ -92,15 +100,17 @@ def test_a_round_summary_is_the_rounds_json_item():
     assert list(vars(summary)) == ROUND_KEYS
     assert summary.stage_seconds == dict.fromkeys(STAGES, 1.0) | {"generate": 2.0}
     assert (summary.teacher_tokens, summary.drop_reasons) == (240, {"unfinished": 2})
-    assert _round().mlflow_metrics("heldout")["score_heldout"] == 40.0
+    mlflow = _round().mlflow_metrics("heldout")
+    assert mlflow["score_heldout"] == 40.0 and mlflow["peak_rss_mib_generate"] == 512.0
 
 
-def _run(**kw: object) -> RunSummary:
+def _run(stages: list[StageResult] | None = None, **kw: object) -> RunSummary:
     start = StageResult("evaluate", 0, "e0", 1.0, 101.0, 102.0, EvaluateMetrics(30.0, "exact"))
     rounds = [RoundSummary.of(1, _round(), "heldout")]
     fields = dict(run_id="r", mlflow_run_id="m", primary_set="heldout", registered=None)
     fields |= dict(db="/o/npd.duckdb", mlflow_uri="sqlite:///o/mlflow.db", open_s=1.0)
-    return RunSummary.of([start, *vars(_round()).values()], rounds, 100.0, **fields | kw)
+    stages = stages or [start, *vars(_round()).values()]
+    return RunSummary.of(stages, rounds, 100.0, **fields | kw)
 
 
 def test_npd_run_json_keeps_its_keys():
@@ -109,6 +119,17 @@ def test_npd_run_json_keeps_its_keys():
     assert list(got) == RUN_KEYS and list(got["rounds"][0]) == ROUND_KEYS
     assert got["start_scores"] == {"heldout": 30.0} and got["gain_points"] == 10.0
     assert (got["wall_s"], got["startup_s"]) == (13.0, 3.0)
+    assert got["peak_rss_mib"] == dict.fromkeys(STAGES) | {"generate": 512.0}
+
+
+def test_a_runs_peak_rss_per_stage_is_the_largest_over_its_rounds():
+    """Round 2's generation peaked higher than round 1's; round 0's evaluation counts too."""
+    start = StageResult("evaluate", 0, "e0", 1.0, 101.0, 102.0, EvaluateMetrics(30.0, "x"))
+    start.peak_rss_mib = 900.0
+    second = replace(_gen(peak=640.0), round=2)
+    stages = [start, *vars(_round()).values(), second]
+    peaks = _run(stages, flow_wall_s=10.0).peak_rss_mib
+    assert peaks == dict.fromkeys(STAGES) | {"generate": 640.0, "evaluate": 900.0}
 
 
 def test_a_resumed_runs_overhead_counts_only_this_process_and_is_never_negative():
@@ -161,4 +182,5 @@ RUN_KEYS = [
     "startup_s",
     "overhead_s",
     "overhead_fraction",
+    "peak_rss_mib",
 ]
