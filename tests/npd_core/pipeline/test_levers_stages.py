@@ -30,8 +30,8 @@ from npd_core.store import Store
 PROV = {"flow_run_id": "f", "task_run_id": "t"}
 
 
-def _round(tmp_path, world, **train) -> RunSpec:
-    """Round 1 generated and scored, with ``train`` settings."""
+def _round(tmp_path, world, rule: dict | None = None, **train) -> RunSpec:
+    """Round 1 generated and scored, with ``train`` settings (and the filter's ``rule``)."""
     Store(tmp_path)
     c = NPDConfig.model_validate(
         dict(
@@ -39,7 +39,7 @@ def _round(tmp_path, world, **train) -> RunSpec:
             models={"bf16": False},
             data={"prompts_per_round": 8},
             generate={"max_new_tokens": 24},
-            filter={"rule": "none", "drop_unfinished": False},
+            filter={"rule": "none", "drop_unfinished": False, **(rule or {})},
             train={"steps_per_round": 2, "rows_per_step": 2, **train},
             pack={"max_seq_len": 128},
         )
@@ -75,6 +75,34 @@ def test_the_sampled_token_loss_gets_per_token_log_probs_and_trains(tmp_path, ti
     pack_stage(spec, 1, PROV)
     tr = train_stage(spec, 1, PROV).metrics
     assert tr.steps == 2 and math.isfinite(tr.mean_loss)
+    assert spec.store.query("SELECT count(*) AS n FROM step_weights").to_pylist() == [{"n": 0}]
+
+
+def test_a_learner_ratio_rule_weighs_the_train_steps_and_stores_the_weights(tmp_path, tiny_world):
+    """filter.score learner_ratio under a band of absolute bounds ±0.5: the generate stage
+    stores the generator's per-token log-probs (the teacher's are not needed), the filter stage
+    drops nothing by it, and the train stage records each packed sample's ratio and weight in
+    every step (step_weights, joined to samples by key). At the first step the learner is the
+    generator (θ_0, staleness 1): every ratio is 0 within 1e-4, the packed training forward
+    agreeing with the decoding one, and every weight 1."""
+    band = {"rule": "band", "score": "learner_ratio", "abs_low": -0.5, "abs_high": 0.5}
+    spec = _round(tmp_path, tiny_world, band)
+    q = "SELECT count(g.token_logprobs) AS gen, count(s.teacher_token_logprobs) AS teacher "
+    q += "FROM samples AS g JOIN scores AS s USING (run_id, round, prompt_id, sample_idx)"
+    assert spec.store.query(q).to_pylist() == [{"gen": 8, "teacher": 0}]
+    filter_stage(spec, 1, PROV)
+    assert spec.store.query("SELECT count(*) AS n FROM filtered").to_pylist() == [{"n": 8}]
+    pack_stage(spec, 1, PROV)
+    assert train_stage(spec, 1, PROV).metrics.steps == 2
+    q = """SELECT w.step, w.ratio, w.weight, g.response_tokens
+           FROM step_weights AS w JOIN samples AS g USING (run_id, round, prompt_id, sample_idx)
+           ORDER BY w.step"""
+    rows = spec.store.query(q).to_pylist()
+    assert {x["step"] for x in rows} == {0, 1}
+    first = [x for x in rows if x["step"] == 0]
+    assert first and all(abs(x["ratio"]) < 1e-4 and x["weight"] == 1.0 for x in first)
+    for x in rows:  # the band's bounds decide every weight
+        assert x["weight"] == (1.0 if abs(x["ratio"]) <= 0.5 else 0.0)
 
 
 def test_a_default_run_stores_no_per_token_log_probs(tmp_path, tiny_world):

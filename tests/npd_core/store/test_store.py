@@ -486,6 +486,42 @@ def test_a_store_of_schema_5_reads_its_samples_as_the_students(tmp_path: Path) -
     assert reopened.query(q).to_pylist() == [{"n": 8, "t": 0}]
 
 
+def test_a_store_of_schema_6_opens_and_takes_step_weights(tmp_path: Path) -> None:
+    """Schema 7 adds the step_weights table (each sample's learner ratio and weight per train
+    step): a store npd of schema 6 wrote (no such placeholder, no such view) opens with its
+    rows and an empty typed step_weights view, and a train stage written after it reads back
+    there, a fixed source's ratio null."""
+    root = tmp_path / "out"
+    store = Store(root)
+    write_round(store, "old", 1, 4)
+    (root / ".npd/empty/step_weights.parquet").unlink()
+    (root / "npd-store.json").write_text(json.dumps({"schema_version": 6, "project": "npd"}))
+    with duckdb.connect(str(root / "npd.duckdb")) as con:
+        con.execute("DROP VIEW step_weights")
+        con.execute("CREATE OR REPLACE VIEW store_meta AS SELECT 6 AS schema_version")
+    reopened = Store(root, create=False)
+    assert json.loads((root / "npd-store.json").read_text())["schema_version"] == SCHEMA_VERSION
+    empty = reopened.query("SELECT * FROM step_weights")
+    assert empty.num_rows == 0 and empty.schema.names == SCHEMAS["step_weights"].names
+    assert reopened.query("SELECT count(*) AS n FROM samples").to_pylist() == [{"n": 4}]
+    rows = [
+        dict(run_id="old", round=1, step=s, prompt_id="p0", sample_idx=k, ratio=ratio,
+             weight=weight, created_at=NOW)
+        for s in (7, 8)
+        for k, ratio, weight in ((0, 0.5, 0.0), (1, None, 1.0))
+    ]  # fmt: skip
+    reopened.write_stage("old", 1, "train", {"step_weights": table_from_rows("step_weights", rows)})
+    q = """SELECT w.step, w.sample_idx, w.ratio, w.weight, g.response
+           FROM step_weights AS w JOIN samples AS g USING (run_id, round, prompt_id, sample_idx)
+           ORDER BY ALL"""
+    assert [tuple(x.values()) for x in reopened.query(q).to_pylist()] == [
+        (7, 0, 0.5, 0.0, "2"),
+        (7, 1, None, 1.0, "2"),
+        (8, 0, 0.5, 0.0, "2"),
+        (8, 1, None, 1.0, "2"),
+    ]
+
+
 def test_parquet_goes_through_the_stores_filesystem(tmp_path: Path, monkeypatch) -> None:
     """The store on a file:// URL is the store on the path; every Parquet file a stage writes
     or reads is opened through its fsspec filesystem; a filesystem without folder renames
