@@ -181,9 +181,11 @@ class FilterConfig(Section):
     )
     q_low: float = Field(0.05, ge=0.0, le=1.0, description="band/lower: lower quantile kept")
     q_high: float = Field(0.90, ge=0.0, le=1.0, description="band/upper: upper quantile kept")
-    abs_low: float | None = Field(None, description="absolute lower Δ-IFD bound (overrides q_low)")
+    abs_low: float | None = Field(
+        None, description="absolute lower bound of filter.score (overrides q_low)"
+    )
     abs_high: float | None = Field(
-        None, description="absolute upper Δ-IFD bound (overrides q_high)"
+        None, description="absolute upper bound of filter.score (overrides q_high)"
     )
     k: float = Field(3.0, gt=0.0, le=100.0, description="fence: MADs (×1.4826) from the median")
     sides: Literal["both", "low", "high"] = Field("both", description="fence: sides that drop")
