@@ -240,9 +240,6 @@ def filter_study(
         res = run_junk(
             str(out), run, ks, n, log=lambda m: err.print(m, markup=False, highlight=False)
         )
-        path = out / "filter-study" / "junk.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(res, indent=1) + "\n")
         if as_json:
             sys.stdout.write(json.dumps(res) + "\n")
         return

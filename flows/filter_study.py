@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from flows.env import finite
-from flows.variants import BenchContext, run_npd
+from flows.variants import run_npd
 from npd_core.bench import curves as cv
 from npd_core.bench import filter_stages as fst
 from npd_core.bench import filter_study as fs
 from npd_core.bench.harness import DEFAULT_BUDGET_S, SLACK, Hyper
+from npd_core.bench.plan import BenchContext
 from npd_core.config import load_config, merge
 
 

@@ -13,8 +13,8 @@ from typing import Any
 
 from prefect import flow
 
-from flows.variants import BenchContext, Variant
 from npd_core.bench.harness import Hyper, VariantResult
+from npd_core.bench.plan import BenchContext, Variant
 from npd_core.config import merge
 from npd_core.pipeline.spec import RunSpec
 from tasks import tracking

@@ -11,62 +11,21 @@ rules they run under, their clock, search and statistics are in :mod:`npd_core.b
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 from npd_core.bench import sizing
 from npd_core.bench.ablations import ablations
 from npd_core.bench.clock import StageTimes, npd_curve
 from npd_core.bench.harness import NPD_BENCH, SLACK, Hyper, VariantResult
+from npd_core.bench.plan import BenchContext, Variant
 from npd_core.config import NPDConfig, merge
 from npd_core.errors import ConfigError
 from npd_core.pipeline.spec import RunSpec
+from npd_core.store.lineage import round_steps
 
-MAIN = ("npd", "sft", "onpolicy")
 PEERS = {"trl": "flows.peers:trl_variant"}  # --peers name → "module:function" returning a Variant
-
-
-@dataclass
-class BenchContext:
-    """Everything a runner needs; runners build their RunSpec with ``spec``."""
-
-    out: Path
-    bench_id: str
-    paths: dict[str, str]  # teacher, student, train_prompts, eval_prompts
-    config: dict[str, Any]  # base NPDConfig dump; variants override parts of it
-    budget_s: float
-    eval_at: list[float]  # clock times of the baselines' held-out checkpoints
-    mlflow_parent: str  # the bench's MLflow run: every variant's run nests under it
-    log: Callable[[str], None]
-    calibration: dict[str, dict[str, sizing.Probe]] = field(default_factory=dict)  # by batch
-    results: dict[str, list[VariantResult]] = field(default_factory=dict)  # done so far
-    tag: str = ""  # run-id infix: "" for the main runs, "search-…" for the grid search
-    attempt: int = 0  # resumed benches (``--resume``): their runs' ids say which attempt ran them
-
-    def spec(self, name: str, seed: int, config: dict[str, Any]) -> RunSpec:
-        """A RunSpec of this bench's world for ``config`` (validated), with its own run id."""
-        label = f"{self.tag}{name}-s{seed}"
-        cfg = NPDConfig.model_validate({**config, "seed": seed, "name": label})
-        run_id = f"{self.bench_id}-{f'a{self.attempt}-' if self.attempt else ''}{label}"
-        return RunSpec(str(self.out), run_id, cfg.model_dump(mode="json"), **self.paths)
-
-
-Runner = Callable[[BenchContext, int, Hyper], VariantResult]
-
-
-@dataclass(frozen=True)
-class Variant:
-    """A benchmark variant. ``method`` names whose searched hyperparameters it runs with
-    ("npd", "sft", "onpolicy"; a peer usually takes "onpolicy"'s); ``main`` variants run
-    ``--seeds`` seeds, the others one."""
-
-    name: str
-    method: str
-    run: Runner
-    main: bool = False
 
 
 # ---------------------------------------------------------------- runners
@@ -92,7 +51,8 @@ def run_npd(
     spec = ctx.spec(name, seed, config)
     res = distill_flow(spec)
     _nest(ctx, res.mlflow_run_id)
-    c = npd_curve(res, ctx.budget_s * (1 + SLACK), _round_steps(spec))
+    steps = round_steps(spec.root, spec.run_id)
+    c = npd_curve(res, ctx.budget_s * (1 + SLACK), steps)
     cfg = spec.cfg
     return VariantResult(
         curve=c.points,
@@ -104,7 +64,7 @@ def run_npd(
             "rounds": cfg.rounds,
             "steps_per_round": cfg.train.steps_per_round,
             "epochs_per_round": cfg.train.epochs_per_round,
-            "optimizer_steps": _optimizer_steps(spec),
+            "optimizer_steps": max(steps.values(), default=0),
             "staleness": cfg.staleness,
             "filter": cfg.filter.rule,
             "drop_unfinished": cfg.filter.drop_unfinished,
@@ -114,19 +74,6 @@ def run_npd(
         run_id=spec.run_id,
         mlflow_run_id=res.mlflow_run_id,
     )
-
-
-def _optimizer_steps(spec: RunSpec) -> int:
-    """Optimizer steps of an NPD run so far (its last checkpoint's step)."""
-    q = "SELECT coalesce(max(step), 0) FROM checkpoints WHERE run_id = ?"
-    return int(spec.store.query(q, [spec.run_id]).column(0)[0].as_py())
-
-
-def _round_steps(spec: RunSpec) -> dict[int, int]:
-    """An NPD run's optimizer steps at the end of each round (its checkpoints' steps)."""
-    q = "SELECT round, step FROM checkpoints WHERE run_id = ?"
-    t = spec.store.query(q, [spec.run_id])
-    return dict(zip(t.column(0).to_pylist(), t.column(1).to_pylist(), strict=True))
 
 
 def _nest(ctx: BenchContext, mlflow_run: str) -> None:
@@ -167,7 +114,8 @@ def _probe(ctx: BenchContext, hyper: Hyper, threads: int) -> sizing.Probe:
     rows = len(set(pack.column("row").to_pylist()))
     n = res.rounds[0].n_generated
     times = StageTimes.of(res)
-    cal = sizing.probe_figures(times, n, rows, _optimizer_steps(spec), hyper.rows_per_step)
+    steps = max(round_steps(spec.root, spec.run_id).values(), default=0)
+    cal = sizing.probe_figures(times, n, rows, steps, hyper.rows_per_step)
     ctx.log(
         f"probe at batch {key}, {threads} threads: 2 NPD rounds in {cal['probe_s']:.1f} s, "
         f"gain {cal['overlap_gain']:.2f}"

@@ -21,7 +21,9 @@ rounds, the mean with a bootstrap 95% interval (rounds resampled).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -119,7 +121,8 @@ def run_junk(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """AUROC of each score and the unfinished flag for the planted junk, per round and over
-    the rounds (generator θ_k, learner θ_{k+1}, k in ``rounds``)."""
+    the rounds (generator θ_k, learner θ_{k+1}, k in ``rounds``); also written to
+    ``<root>/filter-study/junk.json``."""
     spec = RunSpec.load(root, run_id)
     cfg = spec.cfg
     torch.set_num_threads(cfg.stage_threads(concurrent=False))
@@ -188,4 +191,7 @@ def run_junk(
         }
         for s in FLAGS
     }
+    path = Path(root) / "filter-study" / "junk.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1) + "\n")
     return out

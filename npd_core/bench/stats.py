@@ -260,3 +260,34 @@ def _at_target(
         "npd": s.npd_s,
         "reason": s.reason,
     }
+
+
+def headline_lines(rep: dict[str, Any]) -> list[str]:
+    """The bench report's headline numbers as lines (80 columns): the speedup with its CI and
+    why it may be missing, the time and teacher-token ratios per target, the score gaps, and
+    the variants that do not learn."""
+
+    def ci(key: str) -> str:
+        c = rep.get(f"{key}_ci95")
+        return f" (95% CI [{c[0]:.2f}, {c[1]:.2f}])" if c else ""
+
+    sp = rep["speedup_vs_onpolicy"]
+    untuned = " (untuned: the config's own lr and batch)" if rep.get("speedup_untuned") else ""
+    why = f" — {rep['speedup_reason']}" if rep.get("speedup_reason") else ""
+    shown = f"{sp:.2f}×" if sp is not None else "n/a"
+    lines = [f"speedup vs onpolicy: {shown}{ci('speedup')}{untuned}{why}"]
+    for key, unit in (("speedups", "time"), ("teacher_token_ratios", "teacher tokens")):
+        for x in rep.get(key) or []:
+            c = x["ci95"]
+            ratio = f"{x['ratio']:.2f}×" if x["ratio"] is not None else "n/a"
+            lines.append(
+                f"  {unit} to {x['fraction']:.0%} of onpolicy's gain ({x['target_score']:.1f}): "
+                f"{ratio}" + (f" [{c[0]:.2f}, {c[1]:.2f}]" if c else "")
+            )
+    for key in ("npd_minus_sft_points", "npd_minus_onpolicy_points"):
+        if rep[key] is not None:
+            lines.append(f"{key}: {rep[key]:+.2f}{ci(key)}")
+    flat = [n for n, v in rep["variants"].items() if v.get("learns") is False]
+    if flat:
+        lines.append(f"does not learn (no grid point above its start by 1 SE): {', '.join(flat)}")
+    return lines

@@ -1,6 +1,6 @@
 """What one run hands to the next: its best (or any evaluated) checkpoint, the last completed run
-of a deployment, and the prompt ids earlier runs generated from. Read-only SQL over the store's
-views, so it works on a store that another run is writing."""
+of a deployment, the prompt ids earlier runs generated from, and its steps per round. Read-only
+SQL over the store's views, so it works on a store that another run is writing."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ SELECT run_id FROM runs WHERE status = 'completed' AND deployment = ?
 ORDER BY finished_at DESC, created_at DESC LIMIT 1
 """
 USED_PROMPTS_SQL = "SELECT DISTINCT prompt_id FROM samples WHERE run_id <> ?"
+STEPS_OF_RUN_SQL = "SELECT round, step FROM checkpoints WHERE run_id = ?"
 
 
 @dataclass(frozen=True)
@@ -89,3 +90,9 @@ def used_prompt_ids(root: str | Path, except_run: str) -> set[str]:
     if not (Path(root) / MARKER_NAME).is_file():
         return set()
     return set(query(_db(root), USED_PROMPTS_SQL, [except_run]).column(0).to_pylist())
+
+
+def round_steps(root: str | Path, run_id: str) -> dict[int, int]:
+    """A run's optimizer steps at the end of each round so far (its checkpoints' steps)."""
+    rows = query(_db(root), STEPS_OF_RUN_SQL, [run_id]).to_pylist()
+    return {x["round"]: x["step"] for x in rows}

@@ -14,8 +14,9 @@ import yaml
 from typer.testing import CliRunner
 
 from flows.cli import app
-from flows.variants import BenchContext, run_onpolicy, run_sft, variants
+from flows.variants import run_onpolicy, run_sft, variants
 from npd_core.bench.harness import Hyper, checkpoint_times
+from npd_core.bench.plan import BenchContext
 from npd_core.config import NPDConfig
 from npd_core.data import read_prompts
 from npd_core.errors import ConfigError
@@ -346,9 +347,9 @@ def test_report_tables_fit_an_80_column_terminal(monkeypatch):
 def test_run_variants_runs_only_what_a_resumed_bench_left_and_saves_each_run(tmp_path):
     """npd finished seed 0 before the bench stopped: seeds 1-2 and the ablation run (with fresh
     run ids, the attempt's), each saved as it ends."""
-    from flows.headline import BenchPlan, run_variants
-    from flows.variants import Variant
+    from flows.headline import run_variants
     from npd_core.bench.harness import VariantResult
+    from npd_core.bench.plan import BenchPlan, Variant
     from npd_core.bench.progress import Progress
     from npd_core.bench.search import GRID
 

@@ -13,9 +13,10 @@ import yaml
 from typer.testing import CliRunner
 
 from flows.cli import app
-from flows.variants import BenchContext, peer_variant
+from flows.variants import peer_variant
 from npd_core.baselines.peers import INSTALL
 from npd_core.bench.harness import Hyper
+from npd_core.bench.plan import BenchContext
 from npd_core.config import NPDConfig
 from npd_core.store import Store
 from tasks import tracking
