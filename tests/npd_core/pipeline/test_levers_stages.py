@@ -14,6 +14,7 @@ import pytest
 
 from npd_core.config import NPDConfig
 from npd_core.data import read_prompts
+from npd_core.errors import TrainingError
 from npd_core.models import encode_prompts, load_tokenizer, prompt_texts
 from npd_core.pipeline import mix, stages
 from npd_core.pipeline.mix import is_mixed
@@ -103,6 +104,25 @@ def test_a_learner_ratio_rule_weighs_the_train_steps_and_stores_the_weights(tmp_
     assert first and all(abs(x["ratio"]) < 1e-4 and x["weight"] == 1.0 for x in first)
     for x in rows:  # the band's bounds decide every weight
         assert x["weight"] == (1.0 if abs(x["ratio"]) <= 0.5 else 0.0)
+
+
+def test_a_learner_ratio_rule_over_a_round_without_generator_log_probs_is_refused(
+    tmp_path, tiny_world
+):
+    """A round generated under another config (no samples.token_logprobs) cannot be weighed:
+    the train stage stops in one line naming the round, a sample and the fix."""
+    spec = _round(tmp_path, tiny_world)
+    band = {"rule": "band", "score": "learner_ratio", "abs_low": -0.5, "abs_high": 0.5}
+    config = {**spec.config, "filter": {**spec.config["filter"], **band}}
+    spec = dataclasses.replace(
+        spec, config=NPDConfig.model_validate(config).model_dump(mode="json")
+    )
+    for stage in (filter_stage, pack_stage):
+        stage(spec, 1, PROV)
+    fix = "rerun the round from its generate stage"
+    with pytest.raises(TrainingError, match=rf"round 1 sample \S+/\d: samples.token_l.*{fix}") as e:
+        train_stage(spec, 1, PROV)
+    assert "\n" not in str(e.value)
 
 
 def test_a_default_run_stores_no_per_token_log_probs(tmp_path, tiny_world):
