@@ -4,7 +4,8 @@ Reads top to bottom like nanoGPT's loop: lr → micro-batch forward → loss →
 step → zero_grad → log. One optimizer step consumes ``rows_per_step`` packed rows, forwarded
 ``micro_rows`` at a time (gradient accumulation); the loss is normalized per response token
 (or per sequence, ``train.normalize``) over the whole step, exactly as the unpacked batch in one
-forward would be.
+forward would be. Under ``filter.score: learner_ratio`` a step first weighs its sequences by
+their learner ratios (:func:`ratio_weights`), and each sequence's loss takes its weight.
 
 Settings come as a plain :class:`~npd_core.train_spec.StepSpec` (``TrainConfig.step_spec()``),
 so the packing bench times this very step on a GPU box with nothing but torch and transformers.
