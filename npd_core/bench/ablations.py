@@ -9,17 +9,40 @@ from npd_core.config import NPDConfig
 
 FILTER_RULES = ("none", "band", "fence")  # the ablations' rules: the filter study's confirm set
 STEP_FACTORS = (0.5, 2.0)  # the steps-per-round ablations: half and twice the default's steps
+STALENESS = (0, 2, 4)  # the staleness ablations (those the config does not use)
+MIX_FRACTION = 0.5  # the mixed-data ablations' fixed-source share (GKD's 1 − λ at λ = 0.5)
 
 
 def ablations(cfg: NPDConfig) -> dict[str, dict[str, Any]]:
-    """Name → config overrides: the filter settings ``cfg`` does not use, staleness 0 and 2,
-    and rounds of half and twice its optimizer steps."""
+    """Name → config overrides: the filter settings ``cfg`` does not use, the staleness values
+    of ``STALENESS`` it does not use, rounds of half and twice its optimizer steps, and the
+    on-policy levers it does not use (:func:`lever_ablations`)."""
     return {
         **filter_ablations(cfg),
-        "staleness-0": {"staleness": 0},
-        "staleness-2": {"staleness": 2},
+        **{f"staleness-{s}": {"staleness": s} for s in STALENESS if s != cfg.staleness},
         **{f"steps-x{f:g}": _scaled_steps(cfg, f) for f in STEP_FACTORS},
+        **lever_ablations(cfg),
     }
+
+
+def lever_ablations(cfg: NPDConfig) -> dict[str, dict[str, Any]]:
+    """The on-policy levers ``cfg`` leaves off, one at a time: mixed data from the teacher's
+    samples or the reference answers (``data.mix``), per-sequence normalisation, the tail
+    bucket (``train.rest_mass``, for the loss in use), reverse KL, and the sampled-token
+    reverse KL with its truncated importance ratio."""
+    t = cfg.train
+    out: dict[str, dict[str, Any]] = {}
+    if cfg.data.mix.fraction == 0:
+        for source in ("teacher", "reference"):
+            out[f"mix-{source}"] = {"data": {"mix": {"fraction": MIX_FRACTION, "source": source}}}
+    if t.normalize != "sequence":
+        out["normalize-sequence"] = {"train": {"normalize": "sequence"}}
+    if not t.rest_mass and t.loss in ("forward_kl", "reverse_kl", "jsd"):
+        out["rest-mass"] = {"train": {"rest_mass": True}}
+    for loss in ("reverse_kl", "sampled_reverse_kl"):
+        if t.loss != loss:
+            out[loss.replace("_", "-")] = {"train": {"loss": loss}}
+    return out
 
 
 def filter_ablations(cfg: NPDConfig) -> dict[str, dict[str, Any]]:

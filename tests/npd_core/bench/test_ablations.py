@@ -4,7 +4,7 @@ optimizer steps."""
 from __future__ import annotations
 
 from npd_core.bench.ablations import ablations
-from npd_core.config import NPDConfig
+from npd_core.config import NPDConfig, merge
 
 
 def test_ablations_of_the_default_config():
@@ -12,8 +12,13 @@ def test_ablations_of_the_default_config():
     a = ablations(cfg)
     assert list(a) == [
         "filter-band", "filter-fence", "drop-unfinished", "staleness-0", "staleness-2",
-        "steps-x0.5", "steps-x2",
+        "staleness-4", "steps-x0.5", "steps-x2", "mix-teacher", "mix-reference",
+        "normalize-sequence", "rest-mass", "reverse-kl", "sampled-reverse-kl",
     ]  # fmt: skip
+    for over in a.values():  # each a valid config
+        NPDConfig.model_validate(merge(cfg.model_dump(mode="json"), over))
+    assert a["mix-teacher"] == {"data": {"mix": {"fraction": 0.5, "source": "teacher"}}}
+    assert a["sampled-reverse-kl"] == {"train": {"loss": "sampled_reverse_kl"}}
     assert a["filter-band"] == {"filter": {"rule": "band"}}
     assert a["drop-unfinished"] == {"filter": {"drop_unfinished": True}}
     assert a["steps-x0.5"] == {"train": {"steps_per_round": 20, "epochs_per_round": 1.0}}
@@ -33,3 +38,17 @@ def test_a_config_with_a_filter_ablates_towards_the_others():
         ]["steps_per_round"]
         == 1
     )  # never below one step
+
+
+def test_levers_a_config_uses_are_not_ablated():
+    cfg = NPDConfig.model_validate(
+        {
+            "staleness": 2,
+            "data": {"mix": {"fraction": 0.3}},
+            "train": {"loss": "sampled_reverse_kl", "normalize": "sequence"},
+        }
+    )
+    a = ablations(cfg)
+    assert [n for n in a if n.startswith("staleness")] == ["staleness-0", "staleness-4"]
+    assert not [n for n in a if n.startswith(("mix", "normalize", "rest", "sampled"))]
+    assert a["reverse-kl"] == {"train": {"loss": "reverse_kl"}}
