@@ -13,7 +13,7 @@ from npd_core.config import NPDConfig
 from npd_core.errors import ConfigError
 from npd_core.method.attention import SDPA, VARLEN
 from npd_core.pipeline import kernels
-from npd_core.pipeline.autotune import Choice, Shape
+from npd_core.pipeline.autotune import Choice, Shape, unavailable
 from npd_core.pipeline.spec import RunSpec
 
 
@@ -122,3 +122,12 @@ def test_the_stage_shapes_come_from_the_runs_prompts_and_knobs(tmp_path, tiny_wo
     assert train.backward and not score.backward
     assert train.row_len == 256 and train.rows == 4 and train.threads == score.threads == 3
     assert 10 < train.seq_len <= score.row_len <= 64 and score.dtype == "float32"
+
+
+def test_a_pinned_kernel_is_refused_where_it_cannot_run_saying_why():
+    """``train.attention: torch_varlen`` on a machine without what it needs (here: no CUDA)
+    stops before the run with the reason; a CPU kernel runs anywhere."""
+    if unavailable("cuda").get("torch_varlen"):
+        with pytest.raises(ConfigError, match="train.attention: torch_varlen cannot run here"):
+            kernels._runs_here("train.attention", "torch_varlen")
+    kernels._runs_here("train.attention", "sdpa_varlen")
