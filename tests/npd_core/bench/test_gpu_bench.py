@@ -1,6 +1,9 @@
-"""The GPU bench at toy sizes on the CPU: every section reports numbers that agree with the
-formulas it states, time boxes cut a section and say so, and the CUDA-only torch-varlen
-attention computes what per-sequence SDPA does (run here through a reference kernel)."""
+"""The GPU bench at toy sizes on the CPU, through ``scripts/device-check --tiny`` (the check's
+CPU path: it also runs the CUDA tests, which skip here, and writes the JSON a GPU run writes):
+every section reports numbers that agree with the formulas it states, time boxes cut a section
+and say so, the CUDA-only torch-varlen attention computes what per-sequence SDPA does (through a
+reference kernel), and what the check runs needs nothing a box with only torch and transformers
+lacks beyond the wheels it carries."""
 
 from __future__ import annotations
 
@@ -17,6 +20,8 @@ import pytest
 from npd_core.bench import gpu
 from npd_core.pipeline.autotune import KERNELS
 
+ROOT = Path(__file__).resolve().parents[3]
+SCRIPT = ROOT / "scripts" / "device-check"
 SECTIONS = ["device", "train", "generate", "score", "onpolicy_step", "projection"]
 
 
@@ -33,22 +38,35 @@ def test_the_real_sizes_are_qwen25_05b_and_3b():
     assert round(qwen2_params(gpu.TEACHER) / 1e9, 2) == 3.09  # Qwen2.5-3B
 
 
+def skip_without_cuda() -> list[str]:
+    """The test files that skip where CUDA is missing (they ask torch, then skip)."""
+    found = []
+    for f in sorted((ROOT / "tests").rglob("test_*.py")):
+        text = f.read_text() if f != Path(__file__).resolve() else ""
+        if "cuda.is_available()" in text and ("pytest.skip(" in text or "skipif(" in text):
+            found.append(str(f.relative_to(ROOT)))
+    return found
+
+
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """One ``python -m npd_core.bench.gpu --tiny --json`` run in a subprocess (one thread)."""
-    out = tmp_path_factory.mktemp("gpu") / "bench.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(
-        [sys.executable, "-m", "npd_core.bench.gpu", "--tiny", "--json", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    report = json.loads(r.stdout)
-    assert json.loads(out.read_text()) == report  # the file holds the final report
-    return report
+def check(tmp_path_factory) -> tuple[Path, dict]:
+    """One ``scripts/device-check --tiny`` run: the CUDA tests (which skip here) beside
+    ``python -m npd_core.bench.gpu --tiny``, one thread each; its folder and summary."""
+    out = tmp_path_factory.mktemp("device-check")
+    env = {**os.environ, "OUT": str(out)}
+    cmd = [sys.executable, str(SCRIPT), "--tiny"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    summary = json.loads((out / "device-check.json").read_text())
+    assert json.loads(r.stdout) == summary  # stdout: the same summary
+    return out, summary
+
+
+@pytest.fixture(scope="module")
+def tiny(check) -> dict:
+    """The GPU bench's report from that run (``gpu-bench.json``: the final report)."""
+    out, summary = check
+    return json.loads((out / summary["bench"]["file"]).read_text())
 
 
 def test_tiny_run_completes_every_section(tiny):
@@ -165,3 +183,49 @@ def test_a_section_that_hangs_is_cut_and_the_run_goes_on(tmp_path, monkeypatch):
     assert sc["measured_before_the_hang"] == 1.0 and "wait_ended" not in sc
     assert report["onpolicy_step"]["truncated"] is False  # the sections after it still ran
     assert json.loads(out.read_text())["score"]["truncated"] is True
+
+
+def test_the_tiny_check_runs_every_test_that_needs_cuda(check):
+    _, summary = check
+    assert summary["ok"] and summary["tiny"] and 0 < summary["wall_s"] <= summary["budget_s"]
+    tests = summary["tests"]
+    assert tests["files"] == skip_without_cuda()
+    assert (tests["rc"], tests["failed"], tests["errors"], tests["failures"]) == (0, 0, 0, [])
+    assert tests["passed"] >= 1 and not tests["timed_out"]
+    cases = 2 * len(KERNELS["cuda"])  # each CUDA kernel in bf16 and fp32: skipped here
+    assert tests["skipped"] == cases == sum(tests["skip_reasons"].values())
+
+
+def test_the_tiny_check_reports_the_benchs_figures(check):
+    out, summary = check
+    bench = summary["bench"]
+    report = json.loads((out / bench["file"]).read_text())
+    assert (bench["rc"], bench["timed_out"], report["tiny"]) == (0, False, True)
+    assert list(bench["sections"]) == list(SECTIONS)
+    assert not any(s["truncated"] or "error" in s for s in bench["sections"].values())
+    assert bench["train_tokens_per_s"] == report["train"]["best_tokens_per_s"] > 0
+    assert 0 < bench["train_mfu"] < 1 and bench["train_best"] in report["train"]["choices"]
+    decode = bench["decode_tokens_per_s"]
+    assert list(decode) == ["8", "32", "128", "512", "1024"] and min(decode.values()) > 0
+    assert bench["score_tokens_per_s"] == report["score"]["tokens_per_s"] > 0
+    assert bench["onpolicy_step_s"] > 0
+    assert sum(bench["onpolicy_fractions"].values()) == pytest.approx(1.0)
+    assert bench["projection_available"] is True and bench["projected_speedup"] > 0
+
+
+def test_what_the_check_runs_imports_without_the_store_or_prefect():
+    """The bench needs torch and transformers only; the CUDA tests also pytest, hypothesis and
+    pydantic (the carried wheels), never Prefect, MLflow or the store's pyarrow and DuckDB.
+    Each is made absent (``None`` in ``sys.modules``: import fails, ``find_spec`` says None)."""
+    code = """
+import sys
+for name in ("prefect", "mlflow", "pyarrow", "duckdb", "pydantic", "pytest", "hypothesis"):
+    sys.modules[name] = None
+import npd_core.bench.gpu
+for name in ("pydantic", "pytest", "hypothesis"):
+    del sys.modules[name]
+sys.path.insert(0, "tests/npd_core/method")
+import test_cuda_attention
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
