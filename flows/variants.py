@@ -23,7 +23,7 @@ from npd_core.bench.plan import BenchContext, Variant
 from npd_core.config import NPDConfig, merge
 from npd_core.errors import ConfigError
 from npd_core.pipeline.spec import RunSpec
-from npd_core.store.lineage import round_steps
+from npd_core.store.lineage import steps_by_round
 
 PEERS = {"trl": "flows.peers:trl_variant"}  # --peers name → "module:function" returning a Variant
 
@@ -51,7 +51,7 @@ def run_npd(
     spec = ctx.spec(name, seed, config)
     res = distill_flow(spec)
     _nest(ctx, res.mlflow_run_id)
-    steps = round_steps(spec.root, spec.run_id)
+    steps = steps_by_round(spec.root, spec.run_id)
     c = npd_curve(res, ctx.budget_s * (1 + SLACK), steps)
     cfg = spec.cfg
     return VariantResult(
@@ -114,7 +114,7 @@ def _probe(ctx: BenchContext, hyper: Hyper, threads: int) -> sizing.Probe:
     rows = len(set(pack.column("row").to_pylist()))
     n = res.rounds[0].n_generated
     times = StageTimes.of(res)
-    steps = max(round_steps(spec.root, spec.run_id).values(), default=0)
+    steps = max(steps_by_round(spec.root, spec.run_id).values(), default=0)
     cal = sizing.probe_figures(times, n, rows, steps, hyper.rows_per_step)
     ctx.log(
         f"probe at batch {key}, {threads} threads: 2 NPD rounds in {cal['probe_s']:.1f} s, "

@@ -6,7 +6,7 @@ and the flow evaluates θ_k outside the clock; segment k+1 resumes from θ_k. So
 while evaluating, every checkpoint is a plain HF directory that the shared evaluate stage scores,
 and a failed segment can be retried from the last one.
 
-Learning-rate schedule: the same as NPD's (``train.lr_at``: linear warmup, cosine to
+Learning-rate schedule: the same as NPD's (``optim.lr_at``: linear warmup, cosine to
 ``min_lr_ratio × lr``), over a horizon of steps that a time budget does not give up front. The
 horizon is set after the warmup (at least ``CALIBRATION_STEPS`` steps) as the number of steps
 that fit the budget at the mean speed so far, and set again whenever that prediction drifts more
@@ -22,7 +22,8 @@ import random
 import time
 from dataclasses import dataclass, field
 
-from npd_core.method.train import StepLog, lr_at
+from npd_core.method.optim import lr_at
+from npd_core.method.train import StepLog
 from npd_core.pipeline import learner
 from npd_core.pipeline.spec import RunSpec, StageResult
 from npd_core.seeds import seed_for

@@ -57,6 +57,7 @@ from npd_core.errors import first_line
 from npd_core.jsonsafe import finite
 from npd_core.method.attention import VARLEN, register_cuda_attention, register_varlen_attention
 from npd_core.method.generate import generate
+from npd_core.method.optim import make_optimizer
 from npd_core.method.packing import (
     IGNORE_INDEX,
     PackedBatch,
@@ -67,13 +68,7 @@ from npd_core.method.packing import (
     response_offsets,
 )
 from npd_core.method.score import response_scores
-from npd_core.method.train import (
-    StepSpec,
-    Targets,
-    make_optimizer,
-    optimizer_step,
-    step_loss,
-)
+from npd_core.method.train import StepSpec, Targets, optimizer_step, step_loss
 from npd_core.pipeline.autotune import KERNELS, unavailable
 
 DOCS_BENCHES = tuple(

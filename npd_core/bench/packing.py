@@ -71,13 +71,9 @@ from npd_core.bench.workload import (
 )
 from npd_core.errors import ConfigError
 from npd_core.method.attention import VARLEN, register_varlen_attention
+from npd_core.method.optim import make_optimizer
 from npd_core.method.packing import PackedBatch, Sample, collate, fit_lengths, pack
-from npd_core.method.train import (
-    StepSpec,
-    Targets,
-    make_optimizer,
-    train_round,
-)
+from npd_core.method.train import StepSpec, Targets, train_round
 from npd_core.pipeline.autotune import Shape, kernels, race, select, unavailable
 
 

@@ -14,7 +14,7 @@ import math
 from npd_core.bench.clock import StageTimes, npd_clock, work_seconds
 from npd_core.bench.cost import pipeline_clock
 from npd_core.config import NPDConfig
-from npd_core.method.train import round_steps
+from npd_core.method.optim import round_steps
 from npd_core.threads import stage_threads
 
 Probe = dict[str, float]  # train_s_per_row, produce_s_per_sample, rows_per_sample, overlap_gain…

@@ -71,7 +71,7 @@ def measure_units(
 
     from npd_core.config import NPDConfig
     from npd_core.data import read_prompts
-    from npd_core.method.train import make_optimizer
+    from npd_core.method.optim import make_optimizer
     from npd_core.models import format_prompts, frozen_dtype, load_model, load_tokenizer
     from npd_core.pipeline.kernels import choose_attention
     from npd_core.pipeline.spec import RunSpec

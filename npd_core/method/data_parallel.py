@@ -36,6 +36,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 from transformers import PreTrainedModel
 
+from npd_core.method.optim import make_optimizer
 from npd_core.method.packing import PackedBatch
 from npd_core.method.train import (
     StepTotals,
@@ -44,7 +45,6 @@ from npd_core.method.train import (
     apply_update,
     forward_losses,
     loss_units,
-    make_optimizer,
 )
 from npd_core.train_spec import StepSpec
 

@@ -25,18 +25,9 @@ from npd_core.config import NPDConfig
 from npd_core.method.attention import for_training
 from npd_core.method.data_parallel import DataParallel
 from npd_core.method.filter import step_weights
+from npd_core.method.optim import checkpoint_activations, learner_dtype, lr_horizon, make_optimizer
 from npd_core.method.packing import Sample
-from npd_core.method.train import (
-    RoundStats,
-    StepLog,
-    StepWeights,
-    Targets,
-    checkpoint_activations,
-    learner_dtype,
-    lr_horizon,
-    make_optimizer,
-    train_round,
-)
+from npd_core.method.train import RoundStats, StepLog, StepWeights, Targets, train_round
 from npd_core.models import (
     load_model,
     load_tokenizer,

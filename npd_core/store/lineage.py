@@ -92,7 +92,7 @@ def used_prompt_ids(root: str | Path, except_run: str) -> set[str]:
     return set(query(_db(root), USED_PROMPTS_SQL, [except_run]).column(0).to_pylist())
 
 
-def round_steps(root: str | Path, run_id: str) -> dict[int, int]:
+def steps_by_round(root: str | Path, run_id: str) -> dict[int, int]:
     """A run's optimizer steps at the end of each round so far (its checkpoints' steps)."""
     rows = query(_db(root), STEPS_OF_RUN_SQL, [run_id]).to_pylist()
     return {x["round"]: x["step"] for x in rows}

@@ -35,8 +35,9 @@ from npd_core.method.answers import final_line, normalize
 from npd_core.method.attention import packed_attention
 from npd_core.method.evaluate import greedy_responses
 from npd_core.method.generate import generate
+from npd_core.method.optim import make_optimizer
 from npd_core.method.packing import Sample, collate
-from npd_core.method.train import make_optimizer, optimizer_step, train_round
+from npd_core.method.train import optimizer_step, train_round
 from npd_core.models import load_model, load_tokenizer, n_params, save_checkpoint
 from npd_core.toy import long_task
 from npd_core.toy.world import LongSpec, ModelSpec, _model, build_toy_world, fit_plan

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from npd_core.config import NPDConfig, TrainConfig
-from npd_core.method.train import lr_at
+from npd_core.method.optim import lr_at
 from npd_core.pipeline.results import RunSummary
 from npd_core.pipeline.spec import RunSpec
 from npd_core.store import Store, query

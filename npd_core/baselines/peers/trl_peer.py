@@ -18,7 +18,7 @@ config instead, so the comparison is of implementations, not of settings:
   its loss calls the backbones directly, past the autocast wrapper, so on fp32 weights the
   teacher and student forwards of its train step run in fp32 whatever ``bf16`` says.
 - schedule: TRL's AdamW with our β₂ = 0.95, weight decay and grad clip; the learning rate of
-  every step is ours (``npd_core.method.train.lr_at``: linear warmup, cosine to
+  every step is ours (``npd_core.method.optim.lr_at``: linear warmup, cosine to
   ``min_lr_ratio × lr``), since neither of HF's cosine-with-floor schedules lands on the same
   steps. Its horizon is ``max_steps`` when given, else fixed as ``onpolicy`` fixes it
   (``npd_core.baselines.budget``): after the calibration steps, the steps that fit the budget at
@@ -57,7 +57,7 @@ from npd_core.config import NPDConfig, TrainConfig
 from npd_core.data import Prompt
 from npd_core.errors import ConfigError
 from npd_core.method.evaluate import exact_match, greedy_decoded
-from npd_core.method.train import lr_at
+from npd_core.method.optim import lr_at
 from npd_core.models import format_prompts, load_model, load_tokenizer, templated, use_bf16
 
 LOSS_BETA = {"forward_kl": 0.0, "reverse_kl": 1.0}  # TRL's β for our loss names ("jsd": our β)
@@ -134,7 +134,7 @@ def trl_args(
     )
     args = DistillationConfig(output_dir=output_dir, **settings)
     schedule = dict(
-        lr_scheduler="npd_core.method.train.lr_at",
+        lr_scheduler="npd_core.method.optim.lr_at",
         warmup_steps=t.warmup_steps,
         min_lr_ratio=t.min_lr_ratio,
         lr_horizon="max_steps" if max_steps else "calibrated as onpolicy's",

@@ -12,7 +12,7 @@ from npd_core.config import NPDConfig
 from npd_core.data import read_prompts
 from npd_core.errors import ConfigError
 from npd_core.method import losses
-from npd_core.method.train import lr_at, make_optimizer
+from npd_core.method.optim import lr_at, make_optimizer
 from npd_core.models import load_model, load_tokenizer, use_bf16
 
 needs_trl = pytest.mark.skipif(
@@ -88,7 +88,7 @@ def test_trl_settings_match_ours(tiny_world, tmp_path, loss, beta):
     assert (args.temperature, args.top_p, args.top_k) == (cfg.generate.temperature, 1.0, 0)
     assert args.bf16 == use_bf16(cfg.models.bf16) and not args.gradient_checkpointing
     assert args.report_to == []  # "none": no wandb, no trackio
-    assert not args.push_to_hub and settings["lr_scheduler"] == "npd_core.method.train.lr_at"
+    assert not args.push_to_hub and settings["lr_scheduler"] == "npd_core.method.optim.lr_at"
 
     from datasets import Dataset
 

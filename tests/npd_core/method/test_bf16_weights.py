@@ -9,15 +9,9 @@ from tiny_qwen import qwen2
 from transformers import Qwen2ForCausalLM
 
 from npd_core.config import NPDConfig, TrainConfig
+from npd_core.method.optim import AdamWBF16, learner_dtype, make_optimizer
 from npd_core.method.packing import Sample, collate
-from npd_core.method.train import (
-    AdamWBF16,
-    Targets,
-    learner_dtype,
-    make_optimizer,
-    optimizer_step,
-    train_round,
-)
+from npd_core.method.train import Targets, optimizer_step, train_round
 from npd_core.models import load_tokenizer, rng_state, save_checkpoint
 from npd_core.pipeline.learner import open_learner
 

@@ -16,10 +16,10 @@ from tiny_qwen import make_case, qwen2
 
 from npd_core.config import FilterConfig
 from npd_core.method.filter import step_weights
+from npd_core.method.optim import make_optimizer
 from npd_core.method.packing import IGNORE_INDEX, collate
 from npd_core.method.train import (
     learner_logprobs,
-    make_optimizer,
     micro_batches,
     ratio_weights,
     step_gradients,

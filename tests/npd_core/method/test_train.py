@@ -11,13 +11,12 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from npd_core.config import PackConfig, TrainConfig
 from npd_core.errors import TrainingError
 from npd_core.method.losses import token_mean
+from npd_core.method.optim import lr_at, make_optimizer
 from npd_core.method.packing import Sample, collate, packed_rows
 from npd_core.method.train import (
     Targets,
     accumulate,
     forward_losses,
-    lr_at,
-    make_optimizer,
     micro_batches,
     optimizer_step,
     per_token_loss,
@@ -133,7 +132,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
 
     from tiny_qwen import make_case, student
 
-    from npd_core.method.train import checkpoint_activations
+    from npd_core.method.optim import checkpoint_activations
 
     samples, targets = make_case([(3, 5), (6, 2), (2, 7), (4, 4)], seed=3)
     batch = collate(samples, [[0, 1], [2, 3]], pad_id=0, target_offsets=targets.offsets)
