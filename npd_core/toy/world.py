@@ -34,8 +34,9 @@ from npd_core.config import PackConfig, TrainConfig
 from npd_core.data import Prompt, write_prompts
 from npd_core.method.attention import for_training
 from npd_core.method.evaluate import exact_match, greedy_responses
+from npd_core.method.optim import make_optimizer
 from npd_core.method.packing import Sample, packed_rows
-from npd_core.method.train import StepLog, make_optimizer, train_round
+from npd_core.method.train import StepLog, train_round
 from npd_core.models import n_params, save_checkpoint
 from npd_core.toy import long_task, views_task
 from npd_core.toy import task as toy_task
@@ -204,7 +205,9 @@ class ViewsSpec(_Sized):
     n_eval: int = 1000  # 5 points of per-line accuracy are several standard errors
     n_fit: int = 30000
     teacher: ModelSpec = ModelSpec(128, 3, 2, 384, 2000, 3e-3)  # 0.65 M params
-    student: ModelSpec = ModelSpec(64, 2, 1, 128, 3000, 3e-3)  # 0.09 M
+    # 64×2 came within 9 points of the teacher (gate M2 asks ≥ 15): one layer; 3,000, 6,000 and
+    # 12,000 SFT steps still gained 4.8, 4.6 and 2.65 points in their last quarter (M2: < 2)
+    student: ModelSpec = ModelSpec(64, 1, 1, 128, 24000, 3e-3)
     min_len: int = 5
     max_len: int = 8
     rows_per_step: int = 8
