@@ -135,7 +135,8 @@ def test_views_world_sizes_its_config():
     assert spec.max_new_tokens == 91  # 1.3 × the longest answer, 70 tokens with its EOS
     assert spec.config_defaults()["eval"] == {"metric": "lines", "also": ["exact"]}
     assert spec.n_eval >= 1000 and spec.prefix == "views"
-    assert gates.onpolicy_batches(spec, 8.5, 60.0)[0] == round(16 * 512 / 68.5)
+    assert gates.onpolicy_batches(spec, 8.5, 60.0) == [round(8 * 512 / 68.5), 30]
+    assert spec.config_defaults()["train"] == {"lr": 3e-4, "rows_per_step": 8}
     assert len({ToySpec().digest(), LongSpec().digest(), spec.digest()}) == 3
 
 
