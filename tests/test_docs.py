@@ -258,3 +258,14 @@ def test_readme_command_table_names_every_command():
     assert set(rows) == {c.name or c.callback.__name__ for c in app.registered_commands} | {
         g.name for g in app.registered_groups
     }
+
+
+def test_filter_junk_figures_match_their_json():
+    page = RESULTS / "2026-12-06-filter-junk-views.md"
+    junk = _json("filter-junk.json")
+    for score, kinds in junk["summary"].items():
+        cells = [
+            f"{d['mean']:.3f} [{d['ci95'][0]:.3f}, {d['ci95'][1]:.3f}]" for d in kinds.values()
+        ]
+        _assert_quoted(page, f"| {score} | " + " | ".join(cells) + " |")
+    assert (junk["n"], junk["junk_share"]) == (1024, 0.15)

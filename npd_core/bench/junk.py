@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from scipy.stats import rankdata
 
+from npd_core.bench.plots import junk_auroc
 from npd_core.data import read_prompts, round_prompts
 from npd_core.method.filter import learner_ratio
 from npd_core.method.generate import Generation, generate
@@ -122,7 +123,7 @@ def run_junk(
 ) -> dict[str, Any]:
     """AUROC of each score and the unfinished flag for the planted junk, per round and over
     the rounds (generator θ_k, learner θ_{k+1}, k in ``rounds``); also written to
-    ``<root>/filter-study/junk.json``."""
+    ``<root>/filter-study/junk.json``, with a plot of the AUROCs beside it."""
     spec = RunSpec.load(root, run_id)
     cfg = spec.cfg
     torch.set_num_threads(cfg.stage_threads(concurrent=False))
@@ -193,5 +194,7 @@ def run_junk(
     }
     path = Path(root) / "filter-study" / "junk.json"
     path.parent.mkdir(parents=True, exist_ok=True)
+    title = f"planted junk ({JUNK_SHARE:.0%}) in {run_id}, rounds {', '.join(map(str, rounds))}"
+    out["plot"] = str(junk_auroc(out["summary"], title, path.with_suffix(".png")))
     path.write_text(json.dumps(out, indent=1) + "\n")
     return out

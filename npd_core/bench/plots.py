@@ -131,3 +131,28 @@ def bench_curves(
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def junk_auroc(summary: dict[str, dict[str, dict]], title: str, path: Path) -> Path:
+    """``npd bench filter --stage junk``'s AUROC per score, one bar per kind of junk (all,
+    stale, loop) with its bootstrap 95% interval; 0.5 is chance, below it the other tail."""
+    scores, kinds = list(summary), ["all", "stale", "loop"]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(kinds)
+    for j, kind in enumerate(kinds):
+        means = [summary[s][kind]["mean"] for s in scores]
+        cis = [summary[s][kind]["ci95"] or (m, m) for s, m in zip(scores, means, strict=True)]
+        err = np.array([[m - c[0] for m, c in zip(means, cis, strict=True)],
+                        [c[1] - m for m, c in zip(means, cis, strict=True)]])  # fmt: skip
+        x = np.arange(len(scores)) + (j - 1) * width
+        ax.bar(x, means, width, yerr=err, capsize=2, label=kind)
+    ax.axhline(0.5, color="grey", linewidth=0.8, linestyle="--")
+    ax.set_xticks(np.arange(len(scores)), scores, rotation=20)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("AUROC for the planted junk")
+    ax.set_title(title)
+    ax.legend(title="junk", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -51,6 +51,7 @@ from npd_core.method.evaluate import greedy_responses
 from npd_core.method.generate import generate
 from npd_core.models import load_model, load_tokenizer
 from npd_core.seeds import seed_for
+from npd_core.store import Store
 from npd_core.toy.task import build_tokenizer
 from npd_core.toy.world import WORLDS, ToyWorld, WorldSpec, build_toy_world, world_spec
 from npd_core.toy.world_search import onpolicy_step_times
@@ -352,6 +353,7 @@ def main(argv: list[str] | None = None) -> None:
     err = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     if a.build:
         torch.set_num_threads(a.threads)
+        Store(a.out)  # an npd output directory, as `npd demo` and `npd bench` make it
         cache.mkdir(parents=True, exist_ok=True)
         examples = spec.examples(spec.n_train)
         train = [Prompt(e["id"], e["prompt"], e["answer"]) for e in examples]
