@@ -142,8 +142,10 @@ def start_run(out: str, run_id: str, name: str, config: dict[str, Any]) -> str:
 def log_figures(experiment: str, name: str, figures: dict[str, Any], knobs: dict[str, Any]) -> str:
     """A bench with no output directory as one finished run of ``experiment`` on the tracking
     URI the environment names: params = ``knobs``, metrics = the numeric figures (nested keys
-    dotted), tags = the text figures and the git commit, the whole as ``bench_<name>.json``."""
-    c = MlflowClient()
+    dotted), tags = the text figures and the git commit, the whole as ``bench_<name>.json``.
+    The URI is read from the environment here, not from MLflow's process-wide setting, which
+    another run in the same process may have set."""
+    c = MlflowClient(os.environ.get("MLFLOW_TRACKING_URI"))
     exp = c.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp else c.create_experiment(experiment)
     tags = {"mlflow.runName": name, "git_commit": git_commit()}

@@ -210,7 +210,8 @@ import json, resource, sys, torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 from npd_core.method.attention import register_varlen_attention
 from npd_core.method.packing import Sample, collate
-from npd_core.method.train import Targets, make_optimizer, optimizer_step
+from npd_core.method.optim import make_optimizer
+from npd_core.method.train import Targets, optimizer_step
 from npd_core.train_spec import StepSpec
 torch.manual_seed(0)
 V = 151936
