@@ -45,6 +45,7 @@ KEY_ENV = "NPD_WORKERS_KEY"  # the listener's authentication key, hex
 START_TIMEOUT_S = 900.0  # a busy 2-core machine imports slowly
 STOP_TIMEOUT_S = 30.0
 POLL_S = 0.5
+ERROR_GRACE_S = 2.0  # after a rank's failure, how long the others' reports are awaited
 LOG_PREFIX = "npd-workers-"  # + the owner's pid: a group's torchrun log folder in the temp dir
 FAILED = "failed"  # marks a folder whose log a WorkerError line names
 
@@ -143,9 +144,10 @@ class WorkerGroup:
             if not ready and self.proc.poll() is not None:
                 raise self._failure(min(pending), None)
             events = [(self.conns.index(c), _received(c)) for c in ready]
-            for rank, msg in sorted(events, key=lambda e: e[1] is not None):  # deaths first
-                if msg is None or msg[0] == "error":
-                    raise self._failure(rank, None if msg is None else msg[1])
+            failed = {rank: msg for rank, msg in events if msg is None or msg[0] == "error"}
+            if failed:
+                raise self._first_failure(failed, pending)
+            for rank, msg in events:
                 kind, payload = msg
                 if kind == "progress" and progress is not None:
                     progress(payload)
@@ -153,6 +155,25 @@ class WorkerGroup:
                     pending.discard(rank)
                     result = payload if rank == 0 else result
         return result
+
+    def _first_failure(self, failed: dict[int, Any], pending: set[int]) -> WorkerError:
+        """The failure to name: a rank that fails makes its peers fail too (their collectives
+        lose it), sometimes before its own report arrives, so the owner waits up to
+        ``ERROR_GRACE_S`` for the other ranks' reports and names a rank that died without a
+        report (killed: its peers' errors follow from it), else the error raised first."""
+        deadline = time.monotonic() + ERROR_GRACE_S
+        while (rest := [k for k in sorted(pending) if k not in failed]) and (
+            left := deadline - time.monotonic()
+        ) > 0:
+            for c in wait([self.conns[k] for k in rest], timeout=left):
+                msg = _received(c)
+                if msg is None or msg[0] == "error":
+                    failed[self.conns.index(c)] = msg
+        died = [k for k, msg in failed.items() if msg is None]
+        if died:
+            return self._failure(min(died), None)
+        rank = min(failed, key=lambda k: (failed[k][2], k))
+        return self._failure(rank, failed[rank][1])
 
     def _failure(self, rank: int, error: str | None) -> WorkerError:
         what = f"failed: {error}" if error else "died (killed, or out of memory)"
@@ -282,7 +303,7 @@ def serve(handle: Callable[[Any, Progress], Any]) -> None:
         except Exception as exc:  # the owner gets one line; the log the traceback
             traceback.print_exc()
             line = f"{type(exc).__name__}: {first_line(exc)}"
-            conn.send(("error", str(exc) if isinstance(exc, NPDError) else line))
+            conn.send(("error", str(exc) if isinstance(exc, NPDError) else line, time.time()))
             sys.stderr.flush()
             os._exit(1)  # torchrun sees a failed rank and stops the others
         conn.send(("done", result if rank == 0 else None))
