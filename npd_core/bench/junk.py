@@ -9,6 +9,9 @@ by junk of two kinds in equal parts:
 - ``loop``: a sample's first line repeated up to the length cap (no EOS), its generator log-probs
   those θ_k gives the looped tokens.
 
+(``generate.plant_junk`` plants the same two kinds inside a training run:
+:mod:`npd_core.pipeline.plant`.)
+
 Each score of ``filter.score`` is then computed as the pipeline does (Δ-IFD's student side is
 θ_k for every row; ``conditional`` and ``learner_ratio`` read each row's own generator) and
 rated by its AUROC for finding the junk, the bad tail ranking first (``learner_ratio``: its
@@ -37,6 +40,7 @@ from npd_core.method.generate import Generation, generate
 from npd_core.method.ifd import conditional, delta_ifd, log_ifd, ratio_ifd, teacher_nll
 from npd_core.method.score import score
 from npd_core.models import format_prompts, load_model, load_tokenizer, use_bf16, view_prefix
+from npd_core.pipeline.plant import loop_of
 from npd_core.pipeline.spec import RunSpec
 from npd_core.seeds import seed_for
 
@@ -56,14 +60,6 @@ def auroc(score: np.ndarray, junk: np.ndarray) -> float:
     n_pos, n_neg = int(pos.sum()), int((~pos).sum())
     ranks = rankdata(s)
     return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def loop_of(response: list[int], newline: int | None, eos: int, cap: int) -> list[int]:
-    """The response's first line (through its newline; the whole response less EOS when it
-    has none) repeated and cut at ``cap`` tokens: a looping sample that never ends."""
-    body = [t for t in response if t != eos] or response
-    line = body[: body.index(newline) + 1] if newline in body else body
-    return (line * (cap // max(len(line), 1) + 1))[:cap]
 
 
 def bootstrap_mean_ci(values: Sequence[float], seed: int = 0) -> tuple[float, float] | None:

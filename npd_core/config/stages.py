@@ -128,6 +128,15 @@ class GenerateConfig(Section):
         "batch_size when they would not fit; auto = 80% of the GPU memory free at the stage's "
         "start on CUDA, no bound on CPU. On CUDA an out-of-memory error halves the batch",
     )
+    plant_junk: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="a filter-study aid: share of each round's samples replaced by junk, half "
+        "θ₀'s sample of the prompt (stale), half the sample's first line looped to "
+        "max_new_tokens (loop), the same rows for the same seed (samples.source junk-stale / "
+        "junk-loop; scored, filtered and trained like the student's); 0 = none",
+    )
 
 
 class ScoreConfig(Section):
@@ -153,11 +162,13 @@ class ScoreConfig(Section):
 
 
 class FilterConfig(Section):
-    rule: Literal["band", "fence", "upper", "lower", "none"] = Field(
+    rule: Literal["band", "fence", "upper", "lower", "none", "random"] = Field(
         "none",
         description="rule on filter.score: none (keep every well-formed sample; the default, "
         "since no rule beat it in the filter study: docs/results), band (quantiles), fence "
-        "(median ± k·MAD), upper / lower (one tail of the band)",
+        "(median ± k·MAD), upper / lower (one tail of the band), random (keep filter.keep of "
+        "the well-formed samples uniformly at random, seeded by run seed and round; reads no "
+        "score: the filter study's control)",
     )
     score: Literal["delta_ifd", "conditional", "teacher_nll", "learner_ratio"] = Field(
         "delta_ifd",
@@ -189,6 +200,14 @@ class FilterConfig(Section):
     )
     k: float = Field(3.0, gt=0.0, le=100.0, description="fence: MADs (×1.4826) from the median")
     sides: Literal["both", "low", "high"] = Field("both", description="fence: sides that drop")
+    keep: float = Field(
+        1.0, ge=0.0, le=1.0, description="random: share of the well-formed samples kept a round"
+    )
+    keep_by_round: dict[int, float] | None = Field(
+        None,
+        description="random: share kept in the rounds listed (round → share in [0, 1]); "
+        "other rounds keep filter.keep",
+    )
     drop_unfinished: bool = Field(
         False, description="drop samples truncated without EOS (default: train on them)"
     )
@@ -227,18 +246,30 @@ class FilterConfig(Section):
             raise ValueError(f"q_low ({self.q_low}) must be < q_high ({self.q_high})")
         if self.abs_low is not None and self.abs_high is not None and self.abs_low >= self.abs_high:
             raise ValueError(f"abs_low ({self.abs_low}) must be < abs_high ({self.abs_high})")
+        bad = {r: f for r, f in (self.keep_by_round or {}).items() if not 0 <= f <= 1}
+        if bad:
+            raise ValueError(f"keep_by_round {bad}: every share must be in [0, 1]")
         return self
+
+    @property
+    def reads_score(self) -> bool:
+        """Whether the rule reads ``filter.score`` (``none`` and ``random`` read none)."""
+        return self.rule not in ("none", "random")
 
     @property
     def weighs_steps(self) -> bool:
         """Whether the train step weighs its samples (a rule on ``learner_ratio``), which then
         reads the generator's per-token log-probs."""
-        return self.rule != "none" and self.score == "learner_ratio"
+        return self.reads_score and self.score == "learner_ratio"
 
     @property
     def needs_views(self) -> bool:
         """Whether scoring computes the prompt-less views and the student's scores."""
-        return (self.rule != "none" and self.score == "delta_ifd") or self.compute_delta_ifd
+        return (self.reads_score and self.score == "delta_ifd") or self.compute_delta_ifd
+
+    def keep_at(self, r: int) -> float:
+        """The share the ``random`` rule keeps in round ``r``."""
+        return (self.keep_by_round or {}).get(r, self.keep)
 
 
 class PackConfig(Section):

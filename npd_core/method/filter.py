@@ -23,7 +23,10 @@ Rules (``filter.rule``), each a pure function of the in-play scores:
 - ``upper`` / ``lower``: one tail of the band (the other side open);
 - ``fence``: median ± k·MAD (MAD scaled by 1.4826, so k is in standard deviations for Gaussian
   data), each side on or off; drops nothing when nothing is extreme, nor when MAD is 0;
-- ``none``: keeps every in-play sample (no score need be computed at all).
+- ``none``: keeps every in-play sample (no score need be computed at all);
+- ``random``: keeps ``round(keep × in play)`` of them uniformly at random, drawn from (run seed,
+  round) (:func:`random_keep`), the share per round from ``keep`` / ``keep_by_round``: the control
+  a score's rule is matched against (reads no score).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import numpy as np
 import torch
 
 from npd_core.method.ifd import conditional, delta_ifd, ratio_ifd, teacher_nll
+from npd_core.seeds import seed_for
 
 if TYPE_CHECKING:  # read by attribute: the method runs without pydantic
     from npd_core.config import FilterConfig
@@ -106,8 +110,9 @@ def rule_params(cfg: FilterConfig) -> dict[str, Any]:
         "lower": ("q_low", "abs_low"),
         "fence": ("k", "sides"),
         "none": (),
+        "random": ("keep", "keep_by_round"),
     }[cfg.rule]
-    if cfg.rule != "none":
+    if cfg.reads_score:
         keys = (*keys, "score", *(("ifd_form",) if cfg.score == "delta_ifd" else ()))
         keys = (*keys, *(("ratio_clip",) if cfg.score == "learner_ratio" else ()))
     return {k: getattr(cfg, k) for k in (*keys, "drop_unfinished")}
@@ -148,6 +153,13 @@ def sample_scores(cols: ScoreColumns, cfg: FilterConfig) -> np.ndarray | None:
     )
 
 
+def random_keep(n: int, share: float, seed: int) -> np.ndarray:
+    """``round(share × n)`` of ``n`` rows, uniformly at random from ``seed``. → (n,) bool."""
+    kept = np.zeros(n, bool)
+    kept[np.random.default_rng(seed).choice(n, round(share * n), replace=False)] = True
+    return kept
+
+
 def apply_filter(
     delta: np.ndarray | None,
     teacher_logprob: np.ndarray,
@@ -155,14 +167,17 @@ def apply_filter(
     finished: np.ndarray,
     cfg: FilterConfig,
     exempt: np.ndarray | None = None,
+    *,
+    r: int = 0,
+    seed: int = 0,
 ) -> FilterResult:
     """Decide ``kept`` and ``filter_reason`` for one round's samples. Shapes: (N,) each;
     ``delta`` is the rule's score (:func:`sample_scores`), None when not computed (then only a
     rule that needs none may run, or ``learner_ratio``'s, which the train step applies);
     ``exempt`` rows (a fixed source, no generator: ``conditional`` scores them NaN) are checked
-    for well-formedness only."""
+    for well-formedness only. ``random`` draws from the run's ``seed`` and round ``r``."""
     later = cfg.score == "learner_ratio"
-    if delta is None and cfg.rule != "none" and not later:
+    if delta is None and cfg.reads_score and not later:
         raise ValueError(f"filter.rule {cfg.rule!r} needs filter.score {cfg.score!r}, not computed")
     n = len(response_tokens)
     d = np.full(n, np.nan) if delta is None else np.asarray(delta, dtype=np.float64)
@@ -176,16 +191,20 @@ def apply_filter(
         "empty" if empty[i] else "unfinished" if unfinished[i] else "non_finite" if bad[i] else None
         for i in range(n)
     ]
-    live = np.array([r is None for r in reasons], dtype=bool) & ~free
+    live = np.array([x is None for x in reasons], dtype=bool) & ~free
     low = high = float("nan")
-    if live.any() and not later:
+    if cfg.rule == "random":
+        drawn = random_keep(int(live.sum()), cfg.keep_at(r), seed_for(seed, "filter-random", r))
+        for i in np.flatnonzero(live)[~drawn]:
+            reasons[i] = "random"
+    elif live.any() and not later:
         low, high = (float(v) for v in RULES[cfg.rule](d[live], cfg))
         for i in np.flatnonzero(live):
             if d[i] < low:
                 reasons[i] = "below_band"
             elif d[i] > high:
                 reasons[i] = "above_band"
-    kept = np.array([r is None for r in reasons], dtype=bool)
+    kept = np.array([x is None for x in reasons], dtype=bool)
     return FilterResult(kept, reasons, low, high, cfg.rule, rule_params(cfg))
 
 

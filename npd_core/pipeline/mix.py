@@ -28,6 +28,7 @@ from npd_core.pipeline.spec import RunSpec, rel_path
 from npd_core.seeds import seed_for
 
 COIN = 2**63  # seed_for's range
+FIXED_SOURCES = ("teacher", "reference")  # samples.source of a sequence without a generator
 
 
 @dataclass(frozen=True)

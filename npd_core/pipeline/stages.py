@@ -57,7 +57,8 @@ from npd_core.pipeline.learner import (
     record_checkpoint,
     step_weight_rows,
 )
-from npd_core.pipeline.mix import fixed_sequences, merged, mixed_in, student_pairs
+from npd_core.pipeline.mix import FIXED_SOURCES, fixed_sequences, merged, mixed_in, student_pairs
+from npd_core.pipeline.plant import junk_plan, junk_sequences, planted_in
 from npd_core.pipeline.results import (
     EvaluateMetrics,
     FilterMetrics,
@@ -130,6 +131,7 @@ def generate_stage(
         prompts = round_prompts(
             read_prompts(spec.train_prompts), cfg.data.prompts_per_round, cfg.seed, r
         )
+        plan = junk_plan(cfg, r, prompts)  # generate.plant_junk: over the whole round
         if shard is not None:
             prompts = prompts[shard.rows(len(prompts))]
         ckpt = spec.checkpoint(generator_round(r, cfg.staleness))
@@ -155,6 +157,7 @@ def generate_stage(
             gens = merged(prompts, g.n_per_prompt, pairs, sampled, fixed)
         else:
             gens, engine = generate_with(backend, ckpt, tok, ids, seeds, cfg, progress)
+        junk = junk_sequences(spec, r, plan, backend, tok, prompts, ids, seeds, gens, progress)
         now = _now()
         rows = []
         for p, ptext, pid, outs, p_seeds in zip(prompts, texts, ids, gens, seeds, strict=True):
@@ -189,6 +192,7 @@ def generate_stage(
                     )
                 )
         mixed_in(rows, fixed)
+        planted_in(rows, junk, needs_generator_logprobs(cfg))
         table = table_from_rows("samples", rows)
         _write(spec, r, "generate", shard, table)
         return _table_digest(table), GenerateMetrics(
@@ -360,7 +364,7 @@ def filter_stage(spec: RunSpec, r: int, prov: dict[str, str]) -> StageResult[Fil
             _column(sc, "student_resp_logprob_sum"),
         )
         src = s.column("source").to_pylist() if "source" in s.schema.names else [None] * len(s)
-        fixed = np.array([x not in (None, "student") for x in src], dtype=bool)
+        fixed = np.array([x in FIXED_SOURCES for x in src], dtype=bool)
         res = apply_filter(
             sample_scores(cols, cfg.filter),
             teacher,
@@ -368,6 +372,8 @@ def filter_stage(spec: RunSpec, r: int, prov: dict[str, str]) -> StageResult[Fil
             s.column("finished").to_numpy(zero_copy_only=False),
             cfg.filter,
             exempt=fixed if cfg.filter.score in ("conditional", "learner_ratio") else None,
+            r=r,
+            seed=cfg.seed,
         )
         now = _now()
         params = json.dumps(res.params, sort_keys=True)
