@@ -205,8 +205,10 @@ def filter_study(
     stage: Annotated[
         str,
         typer.Option(
-            help="screen (every rule × staleness 1, 4), confirm (best 2 + ref.) or junk "
-            "(each score's AUROC for planted junk, no training: needs --run)"
+            help="screen (every rule × staleness 1, 4), confirm (best 2 + ref.), junk "
+            "(each score's AUROC for planted junk, no training: needs --run) or trained (the "
+            "best 2 junk scores and conditional with planted junk and without, against a "
+            "matched random drop)"
         ),
     ] = "screen",
     as_json: JsonOpt = False,
@@ -225,32 +227,48 @@ def filter_study(
         str, typer.Option(help="junk: comma-separated rounds k of θ_k")
     ] = "1,2,3,4,5",
     n: Annotated[int, typer.Option(help="junk: samples per round", min=8)] = 1024,
+    junk: Annotated[
+        Path | None,
+        typer.Option(
+            "--junk", help="trained: the junk stage's JSON (default OUT/filter-study/junk.json)"
+        ),
+    ] = None,
 ) -> None:
     """The pre-registered filter study (docs/results); resumes where it stopped."""
     from flows.env import prefect_env
-    from flows.filter_study import run_study
+    from flows.filter_study import run_study, run_trained
     from npd_core.errors import ConfigError
 
+    log = lambda m: err.print(m, markup=False, highlight=False)  # noqa: E731
     if stage == "junk":
         from npd_core.bench.junk import run_junk
 
         if run is None:
             raise ConfigError("--stage junk needs --run RUN_ID (a run with checkpoints θ_k)")
         ks = [int(x) for x in rounds.split(",") if x.strip()]
-        res = run_junk(
-            str(out), run, ks, n, log=lambda m: err.print(m, markup=False, highlight=False)
-        )
+        res = run_junk(str(out), run, ks, n, log=log)
         if as_json:
             sys.stdout.write(json.dumps(res) + "\n")
         return
-    if stage not in ("screen", "confirm"):
-        raise ConfigError(f"--stage {stage!r}: choose screen, confirm or junk")
+    if stage not in ("screen", "confirm", "trained"):
+        raise ConfigError(f"--stage {stage!r}: choose screen, confirm, junk or trained")
     prefect_env(out)
-    res = run_study(
-        stage, out, config, budget_s, lambda m: err.print(m, markup=False, highlight=False)
-    )
+    if stage == "trained":
+        res = run_trained(out, config, budget_s, junk, log)
+    else:
+        res = run_study(stage, out, config, budget_s, log)
     if as_json:
         sys.stdout.write(json.dumps(res, allow_nan=False) + "\n")
+    elif stage == "trained":
+        for row in res["summary"]:
+            kept, junk_kept = row["kept_share"], row["junk_kept_share"]
+            err.print(
+                f"{row['junk']:<5} {row['rule']:<9} {row['score'] or '':<15} final "
+                f"{row['final_score']:6.2f}  kept {'-' if kept is None else f'{kept:.2f}'}  "
+                f"junk kept {'-' if junk_kept is None else f'{junk_kept:.2f}'}"
+            )
+        rec = res["decision"]["recommended"]
+        err.print("recommended: " + (", ".join(f"{x['rule']} {x['score']}" for x in rec) or "none"))
     else:
         for row in res["summary"]:
             err.print(

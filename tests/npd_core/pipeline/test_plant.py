@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 
+from npd_core.bench import filter_trained as ft
 from npd_core.config import NPDConfig
 from npd_core.data import Prompt
 from npd_core.method.score import score
@@ -106,3 +107,12 @@ def test_junk_rows_carry_their_kind_and_their_generator(planted):
     got = {x["source"]: x for x in spec.store.query(q).to_pylist()}
     assert set(got) == {"junk-loop", "junk-stale", "student"}
     assert all(x["ratios"] == x["n"] for x in got.values())
+    # what the filter study's random drop copies: the share kept by the filter stage (all), or
+    # for a rule in the train step, of the round's sample-steps weighing more than 0
+    assert ft.kept_stats(spec.root, "r", in_steps=False) == {
+        "kept_by_round": {2: 1.0}, "kept_share": 1.0, "junk_kept_share": 1.0
+    }  # fmt: skip
+    q = "SELECT avg((weight > 0)::INT) AS kept FROM step_weights"
+    kept = spec.store.query(q).to_pylist()[0]["kept"]
+    steps = ft.kept_stats(spec.root, "r", in_steps=True)
+    assert steps["kept_by_round"] == {2: pytest.approx(kept)} and steps["kept_share"] == kept
