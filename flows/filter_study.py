@@ -176,7 +176,7 @@ def run_trained(
         "cells": done,
         "plot": {},
     }
-    for cond in ft.JUNK:
+    for cond in dict.fromkeys(c["junk"] for c in done):
         title = f"npd bench filter (trained, {cond}): staleness {ft.STALENESS}, mean over seeds"
         png = rule_curves(ft.plotted_means(done, cond), title, folder / f"trained-{cond}.png")
         report["plot"][cond] = str(png.resolve())
