@@ -68,7 +68,8 @@ SAMPLES_SCHEMA = pa.schema(
         _req("response_tokens", pa.int32()),
         _req("finished", pa.bool_()),  # EOS seen
         _opt("sample_logprob_sum", pa.float32()),  # generator's log-prob of its sampled tokens
-        _opt("source", pa.string()),  # student | teacher | reference (data.mix; schema 6)
+        # student | teacher | reference (data.mix; schema 6) | junk-stale | junk-loop (plant_junk)
+        _opt("source", pa.string()),
         _opt("token_logprobs", pa.list_(pa.float32())),  # (response_tokens,) the generator's
         *_PROVENANCE,
     ]
