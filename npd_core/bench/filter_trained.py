@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from npd_core.bench.filter_study import mean_by_round
 from npd_core.bench.stats import diff_ci, mean_ci
 from npd_core.errors import ConfigError
 
@@ -77,7 +78,7 @@ class TrainedCell:
             assert self.score is not None
             f.update(SCORES[self.score])
         if self.rule == "fence":
-            f["sides"] = BAD_TAIL.get(SCORES[self.score]["score"], "both")  # type: ignore[index]
+            f["sides"] = BAD_TAIL.get(SCORES[self.score]["score"], "both")
         if self.rule == "random":
             if not keep_by_round:
                 raise ConfigError(f"{self.name}: no kept shares of {self.matches} to match")
@@ -228,8 +229,6 @@ def _mean(values: Any) -> float | None:
 
 def plotted_means(done: list[dict[str, Any]], junk: str) -> dict[str, list[tuple[int, float]]]:
     """Each (rule, score)'s mean score by round over its seeds under one junk condition."""
-    from npd_core.bench.filter_study import mean_by_round
-
     mine = [c for c in done if c["junk"] == junk]
     names = dict.fromkeys((c["rule"], c["score"]) for c in mine)
     return {

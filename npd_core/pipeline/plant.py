@@ -97,6 +97,7 @@ def junk_sequences(
     ckpt = spec.checkpoint(generator_round(r, cfg.staleness))
     theta0 = spec.checkpoint(0)
     stale = [(i, k) for i, k, kind in todo if kind == "stale"]
+    old: list[Generation] = []
     if ckpt == theta0:  # θ₀ generates this round: its sample of the same seed is the student's
         old = [gens[i][k] for i, k in stale]
     elif stale:

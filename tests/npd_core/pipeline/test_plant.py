@@ -41,6 +41,8 @@ def test_the_plan_takes_the_share_in_equal_kinds_by_seed_and_round():
     other = NPDConfig.model_validate({**cfg.model_dump(), "seed": 1})
     assert set(junk_plan(other, 3, prompts)) != set(plan)
     assert junk_plan(NPDConfig(), 3, prompts) == {}  # the default plants nothing
+    one = NPDConfig.model_validate({"generate": {"plant_junk": 0.01}})
+    assert list(junk_plan(one, 3, prompts).values()) == ["loop"]  # an odd count: one loop more
     mixed = NPDConfig.model_validate({**cfg.model_dump(), "data": {"mix": {"fraction": 0.5}}})
     assert not any(is_mixed(mixed, 3, p, k) for p, k in junk_plan(mixed, 3, prompts))
 
