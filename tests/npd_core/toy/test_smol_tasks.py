@@ -1,0 +1,74 @@
+"""The smol world's questions and grading, without its models: each task's answers are right,
+the mix's shares of train, held-out and warm-up prompts come out as set and no question is in two
+sets, and ``ANSWER_REGEX`` grades sentences as SmolLM2-135M-Instruct writes them as a reader
+would."""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections import Counter
+
+import pytest
+
+from npd_core.method.evaluate import exact_match
+from npd_core.toy.smol import ANSWER_REGEX, TASKS, SmolSpec, make_prompts
+
+WORDS = ["".join(w) for w in itertools.product("pencilarbo", repeat=5)][:3000]
+
+
+def test_each_task_answers_its_questions():
+    for q, a in TASKS["successor"](WORDS):
+        n = int(re.fullmatch(r"What is (\d+) \+ 1\? Reply with only the number\.", q).group(1))
+        assert int(a) == n + 1
+    sums = TASKS["addition"](WORDS)
+    assert len(sums) == 100 and len({q for q, _ in sums}) == 100
+    for q, a in sums:
+        x, y = map(int, re.fullmatch(r"What is (\d) \+ (\d)\? Reply.*", q).groups())
+        assert int(a) == x + y
+    assert TASKS["first_letter"](["pencil"]) == [
+        ('What is the first letter of the word "pencil"?', "P")
+    ]
+
+
+def test_the_mix_draws_disjoint_sets_in_its_shares():
+    """The default mix: 55% first letters, 40% successors, 5% sums of 1,000 train, 600 held-out
+    and 400 warm-up prompts; all 100 sums used once, no question in two sets."""
+    spec = SmolSpec()
+    sets = make_prompts(spec, WORDS)
+    assert [len(s) for s in sets] == [1000, 600, 400]
+    counts = [Counter(p.id.split("-")[0] for p in s) for s in sets]
+    assert counts == [
+        {"first_letter": 550, "successor": 400, "addition": 50},
+        {"first_letter": 330, "successor": 240, "addition": 30},
+        {"first_letter": 220, "successor": 160, "addition": 20},
+    ]
+    questions = [p.prompt for s in sets for p in s]
+    assert len(set(questions)) == len(questions) == 2000
+    assert len({p.id for s in sets for p in s}) == 2000
+    assert make_prompts(spec, WORDS) == sets  # seeded
+
+
+def test_a_share_larger_than_its_task_is_refused():
+    spec = SmolSpec(mix=(("first_letter", 0.5), ("addition", 0.5)))
+    with pytest.raises(ValueError, match="task addition has too few questions"):
+        make_prompts(spec, WORDS)
+
+
+@pytest.mark.parametrize(
+    ("response", "answer", "right"),
+    [
+        ('The first letter of the word "pencil" is "P".', "P", True),
+        ('The first letter of the word "apple" is "A".', "A", True),
+        ("The number 2301 is a decimal number with a base of 10.", "A", False),  # "is a"
+        ("592 + 1 = 593", "593", True),
+        ("592 + 1 equals 593.", "593", True),
+        ("792 + 1 = 803", "793", False),
+        ("The answer is 0.", "8", False),  # What is 0 + 8?
+        ("The number that comes after 509 is 509 itself.", "510", False),  # echoed
+        ("7 + 7 = 12, which is the sum of 7 itself.", "14", False),  # the first answer counts
+        ("To add 592 + 1, you simply add 1 to 592.", "593", False),  # no answer given
+    ],
+)
+def test_the_answer_pattern_grades_the_teachers_sentences(response, answer, right):
+    assert exact_match([response], [answer], "regex", ANSWER_REGEX).score == 100.0 * right
