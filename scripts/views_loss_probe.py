@@ -1,0 +1,108 @@
+"""Which loss lifts a views student, on which states: from one student checkpoint, a few steps
+of each arm with the pipeline's own loss, optimizer step and teacher top-k targets, the greedy
+per-line score measured as it goes.
+
+Arms: ``okl`` forward KL on the student's own samples (``okl-t0.5``: sampled at T = 0.5),
+``rkl`` reverse KL on them, ``kd`` forward KL on the true answers, ``ce`` CE on the teacher's
+argmax of the true answers. Prints one JSON line per arm::
+
+    python scripts/views_loss_probe.py WORLD_DIR STUDENT_DIR --arms okl,okl-t0.5,rkl,kd,ce
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from dataclasses import replace
+
+import torch
+
+from npd_core.baselines.onpolicy import teacher_topk
+from npd_core.config import NPDConfig
+from npd_core.data import read_prompts
+from npd_core.method.generate import generate
+from npd_core.method.optim import make_optimizer
+from npd_core.method.packing import Sample, collate, response_offsets
+from npd_core.method.train import micro_batches, optimizer_step
+from npd_core.models import format_prompts, load_model, load_tokenizer
+from npd_core.seeds import seed_for
+from npd_core.toy.gates import grade, greedy_texts
+from npd_core.toy.world import ViewsSpec
+
+LOSS = {"okl": "forward_kl", "rkl": "reverse_kl", "kd": "forward_kl", "ce": "ce"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("world", help="a built views world (its teacher and prompt files)")
+    ap.add_argument("student", help="the student checkpoint every arm starts from")
+    ap.add_argument("--arms", default="okl,rkl,kd,ce")
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--prompts", type=int, default=60, help="prompts a step")
+    ap.add_argument("--held-out", type=int, default=300)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    cfg = NPDConfig.model_validate(ViewsSpec().config_defaults())
+    tok = load_tokenizer(f"{a.world}/teacher")
+    teacher = load_model(f"{a.world}/teacher").eval()
+    train = read_prompts(f"{a.world}/train.jsonl")
+    held = read_prompts(f"{a.world}/eval.jsonl")[: a.held_out]
+    train_ids = format_prompts(tok, [p.prompt for p in train], cfg.data.chat_template)
+    held_ids = format_prompts(tok, [p.prompt for p in held], cfg.data.chat_template)
+    cap = cfg.generate.max_new_tokens
+    true = [tok(p.answer)["input_ids"] + [tok.eos_token_id] for p in train]
+
+    def lines_of(texts: list[str], answers: list[str]) -> float:
+        return round(grade(texts, answers).lines, 1)
+
+    def score(model) -> float:
+        model.eval()
+        return lines_of(greedy_texts(model, tok, held_ids, cap), [p.answer for p in held])
+
+    for arm in a.arms.split(","):
+        kind, _, temp = arm.partition("-t")
+        spec = replace(cfg.train.step_spec(), loss=LOSS[kind])
+        model = load_model(a.student)
+        opt = make_optimizer(model, spec)
+        curve, losses, sample_lines = [score(model)], [], None
+        rng = random.Random(0)
+        for step in range(a.steps):
+            idx = rng.sample(range(len(train)), a.prompts)
+            if kind in ("okl", "rkl"):
+                model.eval()
+                gens = generate(
+                    model, [train_ids[i] for i in idx], n_per_prompt=1, max_new_tokens=cap,
+                    eos_ids={tok.eos_token_id}, pad_id=tok.pad_token_id,
+                    temperature=float(temp or 1.0), top_p=1.0,
+                    seeds=[[seed_for(step, "probe", None, i)] for i in idx],
+                    batch_size=256, bf16=False,
+                )  # fmt: skip
+                resp = [g[0].token_ids for g in gens]
+                if step == 0:
+                    texts = [tok.decode(r, skip_special_tokens=True) for r in resp]
+                    sample_lines = lines_of(texts, [train[i].answer for i in idx])
+            else:
+                resp = [true[i] for i in idx]
+            samples = [Sample(train_ids[i], r) for i, r in zip(idx, resp, strict=True) if r]
+            offsets = response_offsets(samples)
+            rows = [[i] for i in range(len(samples))]
+            batch = collate(samples, rows, tok.pad_token_id, target_offsets=offsets)
+            with torch.no_grad():
+                targets = teacher_topk(teacher, batch, offsets, cfg.score.top_k, False)
+            model.train()
+            micro = micro_batches(
+                samples, rows, tok.pad_token_id, spec.forwards(len(rows)), target_offsets=offsets
+            )
+            loss = optimizer_step(model, opt, micro, targets, spec, lr=a.lr, step=step, bf16=False)
+            if (step + 1) % max(1, a.steps // 4) == 0:
+                curve.append(score(model))
+                losses.append(round(loss.item(), 4))
+        row = {"arm": arm, "lr": a.lr, "steps": a.steps, "sample_lines": sample_lines}
+        print(json.dumps(row | {"curve": curve, "loss": losses}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
