@@ -8,6 +8,7 @@ Prefect REST API over HTTP, as the UI does.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -418,3 +419,37 @@ def assert_nothing_duplicated_or_orphaned(out: Path, run_id: str) -> None:
 
 
 _OWN_MARKERS = {".faults", ".stage-count", ".lease.json"}
+
+
+def run_status(out: Path, run_id: str, env: dict[str, str]) -> dict:
+    """`npd status RUN --json`'s one run."""
+    res = npd("status", run_id, "--out", str(out), "--json", env=env)
+    assert res.returncode == 0, res.stderr
+    (run,) = json.loads(res.stdout)
+    return run
+
+
+@contextmanager
+def stopped_at(point: str, cfg: Path, out: Path, env: dict[str, str]) -> Iterator[int]:
+    """`npd run CFG` in its own process group, stopped by itself at ``point`` (NPD_PAUSE_AT);
+    yields its pid. The caller kills it (``kill_9``); its whole group is stopped at the end."""
+    proc = subprocess.Popen(
+        [*NPD, "run", str(cfg), "--out", str(out)],
+        env={**env, "NPD_PAUSE_AT": point},
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        _, how = os.waitpid(proc.pid, os.WUNTRACED)  # returns when it stops at the point
+        assert os.WIFSTOPPED(how), proc.stderr.read()[-3000:]
+        yield proc.pid
+    finally:
+        stop_group(proc)
+
+
+def kill_9(pid: int) -> None:
+    """SIGKILL to the flow's process only (not its group), reaped."""
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
