@@ -27,12 +27,21 @@ compared on it.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 
 from npd_core.toy import task
 from npd_core.toy.task import build_tokenizer
 
-__all__ = ["VIEWS", "answer_tokens", "build_tokenizer", "make_examples", "response_text", "solve"]
+__all__ = [
+    "VIEWS",
+    "answer_tokens",
+    "build_tokenizer",
+    "make_examples",
+    "off_path",
+    "response_text",
+    "solve",
+]
 
 TOP = 3  # words of the smallest/largest views
 
@@ -80,3 +89,28 @@ def answer_tokens(prompt: str) -> int:
 def make_examples(n: int, seed: int, min_len: int, max_len: int) -> list[dict]:
     """``n`` examples with distinct prompts of ``min_len``–``max_len`` words (uniform)."""
     return task.make_examples(n, seed, min_len, max_len, solve, id_prefix="v")
+
+
+def _wrong(line: str, rng: random.Random) -> str:
+    """The line with one mistake: two of its words swapped when they differ, else one word
+    replaced by another of the task's words."""
+    marker, *words = line.split(" ")
+    pairs = [(i, j) for i in range(len(words)) for j in range(i) if words[i] != words[j]]
+    if pairs:
+        i, j = rng.choice(pairs)
+        words[i], words[j] = words[j], words[i]
+    else:
+        k = rng.randrange(len(words))
+        words[k] = rng.choice([w for w in task.WORDS if w != words[k]])
+    return " ".join([marker, *words])
+
+
+def off_path(answer: str, rng: random.Random) -> tuple[str, str]:
+    """A teacher's example off the path a student writes: the answer cut after its first j
+    lines (j uniform in 1–7), each of those wrong with probability ½ (``_wrong``); returns the
+    prefix (with its newline), read as context, and the true rest, the target. A teacher trained
+    on these writes each line from the prompt whatever came before it, as gate M3 asks of it."""
+    lines = answer.split("\n")
+    j = rng.randint(1, len(lines) - 1)
+    prefix = [_wrong(x, rng) if rng.random() < 0.5 else x for x in lines[:j]]
+    return "\n".join(prefix) + "\n", "\n".join(lines[j:])

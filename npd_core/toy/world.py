@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import shutil
 import time
 from collections.abc import Callable
@@ -211,6 +212,11 @@ class ViewsSpec(_Sized):
     # (no on-policy method rose above its 24,000-step warm start: gate M5). Two layers, narrow:
     # 32×2 reached 92.0 at 8,000 steps (M2 fails), 24×2 49.6 with +1.4 in the last quarter
     student: ModelSpec = ModelSpec(24, 2, 1, 48, 8000, 3e-3)
+    # the teacher's examples that start after a cut in a views answer with wrong lines in its
+    # context (views_task.off_path): trained on true answers alone, it wrote 69.9 per line after
+    # the cuts of the 24×2 student's samples (74% with a wrong line) against 99.7 from the
+    # prompt, so gate M3 failed
+    teacher_off_path: float = 0.5
     min_len: int = 5
     max_len: int = 8
     rows_per_step: int = 8
@@ -295,12 +301,22 @@ def _model(spec: ModelSpec, tok) -> Qwen2ForCausalLM:
     return Qwen2ForCausalLM(cfg)
 
 
-def _samples(tok, prompts: list[Prompt], world: WorldSpec | None = None) -> list[Sample]:
-    text = (world or ToySpec()).response_text
-    return [
-        Sample(tok(p.prompt)["input_ids"], tok(text(p.answer))["input_ids"] + [tok.eos_token_id])
-        for p in prompts
-    ]
+def _samples(
+    tok, prompts: list[Prompt], world: WorldSpec | None = None, off_path: float = 0.0
+) -> list[Sample]:
+    """Prompt and true answer (EOS closing it); with ``off_path`` that seeded share of the
+    examples starts its target after a views answer's first lines, some of them wrong
+    (``views_task.off_path``: those lines join the context, which carries no loss)."""
+    world = world or ToySpec()
+    rng = random.Random(world.seed)
+    out = []
+    for p in prompts:
+        context, target = tok(p.prompt)["input_ids"], world.response_text(p.answer)
+        if off_path and rng.random() < off_path:
+            prefix, target = views_task.off_path(target, rng)
+            context = context + tok(prefix)["input_ids"]
+        out.append(Sample(context, tok(target)["input_ids"] + [tok.eos_token_id]))
+    return out
 
 
 def score_exact(
@@ -328,10 +344,10 @@ def score_exact(
 
 
 def fit_plan(
-    tok, prompts: list[Prompt], spec: ModelSpec, toy: WorldSpec
+    tok, prompts: list[Prompt], spec: ModelSpec, toy: WorldSpec, off_path: float = 0.0
 ) -> tuple[TrainConfig, PackConfig, list[Sample], list[list[int]]]:
-    """What ``fit`` trains with: its CE config, packing, samples and packed rows (the world
-    search trains a single model with the same plan)."""
+    """What ``fit`` trains with: its CE config, packing, samples (``_samples``) and packed rows
+    (the world search trains a single model with the same plan)."""
     cfg = TrainConfig(
         loss="ce",
         lr=spec.lr,
@@ -343,7 +359,7 @@ def fit_plan(
     )
     pack = PackConfig(max_seq_len=toy.max_seq_len)
     samples, _, rows = packed_rows(
-        _samples(tok, prompts, toy), pack.max_seq_len, pack.overlong, pack.mode, toy.seed
+        _samples(tok, prompts, toy, off_path), pack.max_seq_len, pack.overlong, pack.mode, toy.seed
     )
     return cfg, pack, samples, rows
 
@@ -355,10 +371,12 @@ def fit(
     spec: ModelSpec,
     toy: WorldSpec,
     on_step: Callable[[StepLog], None] | None = None,
+    off_path: float = 0.0,
 ) -> None:
     """Plain SFT on true answers, packed (the same trainer the pipeline uses, with CE);
-    ``on_step`` sees every step (the world search logs its curves through it)."""
-    cfg, pack, samples, rows = fit_plan(tok, prompts, spec, toy)
+    ``on_step`` sees every step (the world search logs its curves through it); ``off_path``:
+    see ``_samples``."""
+    cfg, pack, samples, rows = fit_plan(tok, prompts, spec, toy, off_path)
     opt = make_optimizer(model, cfg)
     torch.manual_seed(toy.seed)
     with for_training(model):
@@ -430,8 +448,15 @@ def build_toy_world(
             if progress:
                 advance = progress(f"{spec.prefix} {name}: training", ms.train_steps)
                 hooks.append(lambda _entry, advance=advance: advance(1))
+            teacher = name == "teacher"
             fit(
-                model, tok, fit_set + train if name == "teacher" else fit_set, ms, spec, _all(hooks)
+                model,
+                tok,
+                fit_set + train if teacher else fit_set,
+                ms,
+                spec,
+                _all(hooks),
+                off_path=getattr(spec, "teacher_off_path", 0.0) if teacher else 0.0,
             )
             score = score_exact(
                 model,

@@ -209,3 +209,35 @@ def test_evaluate_stage_reports_exact_beside_lines(tmp_path):
     assert by_set["heldout.exact"]["n"] == TINY.n_eval
     assert by_set["heldout.exact"]["score"] <= by_set["heldout"]["score"]
     assert res.metrics.score == by_set["heldout"]["score"]
+
+
+def test_off_path_examples_keep_the_true_rest_after_wrong_lines():
+    """The teacher's off-path examples: a cut after 1–7 lines, about half of those lines wrong
+    by one swap or replacement (same marker, same length), and the target the true rest."""
+    import random
+
+    from npd_core.toy.world import _samples
+
+    answer = views_task.solve("sort dc ab ej ab cc =")
+    lines = answer.split("\n")
+    rng = random.Random(0)
+    wrong = cuts = 0
+    for _ in range(400):
+        prefix, rest = views_task.off_path(answer, rng)
+        head = prefix.removesuffix("\n").split("\n")
+        assert prefix.endswith("\n") and 1 <= len(head) <= 7
+        assert rest.split("\n") == lines[len(head) :]
+        for got, true in zip(head, lines, strict=False):
+            assert got.split()[0] == true.split()[0] and len(got.split()) == len(true.split())
+            wrong += got != true
+        cuts += len(head)
+    assert 0.4 < wrong / cuts < 0.6
+    tok = views_task.build_tokenizer()
+    prompts = [Prompt(f"p{i}", "sort dc ab ej ab cc =", answer) for i in range(200)]
+    plain = _samples(tok, prompts, ViewsSpec())
+    mixed = _samples(tok, prompts, ViewsSpec(), off_path=0.5)
+    assert all(len(s.response_ids) == len(plain[0].response_ids) for s in plain)
+    moved = [m for m, p in zip(mixed, plain, strict=True) if m.prompt_ids != p.prompt_ids]
+    assert 70 < len(moved) < 130  # about half start after a cut
+    for m in moved:  # the context's tokens plus the target's are the whole answer's length
+        assert len(m.prompt_ids) + len(m.response_ids) == len(plain[0])
