@@ -31,6 +31,14 @@ COIN = 2**63  # seed_for's range
 FIXED_SOURCES = ("teacher", "reference")  # samples.source of a sequence without a generator
 
 
+def fixed_mask(samples: Any) -> list[bool]:
+    """Per row of a samples table: a fixed source's sequence, without a generator (tables
+    written before schema 6 have no ``source``: every row is the student's)."""
+    if "source" not in samples.schema.names:
+        return [False] * len(samples)
+    return [x in FIXED_SOURCES for x in samples.column("source").to_pylist()]
+
+
 @dataclass(frozen=True)
 class Fixed:
     """One training sequence from the fixed source, in the student's stead."""

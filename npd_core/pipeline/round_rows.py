@@ -13,7 +13,7 @@ from npd_core.errors import TrainingError
 from npd_core.method.packing import Sample
 from npd_core.method.train import Targets
 from npd_core.pipeline.learner import RoundRows
-from npd_core.pipeline.mix import FIXED_SOURCES
+from npd_core.pipeline.mix import fixed_mask
 from npd_core.pipeline.spec import RunSpec
 
 SAMPLE_KEY = ["prompt_id", "sample_idx"]  # a sample's key within its round
@@ -71,10 +71,9 @@ def _generator_arrays(
     """``samples.token_logprobs`` of the packed samples ``s`` (:func:`_token_arrays`); a
     student's sample without them (a round written for another config) is refused."""
     names = s.schema.names
-    source = s.column("source").to_pylist() if "source" in names else [None] * len(s)
     col = s.column("token_logprobs") if "token_logprobs" in names else pa.nulls(len(s))
-    for key, src, null in zip(keys, source, pc.is_null(col).to_pylist(), strict=True):
-        if src not in FIXED_SOURCES and null:
+    for key, fixed, null in zip(keys, fixed_mask(s), pc.is_null(col).to_pylist(), strict=True):
+        if not fixed and null:
             raise TrainingError(
                 f"round {r} sample {key[0]}/{key[1]}: samples.token_logprobs is null, and "
                 "train.loss sampled_reverse_kl and filter.score learner_ratio read the "

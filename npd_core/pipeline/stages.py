@@ -57,7 +57,13 @@ from npd_core.pipeline.learner import (
     record_checkpoint,
     step_weight_rows,
 )
-from npd_core.pipeline.mix import FIXED_SOURCES, fixed_sequences, merged, mixed_in, student_pairs
+from npd_core.pipeline.mix import (
+    fixed_mask,
+    fixed_sequences,
+    merged,
+    mixed_in,
+    student_pairs,
+)
 from npd_core.pipeline.plant import junk_plan, junk_sequences, planted_in
 from npd_core.pipeline.results import (
     EvaluateMetrics,
@@ -363,8 +369,7 @@ def filter_stage(spec: RunSpec, r: int, prov: dict[str, str]) -> StageResult[Fil
             _column(sc, "student_logprob_sum"),
             _column(sc, "student_resp_logprob_sum"),
         )
-        src = s.column("source").to_pylist() if "source" in s.schema.names else [None] * len(s)
-        fixed = np.array([x in FIXED_SOURCES for x in src], dtype=bool)
+        fixed = np.array(fixed_mask(s), dtype=bool)
         res = apply_filter(
             sample_scores(cols, cfg.filter),
             teacher,
