@@ -338,6 +338,18 @@ def watch_curves(spec: WorldSpec, curve_file: Path, train: list[Prompt], t0: flo
     return watch
 
 
+def copy_reused_curves(world: ToyWorld, curve_file: Path) -> None:
+    """A model the build reused from a twin world (``reused_from``) was not trained, so its
+    curve (M2 reads the student's) is copied from that world's curve file."""
+    for name in ("teacher", "student"):
+        twin = world.meta[name].get("reused_from")
+        source = curve_file.parent / f"{twin}.curves.jsonl"
+        if twin and source.is_file():
+            rows = [x for x in source.read_text().splitlines() if json.loads(x)["model"] == name]
+            with curve_file.open("a") as f:
+                f.writelines(x + "\n" for x in rows)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--world", default="views", choices=list(WORLDS))
@@ -360,6 +372,7 @@ def main(argv: list[str] | None = None) -> None:
         world = build_toy_world(
             cache, spec, log=err, watch=watch_curves(spec, curve_file, train, time.time())
         )
+        copy_reused_curves(world, curve_file)
         err(
             json.dumps(
                 {

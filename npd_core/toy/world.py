@@ -217,6 +217,10 @@ class ViewsSpec(_Sized):
     # the cuts of the 24×2 student's samples (74% with a wrong line) against 99.7 from the
     # prompt, so gate M3 failed
     teacher_off_path: float = 0.5
+    # edits per wrong off-path line (1 to this many, of a student's kinds: views_task.EDITS):
+    # with one swap or replacement the teacher still wrote 71.4 after the cuts of the student's
+    # samples, copying the words a wrong line had invented into the lines after it
+    teacher_off_path_edits: int = 3
     min_len: int = 5
     max_len: int = 8
     rows_per_step: int = 8
@@ -313,7 +317,7 @@ def _samples(
     for p in prompts:
         context, target = tok(p.prompt)["input_ids"], world.response_text(p.answer)
         if off_path and rng.random() < off_path:
-            prefix, target = views_task.off_path(target, rng)
+            prefix, target = views_task.off_path(target, rng, world.teacher_off_path_edits)
             context = context + tok(prefix)["input_ids"]
         out.append(Sample(context, tok(target)["input_ids"] + [tok.eos_token_id]))
     return out
@@ -429,11 +433,13 @@ def build_toy_world(
         write_prompts(tmp / "eval.jsonl", held)
         tok = toy_task.build_tokenizer()
         meta: dict = {"spec": asdict(spec)}
-        reuse = _teacher_twin(root, spec)
-        if reuse is not None:
-            shutil.copytree(reuse / "teacher", tmp / "teacher")
-            meta["teacher"] = json.loads((reuse / WORLD_FILE).read_text())["teacher"]
-            log(f"{spec.prefix} world: teacher reused from {reuse.name} (same but the student)")
+        for name in ("teacher", "student"):
+            reuse = _twin(root, spec, name)
+            if reuse is not None:
+                shutil.copytree(reuse / name, tmp / name)
+                meta[name] = json.loads((reuse / WORLD_FILE).read_text())[name]
+                meta[name]["reused_from"] = reuse.name
+                log(f"{spec.prefix} world: {name} reused from {reuse.name} (the same {name})")
         for name, ms in (("teacher", spec.teacher), ("student", spec.student)):
             if name in meta:
                 continue
@@ -495,14 +501,23 @@ def _all(hooks: list[Callable[[StepLog], None] | None]) -> Callable[[StepLog], N
     return on_step
 
 
-def _teacher_twin(root: Path, spec: WorldSpec) -> Path | None:
-    """A built world beside ``root`` whose spec differs from ``spec`` only in the student: its
-    teacher is the one ``spec`` would train (same seed, data and steps), so a new student does
-    not cost a new teacher (the long world's teacher takes ~30 min here)."""
-    want = {k: v for k, v in asdict(spec).items() if k != "student"}
+# the spec fields that only one model's training reads
+OWN_FIELDS = {
+    "teacher": ("teacher", "teacher_off_path", "teacher_off_path_edits"),
+    "student": ("student",),
+}
+
+
+def _twin(root: Path, spec: WorldSpec, part: str) -> Path | None:
+    """A built world beside ``root`` whose spec differs from ``spec`` only in the other model's
+    fields (``OWN_FIELDS``): its ``part`` is the one ``spec`` would train (same seed, data and
+    steps), so a new student does not cost a new teacher (the long world's takes ~30 min here)
+    nor a new teacher a new student (the views world's takes ~14 min)."""
+    skip = OWN_FIELDS["student" if part == "teacher" else "teacher"]
+    want = {k: v for k, v in asdict(spec).items() if k not in skip}
     for meta_file in sorted(root.parent.glob(f"{spec.prefix}-*/{WORLD_FILE}")):
         spec_there = json.loads(meta_file.read_text())["spec"]
-        if {k: v for k, v in spec_there.items() if k != "student"} == want:
+        if {k: v for k, v in spec_there.items() if k not in skip} == want:
             return meta_file.parent
     return None
 

@@ -88,22 +88,29 @@ def test_long_world_builds_once_and_caches_by_digest(tmp_path):
     assert again.root == w.root and (w.root / "world.json").stat().st_mtime_ns == stamp
 
 
-def test_a_new_student_reuses_the_built_teacher(tmp_path):
+def test_a_new_student_reuses_the_built_teacher_and_a_new_teacher_the_student(tmp_path):
     first = build_toy_world(tmp_path, TINY, log=lambda m: None)
     student = replace(TINY.student, train_steps=TINY.student.train_steps + 2)
     logs: list[str] = []
     second = build_toy_world(tmp_path, replace(TINY, student=student), log=logs.append)
     assert second.root != first.root
     assert any("teacher reused" in m for m in logs)
-    assert not any("training teacher" in m for m in logs)
+    assert not any("training teacher" in m for m in logs) and any(
+        "training student" in m for m in logs
+    )
     same = (first.teacher / "model.safetensors").read_bytes()
     assert (second.teacher / "model.safetensors").read_bytes() == same
-    assert second.meta["teacher"] == first.meta["teacher"]
+    assert second.meta["teacher"] == first.meta["teacher"] | {"reused_from": first.root.name}
     assert second.meta["spec"]["student"]["train_steps"] == TINY.student.train_steps + 2
     other_teacher = replace(TINY.teacher, train_steps=TINY.teacher.train_steps + 1)
     logs.clear()
-    build_toy_world(tmp_path, replace(TINY, teacher=other_teacher), log=logs.append)
-    assert any("training teacher" in m for m in logs)
+    third = build_toy_world(tmp_path, replace(TINY, teacher=other_teacher), log=logs.append)
+    assert any("training teacher" in m for m in logs) and not any(
+        "training student" in m for m in logs
+    )
+    assert third.meta["student"]["reused_from"] == first.root.name
+    same = (first.student / "model.safetensors").read_bytes()
+    assert (third.student / "model.safetensors").read_bytes() == same
 
 
 def test_long_world_sizes_its_config():

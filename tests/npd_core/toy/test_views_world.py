@@ -212,8 +212,9 @@ def test_evaluate_stage_reports_exact_beside_lines(tmp_path):
 
 
 def test_off_path_examples_keep_the_true_rest_after_wrong_lines():
-    """The teacher's off-path examples: a cut after 1–7 lines, about half of those lines wrong
-    by one swap or replacement (same marker, same length), and the target the true rest."""
+    """The teacher's off-path examples: a cut after 1–7 lines, about 60% of those lines wrong
+    by 1–3 edits of a student's kinds (other words, a wrong length, now and then a wrong
+    marker), and the target the true rest."""
     import random
 
     from npd_core.toy.world import _samples
@@ -221,17 +222,23 @@ def test_off_path_examples_keep_the_true_rest_after_wrong_lines():
     answer = views_task.solve("sort dc ab ej ab cc =")
     lines = answer.split("\n")
     rng = random.Random(0)
-    wrong = cuts = 0
+    wrong = cuts = longer = shorter = marker = same_length = 0
     for _ in range(400):
-        prefix, rest = views_task.off_path(answer, rng)
+        prefix, rest = views_task.off_path(answer, rng, edits=3)
         head = prefix.removesuffix("\n").split("\n")
         assert prefix.endswith("\n") and 1 <= len(head) <= 7
         assert rest.split("\n") == lines[len(head) :]
         for got, true in zip(head, lines, strict=False):
-            assert got.split()[0] == true.split()[0] and len(got.split()) == len(true.split())
+            g, t = got.split(), true.split()
             wrong += got != true
+            longer += len(g) > len(t)
+            shorter += len(g) < len(t)
+            marker += g[0] != t[0]
+            same_length += got != true and len(g) == len(t) and g[0] == t[0]
         cuts += len(head)
-    assert 0.4 < wrong / cuts < 0.6
+    assert 0.5 < wrong / cuts < 0.7
+    # each kind of a student's wrong lines turns up, other words the most
+    assert same_length > longer > 0 and same_length > shorter > 0 and 0 < marker < longer
     tok = views_task.build_tokenizer()
     prompts = [Prompt(f"p{i}", "sort dc ab ej ab cc =", answer) for i in range(200)]
     plain = _samples(tok, prompts, ViewsSpec())
@@ -239,5 +246,5 @@ def test_off_path_examples_keep_the_true_rest_after_wrong_lines():
     assert all(len(s.response_ids) == len(plain[0].response_ids) for s in plain)
     moved = [m for m, p in zip(mixed, plain, strict=True) if m.prompt_ids != p.prompt_ids]
     assert 70 < len(moved) < 130  # about half start after a cut
-    for m in moved:  # the context's tokens plus the target's are the whole answer's length
-        assert len(m.prompt_ids) + len(m.response_ids) == len(plain[0])
+    for m in moved:  # the target is the answer's true last lines, EOS closing them
+        assert plain[0].response_ids[-len(m.response_ids) :] == m.response_ids
