@@ -38,6 +38,7 @@ __all__ = [
     "answer_tokens",
     "build_tokenizer",
     "make_examples",
+    "misread",
     "off_path",
     "response_text",
     "solve",
@@ -127,13 +128,38 @@ def _wrong(line: str, rng: random.Random, edits: int) -> str:
             return out
 
 
-def off_path(answer: str, rng: random.Random, edits: int) -> tuple[str, str]:
+def misread(prompt: str, rng: random.Random) -> list[str]:
+    """The answer's lines for the prompt's words read once wrongly: one word dropped, inserted
+    or replaced (``_edit``), so every view carries the same mistake, as a student that misread
+    the list writes them."""
+    words = prompt_words(prompt)
+    while True:
+        got = list(words)
+        _edit("", got, rng.choice(("replace", "insert", "drop")), rng)
+        if got != words:
+            return solve("sort " + " ".join(got) + " =").split("\n")
+
+
+def off_path(
+    prompt: str, answer: str, rng: random.Random, edits: int, misread_share: float
+) -> tuple[str, str]:
     """A teacher's example off the path a student writes: the answer cut after its first j
-    lines (j uniform in 1–7), each of those wrong with probability ``WRONG_LINE`` (``_wrong``,
-    1–``edits`` edits); returns the prefix (with its newline), read as context, and the true
-    rest, the target. A teacher trained on these writes each line from the prompt whatever came
-    before it, as gate M3 asks of it."""
+    lines (j uniform in 1–7), each of those wrong with probability ``WRONG_LINE``: with
+    probability ``misread_share`` the example's wrong lines are views of one misreading of the
+    list (``misread``: a student's errors repeat from line to line), else each has 1–``edits``
+    edits of its own (``_wrong``). Returns the prefix (with its newline), read as context, and
+    the true rest, the target. A teacher trained on these writes each line from the prompt
+    whatever came before it, as gate M3 asks of it."""
     lines = answer.split("\n")
     j = rng.randint(1, len(lines) - 1)
-    prefix = [_wrong(x, rng, edits) if rng.random() < WRONG_LINE else x for x in lines[:j]]
+    misread_lines = misread(prompt, rng) if rng.random() < misread_share else None
+    prefix = []
+    for i, x in enumerate(lines[:j]):
+        if rng.random() < WRONG_LINE:
+            x = (
+                misread_lines[i]
+                if misread_lines and misread_lines[i] != x
+                else _wrong(x, rng, edits)
+            )
+        prefix.append(x)
     return "\n".join(prefix) + "\n", "\n".join(lines[j:])

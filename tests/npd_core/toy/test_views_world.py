@@ -224,7 +224,9 @@ def test_off_path_examples_keep_the_true_rest_after_wrong_lines():
     rng = random.Random(0)
     wrong = cuts = longer = shorter = marker = same_length = 0
     for _ in range(400):
-        prefix, rest = views_task.off_path(answer, rng, edits=3)
+        prefix, rest = views_task.off_path(
+            "sort dc ab ej ab cc =", answer, rng, edits=3, misread_share=0.5
+        )
         head = prefix.removesuffix("\n").split("\n")
         assert prefix.endswith("\n") and 1 <= len(head) <= 7
         assert rest.split("\n") == lines[len(head) :]
@@ -237,8 +239,14 @@ def test_off_path_examples_keep_the_true_rest_after_wrong_lines():
             same_length += got != true and len(g) == len(t) and g[0] == t[0]
         cuts += len(head)
     assert 0.5 < wrong / cuts < 0.7
-    # each kind of a student's wrong lines turns up, other words the most
-    assert same_length > longer > 0 and same_length > shorter > 0 and 0 < marker < longer
+    # each kind of a student's wrong lines turns up, a wrong marker the least
+    assert min(same_length, longer, shorter) > 4 * marker > 0
+    # a misreading: the views of one list that differs from the prompt's by one word
+    for _ in range(50):
+        got = views_task.misread("sort dc ab ej ab cc =", rng)
+        words = got[4].split()[1:][::-1]  # the R line: the list as misread
+        assert got == views_task.solve("sort " + " ".join(words) + " =").split("\n")
+        assert got != lines and abs(len(words) - 5) <= 1
     tok = views_task.build_tokenizer()
     prompts = [Prompt(f"p{i}", "sort dc ab ej ab cc =", answer) for i in range(200)]
     plain = _samples(tok, prompts, ViewsSpec())
