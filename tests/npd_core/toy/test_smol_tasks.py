@@ -72,3 +72,26 @@ def test_a_share_larger_than_its_task_is_refused():
 )
 def test_the_answer_pattern_grades_the_teachers_sentences(response, answer, right):
     assert exact_match([response], [answer], "regex", ANSWER_REGEX).score == 100.0 * right
+
+
+class _Pieces:
+    """A stand-in tokenizer whose token ids are the text pieces themselves."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(ids)
+
+
+def test_the_smol_gate_cuts_a_sample_before_its_answer():
+    """Gate M3 on the smol world hands the teacher a prefix of θ₀'s sample that stops before
+    the answer the pattern reads; a sample with no answer is cut anywhere but its end."""
+    import random
+
+    from npd_core.toy.gates import answer_cut
+
+    rng = random.Random(0)
+    said = ["The", " first", " letter", " is", ' "', "P", '".']
+    cuts = {answer_cut(_Pieces(), said, rng) for _ in range(200)}
+    assert cuts == {1, 2, 3, 4, 5}  # "P" is the sixth token: no prefix holds it
+    babble = ["sa", "bams", " err", "ant"]
+    assert {answer_cut(_Pieces(), babble, rng) for _ in range(200)} == {1, 2, 3}
+    assert answer_cut(_Pieces(), ["7"], rng) == 1
