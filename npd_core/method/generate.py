@@ -43,7 +43,6 @@ def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
 
 
-@torch.no_grad()
 def last_logits_only(model: PreTrainedModel) -> dict[str, int]:
     """``logits_to_keep=1`` where the model takes it: the prefill then runs the head on each
     row's last position only, not on every prompt token (at a 49,152-token vocabulary the head
@@ -51,6 +50,7 @@ def last_logits_only(model: PreTrainedModel) -> dict[str, int]:
     return {"logits_to_keep": 1} if "logits_to_keep" in signature(model.forward).parameters else {}
 
 
+@torch.no_grad()
 def sample_batch(
     model: PreTrainedModel,
     prompts: list[list[int]],
