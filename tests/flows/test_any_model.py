@@ -1,7 +1,8 @@
 """`npd run` on a decoder-only family other than the toy's Qwen2, as the docs' worked example
-runs it: ``examples/chat_gsm8k.py`` writes tiny random Llama teacher and student (a chat template
-with a system turn), a conversational Parquet train set, a ``save_to_disk`` eval set and a JSONL
-one, and the config (``eval.metric: gsm8k``, two ``eval.sets``) that the docs print."""
+"without a download" runs it: ``examples/chat_gsm8k.py`` writes tiny random Llama teacher and
+student (a chat template with a system turn), a conversational Parquet train set, a
+``save_to_disk`` eval set and a JSONL one, and the config (``eval.metric: gsm8k``, two
+``eval.sets``) that the docs print."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from npd_core.store import query
 pytestmark = pytest.mark.slow
 
 README = Path(__file__).resolve().parents[2] / "docs" / "data-and-eval.md"
+SECTION = "### Without a download"  # the worked example's random-weights twin
 ROUNDS = 2  # the example config's
 
 
@@ -35,7 +37,7 @@ def _readme_block(after: str, lang: str) -> str:
 def llama_run(tmp_path_factory, prefect_api):
     """The worked example's commands, as the docs give them, in a fresh folder."""
     d = tmp_path_factory.mktemp("example")
-    commands = _readme_block("### Worked example", "bash").strip().splitlines()
+    commands = _readme_block(SECTION, "bash").strip().splitlines()
     write, run, status = (c.split("#")[0].split() for c in commands)
     assert write[:2] == [".venv/bin/python", "examples/chat_gsm8k.py"]
     assert run[:2] == [".venv/bin/npd", "run"] and status[:2] == [".venv/bin/npd", "status"]
@@ -60,7 +62,7 @@ def llama_run(tmp_path_factory, prefect_api):
 
 def test_the_readme_prints_the_config_the_example_writes(llama_run):
     _, _, example_dir, *_ = llama_run
-    assert _readme_block("### Worked example", "yaml") == example.CONFIG
+    assert _readme_block(SECTION, "yaml") == example.CONFIG
     assert (example_dir / "my.yaml").read_text() == example.CONFIG
 
 
