@@ -3,8 +3,9 @@ of each arm with the pipeline's own loss, optimizer step and teacher top-k targe
 per-line score measured as it goes.
 
 Arms: ``okl`` forward KL on the student's own samples (``okl-t0.5``: sampled at T = 0.5),
-``rkl`` reverse KL on them, ``kd`` forward KL on the true answers, ``ce`` CE on the teacher's
-argmax of the true answers. Prints one JSON line per arm::
+``rkl`` reverse KL on them, ``oce`` CE on the teacher's argmax at their positions (the
+teacher's greedy choice at the student's own states), ``kd`` forward KL on the true answers,
+``ce`` CE on the teacher's argmax of the true answers. Prints one JSON line per arm::
 
     python scripts/views_loss_probe.py WORLD_DIR STUDENT_DIR --arms okl,okl-t0.5,rkl,kd,ce
 """
@@ -30,7 +31,8 @@ from npd_core.seeds import seed_for
 from npd_core.toy.gates import grade, greedy_texts
 from npd_core.toy.world import ViewsSpec
 
-LOSS = {"okl": "forward_kl", "rkl": "reverse_kl", "kd": "forward_kl", "ce": "ce"}
+LOSS = {"okl": "forward_kl", "rkl": "reverse_kl", "oce": "ce", "kd": "forward_kl", "ce": "ce"}
+OWN = ("okl", "rkl", "oce")  # the arms that train on the student's own samples
 
 
 def main() -> None:
@@ -71,7 +73,7 @@ def main() -> None:
         rng = random.Random(0)
         for step in range(a.steps):
             idx = rng.sample(range(len(train)), a.prompts)
-            if kind in ("okl", "rkl"):
+            if kind in OWN:
                 model.eval()
                 gens = generate(
                     model, [train_ids[i] for i in idx], n_per_prompt=1, max_new_tokens=cap,
