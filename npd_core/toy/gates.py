@@ -37,6 +37,7 @@ import re
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -210,6 +211,19 @@ def onpolicy_batches(spec: WorldSpec, prompt_tokens: float, response_tokens: flo
     return sorted({max(1, round(base * m)) for m in GRID["batch"]}, reverse=True)
 
 
+def student_curve_of(curve_file: Path) -> list[dict]:
+    """The student's rows of a build's curve file (``--build``; none without the file): what M2
+    reads."""
+    if not curve_file.is_file():
+        return []
+    rows = [json.loads(x) for x in curve_file.read_text().splitlines()]
+    return [r for r in rows if r["model"] == "student"]
+
+
+def no_curve(curve_file: Path) -> dict[str, Any]:
+    return {"pass": None, "why": f"no curve in {curve_file}: build with --build"}
+
+
 def run_gates(world: ToyWorld, spec: WorldSpec, curve_file: Path, log=print) -> dict[str, Any]:
     """M1-M4 on a built world; a JSON-ready report."""
     tok = load_tokenizer(world.student)
@@ -298,15 +312,12 @@ def run_gates(world: ToyWorld, spec: WorldSpec, curve_file: Path, log=print) -> 
     }
     torch.set_num_threads(M1_THREADS)
 
-    curve = (
-        [json.loads(x) for x in curve_file.read_text().splitlines()] if curve_file.is_file() else []
-    )
-    student_curve = [p for p in curve if p["model"] == "student"]
+    student_curve = student_curve_of(curve_file)
     if student_curve:
         report["M2"] = sft_plateau(student_curve, world.teacher_score, world.student_score)
         report["M2"]["curve"] = student_curve
     else:
-        report["M2"] = {"pass": None, "why": f"no curve in {curve_file}: build with --build"}
+        report["M2"] = no_curve(curve_file)
     report["machine"]["load_after"] = os.getloadavg()
     report["gates_s"] = round(time.time() - t0, 1)
     report["passed"] = {m: report[m]["pass"] for m in ("M1", "M2", "M3", "M4")}
@@ -370,9 +381,7 @@ def run_smol_gates(
         "drop": round(own_acc - cont_acc, 2),
         "pass": own_acc - cont_acc <= M3_MAX_DROP,
     }
-    curve = (
-        [json.loads(x) for x in curve_file.read_text().splitlines()] if curve_file.is_file() else []
-    )
+    curve = student_curve_of(curve_file)
     if curve:
         start, last = curve[0]["score"], curve[-1]["score"]
         checks = {
@@ -390,10 +399,43 @@ def run_smol_gates(
             "curve": curve,
         }
     else:
-        report["M2"] = {"pass": None, "why": f"no curve in {curve_file}: build with --build"}
+        report["M2"] = no_curve(curve_file)
     report["gates_s"] = round(time.time() - t0, 1)
     report["passed"] = {m: report[m]["pass"] for m in ("M2", "M3", "M4")}
     return report
+
+
+def curve_hook(
+    curve_file: Path,
+    t0: float,
+    name: str,
+    model,
+    measure: Callable[[], dict],
+    every: int,
+    steps: int,
+) -> Callable:
+    """A build's ``on_step`` that logs ``measure()`` (the model in eval mode, with its own
+    attention, which generation needs) to ``curve_file`` before the first step, every ``every``
+    steps and after the last of ``steps``."""
+
+    def point(step: int) -> None:
+        was = model.training
+        model.eval()
+        with packed_attention(model, "sdpa"):
+            measured = measure()
+        model.train(was)
+        row = {"model": name, "step": step, "s": round(time.time() - t0)} | measured
+        with curve_file.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+
+    point(0)
+
+    def on_step(entry) -> None:
+        if (entry.step + 1) % every == 0 or entry.step + 1 == steps:
+            point(entry.step + 1)
+
+    return on_step
 
 
 def watch_smol(spec: smol.SmolSpec, curve_file: Path, t0: float):
@@ -403,24 +445,10 @@ def watch_smol(spec: smol.SmolSpec, curve_file: Path, t0: float):
     def watch(name: str, model, held: list[Prompt], tok):
         prompts = held[:SMOL_CURVE_PROMPTS]
 
-        def point(step: int) -> None:
-            was = model.training
-            model.eval()
-            with packed_attention(model, "sdpa"):
-                value, _ = smol.score(model, tok, prompts, spec)
-            model.train(was)
-            row = {"model": name, "step": step, "s": round(time.time() - t0), "score": value}
-            with curve_file.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            print(json.dumps(row), flush=True)
+        def measure() -> dict:
+            return {"score": smol.score(model, tok, prompts, spec)[0]}
 
-        point(0)
-
-        def on_step(entry) -> None:
-            if (entry.step + 1) % SMOL_CURVE_EVERY == 0 or entry.step + 1 == spec.warm_steps:
-                point(entry.step + 1)
-
-        return on_step
+        return curve_hook(curve_file, t0, name, model, measure, SMOL_CURVE_EVERY, spec.warm_steps)
 
     return watch
 
@@ -436,27 +464,14 @@ def watch_curves(spec: WorldSpec, curve_file: Path, train: list[Prompt], t0: flo
         prompts = (train if name == "student" else held)[:CURVE_PROMPTS]
         ids = [tok(p.prompt)["input_ids"] for p in prompts]
 
-        def point(step: int) -> None:
-            was = model.training
-            model.eval()
-            with packed_attention(model, "sdpa"):  # generation needs the model's own attention
-                texts = greedy_texts(model, tok, ids, spec.max_new_tokens)
-            model.train(was)
-            g = grade(texts, [p.answer for p in prompts])
-            row = {"model": name, "step": step, "s": round(time.time() - t0)}
-            row |= {"lines": g.lines, "exact": g.exact}
-            with curve_file.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            print(json.dumps(row), flush=True)
+        def measure() -> dict:
+            g = grade(
+                greedy_texts(model, tok, ids, spec.max_new_tokens), [p.answer for p in prompts]
+            )
+            return {"lines": g.lines, "exact": g.exact}
 
-        point(0)
         steps = (spec.teacher if name == "teacher" else spec.student).train_steps
-
-        def on_step(entry) -> None:
-            if (entry.step + 1) % CURVE_EVERY == 0 or entry.step + 1 == steps:
-                point(entry.step + 1)
-
-        return on_step
+        return curve_hook(curve_file, t0, name, model, measure, CURVE_EVERY, steps)
 
     return watch
 
