@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from bench_config import TINY_BENCH
 from typer.testing import CliRunner
 
 from flows.cli import app
@@ -23,14 +24,7 @@ from npd_core.errors import ConfigError
 from npd_core.store import Store
 from tasks import tracking
 
-CFG = dict(
-    threads=1,
-    data={"prompts_per_round": 32, "eval_size": 16},
-    generate={"max_new_tokens": 24},
-    train={"steps_per_round": 2, "rows_per_step": 4, "epochs_per_round": 10, "warmup_steps": 1},
-    pack={"max_seq_len": 128},
-    eval={"batch_size": 64},
-)
+CFG = TINY_BENCH
 HYPER = Hyper(lr=3e-3, rows_per_step=4, prompts_per_step=8)
 ONE_ROUND = {
     "train_s_per_row": 1e3,

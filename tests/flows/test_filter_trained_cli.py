@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from bench_config import TINY_BENCH
 from typer.testing import CliRunner
 
 from flows import filter_study
@@ -19,14 +20,7 @@ from npd_core.bench import filter_trained as ft
 from npd_core.store import Store
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
-CFG = dict(
-    threads=1,
-    data={"prompts_per_round": 32, "eval_size": 16},
-    generate={"max_new_tokens": 24},
-    train={"steps_per_round": 2, "rows_per_step": 4, "epochs_per_round": 10, "warmup_steps": 1},
-    pack={"max_seq_len": 128},
-    eval={"batch_size": 64},
-)
+CFG = TINY_BENCH
 CELLS = [
     ft.TrainedCell("none-keep", None, "junk", 0),
     ft.TrainedCell("fence", "learner_ratio", "junk", 0),

@@ -3,18 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from bench_config import TINY_BENCH
 
 from npd_core.bench.sizing import choose_threads, npd_rounds, predicted_clock, thread_options
 from npd_core.config import NPDConfig
 
-CFG = dict(
-    threads=1,
-    data={"prompts_per_round": 32, "eval_size": 16},
-    generate={"max_new_tokens": 24},
-    train={"steps_per_round": 2, "rows_per_step": 4, "epochs_per_round": 10, "warmup_steps": 1},
-    pack={"max_seq_len": 128},
-    eval={"batch_size": 64},
-)
+CFG = TINY_BENCH
 ONE_ROUND = {
     "train_s_per_row": 1e3,
     "produce_s_per_sample": 1e3,
