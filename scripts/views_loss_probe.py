@@ -5,7 +5,10 @@ per-line score measured as it goes.
 Arms: ``okl`` forward KL on the student's own samples (``okl-t0.5``: sampled at T = 0.5),
 ``rkl`` reverse KL on them, ``oce`` CE on the teacher's argmax at their positions (the
 teacher's greedy choice at the student's own states), ``kd`` forward KL on the true answers,
-``ce`` CE on the teacher's argmax of the true answers. Prints one JSON line per arm::
+``ce`` CE on the teacher's argmax of the true answers, ``opre`` forward KL on the student's own
+samples cut after their first wrong token (only states on the true path, and the one where the
+student left it), ``oline`` forward KL on the student's own samples with each line's positions
+after its first wrong token left out (later lines kept). Prints one JSON line per arm::
 
     python scripts/views_loss_probe.py WORLD_DIR STUDENT_DIR --arms okl,okl-t0.5,rkl,kd,ce
 """
@@ -24,15 +27,53 @@ from npd_core.config import NPDConfig
 from npd_core.data import read_prompts
 from npd_core.method.generate import generate
 from npd_core.method.optim import make_optimizer
-from npd_core.method.packing import Sample, collate, response_offsets
+from npd_core.method.packing import IGNORE_INDEX, Sample, collate, response_offsets
 from npd_core.method.train import micro_batches, optimizer_step
 from npd_core.models import format_prompts, load_model, load_tokenizer
 from npd_core.seeds import seed_for
 from npd_core.toy.gates import grade, greedy_texts
 from npd_core.toy.world import ViewsSpec
 
-LOSS = {"okl": "forward_kl", "rkl": "reverse_kl", "oce": "ce", "kd": "forward_kl", "ce": "ce"}
-OWN = ("okl", "rkl", "oce")  # the arms that train on the student's own samples
+LOSS = {
+    "okl": "forward_kl",
+    "rkl": "reverse_kl",
+    "oce": "ce",
+    "kd": "forward_kl",
+    "ce": "ce",
+    "opre": "forward_kl",
+    "oline": "forward_kl",
+}
+OWN = ("okl", "rkl", "oce", "opre", "oline")  # the arms that train on the student's own samples
+
+
+def on_path(resp: list[int], truth: list[int]) -> list[int]:
+    """``resp`` up to and including its first token that differs from ``truth``."""
+    for t, (a, b) in enumerate(zip(resp, truth, strict=False)):
+        if a != b:
+            return resp[: t + 1]
+    return resp
+
+
+def line_prefix_right(resp: list[int], truth: list[int], newline: int) -> list[bool]:
+    """Per response token: is everything before it in its own line equal to the true line?"""
+
+    def lines(ids: list[int]) -> list[list[int]]:
+        out = [[]]
+        for t in ids:
+            out[-1].append(t)
+            if t == newline:
+                out.append([])
+        return out
+
+    keep: list[bool] = []
+    true_lines = lines(truth)
+    for j, line in enumerate(lines(resp)):
+        ref = true_lines[j] if j < len(true_lines) else []
+        right = True
+        for m, t in enumerate(line):
+            keep.append(right)
+            right = right and m < len(ref) and ref[m] == t
+    return keep
 
 
 def main() -> None:
@@ -83,6 +124,8 @@ def main() -> None:
                     batch_size=256, bf16=False,
                 )  # fmt: skip
                 resp = [g[0].token_ids for g in gens]
+                if kind == "opre":
+                    resp = [on_path(r, true[i]) for r, i in zip(resp, idx, strict=True)]
                 if step == 0:
                     texts = [tok.decode(r, skip_special_tokens=True) for r in resp]
                     sample_lines = lines_of(texts, [train[i].answer for i in idx])
@@ -91,6 +134,15 @@ def main() -> None:
             samples = [Sample(train_ids[i], r) for i, r in zip(idx, resp, strict=True) if r]
             offsets = response_offsets(samples)
             rows = [[i] for i in range(len(samples))]
+            if kind == "oline":
+                newline = tok("\n", add_special_tokens=False)["input_ids"][-1]
+                keep = torch.tensor(
+                    [
+                        k
+                        for s, i in zip(samples, idx, strict=True)
+                        for k in line_prefix_right(s.response_ids, true[i], newline)
+                    ]
+                )
             batch = collate(samples, rows, tok.pad_token_id, target_offsets=offsets)
             with torch.no_grad():
                 targets = teacher_topk(teacher, batch, offsets, cfg.score.top_k, False)
@@ -98,6 +150,10 @@ def main() -> None:
             micro = micro_batches(
                 samples, rows, tok.pad_token_id, spec.forwards(len(rows)), target_offsets=offsets
             )
+            if kind == "oline":
+                for b in micro:
+                    at = b.target_index >= 0
+                    b.labels[at & ~keep[b.target_index.clamp(min=0)]] = IGNORE_INDEX
             loss = optimizer_step(model, opt, micro, targets, spec, lr=a.lr, step=step, bf16=False)
             if (step + 1) % max(1, a.steps // 4) == 0:
                 curve.append(score(model))
