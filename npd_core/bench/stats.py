@@ -229,7 +229,8 @@ def headline_numbers(table: dict[str, dict[str, Any]]) -> dict[str, Any]:
         )
     flat = [n for n in MAIN_PAIR if n in table and table[n].get("learns") is False]
     if flat:  # the crossing times stay (measurements); no ratio against a flat curve
-        why = f"{' and '.join(flat)} does not learn (no grid point above its start by 1 SE)"
+        verb = "does not learn" if len(flat) == 1 else "do not learn"
+        why = f"{' and '.join(flat)} {verb} (no grid point above its start by 1 SE)"
         out.update(speedup_vs_onpolicy=None, speedup_ci95=None, speedup_reason=why)
         for key in ("speedups", "teacher_token_ratios"):
             if out[key]:

@@ -78,3 +78,5 @@ def test_every_speedup_against_a_variant_that_does_not_learn_is_undefined():
     assert both["speedup_vs_onpolicy"] is not None and both["speedup_untuned"] is False
     raw = {"npd": _row(40.0, True, "untuned"), "onpolicy": _row(30.0, True)}
     assert st.headline_numbers(raw)["speedup_untuned"] is True
+    neither = st.headline_numbers({"npd": _row(9.0, False), "onpolicy": _row(11.0, False)})
+    assert neither["speedup_reason"].startswith("npd and onpolicy do not learn")
