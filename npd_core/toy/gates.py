@@ -340,6 +340,21 @@ def answer_cut(tok, token_ids: list[int], rng: random.Random) -> int:
     return rng.randint(1, max(1, end - 1))
 
 
+def _by_task(held: list[Prompt], own: list[float], cont: list[float]) -> dict[str, Any]:
+    """M3 per task (the prompt id's first part): which questions the cuts derail."""
+    out: dict[str, Any] = {}
+    for task in sorted({p.id.split("-")[0] for p in held}):
+        at = [i for i, p in enumerate(held) if p.id.split("-")[0] == task]
+        a, c = (100 * statistics.mean(x[i] for i in at) for x in (own, cont))
+        out[task] = {
+            "samples": len(at),
+            "teacher_from_prompt": round(a, 2),
+            "teacher_off_path": round(c, 2),
+            "drop": round(a - c, 2),
+        }
+    return out
+
+
 def run_smol_gates(
     world: ToyWorld, spec: smol.SmolSpec, curve_file: Path, log=print
 ) -> dict[str, Any]:
@@ -380,6 +395,7 @@ def run_smol_gates(
         "teacher_off_path": round(cont_acc, 2),
         "drop": round(own_acc - cont_acc, 2),
         "pass": own_acc - cont_acc <= M3_MAX_DROP,
+        "by_task": _by_task(held, own_hits, hits),
     }
     curve = student_curve_of(curve_file)
     if curve:

@@ -95,3 +95,22 @@ def test_the_smol_gate_cuts_a_sample_before_its_answer():
     babble = ["sa", "bams", " err", "ant"]
     assert {answer_cut(_Pieces(), babble, rng) for _ in range(200)} == {1, 2, 3}
     assert answer_cut(_Pieces(), ["7"], rng) == 1
+
+
+def test_the_smol_gate_splits_m3_by_task():
+    """M3's per-task rows: each task's share of hits from the prompt and after the cut."""
+    from npd_core.data import Prompt
+    from npd_core.toy.gates import _by_task
+
+    held = [
+        Prompt(f"{t}-1-{i}", "q", "a")
+        for i, t in enumerate(["first_letter"] * 4 + ["addition"] * 2)
+    ]
+    rows = _by_task(held, [1, 1, 1, 0, 1, 0], [1, 0, 0, 0, 1, 0])
+    assert rows["first_letter"] == {
+        "samples": 4,
+        "teacher_from_prompt": 75.0,
+        "teacher_off_path": 25.0,
+        "drop": 50.0,
+    }
+    assert rows["addition"]["drop"] == 0.0 and rows["addition"]["teacher_from_prompt"] == 50.0
