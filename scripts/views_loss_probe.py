@@ -8,7 +8,11 @@ teacher's greedy choice at the student's own states), ``kd`` forward KL on the t
 ``ce`` CE on the teacher's argmax of the true answers, ``opre`` forward KL on the student's own
 samples cut after their first wrong token (only states on the true path, and the one where the
 student left it), ``oline`` forward KL on the student's own samples with each line's positions
-after its first wrong token left out (later lines kept). Prints one JSON line per arm::
+after its first wrong token left out (later lines kept), ``orec`` CE on the teacher's argmax at
+the student's own states except inside a wrong line, where the target is the true line's token
+at the same place in the line (a recovery rule: write the view's next word by position), and
+``oreckl`` the same with forward KL on the teacher's top-k outside wrong lines. Prints one
+JSON line per arm::
 
     python scripts/views_loss_probe.py WORLD_DIR STUDENT_DIR --arms okl,okl-t0.5,rkl,kd,ce
 """
@@ -42,8 +46,12 @@ LOSS = {
     "ce": "ce",
     "opre": "forward_kl",
     "oline": "forward_kl",
+    "orec": "ce",
+    "oreckl": "forward_kl",
 }
-OWN = ("okl", "rkl", "oce", "opre", "oline")  # the arms that train on the student's own samples
+# the arms that train on the student's own samples, and those that read the true answer by line
+OWN = ("okl", "rkl", "oce", "opre", "oline", "orec", "oreckl")
+MASKED = ("oline", "orec", "oreckl")
 
 
 def on_path(resp: list[int], truth: list[int]) -> list[int]:
@@ -74,6 +82,25 @@ def line_prefix_right(resp: list[int], truth: list[int], newline: int) -> list[b
             keep.append(right)
             right = right and m < len(ref) and ref[m] == t
     return keep
+
+
+def recovery(resp: list[int], truth: list[int], newline: int) -> list[int]:
+    """Per response token: the true line's token at its place in its own line (the line's
+    last token, its newline or EOS, past its end; EOS past the last line)."""
+
+    def lines(ids: list[int]) -> list[list[int]]:
+        out: list[list[int]] = [[]]
+        for t in ids:
+            out[-1].append(t)
+            if t == newline:
+                out.append([])
+        return out
+
+    true_lines, out = lines(truth), []
+    for j, line in enumerate(lines(resp)):
+        ref = true_lines[j] if j < len(true_lines) and true_lines[j] else [truth[-1]]
+        out.extend(ref[min(m, len(ref) - 1)] for m in range(len(line)))
+    return out
 
 
 def main() -> None:
@@ -134,7 +161,7 @@ def main() -> None:
             samples = [Sample(train_ids[i], r) for i, r in zip(idx, resp, strict=True) if r]
             offsets = response_offsets(samples)
             rows = [[i] for i in range(len(samples))]
-            if kind == "oline":
+            if kind in MASKED:
                 newline = tok("\n", add_special_tokens=False)["input_ids"][-1]
                 keep = torch.tensor(
                     [
@@ -146,6 +173,18 @@ def main() -> None:
             batch = collate(samples, rows, tok.pad_token_id, target_offsets=offsets)
             with torch.no_grad():
                 targets = teacher_topk(teacher, batch, offsets, cfg.score.top_k, False)
+            if kind in ("orec", "oreckl"):  # the recovery token where the line went wrong
+                rec = torch.tensor(
+                    [
+                        t
+                        for s, i in zip(samples, idx, strict=True)
+                        for t in recovery(s.response_ids, true[i], newline)
+                    ]
+                )
+                wrong = ~keep
+                targets.topk_ids[wrong, 0] = rec[wrong]
+                targets.topk_logprobs[wrong, 0] = 0.0
+                targets.topk_logprobs[wrong, 1:] = -30.0
             model.train()
             micro = micro_batches(
                 samples, rows, tok.pad_token_id, spec.forwards(len(rows)), target_offsets=offsets
