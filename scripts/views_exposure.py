@@ -16,9 +16,8 @@ import torch
 
 from npd_core.config import NPDConfig
 from npd_core.data import read_prompts
-from npd_core.method.evaluate import greedy_responses
 from npd_core.models import format_prompts, load_model, load_tokenizer
-from npd_core.toy.gates import grade, greedy_texts, off_path
+from npd_core.toy.gates import continue_greedily, grade, greedy_texts, off_path
 from npd_core.toy.world import ViewsSpec
 
 
@@ -47,17 +46,7 @@ def main() -> None:
         k = rng.randint(1, len(ends))  # 1 to 7 true lines in the context
         kept.append(k)
         prefixes.append(true[: ends[k - 1]])
-    cont = greedy_responses(
-        model,
-        tok,
-        [i + p for i, p in zip(ids, prefixes, strict=True)],
-        max_new_tokens=cap,
-        batch_size=256,
-        bf16=False,
-    )
-    joined = [
-        tok.decode(p + c, skip_special_tokens=True) for p, c in zip(prefixes, cont, strict=True)
-    ]
+    joined = continue_greedily(model, tok, ids, prefixes, cap)
     after = off_path(own, grade(joined, answers).line_hits, kept)
     markers = [line.split(" ")[0] for line in answers[0].split("\n")]
     per_view = {m: round(100 * sum(h[j] for h in own) / len(own), 1) for j, m in enumerate(markers)}

@@ -115,6 +115,24 @@ def greedy_texts(model, tok, prompt_ids: list[list[int]], cap: int) -> list[str]
     return [tok.decode(r, skip_special_tokens=True) for r in resp]
 
 
+def continue_greedily(
+    model, tok, prompt_ids: list[list[int]], prefixes: list[list[int]], cap: int, batch_size=256
+) -> list[str]:
+    """Each prompt with its prefix in the context, continued greedily: the prefix and the
+    continuation as one text (M3's cuts, and the views student's exposure probe)."""
+    cont = greedy_responses(
+        model,
+        tok,
+        [i + p for i, p in zip(prompt_ids, prefixes, strict=True)],
+        max_new_tokens=cap,
+        batch_size=batch_size,
+        bf16=False,
+    )
+    return [
+        tok.decode(p + c, skip_special_tokens=True) for p, c in zip(prefixes, cont, strict=True)
+    ]
+
+
 def sample(model, tok, prompt_ids: list[list[int]], cap: int, seed: int) -> list[Any]:
     """One temperature-1 sample per prompt (``Generation``s), seeded per prompt."""
     gens = generate(
@@ -260,17 +278,7 @@ def run_gates(world: ToyWorld, spec: WorldSpec, curve_file: Path, log=print) -> 
     cuts = cut_points(first, newline, n_lines, spec.seed)
     use = [i for i, c in enumerate(cuts) if c is not None]
     prefixes = [first[i].token_ids[: cuts[i]] for i in use]
-    cont = greedy_responses(
-        teacher,
-        tok,
-        [ids[i] + p for i, p in zip(use, prefixes, strict=True)],
-        max_new_tokens=cap,
-        batch_size=256,
-        bf16=False,
-    )
-    joined = [
-        tok.decode(p + c, skip_special_tokens=True) for p, c in zip(prefixes, cont, strict=True)
-    ]
+    joined = continue_greedily(teacher, tok, [ids[i] for i in use], prefixes, cap)
     kept = [sum(t == newline for t in p) for p in prefixes]
     continued = grade(joined, [answers[i] for i in use]).line_hits
     report["M3"] = off_path([t_graded.line_hits[i] for i in use], continued, kept)
@@ -376,18 +384,8 @@ def run_smol_gates(
     log("gates: M3 the teacher continues θ₀'s samples cut before their answer")
     rng = random.Random(spec.seed)
     prefixes = [g.token_ids[: answer_cut(tok, g.token_ids, rng)] for g in gens]
-    cont = greedy_responses(
-        teacher,
-        tok,
-        [i + p for i, p in zip(ids, prefixes, strict=True)],
-        max_new_tokens=cap,
-        batch_size=64,
-        bf16=False,
-    )
-    hits = [
-        score(tok.decode(p + c, skip_special_tokens=True), q.answer)
-        for p, c, q in zip(prefixes, cont, held, strict=True)
-    ]
+    texts = continue_greedily(teacher, tok, ids, prefixes, cap, batch_size=64)
+    hits = [score(t, q.answer) for t, q in zip(texts, held, strict=True)]
     own_acc, cont_acc = 100 * statistics.mean(own_hits), 100 * statistics.mean(hits)
     report["M3"] = {
         "samples": len(held),
