@@ -62,20 +62,21 @@ def on_path(resp: list[int], truth: list[int]) -> list[int]:
     return resp
 
 
+def split_lines(ids: list[int], newline: int) -> list[list[int]]:
+    """Token ids as lines, each ending in its newline (the last line in whatever ends it)."""
+    out: list[list[int]] = [[]]
+    for t in ids:
+        out[-1].append(t)
+        if t == newline:
+            out.append([])
+    return out
+
+
 def line_prefix_right(resp: list[int], truth: list[int], newline: int) -> list[bool]:
     """Per response token: is everything before it in its own line equal to the true line?"""
-
-    def lines(ids: list[int]) -> list[list[int]]:
-        out = [[]]
-        for t in ids:
-            out[-1].append(t)
-            if t == newline:
-                out.append([])
-        return out
-
     keep: list[bool] = []
-    true_lines = lines(truth)
-    for j, line in enumerate(lines(resp)):
+    true_lines = split_lines(truth, newline)
+    for j, line in enumerate(split_lines(resp, newline)):
         ref = true_lines[j] if j < len(true_lines) else []
         right = True
         for m, t in enumerate(line):
@@ -87,17 +88,8 @@ def line_prefix_right(resp: list[int], truth: list[int], newline: int) -> list[b
 def recovery(resp: list[int], truth: list[int], newline: int) -> list[int]:
     """Per response token: the true line's token at its place in its own line (the line's
     last token, its newline or EOS, past its end; EOS past the last line)."""
-
-    def lines(ids: list[int]) -> list[list[int]]:
-        out: list[list[int]] = [[]]
-        for t in ids:
-            out[-1].append(t)
-            if t == newline:
-                out.append([])
-        return out
-
-    true_lines, out = lines(truth), []
-    for j, line in enumerate(lines(resp)):
+    true_lines, out = split_lines(truth, newline), []
+    for j, line in enumerate(split_lines(resp, newline)):
         ref = true_lines[j] if j < len(true_lines) and true_lines[j] else [truth[-1]]
         out.extend(ref[min(m, len(ref) - 1)] for m in range(len(line)))
     return out
