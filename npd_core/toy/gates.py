@@ -349,10 +349,12 @@ def answer_cut(tok, token_ids: list[int], rng: random.Random) -> int:
 
 
 def _by_task(held: list[Prompt], own: list[float], cont: list[float]) -> dict[str, Any]:
-    """M3 per task (the prompt id's first part): which questions the cuts derail."""
+    """M3 per task (``smol.task_of``): which questions the cuts derail."""
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(held):
+        groups.setdefault(smol.task_of(p), []).append(i)
     out: dict[str, Any] = {}
-    for task in sorted({p.id.split("-")[0] for p in held}):
-        at = [i for i, p in enumerate(held) if p.id.split("-")[0] == task]
+    for task, at in sorted(groups.items()):
         a, c = (100 * statistics.mean(x[i] for i in at) for x in (own, cont))
         out[task] = {
             "samples": len(at),

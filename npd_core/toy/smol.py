@@ -197,11 +197,16 @@ def score(model, tok, prompts: list[Prompt], spec: SmolSpec) -> tuple[float, lis
     return exact_match(texts, [p.answer for p in prompts], spec.metric, ANSWER_REGEX).score, texts
 
 
+def task_of(prompt: Prompt) -> str:
+    """The task a prompt was drawn from: its id's first part (``first_letter-1-16``)."""
+    return prompt.id.split("-")[0]
+
+
 def per_task(prompts: list[Prompt], texts: list[str]) -> dict[str, float]:
-    """Points per task (the prompt id's first part)."""
+    """Points per task (``task_of``)."""
     out: dict[str, list[float]] = {}
     for p, t in zip(prompts, texts, strict=True):
-        out.setdefault(p.id.split("-")[0], []).append(
+        out.setdefault(task_of(p), []).append(
             exact_match([t], [p.answer], "regex", ANSWER_REGEX).score
         )
     return {k: round(sum(v) / len(v), 1) for k, v in sorted(out.items())}
