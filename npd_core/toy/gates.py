@@ -24,7 +24,8 @@ world was built:
 
 ``--build`` builds the world as ``npd demo --world views`` does (same cache, same models) and
 logs both models' held-out curves to ``<out>/toy/<world>-<digest>.curves.jsonl`` (M2 reads the
-student's from there). Not part of the pipeline.
+student's from there). ``--set FIELD=VALUE …`` builds and checks a candidate spec instead
+(``--set student_fit=1000 student.hidden=64``), its own digest. Not part of the pipeline.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -504,6 +505,19 @@ def copy_reused_curves(world: ToyWorld, curve_file: Path) -> None:
                 f.writelines(x + "\n" for x in rows)
 
 
+def with_fields(spec: WorldSpec, pairs: list[str]) -> WorldSpec:
+    """``spec`` with ``FIELD=VALUE`` pairs set (a JSON value; ``student.hidden=32`` sets a
+    model's field), so a candidate spec is built and checked before it becomes the default."""
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        head, _, sub = key.partition(".")
+        if not value or head not in asdict(spec) or (sub and sub not in asdict(spec)[head]):
+            raise SystemExit(f"error: --set {pair}: want FIELD=VALUE, FIELD one of the spec's")
+        new = json.loads(value)
+        spec = replace(spec, **{head: replace(getattr(spec, head), **{sub: new}) if sub else new})
+    return spec
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--world", default="views", choices=list(WORLDS))
@@ -512,8 +526,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     ap.add_argument("--report", type=Path, help="also write the report to this file")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the build")
+    ap.add_argument(
+        "--set", nargs="*", default=[], metavar="FIELD=VALUE", help="a candidate spec's fields"
+    )
     a = ap.parse_args(argv)
-    spec = world_spec(a.world)
+    spec = with_fields(world_spec(a.world), a.set)
     cache = a.out / "toy"
     is_smol = isinstance(spec, smol.SmolSpec)
     digest = spec.digest(smol.gguf_path()) if is_smol else spec.digest()  # type: ignore[call-arg]

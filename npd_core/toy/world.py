@@ -225,6 +225,10 @@ class ViewsSpec(_Sized):
     # list (views_task.misread): with edits alone the teacher wrote 89.1 after the cuts against
     # 99.6 (M3: drop 10.6), its errors where the student's lines had all dropped the same word
     teacher_off_path_misread: float = 0.5
+    # how many of the ``n_fit`` true answers the student's warm start sees (0: all of them):
+    # the small labelled set a user's student was tuned on, so it has capacity the teacher can
+    # still fill, while a student warm-started on all 30,000 sat at its capacity (gate M5)
+    student_fit: int = 0
     min_len: int = 5
     max_len: int = 8
     rows_per_step: int = 8
@@ -464,7 +468,7 @@ def build_toy_world(
             fit(
                 model,
                 tok,
-                fit_set + train if teacher else fit_set,
+                fit_set + train if teacher else fit_set[: getattr(spec, "student_fit", 0) or None],
                 ms,
                 spec,
                 _all(hooks),
@@ -515,7 +519,7 @@ OWN_FIELDS = {
         "teacher_off_path_edits",
         "teacher_off_path_misread",
     ),
-    "student": ("student",),
+    "student": ("student", "student_fit"),
 }
 
 
