@@ -269,3 +269,43 @@ def test_filter_junk_figures_match_their_json():
         ]
         _assert_quoted(page, f"| {score} | " + " | ".join(cells) + " |")
     assert (junk["n"], junk["junk_share"]) == (1024, 0.15)
+
+
+def test_filter_trained_figures_match_their_json():
+    """Every row of the page's tables, the decision, and the clock-free reading (mean score over
+    rounds 8-10, which every cell reached) come from docs/filter-trained.json."""
+    page = RESULTS / "2026-12-07-filter-trained.md"
+    study = _json("filter-trained.json")
+    for r in study["summary"]:
+        lo, hi = r["final_score_ci95"]
+        junk_kept = "—" if r["junk_kept_share"] is None else f"{r['junk_kept_share']:.2f}"
+        _assert_quoted(
+            page,
+            f"| {r['rule']} | {r['score'] or '—'} | {r['final_score']:.1f} [{lo:.1f}, {hi:.1f}] "
+            f"| {r['kept_share']:.2f} | {junk_kept} | {r['rounds']:.1f} |",
+        )
+    interval = lambda c: "—" if c is None else f"[{c[0]:+.1f}, {c[1]:+.1f}]"  # noqa: E731
+    for name, c in study["decision"]["comparisons"].items():
+        rule, score = name.split("-", 1)
+        _assert_quoted(
+            page,
+            f"| {rule} | {score} | {interval(c['vs_random_ci95'])} | "
+            f"{interval(c['vs_conditional_ci95'])} | {c['clean_vs_reference']:+.1f} | "
+            f"{'yes' if c['recommended'] else 'no'} |",
+        )
+    assert study["decision"]["recommended"] == []
+    late: dict[tuple, list[float]] = {}
+    for cell in study["cells"]:
+        by_round = {r["round"]: r["score"] for r in cell["rounds"]}
+        late.setdefault((cell["junk"], cell["rule"], cell["score"]), []).append(
+            sum(by_round[k] for k in (8, 9, 10)) / 3
+        )
+    mean = {k: sum(v) / len(v) for k, v in late.items()}
+    others = [v for k, v in mean.items() if k[1] != "none-keep"]
+    band = [v for k, v in mean.items() if k[1] == "band"]
+    _assert_quoted(
+        page,
+        f"is {mean[('junk', 'none-keep', None)]:.1f} for `none` with junk and "
+        f"{mean[('clean', 'none-keep', None)]:.1f} without, and {min(others):.1f}–{max(others):.1f}",
+        f"({min(band):.1f}–{max(band):.1f} over rounds 8–10)",
+    )

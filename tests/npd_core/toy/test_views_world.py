@@ -9,6 +9,7 @@ import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+import pytest
 from transformers import AutoTokenizer, Qwen2Config
 
 from npd_core.config import NPDConfig
@@ -18,6 +19,7 @@ from npd_core.pipeline.spec import RunSpec
 from npd_core.pipeline.stages import evaluate_stage
 from npd_core.store import Store, query
 from npd_core.toy import gates, views_task
+from npd_core.toy import world as world_module
 from npd_core.toy.world import LongSpec, ModelSpec, ToySpec, ViewsSpec, build_toy_world
 
 ANSWER = "\n".join(
@@ -256,3 +258,35 @@ def test_off_path_examples_keep_the_true_rest_after_wrong_lines():
     assert 70 < len(moved) < 130  # about half start after a cut
     for m in moved:  # the target is the answer's true last lines, EOS closing them
         assert plain[0].response_ids[-len(m.response_ids) :] == m.response_ids
+
+
+def test_student_fit_limits_the_warm_start_and_reuses_the_teacher(tmp_path, monkeypatch):
+    """``student_fit``: the student's warm start sees the first N fit answers; the teacher,
+    whose training the field does not touch, comes from the twin already built."""
+    build_toy_world(tmp_path, TINY, log=lambda m: None)
+    seen: list[list[str]] = []
+    real_fit = world_module.fit
+
+    def recording_fit(model, tok, prompts, *args, **kwargs):
+        seen.append([p.id for p in prompts])
+        real_fit(model, tok, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(world_module, "fit", recording_fit)
+    logs: list[str] = []
+    small = gates.with_fields(TINY, ["student_fit=5"])
+    built = build_toy_world(tmp_path, small, log=logs.append)
+    fit_ids = [e["id"] for e in TINY.examples(TINY.n_train + TINY.n_eval + TINY.n_fit)][12:]
+    assert seen == [fit_ids[:5]]  # the student alone trained, on the first 5 fit answers
+    assert built.meta["teacher"]["reused_from"] == f"views-{TINY.digest()}"
+    assert any("teacher reused" in m for m in logs)
+
+
+def test_with_fields_sets_a_candidate_spec():
+    spec = gates.with_fields(
+        TINY, ["student_fit=300", "student.hidden=32", "teacher_off_path=0.25"]
+    )
+    assert (spec.student_fit, spec.student.hidden, spec.teacher_off_path) == (300, 32, 0.25)
+    assert spec.student.layers == TINY.student.layers and spec.digest() != TINY.digest()
+    for bad in ("student_fit", "nope=1", "student.width=3"):
+        with pytest.raises(SystemExit, match=r"error: --set .*FIELD=VALUE"):
+            gates.with_fields(TINY, [bad])
