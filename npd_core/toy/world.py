@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -400,7 +401,9 @@ def fit(
             samples,
             None,
             rows,
-            cfg.step_spec(),
+            # train_steps decides, not the config's cap of 100 passes: a warm start on a small
+            # labelled set (``ViewsSpec.student_fit``) needs more passes to flatten
+            replace(cfg.step_spec(), epochs_per_round=math.inf),
             pack.max_seq_len,
             start_step=0,
             total_steps=spec.train_steps,
