@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import random
 import shutil
 import time
@@ -401,9 +400,10 @@ def fit(
             samples,
             None,
             rows,
-            # train_steps decides, not the config's cap of 100 passes: a warm start on a small
-            # labelled set (``ViewsSpec.student_fit``) needs more passes to flatten
-            replace(cfg.step_spec(), epochs_per_round=math.inf),
+            # train_steps decides, not the config's cap of 100 passes (a step takes at least
+            # one row, so as many passes as steps never bind): a warm start on a small labelled
+            # set (``ViewsSpec.student_fit``) needs more passes to flatten
+            replace(cfg.step_spec(), epochs_per_round=float(spec.train_steps)),
             pack.max_seq_len,
             start_step=0,
             total_steps=spec.train_steps,
