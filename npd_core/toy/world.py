@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -63,8 +64,21 @@ class ModelSpec:
 class _Digest:
     """The cache key of a world: a hash of its spec's fields (not of what the build makes)."""
 
+    # fields added after worlds were built → the value that builds as before: at that value a
+    # field is left out of the key, so those worlds keep their digest (and their cache)
+    added: ClassVar[dict[str, Any]] = {}
+
+    def keyed(self) -> dict[str, Any]:
+        """The fields the digest covers (``added`` ones only when set)."""
+        return keyed_fields(asdict(self), self.added)
+
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        return hashlib.sha256(json.dumps(self.keyed(), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def keyed_fields(fields: dict[str, Any], added: dict[str, Any]) -> dict[str, Any]:
+    """``fields`` without the ``added`` ones that hold their as-before value (or are absent)."""
+    return {k: v for k, v in fields.items() if k not in added or v != added[k]}
 
 
 class _Sized(_Digest):
@@ -229,6 +243,7 @@ class ViewsSpec(_Sized):
     # the small labelled set a user's student was tuned on, so it has capacity the teacher can
     # still fill, while a student warm-started on all 30,000 sat at its capacity (gate M5)
     student_fit: int = 0
+    added = {"student_fit": 0}
     min_len: int = 5
     max_len: int = 8
     rows_per_step: int = 8
@@ -532,9 +547,9 @@ def _twin(root: Path, spec: WorldSpec, part: str) -> Path | None:
     steps), so a new student does not cost a new teacher (the long world's takes ~30 min here)
     nor a new teacher a new student (the views world's takes ~14 min)."""
     skip = OWN_FIELDS["student" if part == "teacher" else "teacher"]
-    want = {k: v for k, v in asdict(spec).items() if k not in skip}
+    want = {k: v for k, v in spec.keyed().items() if k not in skip}
     for meta_file in sorted(root.parent.glob(f"{spec.prefix}-*/{WORLD_FILE}")):
-        spec_there = json.loads(meta_file.read_text())["spec"]
+        spec_there = keyed_fields(json.loads(meta_file.read_text())["spec"], spec.added)
         if {k: v for k, v in spec_there.items() if k not in skip} == want:
             return meta_file.parent
     return None

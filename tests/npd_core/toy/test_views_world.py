@@ -149,6 +149,10 @@ def test_toy_and_long_prompts_are_unchanged():
         got = hashlib.sha256(json.dumps(spec.examples(3000)).encode()).hexdigest()[:16]
         assert got == want
     assert ToySpec().digest() == "b4672bb11ca4" and LongSpec().digest() == "2b78d8bffa02"
+    # a field added later (student_fit) keys the digest only when set, so the views world
+    # built before it keeps its cache
+    assert ViewsSpec().digest() == "b21a59189e71"
+    assert gates.with_fields(ViewsSpec(), ["student_fit=1750"]).digest() != "b21a59189e71"
 
 
 TINY = ViewsSpec(
