@@ -303,9 +303,10 @@ def test_filter_trained_figures_match_their_json():
     mean = {k: sum(v) / len(v) for k, v in late.items()}
     others = [v for k, v in mean.items() if k[1] != "none-keep"]
     band = [v for k, v in mean.items() if k[1] == "band"]
+    none_junk, none_clean = mean[("junk", "none-keep", None)], mean[("clean", "none-keep", None)]
     _assert_quoted(
         page,
-        f"is {mean[('junk', 'none-keep', None)]:.1f} for `none` with junk and "
-        f"{mean[('clean', 'none-keep', None)]:.1f} without, and {min(others):.1f}–{max(others):.1f}",
+        f"is {none_junk:.1f} for `none` with junk and {none_clean:.1f} without, and "
+        f"{min(others):.1f}–{max(others):.1f}",
         f"({min(band):.1f}–{max(band):.1f} over rounds 8–10)",
     )
