@@ -134,8 +134,8 @@ def run_trained(
 ) -> dict[str, Any]:
     """Run (or resume) the trained stage: its cells (the best two scores from the junk stage's
     JSON, ``junk``, default ``<out>/filter-study/junk.json``), then the decision, the per-cell
-    table and a plot of the mean curves per junk condition."""
-    from npd_core.bench.plots import rule_curves
+    table, a plot of the mean curves per junk condition and one of the final score per rule."""
+    from npd_core.bench.plots import rule_curves, rule_finals
 
     folder = out / "filter-study"
     path = folder / "trained.json"
@@ -180,6 +180,9 @@ def run_trained(
         title = f"npd bench filter (trained, {cond}): staleness {ft.STALENESS}, mean over seeds"
         png = rule_curves(ft.plotted_means(done, cond), title, folder / f"trained-{cond}.png")
         report["plot"][cond] = str(png.resolve())
+    title = f"npd bench filter (trained): staleness {ft.STALENESS}, final score per rule"
+    png = rule_finals(report["summary"], title, folder / "trained-final.png")
+    report["plot"]["final"] = str(png.resolve())
     fst.save(path, report)
     _close(ctx, out, [path, *(Path(p) for p in report["plot"].values())])
     return finite(report)

@@ -156,3 +156,34 @@ def junk_auroc(summary: dict[str, dict[str, dict]], title: str, path: Path) -> P
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def rule_finals(rows: list[dict], title: str, path: Path) -> Path:
+    """The trained filter comparison's final score per rule and score (``summary`` rows: mean
+    over seeds with its 95% interval), one marker per junk condition; the dashed lines are
+    ``none-keep``'s, the reference every rule is read against."""
+    labels = list(dict.fromkeys(f"{r['rule']} {r['score'] or ''}".strip() for r in rows))
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(labels) + 1.4), dpi=120)
+    for k, junk in enumerate(dict.fromkeys(r["junk"] for r in rows)):
+        mine = [r for r in rows if r["junk"] == junk]
+        y = [
+            labels.index(f"{r['rule']} {r['score'] or ''}".strip()) + (k - 0.5) * 0.3 for r in mine
+        ]
+        x = [r["final_score"] for r in mine]
+        ci = [r["final_score_ci95"] or (m, m) for r, m in zip(mine, x, strict=True)]
+        err = np.array([[m - c[0] for m, c in zip(x, ci, strict=True)],
+                        [c[1] - m for m, c in zip(x, ci, strict=True)]])  # fmt: skip
+        line = ax.errorbar(x, y, xerr=err, fmt="o", ms=4, capsize=2, label=junk)
+        ref = [r["final_score"] for r in mine if r["rule"] == "none-keep"]
+        if ref:
+            ax.axvline(ref[0], color=line[0].get_color(), lw=0.8, ls="--")
+    ax.set_yticks(np.arange(len(labels)), labels)
+    ax.invert_yaxis()
+    ax.set_xlabel("final score (mean of the last quarter's evaluations), 95% over seeds")
+    ax.set_title(title, fontsize=10)
+    ax.legend(title="planted junk", fontsize=8)
+    ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -64,7 +64,8 @@ def test_the_trained_stage_plants_matches_and_resumes(
                       .to_pylist()[0]["config_json"])  # fmt: skip
     want = {str(r): x for r, x in fence["kept_by_round"].items()}
     assert spec["filter"]["rule"] == "random" and spec["filter"]["keep_by_round"] == want
-    assert set(rep["plot"]) == {"junk"} and all(Path(p).exists() for p in rep["plot"].values())
+    assert set(rep["plot"]) == {"junk", "final"}
+    assert all(Path(p).read_bytes()[:4] == b"\x89PNG" for p in rep["plot"].values())
     assert rep["final_score_rule"] == ft.FINAL_RULE
     ran = []
     monkeypatch.setattr(filter_study, "run_trained_cell", lambda *a: ran.append(a))
