@@ -25,6 +25,7 @@ import os
 import queue
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -32,7 +33,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from multiprocessing.connection import Client, Connection, Listener, wait
 from pathlib import Path
 from typing import Any
@@ -144,7 +145,7 @@ class WorkerGroup:
             if not ready and self.proc.poll() is not None:
                 raise self._failure(min(pending), None)
             events = [(self.conns.index(c), _received(c)) for c in ready]
-            failed = {rank: msg for rank, msg in events if msg is None or msg[0] == "error"}
+            failed = {rank: msg for rank, msg in events if _is_failure(msg)}
             if failed:
                 raise self._first_failure(failed, pending)
             for rank, msg in events:
@@ -160,20 +161,22 @@ class WorkerGroup:
         """The failure to name: a rank that fails makes its peers fail too (their collectives
         lose it), sometimes before its own report arrives, so the owner waits up to
         ``ERROR_GRACE_S`` for the other ranks' reports and names a rank that died without a
-        report (killed: its peers' errors follow from it), else the error raised first."""
+        report (killed: its peers' errors follow from it), else the error raised first; a rank
+        that torchrun stopped after a peer's failure (``stopped``) is never the cause."""
         deadline = time.monotonic() + ERROR_GRACE_S
         while (rest := [k for k in sorted(pending) if k not in failed]) and (
             left := deadline - time.monotonic()
         ) > 0:
             for c in wait([self.conns[k] for k in rest], timeout=left):
                 msg = _received(c)
-                if msg is None or msg[0] == "error":
+                if _is_failure(msg):
                     failed[self.conns.index(c)] = msg
         died = [k for k, msg in failed.items() if msg is None]
-        if died:
-            return self._failure(min(died), None)
-        rank = min(failed, key=lambda k: (failed[k][2], k))
-        return self._failure(rank, failed[rank][1])
+        errors = {k: msg for k, msg in failed.items() if msg is not None and msg[0] == "error"}
+        if died or not errors:
+            return self._failure(min(died or failed), None)
+        rank = min(errors, key=lambda k: (errors[k][2], k))
+        return self._failure(rank, errors[rank][1])
 
     def _failure(self, rank: int, error: str | None) -> WorkerError:
         what = f"failed: {error}" if error else "died (killed, or out of memory)"
@@ -211,6 +214,11 @@ class WorkerGroup:
             shutil.rmtree(self.log.parent, ignore_errors=True)
         else:
             (self.log.parent / FAILED).touch()  # the log a failure named: no sweep removes it
+
+
+def _is_failure(msg: tuple | None) -> bool:
+    """A rank's message that ends the job: its death (None), its error, or its stop."""
+    return msg is None or msg[0] in ("error", "stopped")
 
 
 def _received(conn: Connection) -> tuple[str, Any] | None:
@@ -292,6 +300,15 @@ def serve(handle: Callable[[Any, Progress], Any]) -> None:
     conn = Client((host, int(port)), authkey=bytes.fromhex(os.environ[KEY_ENV]))
     rank = dist.get_rank()
     conn.send(("ready", rank, os.getpid()))
+
+    def stopped(signum: int, _frame: Any) -> None:
+        """torchrun stops the other ranks with SIGTERM once one has failed: say so, so the
+        owner does not take this death for the cause (a killed rank sends nothing)."""
+        with suppress(OSError):  # the owner has closed its end (a failure it already named)
+            conn.send(("stopped", time.time()))
+        os._exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stopped)
 
     def progress(msg: Any) -> None:
         if rank == 0:

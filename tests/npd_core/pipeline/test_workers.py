@@ -108,3 +108,23 @@ def _running(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+@pytest.mark.parametrize(
+    ("failed", "named"),
+    [
+        # rank 1 raised; torchrun then stopped rank 0 (SIGTERM): the error is the cause
+        ({0: ("stopped", 5.0), 1: ("error", "ValueError: boom", 4.0)}, "rank 1 of 2 failed: Value"),
+        # rank 1 was killed (no report); rank 0's collective failed after it
+        ({0: ("error", "RuntimeError: gloo", 4.0), 1: None}, "rank 1 of 2 died (killed"),
+        # both raised: the earlier one
+        ({0: ("error", "B: b", 6.0), 1: ("error", "A: a", 5.0)}, "rank 1 of 2 failed: A: a"),
+        # only stops: the cause is unknown, named as a death
+        ({0: ("stopped", 5.0), 1: ("stopped", 5.1)}, "rank 0 of 2 died (killed"),
+    ],
+)
+def test_the_failure_named_is_the_cause(failed, named):
+    group = object.__new__(workers.WorkerGroup)
+    group.nproc, group.log, group.conns = 2, Path("torchrun.log"), []
+    msg = str(group._first_failure(dict(failed), pending={0, 1}))
+    assert msg.startswith(f"learner {named}") and msg.endswith("torchrun log: torchrun.log")
