@@ -43,6 +43,7 @@ from npd_core.models import n_params, save_checkpoint
 from npd_core.toy import long_task, views_task
 from npd_core.toy import task as toy_task
 from npd_core.toy.smol import SmolSpec, build_smol_world
+from npd_core.train_spec import StepSpec
 
 WORLD_FILE = "world.json"
 # progress(description, total) → advance(n): a bar per phase of the build (``build_toy_world``)
@@ -374,23 +375,26 @@ def score_exact(
 
 def fit_plan(
     tok, prompts: list[Prompt], spec: ModelSpec, toy: WorldSpec, off_path: float = 0.0
-) -> tuple[TrainConfig, PackConfig, list[Sample], list[list[int]]]:
-    """What ``fit`` trains with: its CE config, packing, samples (``_samples``) and packed rows
+) -> tuple[StepSpec, PackConfig, list[Sample], list[list[int]]]:
+    """What ``fit`` trains with: its CE step, packing, samples (``_samples``) and packed rows
     (the world search trains a single model with the same plan)."""
     cfg = TrainConfig(
         loss="ce",
         lr=spec.lr,
         warmup_steps=max(1, spec.train_steps // 20),
         steps_per_round=spec.train_steps,
-        epochs_per_round=100.0,
         rows_per_step=toy.rows_per_step,
         min_lr_ratio=0.05,
     )
+    # train_steps decides, not a cap on passes (a step takes at least one row, so as many
+    # passes as steps never bind): a warm start on a small labelled set
+    # (``ViewsSpec.student_fit``) needs more than the config's 100 to flatten
+    step = replace(cfg.step_spec(), epochs_per_round=float(spec.train_steps))
     pack = PackConfig(max_seq_len=toy.max_seq_len)
     samples, _, rows = packed_rows(
         _samples(tok, prompts, toy, off_path), pack.max_seq_len, pack.overlong, pack.mode, toy.seed
     )
-    return cfg, pack, samples, rows
+    return step, pack, samples, rows
 
 
 def fit(
@@ -405,8 +409,8 @@ def fit(
     """Plain SFT on true answers, packed (the same trainer the pipeline uses, with CE);
     ``on_step`` sees every step (the world search logs its curves through it); ``off_path``:
     see ``_samples``."""
-    cfg, pack, samples, rows = fit_plan(tok, prompts, spec, toy, off_path)
-    opt = make_optimizer(model, cfg)
+    step, pack, samples, rows = fit_plan(tok, prompts, spec, toy, off_path)
+    opt = make_optimizer(model, step)
     torch.manual_seed(toy.seed)
     with for_training(model):
         train_round(
@@ -415,10 +419,7 @@ def fit(
             samples,
             None,
             rows,
-            # train_steps decides, not the config's cap of 100 passes (a step takes at least
-            # one row, so as many passes as steps never bind): a warm start on a small labelled
-            # set (``ViewsSpec.student_fit``) needs more passes to flatten
-            replace(cfg.step_spec(), epochs_per_round=float(spec.train_steps)),
+            step,
             pack.max_seq_len,
             start_step=0,
             total_steps=spec.train_steps,

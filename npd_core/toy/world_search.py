@@ -201,7 +201,7 @@ def main() -> None:
     fit_set = prompts[spec.n_train + spec.n_eval :] + prompts[: spec.n_train]
     torch.manual_seed(a.seed)
     model = _model(ms, tok)
-    cfg, pack, samples, rows = fit_plan(tok, fit_set, ms, spec)
+    step, pack, samples, rows = fit_plan(tok, fit_set, ms, spec)
     meta = {"model": asdict(ms), "params": n_params(model), "spec": asdict(spec), "args": vars(a)}
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
     print(f"{a.tag}: {meta['params'] / 1e6:.3f} M params, {len(rows)} rows", flush=True)
@@ -221,7 +221,7 @@ def main() -> None:
         if (entry.step + 1) % a.eval_every == 0 and entry.step + 1 < ms.train_steps:
             evaluate(entry.step + 1)
 
-    opt = make_optimizer(model, cfg)
+    opt = make_optimizer(model, step)
     # stock SDPA under the mask transformers builds from the packed position ids (the
     # ``sdpa`` kernel): exact like the build's, and it also generates for the evaluations
     train_round(
@@ -230,7 +230,7 @@ def main() -> None:
         samples,
         None,
         rows,
-        cfg.step_spec(),
+        step,
         pack.max_seq_len,
         start_step=0,
         total_steps=ms.train_steps,
