@@ -133,6 +133,14 @@ def bench_curves(
     return path
 
 
+def _interval_err(means: list[float], cis: list) -> np.ndarray:
+    """Matplotlib's asymmetric error bars (2 × n: below, above) from 95% intervals; a missing
+    interval draws none."""
+    lo_hi = [ci or (m, m) for m, ci in zip(means, cis, strict=True)]
+    return np.array([[m - c[0] for m, c in zip(means, lo_hi, strict=True)],
+                     [c[1] - m for m, c in zip(means, lo_hi, strict=True)]])  # fmt: skip
+
+
 def junk_auroc(summary: dict[str, dict[str, dict]], title: str, path: Path) -> Path:
     """``npd bench filter --stage junk``'s AUROC per score, one bar per kind of junk (all,
     stale, loop) with its bootstrap 95% interval; 0.5 is chance, below it the other tail."""
@@ -141,9 +149,7 @@ def junk_auroc(summary: dict[str, dict[str, dict]], title: str, path: Path) -> P
     width = 0.8 / len(kinds)
     for j, kind in enumerate(kinds):
         means = [summary[s][kind]["mean"] for s in scores]
-        cis = [summary[s][kind]["ci95"] or (m, m) for s, m in zip(scores, means, strict=True)]
-        err = np.array([[m - c[0] for m, c in zip(means, cis, strict=True)],
-                        [c[1] - m for m, c in zip(means, cis, strict=True)]])  # fmt: skip
+        err = _interval_err(means, [summary[s][kind]["ci95"] for s in scores])
         x = np.arange(len(scores)) + (j - 1) * width
         ax.bar(x, means, width, yerr=err, capsize=2, label=kind)
     ax.axhline(0.5, color="grey", linewidth=0.8, linestyle="--")
@@ -162,17 +168,14 @@ def rule_finals(rows: list[dict], title: str, path: Path) -> Path:
     """The trained filter comparison's final score per rule and score (``summary`` rows: mean
     over seeds with its 95% interval), one marker per junk condition; the dashed lines are
     ``none-keep``'s, the reference every rule is read against."""
-    labels = list(dict.fromkeys(f"{r['rule']} {r['score'] or ''}".strip() for r in rows))
+    label = lambda r: f"{r['rule']} {r['score'] or ''}".strip()  # noqa: E731
+    labels = list(dict.fromkeys(map(label, rows)))
     fig, ax = plt.subplots(figsize=(7, 0.35 * len(labels) + 1.4), dpi=120)
     for k, junk in enumerate(dict.fromkeys(r["junk"] for r in rows)):
         mine = [r for r in rows if r["junk"] == junk]
-        y = [
-            labels.index(f"{r['rule']} {r['score'] or ''}".strip()) + (k - 0.5) * 0.3 for r in mine
-        ]
+        y = [labels.index(label(r)) + (k - 0.5) * 0.3 for r in mine]
         x = [r["final_score"] for r in mine]
-        ci = [r["final_score_ci95"] or (m, m) for r, m in zip(mine, x, strict=True)]
-        err = np.array([[m - c[0] for m, c in zip(x, ci, strict=True)],
-                        [c[1] - m for m, c in zip(x, ci, strict=True)]])  # fmt: skip
+        err = _interval_err(x, [r["final_score_ci95"] for r in mine])
         line = ax.errorbar(x, y, xerr=err, fmt="o", ms=4, capsize=2, label=junk)
         ref = [r["final_score"] for r in mine if r["rule"] == "none-keep"]
         if ref:
