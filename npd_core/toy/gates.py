@@ -508,10 +508,11 @@ def copy_reused_curves(world: ToyWorld, curve_file: Path) -> None:
 def with_fields(spec: WorldSpec, pairs: list[str]) -> WorldSpec:
     """``spec`` with ``FIELD=VALUE`` pairs set (a JSON value; ``student.hidden=32`` sets a
     model's field), so a candidate spec is built and checked before it becomes the default."""
+    fields = asdict(spec)
     for pair in pairs:
         key, _, value = pair.partition("=")
         head, _, sub = key.partition(".")
-        if not value or head not in asdict(spec) or (sub and sub not in asdict(spec)[head]):
+        if not value or head not in fields or (sub and sub not in fields[head]):
             raise SystemExit(f"error: --set {pair}: want FIELD=VALUE, FIELD one of the spec's")
         new = json.loads(value)
         spec = replace(spec, **{head: replace(getattr(spec, head), **{sub: new}) if sub else new})
