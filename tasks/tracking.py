@@ -15,6 +15,8 @@ from contextlib import closing
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
@@ -217,13 +219,44 @@ def log_artifact(out: str, run: str, path: str | Path, subdir: str | None = None
 def log_checkpoint(out: str, run: str, path: str | Path, subdir: str) -> None:
     """A round's checkpoint as artifacts: weights, config and tokenizer, not its optimizer
     state (twice the weights; only the next round's training reads it, from the output
-    directory, and ``retention.prune`` keeps the latest round's only)."""
+    directory, and ``retention.prune`` keeps the latest round's only).
+
+    On a local artifact store each file is hard-linked, not copied: a checkpoint is written
+    once and never changed in place, so the link costs no disk (a 135 M model's checkpoint is
+    0.5 GB a round). Elsewhere, or where a link cannot be made, MLflow copies it."""
     from npd_core.models import TRAINER_STATE  # torch: only where a checkpoint is logged
 
     c = client(out)
+    local = _local_artifact_dir(c, run)
     for f in sorted(Path(path).iterdir()):
-        if f.is_file() and f.name != TRAINER_STATE:
+        if not f.is_file() or f.name == TRAINER_STATE:
+            continue
+        if local is None or not _linked(f, local / subdir / f.name):
             c.log_artifact(run, str(f), subdir)
+
+
+def _local_artifact_dir(c: MlflowClient, run: str) -> Path | None:
+    """The run's artifact folder when the artifact store is this machine's file system."""
+    uri = urlparse(c.get_run(run).info.artifact_uri)
+    if uri.scheme not in ("", "file"):
+        return None
+    return Path(url2pathname(uri.path))
+
+
+def _linked(src: Path, dest: Path) -> bool:
+    """Hard-link ``src`` at ``dest`` (an earlier attempt's file there is replaced); False where
+    the file system refuses (another device, no hard links)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if dest.exists() and dest.samefile(src):  # rename() onto a link of itself does nothing
+        return True
+    tmp = dest.with_name(f".{dest.name}.link")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        return False
+    os.replace(tmp, dest)
+    return True
 
 
 def end_run(out: str, run: str, status: str = "FINISHED") -> None:
