@@ -28,8 +28,8 @@ def ablations(cfg: NPDConfig) -> dict[str, dict[str, Any]]:
 def lever_ablations(cfg: NPDConfig) -> dict[str, dict[str, Any]]:
     """The on-policy levers ``cfg`` leaves off, one at a time: mixed data from the teacher's
     samples or the reference answers (``data.mix``), per-sequence normalisation, the tail
-    bucket (``train.rest_mass``, for the loss in use), reverse KL, and the sampled-token
-    reverse KL with its truncated importance ratio."""
+    bucket (``train.rest_mass``, for the loss in use), and the losses it does not use of forward
+    KL, reverse KL and the sampled-token reverse KL with its truncated importance ratio."""
     t = cfg.train
     out: dict[str, dict[str, Any]] = {}
     if cfg.data.mix.fraction == 0:
@@ -39,7 +39,7 @@ def lever_ablations(cfg: NPDConfig) -> dict[str, dict[str, Any]]:
         out["normalize-sequence"] = {"train": {"normalize": "sequence"}}
     if not t.rest_mass and t.loss in ("forward_kl", "reverse_kl", "jsd"):
         out["rest-mass"] = {"train": {"rest_mass": True}}
-    for loss in ("reverse_kl", "sampled_reverse_kl"):
+    for loss in ("forward_kl", "reverse_kl", "sampled_reverse_kl"):
         if t.loss != loss:
             out[loss.replace("_", "-")] = {"train": {"loss": loss}}
     return out

@@ -91,17 +91,22 @@ class _Sized(_Digest):
     metric: str
     also: tuple[str, ...] = ()  # metrics graded beside the primary (eval.also)
     train_rows: int | None = None  # train.rows_per_step of its runs (None: the config's)
+    train_loss: str | None = None  # train.loss of its runs (None: the config's)
 
     def config_defaults(self) -> dict:
-        """Round size, learning rate, batch, response cap, row length and metric for runs on
-        this world (a config that sets them keeps its own)."""
+        """Round size, learning rate, batch, loss, response cap, row length and metric for runs
+        on this world (a config that sets them keeps its own)."""
         evals: dict = {"metric": self.metric}
         if self.also:
             evals["also"] = list(self.also)
-        rows = {} if self.train_rows is None else {"rows_per_step": self.train_rows}
+        train: dict = {"lr": self.train_lr}
+        if self.train_rows is not None:
+            train["rows_per_step"] = self.train_rows
+        if self.train_loss is not None:
+            train["loss"] = self.train_loss
         return {
             "data": {"prompts_per_round": self.round_prompts},
-            "train": {"lr": self.train_lr, **rows},
+            "train": train,
             "generate": {"max_new_tokens": self.max_new_tokens},  # type: ignore[attr-defined]
             "pack": {"max_seq_len": self.max_seq_len},  # type: ignore[attr-defined]
             "eval": evals,

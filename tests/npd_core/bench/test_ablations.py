@@ -52,3 +52,6 @@ def test_levers_a_config_uses_are_not_ablated():
     assert [n for n in a if n.startswith("staleness")] == ["staleness-0", "staleness-4"]
     assert not [n for n in a if n.startswith(("mix", "normalize", "rest", "sampled"))]
     assert a["reverse-kl"] == {"train": {"loss": "reverse_kl"}}
+    # a world whose default loss is reverse KL ablates forward KL
+    rkl = ablations(NPDConfig.model_validate({"train": {"loss": "reverse_kl"}}))
+    assert [n for n in rkl if n.endswith("kl")] == ["forward-kl", "sampled-reverse-kl"]
