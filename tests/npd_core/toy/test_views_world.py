@@ -138,7 +138,7 @@ def test_views_world_sizes_its_config():
     assert spec.config_defaults()["eval"] == {"metric": "lines", "also": ["exact"]}
     assert spec.n_eval >= 1000 and spec.prefix == "views"
     assert gates.onpolicy_batches(spec, 8.5, 60.0) == [round(8 * 512 / 68.5), 30]
-    assert spec.config_defaults()["train"] == {"lr": 3e-4, "rows_per_step": 8}
+    assert spec.config_defaults()["train"] == {"lr": 3e-4, "rows_per_step": 8, "loss": "reverse_kl"}
     assert len({ToySpec().digest(), LongSpec().digest(), spec.digest()}) == 3
 
 
@@ -151,8 +151,11 @@ def test_toy_and_long_prompts_are_unchanged():
     assert ToySpec().digest() == "b4672bb11ca4" and LongSpec().digest() == "2b78d8bffa02"
     # a field added later (student_fit) keys the digest only when set, so the views world
     # built before it keeps its cache
-    assert ViewsSpec().digest() == "b21a59189e71"
-    assert gates.with_fields(ViewsSpec(), ["student_fit=1750"]).digest() != "b21a59189e71"
+    assert ViewsSpec().digest() == "be1413dd0031"
+    before = ["student_fit=0", "student.hidden=24", "student.intermediate=48"]
+    assert gates.with_fields(ViewsSpec(), [*before, "student.train_steps=8000"]).digest() == (
+        "b21a59189e71"
+    )
 
 
 TINY = ViewsSpec(
