@@ -310,3 +310,27 @@ def test_filter_trained_figures_match_their_json():
         f"{min(others):.1f}–{max(others):.1f}",
         f"({min(band):.1f}–{max(band):.1f} over rounds 8–10)",
     )
+
+
+def test_the_views_gate_table_is_the_reports():
+    """worlds.md's gate table for the views world's spec quotes docs/views-gates.json's report,
+    and that report is of the spec the code builds."""
+    from npd_core.toy.world import ViewsSpec
+
+    g = _json("views-gates.json")
+    assert g["digest"] == ViewsSpec().digest() and all(g["passed"].values()) and g["M5"]["pass"]
+    m1 = " / ".join(f"{s['share']['generate']:.1%}" for s in g["M1"]["steps"])
+    m2, m3, m4 = g["M2"], g["M3"], g["M4"]
+    on = g["M5"]["variants"]["onpolicy"]
+    _assert_quoted(
+        DOCS / "worlds.md",
+        f"digest `views-{g['digest']}`",
+        f"batch {' / '.join(str(b) for b in g['M1']['batches'])} | {m1} |",
+        f"| {m2['teacher_lines']:.1f} | ≥ 90 |",
+        f"0.0 → {m2['student_curve_end']:.1f}, +{m2['student_gain_last_quarter']:.2f}",
+        f"{m2['teacher_lines']:.2f} − {m2['student_lines']:.2f} = "
+        f"{m2['teacher_lines'] - m2['student_lines']:.2f} points",
+        f"{m3['teacher_from_prompt']:.1f} / {m3['teacher_off_path']:.1f} (drop {m3['drop']:.1f})",
+        f"{m4['finished']:.1%}; {m4['mean_sample_tokens']:.1f} vs {m4['mean_true_tokens']:.1f}",
+        f"{on['start']:.2f} → {on['best_after_start']:.2f} (best), {on['final_score']:.2f} final",
+    )
