@@ -14,7 +14,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import replace
 from typing import Any
 
 from rich import box
@@ -49,7 +49,7 @@ def run_bench(plan: BenchPlan, log: Callable[[str], None]) -> dict[str, Any]:
     ctx.calibration = progress.calibration  # the probes add to them, and ctx.results to these
     ctx.results = progress.results
     if progress.chosen is None:
-        progress.chosen, progress.search_scores = search(ctx, plan, progress)
+        progress.chosen, progress.search_scores = search(ctx, plan)
         progress.save()
     chosen = progress.chosen
     run_variants(ctx, plan, chosen, progress)
@@ -61,18 +61,15 @@ def run_bench(plan: BenchPlan, log: Callable[[str], None]) -> dict[str, Any]:
 
 
 def search(
-    ctx: BenchContext, plan: BenchPlan, progress: Progress
+    ctx: BenchContext, plan: BenchPlan
 ) -> tuple[dict[str, Hyper], dict[str, list[dict[str, Any]]]]:
     """``npd_core.bench.search`` over the plan's grid, each point a short run of the method's
-    variant (seed 0, ``SEARCH_FRACTION`` of the budget, scored once at its end), its score
-    saved in ``progress`` as it finishes (a resumed bench replays them)."""
+    variant (seed 0, ``SEARCH_FRACTION`` of the budget, scored once at its end)."""
     budget = ctx.budget_s * sr.SEARCH_FRACTION
 
     def score(method: str, h: Hyper, k: int) -> float:
         sub = replace(ctx, budget_s=budget, eval_at=[budget], tag=f"search{k}-")
-        run = plan.methods[method].run
-        key = f"{method}/{k}/{json.dumps(asdict(h), sort_keys=True)}"
-        return progress.scored(key, lambda: run(sub, 0, h).curve[-1]["score"])
+        return plan.methods[method].run(sub, 0, h).curve[-1]["score"]
 
     return sr.search(plan.methods, score, plan.base, plan.grid, ctx.log, plan.recorded)
 
