@@ -14,7 +14,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import asdict, replace
 from typing import Any
 
 from rich import box
@@ -27,6 +27,7 @@ from npd_core.bench import plan as bench_plan
 from npd_core.bench import search as sr
 from npd_core.bench.cost import cost_lines
 from npd_core.bench.harness import Hyper, checkpoint_times
+from npd_core.bench.machine import machine
 from npd_core.bench.plan import BenchContext, BenchPlan, make_report
 from npd_core.bench.progress import Progress
 from npd_core.bench.stats import headline_lines
@@ -44,12 +45,14 @@ def run_bench(plan: BenchPlan, log: Callable[[str], None]) -> dict[str, Any]:
         log(f"resuming {plan.bench_id} (attempt {progress.attempt}): {done} runs finished")
     else:
         progress = Progress(folder, plan.knobs(), plan.started)
+    progress.machines.append({"attempt": progress.attempt, **machine()})
+    progress.save()
     ctx = open_bench(plan, log)
     ctx.attempt = progress.attempt
     ctx.calibration = progress.calibration  # the probes add to them, and ctx.results to these
     ctx.results = progress.results
     if progress.chosen is None:
-        progress.chosen, progress.search_scores = search(ctx, plan)
+        progress.chosen, progress.search_scores = search(ctx, plan, progress)
         progress.save()
     chosen = progress.chosen
     run_variants(ctx, plan, chosen, progress)
@@ -57,19 +60,23 @@ def run_bench(plan: BenchPlan, log: Callable[[str], None]) -> dict[str, Any]:
 
     uri = tracking.tracking_uri(ctx.out)
     report = make_report(ctx, plan, chosen, progress.search_scores, uri)
+    report["machines"] = progress.machines  # one per attempt: which ran where
     return publish(ctx, report, progress.started)
 
 
 def search(
-    ctx: BenchContext, plan: BenchPlan
+    ctx: BenchContext, plan: BenchPlan, progress: Progress
 ) -> tuple[dict[str, Hyper], dict[str, list[dict[str, Any]]]]:
     """``npd_core.bench.search`` over the plan's grid, each point a short run of the method's
-    variant (seed 0, ``SEARCH_FRACTION`` of the budget, scored once at its end)."""
+    variant (seed 0, ``SEARCH_FRACTION`` of the budget, scored once at its end), its score
+    saved in ``progress`` as it finishes (a resumed bench replays them)."""
     budget = ctx.budget_s * sr.SEARCH_FRACTION
 
     def score(method: str, h: Hyper, k: int) -> float:
         sub = replace(ctx, budget_s=budget, eval_at=[budget], tag=f"search{k}-")
-        return plan.methods[method].run(sub, 0, h).curve[-1]["score"]
+        run = plan.methods[method].run
+        key = f"{method}/{k}/{json.dumps(asdict(h), sort_keys=True)}"
+        return progress.scored(key, lambda: run(sub, 0, h).curve[-1]["score"])
 
     return sr.search(plan.methods, score, plan.base, plan.grid, ctx.log, plan.recorded)
 

@@ -4,6 +4,7 @@ seeds' results (the flows run the variants as Prefect work and render the report
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import uuid
@@ -21,6 +22,7 @@ from npd_core.bench.machine import machine
 from npd_core.bench.stats import headline_numbers, learns, summarize
 from npd_core.config import NPDConfig, load_config
 from npd_core.errors import ConfigError
+from npd_core.modelio import file_digest
 from npd_core.pipeline.spec import RunSpec
 
 MAIN = ("npd", "sft", "onpolicy")  # the variants --quick runs (and the ones with --seeds)
@@ -89,6 +91,7 @@ class BenchPlan:
     resume: bool  # the bench ``bench_id`` ran before: run what it left unfinished
     recorded: dict[str, Hyper] = field(default_factory=dict)  # --quick: the last full bench's
     tuned: dict[str, str] = field(default_factory=dict)  # method → search, its file, or untuned
+    world: str = ""  # ``world_digest`` of ``paths``: a resume on other weights is refused
 
     def knobs(self) -> dict[str, Any]:
         """What a resumed bench must plan the same (also its MLflow run's params)."""
@@ -100,7 +103,24 @@ class BenchPlan:
             "variants": ",".join(v.name for v in self.selected),
             "config_digest": self.cfg.digest(),
             "paths": self.paths,
+            "world_digest": self.world,
         }
+
+
+def world_digest(paths: dict[str, str]) -> str:
+    """sha256 over the bytes of the world's files (the models' weights and configs, the prompt
+    files): a bench carried to another machine (its ``progress.json`` copied) resumes only on
+    the same weights, a rebuilt world included; a path that is not on disk counts by name."""
+    parts = []
+    for key in sorted(paths):
+        path = Path(paths[key])
+        files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+        parts += [
+            f"{key}/{f.relative_to(path) if path.is_dir() else f.name}:"
+            + (file_digest(f) if f.is_file() else "absent")
+            for f in files
+        ]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
 def plan_bench(
@@ -164,6 +184,7 @@ def plan_bench(
         resume=resume is not None,
         recorded=recorded[0] if recorded else {},
         tuned=sr.tuning(methods, grid, recorded),
+        world=world_digest(paths),
     )
 
 

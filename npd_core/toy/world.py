@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -451,12 +453,17 @@ def build_toy_world(
     log: Callable[[str], None] = print,
     watch: Callable[[str, Qwen2ForCausalLM, list[Prompt]], Callable] | None = None,
     progress: BuildProgress | None = None,
+    parallel: bool | None = None,
 ) -> ToyWorld:
     """Build (or load from the cache) the world described by ``spec`` (default: the toy).
     ``watch(name, model, held_out)`` may return an ``on_step`` for the training of ``name``
     (the world search's curves); it must leave the model as it found it. ``progress`` sees
-    each model's training steps and held-out scoring as they happen."""
+    each model's training steps and held-out scoring as they happen. ``parallel``: train teacher
+    and student side by side (default: where both fit on the cores at torch's thread count, as
+    at one thread on two cores; never under a caller that takes every core)."""
     spec = spec or ToySpec()
+    if parallel is None:
+        parallel = 2 * torch.get_num_threads() <= (os.cpu_count() or 1)
     if isinstance(spec, SmolSpec):  # a real model, built its own way (npd_core.toy.smol)
         return _load(build_smol_world(cache, spec, fit, log, watch))
     root = Path(cache) / f"{spec.prefix}-{spec.digest()}"
@@ -479,52 +486,69 @@ def build_toy_world(
                 meta[name] = json.loads((reuse / WORLD_FILE).read_text())[name]
                 meta[name]["reused_from"] = reuse.name
                 log(f"{spec.prefix} world: {name} reused from {reuse.name} (the same {name})")
+        todo = {}  # name → its freshly initialised model, made here in a fixed order (seeded)
         for name, ms in (("teacher", spec.teacher), ("student", spec.student)):
-            if name in meta:
-                continue
-            torch.manual_seed(spec.seed + (name == "student"))
-            model = _model(ms, tok)
-            t1 = time.time()
-            log(
-                f"{spec.prefix} world: training {name} ({n_params(model) / 1e6:.2f} M params, "
-                f"{ms.train_steps} steps)"
-            )
-            hooks = [watch(name, model, held) if watch else None]
-            if progress:
-                advance = progress(f"{spec.prefix} {name}: training", ms.train_steps)
-                hooks.append(lambda _entry, advance=advance: advance(1))
+            if name not in meta:
+                torch.manual_seed(spec.seed + (name == "student"))
+                todo[name] = _model(ms, tok)
+
+        def train_one(name: str) -> dict[str, Any]:
             teacher = name == "teacher"
-            fit(
-                model,
-                tok,
-                fit_set + train if teacher else fit_set[: getattr(spec, "student_fit", 0) or None],
-                ms,
-                spec,
-                _all(hooks),
-                off_path=getattr(spec, "teacher_off_path", 0.0) if teacher else 0.0,
+            fit_on = (
+                fit_set + train if teacher else fit_set[: getattr(spec, "student_fit", 0) or None]
             )
-            score = score_exact(
-                model,
-                tok,
-                held,
-                spec.max_new_tokens,
-                bf16=spec.bf16,
-                metric=spec.metric,
-                progress=progress(f"{spec.prefix} {name}: scoring", len(held))
-                if progress
-                else None,
+            off_path = getattr(spec, "teacher_off_path", 0.0) if teacher else 0.0
+            own_tok = toy_task.build_tokenizer()  # a fast tokenizer is not safe across threads
+            return _train_part(
+                name, todo[name], own_tok, fit_on, held, spec, tmp, log, watch, progress, off_path
             )
-            took = time.time() - t1
-            log(f"{spec.prefix} world: {name} held-out exact match {score:.1f} ({took:.0f} s)")
-            save_checkpoint(model, tok, tmp / name)
-            meta[name] = {
-                "params": n_params(model),
-                "score": score,
-                "train_s": round(time.time() - t1, 1),
-            }
+
+        # teacher and student learn from true answers alone, so they can train side by side,
+        # each in a thread of its own (torch releases the GIL in its ops; a model's steps draw on
+        # no shared random state, so the weights are those of one after the other, bit for bit)
+        with ThreadPoolExecutor(max_workers=len(todo) if parallel and todo else 1) as pool:
+            meta.update(zip(todo, pool.map(train_one, todo), strict=True))
         meta["build_s"] = round(time.time() - t0, 1)
         (tmp / WORLD_FILE).write_text(json.dumps(meta, indent=2))
     return _load(root)
+
+
+def _train_part(
+    name: str,
+    model: Qwen2ForCausalLM,
+    tok,
+    prompts: list[Prompt],
+    held: list[Prompt],
+    spec: WorldSpec,
+    folder: Path,
+    log: Callable[[str], None],
+    watch: Callable[[str, Qwen2ForCausalLM, list[Prompt]], Callable] | None,
+    progress: BuildProgress | None,
+    off_path: float,
+) -> dict[str, Any]:
+    """Train one of the world's models on ``prompts`` (``fit``), score it on ``held`` and save
+    it under ``folder/name``; its entry of ``world.json``."""
+    ms = spec.teacher if name == "teacher" else spec.student
+    t1 = time.time()
+    size = f"{n_params(model) / 1e6:.2f} M params, {ms.train_steps} steps"
+    log(f"{spec.prefix} world: training {name} ({size})")
+    hooks = [watch(name, model, held) if watch else None]
+    if progress:
+        advance = progress(f"{spec.prefix} {name}: training", ms.train_steps)
+        hooks.append(lambda _entry: advance(1))
+    fit(model, tok, prompts, ms, spec, _all(hooks), off_path=off_path)
+    score = score_exact(
+        model,
+        tok,
+        held,
+        spec.max_new_tokens,
+        bf16=spec.bf16,
+        metric=spec.metric,
+        progress=progress(f"{spec.prefix} {name}: scoring", len(held)) if progress else None,
+    )
+    log(f"{spec.prefix} world: {name} held-out exact match {score:.1f} ({time.time() - t1:.0f} s)")
+    save_checkpoint(model, tok, folder / name)
+    return {"params": n_params(model), "score": score, "train_s": round(time.time() - t1, 1)}
 
 
 def _all(hooks: list[Callable[[StepLog], None] | None]) -> Callable[[StepLog], None] | None:

@@ -286,6 +286,10 @@ def test_bench_quick_json_has_every_field(tmp_path, tiny_world, prefect_server, 
     assert res.exit_code == 0, res.output
     again = json.loads(res.stdout)
     assert again["variants"] == rep["variants"] and again["calibration"] == rep["calibration"]
+    # each attempt's machine is on record (a bench carried elsewhere says where each part ran)
+    assert [m["attempt"] for m in rep["machines"]] == [0]
+    assert [m["attempt"] for m in again["machines"]] == [0, 1]
+    assert again["machines"][1]["cores"] == rep["machine"]["cores"]
     children = f"tags.mlflow.parentRunId = '{rep['mlflow_run_id']}'"
     assert len(c.search_runs([parent.info.experiment_id], children)) == len(kids)
     res = CliRunner().invoke(app, [*args, "--seeds", "2", "--resume", rep["bench_id"]])

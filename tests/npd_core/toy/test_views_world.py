@@ -176,7 +176,9 @@ def test_build_reports_progress_and_curves_leave_it_unchanged(tmp_path):
         bars[description] = [0, total]
         return lambda n: bars[description].__setitem__(0, bars[description][0] + n)
 
-    plain = build_toy_world(tmp_path / "a", TINY, log=lambda m: None, progress=progress)
+    plain = build_toy_world(
+        tmp_path / "a", TINY, log=lambda m: None, progress=progress, parallel=True
+    )
     assert plain.root.name == f"views-{TINY.digest()}"
     assert bars == {
         "views teacher: training": [3, 3],
@@ -191,13 +193,20 @@ def test_build_reports_progress_and_curves_leave_it_unchanged(tmp_path):
     for name in ("teacher", "student"):
         a = (plain.root / name / "model.safetensors").read_bytes()
         assert (watched.root / name / "model.safetensors").read_bytes() == a
-    points = [json.loads(x) for x in curves.read_text().splitlines()]
-    assert [(p["model"], p["step"]) for p in points] == [
-        ("teacher", 0),
-        ("teacher", 3),
+    points = [json.loads(x) for x in curves.read_text().splitlines()]  # the two interleave
+    assert sorted((p["model"], p["step"]) for p in points) == [
         ("student", 0),
         ("student", 2),
+        ("teacher", 0),
+        ("teacher", 3),
     ]
+    one_by_one = build_toy_world(tmp_path / "c", TINY, log=lambda m: None, parallel=False)
+    for name in ("teacher", "student"):  # side by side, the same weights as one after the other
+        a = (plain.root / name / "model.safetensors").read_bytes()
+        assert (one_by_one.root / name / "model.safetensors").read_bytes() == a
+    assert json.loads((one_by_one.root / "world.json").read_text())["student"]["score"] == (
+        plain.meta["student"]["score"]
+    )
 
 
 def test_evaluate_stage_reports_exact_beside_lines(tmp_path):
