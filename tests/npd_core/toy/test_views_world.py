@@ -204,8 +204,9 @@ def test_build_reports_progress_and_curves_leave_it_unchanged(tmp_path):
     for name in ("teacher", "student"):  # side by side, the same weights as one after the other
         a = (plain.root / name / "model.safetensors").read_bytes()
         assert (one_by_one.root / name / "model.safetensors").read_bytes() == a
-    assert json.loads((one_by_one.root / "world.json").read_text())["student"]["score"] == (
-        plain.meta["student"]["score"]
+    assert (
+        json.loads((one_by_one.root / "world.json").read_text())["student"]["score"]
+        == (plain.meta["student"]["score"])
     )
 
 
