@@ -202,10 +202,12 @@ def _round(base, samples, targets, rows, spec: StepSpec) -> dict[str, torch.Tens
 
 def test_micro_rows_train_the_one_forward_round_and_none_is_that_step_bitwise():
     """Three steps of ``train_round``, 5 rows a step: ``micro_rows`` 2 (3 forwards a step) gives
-    the weights of one forward a step within 1e-5 (AdamW's first steps move every weight by
-    about lr, whatever the size of its gradient, so 1e-7 in a gradient near 0 shows as 2e-6
-    here). ``micro_rows`` none (the default) is bitwise the plain step written out: forward
-    all rows, mean over their response tokens, backward, clip, AdamW."""
+    the weights of one forward a step within 5e-5, a two-hundredth of lr (AdamW's first steps
+    move every weight by about lr, whatever the size of its gradient, so rounding in a small
+    gradient, such as a key bias's 2e-4, shows: 1e-5 to 1.2e-5 on one CPU, 2e-6 on another;
+    the gradients themselves agree within 1e-6, above). ``micro_rows`` none (the default) is
+    bitwise the plain step written out: forward all rows, mean over their response tokens,
+    backward, clip, AdamW."""
     import copy
 
     base, samples, targets, rows = _accumulation_case()
@@ -213,7 +215,7 @@ def test_micro_rows_train_the_one_forward_round_and_none_is_that_step_bitwise():
     one = _round(base, samples, targets, rows, spec)
     accumulated = _round(base, samples, targets, rows, StepSpec(**{**vars(spec), "micro_rows": 2}))
     for name, w in one.items():
-        torch.testing.assert_close(accumulated[name], w, atol=1e-5, rtol=0, msg=name)
+        torch.testing.assert_close(accumulated[name], w, atol=5e-5, rtol=0, msg=name)
 
     spec = StepSpec(**{**vars(spec), "steps_per_round": 1})
     got = _round(base, samples, targets, rows, spec)
