@@ -334,3 +334,25 @@ def test_the_views_gate_table_is_the_reports():
         f"{m4['finished']:.1%}; {m4['mean_sample_tokens']:.1f} vs {m4['mean_true_tokens']:.1f}",
         f"{on['start']:.2f} → {on['best_after_start']:.2f} (best), {on['final_score']:.2f} final",
     )
+
+
+def test_the_views_rebuild_figures_are_the_reports():
+    """worlds.md and bench.md quote the gate checks run again on the rebuild the bench used."""
+    r = _json("views-gates.json")["rebuild"]
+    m1 = [run["decode_share"]["60"] for run in r["M1_runs"]]
+    b = r["build"]
+    for page in ("worlds.md", "bench.md"):
+        _assert_quoted(
+            DOCS / page,
+            f"{m1[0]:.1%}, {m1[1]:.1%}",
+            f"{m1[2]:.1%}",
+            f"+{r['M2']['student_gain_last_quarter']:.2f}",
+            f"drop {r['M3']['drop']:.2f}",
+            f"{r['M4']['finished']:.1%} finished",
+            f"{b['build_s'] / 60:.1f} min",
+        )
+    _assert_quoted(
+        DOCS / "worlds.md",
+        f"({b['teacher']['train_s']:.0f} and {b['student']['train_s']:.0f} s)",
+        f"teacher {r['M2']['teacher_lines']:.2f}, student {r['M2']['student_lines']:.2f} per",
+    )
