@@ -143,10 +143,11 @@ def plan_bench(
     ``resume``: the id of the bench to carry on (planned with the same options); ``registry``
     gives the built-in variants for a config, ``peer`` a ``--peers`` one by name."""
     from npd_core.data import read_prompts
-    from npd_core.pipeline.resolve import resolve_spec
+    from npd_core.pipeline.resolve import resolve_spec, use_world
 
     started = time.time()
     cfg = load_config(config)
+    use_world(cfg, world)  # the world's method settings first: the ablations are relative to them
     known = registry(cfg)
     chosen_names = names or (list(MAIN) if quick else list(known))
     unknown = [n for n in chosen_names if n not in known]

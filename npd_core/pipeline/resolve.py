@@ -19,7 +19,14 @@ from npd_core.pipeline.preflight import check_backends, check_run
 from npd_core.pipeline.spec import RunSpec
 from npd_core.store import Store
 from npd_core.store.lineage import used_prompt_ids
-from npd_core.toy.world import WORLDS, BuildProgress, ToyWorld, build_toy_world, world_spec
+from npd_core.toy.world import (
+    WORLDS,
+    BuildProgress,
+    ToyWorld,
+    WorldSpec,
+    build_toy_world,
+    world_spec,
+)
 
 
 def new_run_id() -> str:
@@ -40,17 +47,14 @@ def resolve_spec(
     nothing is written before the checks pass; with it, the store is opened first (the world lives
     in it), and ``cfg`` takes the world's config defaults where it sets no value of its own
     (``apply_world_defaults``: the long world's response cap, row length and metric)."""
-    if world not in WORLDS:
-        raise ConfigError(f"--world {world}: unknown world; choose from {', '.join(WORLDS)}")
+    ws = use_world(cfg, world)
     primary = cfg.eval.primary_set
     held_out = cfg.data.eval_prompts or cfg.eval.sets.get(primary)
     given = (cfg.models.teacher, cfg.models.student, cfg.data.prompts, held_out)
     paths = dict(zip(("teacher", "student", "train_prompts", "eval_prompts"), given, strict=True))
     built = None
     check_backends(cfg)  # before the world: building it takes minutes
-    if not all(given):
-        ws = world_spec(world)
-        apply_world_defaults(cfg, ws.config_defaults())
+    if ws is not None:
         Store(out)
         built = build_toy_world(out / "toy", ws, log=log, progress=progress)
         paths = {k: v or str(getattr(built, k)) for k, v in paths.items()}
@@ -76,6 +80,20 @@ def resolve_spec(
         **paths,
     )
     return spec, built
+
+
+def use_world(cfg: NPDConfig, world: str) -> WorldSpec | None:
+    """The embedded world's spec if the run uses it (the config leaves a model or a prompt file
+    out), with its config defaults set on ``cfg``; None if the config names everything. Call it
+    before reading the method's settings (the bench's ablations are relative to them)."""
+    if world not in WORLDS:
+        raise ConfigError(f"--world {world}: unknown world; choose from {', '.join(WORLDS)}")
+    held_out = cfg.data.eval_prompts or cfg.eval.sets.get(cfg.eval.primary_set)
+    if all((cfg.models.teacher, cfg.models.student, cfg.data.prompts, held_out)):
+        return None
+    ws = world_spec(world)
+    apply_world_defaults(cfg, ws.config_defaults())
+    return ws
 
 
 def apply_world_defaults(cfg: NPDConfig, defaults: dict[str, dict[str, Any]]) -> None:

@@ -55,3 +55,19 @@ def test_levers_a_config_uses_are_not_ablated():
     # a world whose default loss is reverse KL ablates forward KL
     rkl = ablations(NPDConfig.model_validate({"train": {"loss": "reverse_kl"}}))
     assert [n for n in rkl if n.endswith("kl")] == ["forward-kl", "sampled-reverse-kl"]
+
+
+def test_a_worlds_ablations_are_relative_to_the_worlds_own_settings():
+    """The views world trains reverse KL by default, so its loss ablations are forward KL and
+    the sampled-token loss (the bench applies the world's defaults before listing variants)."""
+    from npd_core.pipeline.resolve import use_world
+
+    cfg = NPDConfig()
+    assert use_world(cfg, "views") is not None
+    assert cfg.train.loss == "reverse_kl"
+    losses = [n for n in ablations(cfg) if n.endswith("-kl")]
+    assert losses == ["forward-kl", "sampled-reverse-kl"]
+    named = NPDConfig.model_validate(
+        {"models": {"teacher": "t", "student": "s"}, "data": {"prompts": "p", "eval_prompts": "e"}}
+    )
+    assert use_world(named, "views") is None and named.train.loss == "forward_kl"
