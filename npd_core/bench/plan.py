@@ -19,7 +19,7 @@ from npd_core.bench import sizing
 from npd_core.bench.cost import in_run
 from npd_core.bench.harness import DEFAULT_BUDGET_S, QUICK_FRACTION, Hyper, VariantResult
 from npd_core.bench.machine import machine
-from npd_core.bench.stats import headline_numbers, learns, summarize
+from npd_core.bench.stats import ablations_vs_npd, headline_numbers, learns, summarize
 from npd_core.config import NPDConfig, load_config
 from npd_core.errors import ConfigError
 from npd_core.modelio import file_digest
@@ -228,6 +228,7 @@ def make_report(
         "bench_id": plan.bench_id,
         "variants": table,
         **headline_numbers(table),
+        "ablations_vs_npd": ablations_vs_npd(table, plan.held_out),
         "seeds": {v.name: len(ctx.results[v.name]) for v in plan.selected},
         "held_out_size": plan.held_out,
         "train_prompts": len(read_prompts(plan.paths["train_prompts"])),

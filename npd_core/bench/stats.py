@@ -104,11 +104,43 @@ def diff_ci(a: Sequence[float], b: Sequence[float]) -> tuple[float, float] | Non
     return float(d - half), float(d + half)
 
 
+def binomial_se(a: float, n: int) -> float:
+    """Standard error, in points, of one held-out score ``a`` (0–100) on ``n`` prompts, taken
+    as a binomial proportion."""
+    p = min(max(a / 100, 0.0), 1.0)
+    return 100 * float(np.sqrt(p * (1 - p) / max(n, 1)))
+
+
 def score_se(a: float, b: float, n: int) -> float:
     """Standard error, in points, of the difference of two held-out scores ``a`` and ``b``
     (0–100) on ``n`` prompts each, each taken as a binomial proportion."""
-    pa, pb = min(max(a / 100, 0.0), 1.0), min(max(b / 100, 0.0), 1.0)
-    return 100 * float(np.sqrt((pa * (1 - pa) + pb * (1 - pb)) / max(n, 1)))
+    return float(np.hypot(binomial_se(a, n), binomial_se(b, n)))
+
+
+def ablations_vs_npd(table: dict[str, dict[str, Any]], n: int) -> dict[str, dict[str, Any]]:
+    """The rule that turns an ablation on (written before the views bench, docs/bench.md): its
+    one-seed final score beats npd's mean over its seeds by more than two standard errors, npd's
+    standard error of the mean combined with the binomial one of a single held-out score on
+    ``n`` prompts. A qualifying ablation still needs a confirm bench of 3 seeds each. Empty
+    without npd at two seeds or more."""
+    finals = table.get("npd", {}).get("final_scores", [])
+    if len(finals) < 2:
+        return {}
+    mean, sem = float(np.mean(finals)), float(np.std(finals, ddof=1) / np.sqrt(len(finals)))
+    out = {}
+    for name, row in table.items():
+        if name == "npd" or row.get("method") != "npd" or len(row["final_scores"]) != 1:
+            continue
+        score = row["final_scores"][0]
+        se = float(np.hypot(sem, binomial_se(score, n)))
+        out[name] = {
+            "score": score,
+            "npd_mean": mean,
+            "margin": score - mean,
+            "se": se,
+            "qualifies": score - mean > 2 * se,
+        }
+    return out
 
 
 def learns(start: float, scores: Sequence[float], n: int) -> dict[str, Any]:
@@ -291,4 +323,11 @@ def headline_lines(rep: dict[str, Any]) -> list[str]:
     flat = [n for n, v in rep["variants"].items() if v.get("learns") is False]
     if flat:
         lines.append(f"does not learn (no grid point above its start by 1 SE): {', '.join(flat)}")
+    rule = rep.get("ablations_vs_npd") or {}
+    if rule:
+        above = [f"{n} ({a['margin']:+.2f})" for n, a in rule.items() if a["qualifies"]]
+        lines.append(
+            "ablations above npd by > 2 SE (confirm before a default): "
+            + (", ".join(above) if above else "none")
+        )
     return lines

@@ -223,6 +223,7 @@ def test_bench_quick_json_has_every_field(tmp_path, tiny_world, prefect_server, 
         )
         assert rep[f"npd_minus_{other}_points_ci95"] is None
     assert rep["seeds"] == {"npd": 1, "sft": 1, "onpolicy": 1} and rep["held_out_size"] == 16
+    assert rep["ablations_vs_npd"] == {}  # the rule needs npd at two seeds or more
     assert rep["machine"]["cores"] >= 1 and rep["budget_s"] == 5.0
     # on-policy prompts per step fill the rows' tokens at the lengths θ_0 actually writes
     lengths, base = rep["grid"]["base_lengths"], rep["grid"]["base"]

@@ -80,3 +80,28 @@ def test_every_speedup_against_a_variant_that_does_not_learn_is_undefined():
     assert st.headline_numbers(raw)["speedup_untuned"] is True
     neither = st.headline_numbers({"npd": _row(9.0, False), "onpolicy": _row(11.0, False)})
     assert neither["speedup_reason"].startswith("npd and onpolicy do not learn")
+
+
+def test_an_ablation_qualifies_only_beyond_two_standard_errors():
+    """npd at 90, 91, 92 (SEM 0.577) on 1,000 prompts; one seed at 93.5 has a binomial SE of
+    0.780, so 2 SE is 1.94 and its margin 2.5 qualifies, while 92.5 (+1.5) does not. A baseline
+    or a second npd-method row with several seeds is not an ablation."""
+    npd = {"final_scores": [90.0, 91.0, 92.0], "method": "npd"}
+    table = {
+        "npd": npd,
+        "mix-teacher": {"final_scores": [93.5], "method": "npd"},
+        "staleness-0": {"final_scores": [92.5], "method": "npd"},
+        "sft": {"final_scores": [95.0], "method": "sft"},
+    }
+    rule = st.ablations_vs_npd(table, 1000)
+    assert set(rule) == {"mix-teacher", "staleness-0"}
+    m = rule["mix-teacher"]
+    assert m["se"] == pytest.approx(
+        math.hypot(1 / math.sqrt(3), 100 * math.sqrt(0.935 * 0.065 / 1000))
+    )
+    assert m["margin"] == pytest.approx(2.5) and m["qualifies"] is True
+    assert rule["staleness-0"]["qualifies"] is False
+    assert st.ablations_vs_npd({"npd": {"final_scores": [90.0], "method": "npd"}}, 1000) == {}
+    assert st.score_se(80.0, 90.0, 500) == pytest.approx(
+        math.hypot(st.binomial_se(80.0, 500), st.binomial_se(90.0, 500))
+    )
