@@ -106,6 +106,10 @@ class SmolSpec:
         ("successor", 0.4),
         ("addition", 0.05),
     )
+    # first-letter questions ask about the K most common words (the K lowest token ids of
+    # ``_words``); None: every word. The rule that picks K is docs/worlds.md's, on the probe
+    # scripts/smol_words.py
+    common_words: int | None = None
     layers: int = 8  # the student's decoder layers: the teacher's first 8 (56.6 M parameters)
     # 50 steps of 16 rows at lr 1e-4 on 400 prompts left a student at 4.8 whose T = 1 samples
     # finished in 34% of cases (a demo's second round fell to 0.5); at lr 3e-4 on the 1,400
@@ -124,8 +128,10 @@ class SmolSpec:
     metric = "regex"
 
     def digest(self, gguf: Path) -> str:
-        """A hash of the spec's fields and of the teacher's GGUF file."""
-        text = json.dumps(asdict(self), sort_keys=True) + file_digest(gguf)
+        """A hash of the spec's fields and of the teacher's GGUF file; fields left at None are
+        out of it, so an optional field added later keeps the digests of earlier specs."""
+        fields = {k: v for k, v in asdict(self).items() if v is not None}
+        text = json.dumps(fields, sort_keys=True) + file_digest(gguf)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
     def response_text(self, answer: str) -> str:
@@ -167,8 +173,9 @@ def gguf_path() -> Path:
 def make_prompts(spec: SmolSpec, words: list[str]) -> list[list[Prompt]]:
     """Train, held-out and warm-up prompts: each task's share (``spec.mix``) of each set, drawn
     without replacement from the task's shuffled questions (so no question is in two sets),
-    each set shuffled."""
+    each set shuffled; first letters of the ``spec.common_words`` most common words only."""
     rng = random.Random(spec.seed)
+    words = words[: spec.common_words]
     pools = {}
     for name, _ in spec.mix:
         pools[name] = TASKS[name](words)

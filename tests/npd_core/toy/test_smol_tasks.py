@@ -114,3 +114,15 @@ def test_the_smol_gate_splits_m3_by_task():
         "drop": 50.0,
     }
     assert rows["addition"]["drop"] == 0.0 and rows["addition"]["teacher_from_prompt"] == 50.0
+
+
+def test_first_letters_can_be_limited_to_the_most_common_words():
+    """``common_words``: K words from the front of the list (the lowest token ids)."""
+    spec = SmolSpec(mix=(("first_letter", 0.95), ("addition", 0.05)), common_words=2000)
+    sets = make_prompts(spec, WORDS)
+    asked = {
+        re.search(r'"(\w+)"', p.prompt).group(1) for s in sets for p in s if "letter" in p.prompt
+    }
+    assert len(asked) == 1900 and asked <= set(WORDS[:2000])
+    with pytest.raises(ValueError, match="task first_letter has too few questions"):
+        make_prompts(SmolSpec(mix=spec.mix, common_words=1000), WORDS)
