@@ -172,6 +172,24 @@ def test_bench_figures_match_their_json(world):
         )
 
 
+def test_views_ablation_figures_match_their_json():
+    """Each ablation's row: its score, its margin over npd's seed mean, 2 SE and the rule's call."""
+    bench = _json("bench-views-ablations.json")
+    page = RESULTS / "2026-12-07-bench-views-ablations.md"
+    npd = bench["variants"]["npd"]
+    seeds = ", ".join(f"{s:.1f}" for s in npd["final_scores"])
+    _assert_quoted(page, f"{_ci(npd['final_score'], npd['final_score_ci95'])}, per seed {seeds}")
+    assert bench["ablations_vs_npd"], "the bench JSON lacks the lever rule"
+    for name, a in bench["ablations_vs_npd"].items():
+        rounds = bench["variants"][name]["settings"][0]["rounds"]
+        call = "yes" if a["qualifies"] else "no"
+        margin = f"{a['margin']:+.1f}".replace("-", "−")  # the name keeps its hyphen
+        row = f"| {name} | {a['score']:.1f} | {margin} | {2 * a['se']:.1f} | {call} | {rounds} |"
+        assert row in _text(page), f"{page.name} lacks {row!r}"
+    if not any(a["qualifies"] for a in bench["ablations_vs_npd"].values()):
+        _assert_quoted(page, "No ablation qualifies")
+
+
 def test_cost_model_figures_match_their_json():
     page = RESULTS / "2026-11-27-cost-model.md"
     for name, label in (
