@@ -49,9 +49,7 @@ def resolve_spec(
     (``apply_world_defaults``: the long world's response cap, row length and metric)."""
     ws = use_world(cfg, world)
     primary = cfg.eval.primary_set
-    held_out = cfg.data.eval_prompts or cfg.eval.sets.get(primary)
-    given = (cfg.models.teacher, cfg.models.student, cfg.data.prompts, held_out)
-    paths = dict(zip(("teacher", "student", "train_prompts", "eval_prompts"), given, strict=True))
+    paths = _given(cfg)
     built = None
     check_backends(cfg)  # before the world: building it takes minutes
     if ws is not None:
@@ -82,14 +80,20 @@ def resolve_spec(
     return spec, built
 
 
+def _given(cfg: NPDConfig) -> dict[str, str | None]:
+    """The models and prompt files the config names itself (None where it leaves one out)."""
+    held_out = cfg.data.eval_prompts or cfg.eval.sets.get(cfg.eval.primary_set)
+    given = (cfg.models.teacher, cfg.models.student, cfg.data.prompts, held_out)
+    return dict(zip(("teacher", "student", "train_prompts", "eval_prompts"), given, strict=True))
+
+
 def use_world(cfg: NPDConfig, world: str) -> WorldSpec | None:
     """The embedded world's spec if the run uses it (the config leaves a model or a prompt file
     out), with its config defaults set on ``cfg``; None if the config names everything. Call it
     before reading the method's settings (the bench's ablations are relative to them)."""
     if world not in WORLDS:
         raise ConfigError(f"--world {world}: unknown world; choose from {', '.join(WORLDS)}")
-    held_out = cfg.data.eval_prompts or cfg.eval.sets.get(cfg.eval.primary_set)
-    if all((cfg.models.teacher, cfg.models.student, cfg.data.prompts, held_out)):
+    if all(_given(cfg).values()):
         return None
     ws = world_spec(world)
     apply_world_defaults(cfg, ws.config_defaults())
