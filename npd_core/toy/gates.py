@@ -77,8 +77,9 @@ CURVE_PROMPTS = 500  # prompts per curve evaluation
 # the smol world (a pretrained teacher, one-sentence answers graded by smol.ANSWER_REGEX), fixed
 # before its warm-up rule was chosen: M2 asks its student's SFT on the teacher's answers to
 # rise ≥ 10 points above the pruned model and end ≥ 15 below the teacher (each task was picked
-# at ≥ 50% for it); M3 and M4 as above, cuts before the answer and the teacher's greedy answers
-# as the reference length; M1 is the views world's alone
+# at ≥ 50% for it); M3 and M4 as above on θ₀'s samples at the world's sampling temperature,
+# cuts before the answer and the teacher's greedy answers as the reference length; M1 is the
+# views world's alone
 S2_MIN_SFT_GAIN = 10.0
 S2_MIN_GAP = 15.0
 SMOL_CURVE_EVERY = 50
@@ -134,8 +135,10 @@ def continue_greedily(
     ]
 
 
-def sample(model, tok, prompt_ids: list[list[int]], cap: int, seed: int) -> list[Any]:
-    """One temperature-1 sample per prompt (``Generation``s), seeded per prompt."""
+def sample(
+    model, tok, prompt_ids: list[list[int]], cap: int, seed: int, temperature: float = 1.0
+) -> list[Any]:
+    """One sample per prompt (``Generation``s) at ``temperature``, seeded per prompt."""
     gens = generate(
         model,
         prompt_ids,
@@ -143,7 +146,7 @@ def sample(model, tok, prompt_ids: list[list[int]], cap: int, seed: int) -> list
         max_new_tokens=cap,
         eos_ids={tok.eos_token_id},
         pad_id=tok.pad_token_id,
-        temperature=1.0,
+        temperature=temperature,
         top_p=1.0,
         seeds=[[seed_for(seed, "gates", None, i)] for i in range(len(prompt_ids))],
         batch_size=256,
@@ -367,22 +370,29 @@ def _by_task(held: list[Prompt], own: list[float], cont: list[float]) -> dict[st
 
 
 def run_smol_gates(
-    world: ToyWorld, spec: smol.SmolSpec, curve_file: Path, log=print
+    world: ToyWorld,
+    spec: smol.SmolSpec,
+    curve_file: Path,
+    log=print,
+    temperature: float | None = None,
 ) -> dict[str, Any]:
-    """M2-M4 of the smol world on ``M3_SAMPLES`` held-out prompts; a JSON-ready report."""
+    """M2-M4 of the smol world on ``M3_SAMPLES`` held-out prompts; a JSON-ready report. θ₀ samples
+    at the temperature the world's runs sample at (``spec.temperature``), since M3 and M4 ask
+    about the samples a run trains on; ``temperature`` checks a candidate one instead."""
+    temp = spec.temperature if temperature is None else temperature
     tok = load_tokenizer(world.student)
     cap = spec.max_new_tokens
     held = read_prompts(world.eval_prompts)[:M3_SAMPLES]
     ids = format_prompts(tok, [p.prompt for p in held], "auto")
     score = metric_fn("regex", smol.ANSWER_REGEX)
-    report: dict[str, Any] = {"world": spec.prefix, "spec": asdict(spec)}
+    report: dict[str, Any] = {"world": spec.prefix, "spec": asdict(spec), "temperature": temp}
     report["build"] = {k: world.meta[k] for k in ("teacher", "student", "build_s")}
     t0 = time.time()
-    log("gates: the teacher's greedy answers and θ₀'s temperature-1 samples")
+    log(f"gates: the teacher's greedy answers and θ₀'s samples at temperature {temp}")
     teacher, student = load_model(world.teacher), load_model(world.student)
     own = greedy_responses(teacher, tok, ids, max_new_tokens=cap, batch_size=64, bf16=False)
     own_hits = [score(tok.decode(r), p.answer) for r, p in zip(own, held, strict=True)]
-    gens = sample(student, tok, ids, cap, spec.seed)
+    gens = sample(student, tok, ids, cap, spec.seed, temp)
     report["M4"] = length_check(gens, [len(r) + 1 for r in own])
     log("gates: M3 the teacher continues θ₀'s samples cut before their answer")
     rng = random.Random(spec.seed)
@@ -530,10 +540,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--set", nargs="*", default=[], metavar="FIELD=VALUE", help="a candidate spec's fields"
     )
+    ap.add_argument(
+        "--temperature",
+        type=float,
+        help="smol: sample θ₀ at this candidate temperature, not at the world's runs' one",
+    )
     a = ap.parse_args(argv)
     spec = with_fields(world_spec(a.world), a.set)
     cache = a.out / "toy"
     is_smol = isinstance(spec, smol.SmolSpec)
+    if a.temperature is not None and not is_smol:
+        raise SystemExit("error: --temperature: only the smol world's gates take one; drop it")
     digest = spec.digest(smol.gguf_path()) if is_smol else spec.digest()  # type: ignore[call-arg]
     curve_file = cache / f"{spec.prefix}-{digest}.curves.jsonl"
     err = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
@@ -559,8 +576,10 @@ def main(argv: list[str] | None = None) -> None:
         )
         return
     world = build_toy_world(cache, spec, log=err)
-    gates = run_smol_gates if is_smol else run_gates
-    report = gates(world, spec, curve_file, log=err)  # type: ignore[arg-type]
+    if is_smol:
+        report = run_smol_gates(world, spec, curve_file, err, a.temperature)  # type: ignore[arg-type]
+    else:
+        report = run_gates(world, spec, curve_file, log=err)
     text = json.dumps(report, indent=1)
     if a.report:
         a.report.write_text(text + "\n")

@@ -126,6 +126,9 @@ class SmolSpec:
 
     prefix = "smol"
     metric = "regex"
+    # the temperature runs on this world sample at (generate.temperature) and the gates' M3 and
+    # M4 check: a class attribute, out of the digest, since it changes no built model
+    temperature = 1.0
 
     def digest(self, gguf: Path) -> str:
         """A hash of the spec's fields and of the teacher's GGUF file; fields left at None are
@@ -144,7 +147,7 @@ class SmolSpec:
         six-round demo took 11.8 min on 2 cores, peak RSS 4.6 GB (docs/smol-demo.json)."""
         return {
             "data": {"prompts_per_round": 128},
-            "generate": {"max_new_tokens": self.max_new_tokens},
+            "generate": {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature},
             "score": {"batch_tokens": 4096},
             "pack": {"max_seq_len": self.max_seq_len},
             # a third of the warm-up's peak: the student starts SFT-trained

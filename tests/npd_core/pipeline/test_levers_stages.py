@@ -31,8 +31,9 @@ from npd_core.store import Store
 PROV = {"flow_run_id": "f", "task_run_id": "t"}
 
 
-def _round(tmp_path, world, rule: dict | None = None, **train) -> RunSpec:
-    """Round 1 generated and scored, with ``train`` settings (and the filter's ``rule``)."""
+def _round(tmp_path, world, rule: dict | None = None, teacher=None, **train) -> RunSpec:
+    """Round 1 generated and scored, with ``train`` settings (and the filter's ``rule``); the
+    world's teacher unless ``teacher`` names another checkpoint."""
     Store(tmp_path)
     c = NPDConfig.model_validate(
         dict(
@@ -49,7 +50,7 @@ def _round(tmp_path, world, rule: dict | None = None, **train) -> RunSpec:
         str(tmp_path),
         "r",
         c.model_dump(mode="json"),
-        str(world.teacher),
+        str(teacher or world.teacher),
         str(world.student),
         str(world.train_prompts),
         str(world.eval_prompts),
@@ -77,6 +78,33 @@ def test_the_sampled_token_loss_gets_per_token_log_probs_and_trains(tmp_path, ti
     tr = train_stage(spec, 1, PROV).metrics
     assert tr.steps == 2 and math.isfinite(tr.mean_loss)
     assert spec.store.query("SELECT count(*) AS n FROM step_weights").to_pylist() == [{"n": 0}]
+
+
+def test_self_distillation_gives_the_sampled_token_loss_no_advantage(tmp_path, tiny_world):
+    """Teacher = student: the score stage's log-prob of each sampled token is the generator's
+    own at the same position (the scoring forward against the decoding one), so every
+    advantage, and the first step's loss, is 0. A column shifted by one token fails here."""
+    spec = _round(
+        tmp_path,
+        tiny_world,
+        teacher=tiny_world.student,
+        loss="sampled_reverse_kl",
+        steps_per_round=1,
+    )
+    q = """SELECT g.token_logprobs, s.teacher_token_logprobs
+           FROM samples AS g JOIN scores AS s USING (run_id, round, prompt_id, sample_idx)"""
+    rows = spec.store.query(q).to_pylist()
+    assert len(rows) == 8
+    for x in rows:
+        gen, teacher = np.array(x["token_logprobs"]), np.array(x["teacher_token_logprobs"])
+        np.testing.assert_allclose(teacher, gen, atol=1e-3)
+    # log-probs that differ by nats from token to token, so a shifted column could not match
+    every = np.concatenate([x["token_logprobs"] for x in rows])
+    assert every.max() - every.min() > 1.0
+    filter_stage(spec, 1, PROV)
+    pack_stage(spec, 1, PROV)
+    tr = train_stage(spec, 1, PROV).metrics
+    assert tr.steps == 1 and abs(tr.mean_loss) < 1e-3
 
 
 def test_a_learner_ratio_rule_weighs_the_train_steps_and_stores_the_weights(tmp_path, tiny_world):

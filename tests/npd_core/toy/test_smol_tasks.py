@@ -126,3 +126,24 @@ def test_first_letters_can_be_limited_to_the_most_common_words():
     assert len(asked) == 1900 and asked <= set(WORDS[:2000])
     with pytest.raises(ValueError, match="task first_letter has too few questions"):
         make_prompts(SmolSpec(mix=spec.mix, common_words=1000), WORDS)
+
+
+def test_the_worlds_sampling_temperature_reaches_runs_and_stays_out_of_the_digest(
+    tmp_path, monkeypatch
+):
+    """``SmolSpec.temperature`` changes no built model, so a new one keeps the cached world;
+    a run's config takes it as ``generate.temperature`` unless the config sets its own."""
+    from npd_core.config import NPDConfig
+    from npd_core.pipeline.resolve import apply_world_defaults
+
+    gguf = tmp_path / "teacher.gguf"
+    gguf.write_bytes(b"GGUF weights")
+    before = SmolSpec().digest(gguf)
+    monkeypatch.setattr(SmolSpec, "temperature", 0.5)
+    assert SmolSpec().digest(gguf) == before
+    cfg = NPDConfig()
+    apply_world_defaults(cfg, SmolSpec().config_defaults())
+    assert cfg.generate.temperature == 0.5 and cfg.generate.max_new_tokens == 24
+    own = NPDConfig.model_validate({"generate": {"temperature": 0.9}})
+    apply_world_defaults(own, SmolSpec().config_defaults())
+    assert own.generate.temperature == 0.9

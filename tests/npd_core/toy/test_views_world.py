@@ -307,3 +307,11 @@ def test_with_fields_sets_a_candidate_spec():
     for bad in ("student_fit", "nope=1", "student.width=3"):
         with pytest.raises(SystemExit, match=r"error: --set .*FIELD=VALUE"):
             gates.with_fields(TINY, [bad])
+
+
+def test_a_candidate_temperature_is_the_smol_worlds_alone(tmp_path):
+    """The views world's gates sample at temperature 1 as written: ``--temperature`` stops
+    before any build."""
+    with pytest.raises(SystemExit, match=r"error: --temperature: only the smol world's"):
+        gates.main(["--world", "views", "--out", str(tmp_path), "--temperature", "0.5"])
+    assert not (tmp_path / "toy").exists()
