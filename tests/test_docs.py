@@ -20,7 +20,7 @@ README = ROOT / "README.md"
 PAGES = [README, *sorted(DOCS.rglob("*.md"))]
 RESULTS = DOCS / "results"
 BENCH_PAGES = {
-    "toy": "2026-11-27-bench-toy.md",
+    "toy": "2026-12-07-bench-toy.md",
     "long": "2026-11-27-bench-long.md",
     "views": "2026-12-07-bench-views.md",
 }
@@ -131,6 +131,11 @@ def test_bench_figures_match_their_json(world):
             if world == "long"
             else f"| {name} | 1 | {v[name]['final_score']:.1f} |",
         )
+    for name, a in bench.get("ablations_vs_npd", {}).items():  # the lever rule's call on each
+        margin = f"{a['margin']:+.1f}".replace("-", "−")
+        call = "yes" if a["qualifies"] else "no"
+        row = f"| {name} | 1 | {a['score']:.1f} | {margin} | {2 * a['se']:.1f} | {call} |"
+        assert row in _text(page), f"{page.name} lacks {row!r}"
     sft, on = (bench[f"npd_minus_{b}_points_ci95"] for b in ("sft", "onpolicy"))
     if world in ("toy", "views"):
         for b, ci in (("sft", sft), ("onpolicy", on)):
@@ -155,13 +160,12 @@ def test_bench_figures_match_their_json(world):
             _assert_quoted(page, f"none: {s['reason']}")
         else:
             _assert_quoted(README, f"{s['ratio']:.2f}× ({s['ci95'][0]:.2f}–{s['ci95'][1]:.2f})")
-        if world == "views":  # the toy bench predates the in-run cost model
-            p = bench["predicted_vs_measured_75"]
-            _assert_quoted(
-                page,
-                f"{p['predicted']:.2f}× predicted, {p['measured_seeds_1_2']:.2f}× measured "
-                f"({p['relative_error']:+.0%})",
-            )
+        p = bench["predicted_vs_measured_75"]
+        _assert_quoted(
+            page,
+            f"{p['predicted']:.2f}× predicted, {p['measured_seeds_1_2']:.2f}× measured "
+            f"({p['relative_error']:+.0%})",
+        )
     else:
         assert bench["speedup_vs_onpolicy"] is None
         d_sft, d_on = bench["npd_minus_sft_points"], bench["npd_minus_onpolicy_points"]
