@@ -396,3 +396,19 @@ def test_the_views_rebuild_figures_are_the_reports():
         f"({b['teacher']['train_s']:.0f} and {b['student']['train_s']:.0f} s)",
         f"teacher {r['M2']['teacher_lines']:.2f}, student {r['M2']['student_lines']:.2f} per",
     )
+
+
+def test_smol_temperature_figures_match_their_json():
+    """Each row of the smol world's temperature probe: its M3 drop, the first-letter scores
+    and M4, as docs/smol-temperature.json has them."""
+    page = DOCS / "worlds.md"
+    for run in _json("smol-temperature.json")["runs"]:
+        m3, m4 = run["M3"], run["M4"]
+        first = m3["by_task"]["first_letter"]
+        length = f"{m4['length_error']:+.1%}".replace("-", "−")
+        row = (
+            f"| {run['temperature']} | {m3['drop']:.1f} | {first['teacher_from_prompt']:.1f} / "
+            f"{first['teacher_off_path']:.1f} | {m4['finished']:.1%}; {length} |"
+        )
+        assert row in _text(page), f"worlds.md lacks {row!r}"
+        assert not run["passed"]["M3"]
