@@ -412,3 +412,16 @@ def test_smol_temperature_figures_match_their_json():
         )
         assert row in _text(page), f"worlds.md lacks {row!r}"
         assert not run["passed"]["M3"]
+
+
+def test_sampled_reverse_kl_demo_figures_match_their_json():
+    page = RESULTS / "2026-12-07-bench-toy.md"
+    lo, hi = sorted(_json("sampled-reverse-kl-demo.json")["runs"], key=lambda r: r["lr"])
+    assert all(x["score"] == 0.0 for r in (lo, hi) for x in r["rounds"])
+    by = {r["lr"]: {x["round"]: x for x in r["samples_by_round"]} for r in (lo, hi)}
+    _assert_quoted(
+        page,
+        f"{by[hi['lr']][3]['finished']:.0%} of round 3's finished, "
+        f"{by[hi['lr']][4]['finished']:.0%} of round 4's",
+        f"shrank to {by[lo['lr']][5]['tokens']:.1f} tokens on average by round 5",
+    )
