@@ -46,6 +46,15 @@ def _ci(mean: float, ci: list[float]) -> str:
     return f"{mean:.1f} ({ci[0]:.1f}–{ci[1]:.1f})"
 
 
+def _rule_cells(a: dict) -> str:
+    """An ablation's cells by the lever rule (``ablations_vs_npd``): score, margin over npd's
+    seed mean, 2 SE and the call; the margin's minus sign written − (the name keeps its hyphen)."""
+    margin = f"{a['margin']:+.1f}".replace("-", "−")
+    return (
+        f"{a['score']:.1f} | {margin} | {2 * a['se']:.1f} | {'yes' if a['qualifies'] else 'no'} |"
+    )
+
+
 def test_config_md_is_generated_from_the_config_fields():
     """docs/config.md is what scripts/config_md.py writes (regenerate it after changing a field)."""
     spec = importlib.util.spec_from_file_location("config_md", ROOT / "scripts" / "config_md.py")
@@ -132,9 +141,7 @@ def test_bench_figures_match_their_json(world):
             else f"| {name} | 1 | {v[name]['final_score']:.1f} |",
         )
     for name, a in bench.get("ablations_vs_npd", {}).items():  # the lever rule's call on each
-        margin = f"{a['margin']:+.1f}".replace("-", "−")
-        call = "yes" if a["qualifies"] else "no"
-        row = f"| {name} | 1 | {a['score']:.1f} | {margin} | {2 * a['se']:.1f} | {call} |"
+        row = f"| {name} | 1 | {_rule_cells(a)}"
         assert row in _text(page), f"{page.name} lacks {row!r}"
     sft, on = (bench[f"npd_minus_{b}_points_ci95"] for b in ("sft", "onpolicy"))
     if world in ("toy", "views"):
@@ -186,9 +193,7 @@ def test_views_ablation_figures_match_their_json():
     assert bench["ablations_vs_npd"], "the bench JSON lacks the lever rule"
     for name, a in bench["ablations_vs_npd"].items():
         rounds = bench["variants"][name]["settings"][0]["rounds"]
-        call = "yes" if a["qualifies"] else "no"
-        margin = f"{a['margin']:+.1f}".replace("-", "−")  # the name keeps its hyphen
-        row = f"| {name} | {a['score']:.1f} | {margin} | {2 * a['se']:.1f} | {call} | {rounds} |"
+        row = f"| {name} | {_rule_cells(a)} {rounds} |"
         assert row in _text(page), f"{page.name} lacks {row!r}"
     if not any(a["qualifies"] for a in bench["ablations_vs_npd"].values()):
         _assert_quoted(page, "No ablation qualifies")
@@ -418,10 +423,10 @@ def test_sampled_reverse_kl_demo_figures_match_their_json():
     page = RESULTS / "2026-12-07-bench-toy.md"
     lo, hi = sorted(_json("sampled-reverse-kl-demo.json")["runs"], key=lambda r: r["lr"])
     assert all(x["score"] == 0.0 for r in (lo, hi) for x in r["rounds"])
-    by = {r["lr"]: {x["round"]: x for x in r["samples_by_round"]} for r in (lo, hi)}
+    lo_rounds, hi_rounds = ({x["round"]: x for x in r["samples_by_round"]} for r in (lo, hi))
     _assert_quoted(
         page,
-        f"{by[hi['lr']][3]['finished']:.0%} of round 3's finished, "
-        f"{by[hi['lr']][4]['finished']:.0%} of round 4's",
-        f"shrank to {by[lo['lr']][5]['tokens']:.1f} tokens on average by round 5",
+        f"{hi_rounds[3]['finished']:.0%} of round 3's finished, "
+        f"{hi_rounds[4]['finished']:.0%} of round 4's",
+        f"shrank to {lo_rounds[5]['tokens']:.1f} tokens on average by round 5",
     )
