@@ -19,7 +19,9 @@ try {
 
   // The artifact's page fetches the artifact from the API that /ui-settings names: with a wrong
   // api_url the page shows "Can't connect to Server API" and no table ever appears.
+  // The markdown's heading and its table render apart: wait for both, or the heading may read empty.
   await page.goto(`${prefect}/v2/artifacts/artifact/${artifactId}`);
+  await page.locator('h1', { hasText: 'npd run' }).first().waitFor();
   const table = page.locator('table').first();
   await table.waitFor();
   const rows = await table.locator('tr').evaluateAll((trs) =>
