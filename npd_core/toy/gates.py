@@ -37,6 +37,7 @@ import random
 import re
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -72,6 +73,7 @@ M3_SAMPLES = 256
 M3_MAX_DROP = 10.0
 M4_MIN_FINISHED = 0.90
 M4_MAX_LENGTH_ERROR = 0.10
+CURVE_LOCK = threading.Lock()  # the curve file's writers: a build's two training threads
 CURVE_EVERY = 250  # steps between the curves' held-out evaluations (--build)
 CURVE_PROMPTS = 500  # prompts per curve evaluation
 # the smol world (a pretrained teacher, one-sentence answers graded by smol.ANSWER_REGEX), fixed
@@ -452,10 +454,11 @@ def curve_hook(
             measured = measure()
         model.train(was)
         row = {"model": name, "step": step, "s": round(time.time() - t0)} | measured
-        with curve_file.open("a") as f:
+        with CURVE_LOCK, curve_file.open("a") as f:
             f.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
 
+    drop_curve(curve_file, name)
     point(0)
 
     def on_step(entry) -> None:
@@ -463,6 +466,25 @@ def curve_hook(
             point(entry.step + 1)
 
     return on_step
+
+
+def drop_curve(curve_file: Path, name: str) -> None:
+    """Remove ``name``'s rows from ``curve_file``: its training starts again from step 0, and a
+    build killed part-way must not leave its points (or a torn last line) in the new curve."""
+    with CURVE_LOCK:  # the teacher and student may train side by side, in threads
+        if curve_file.is_file():
+            curve_file.write_text("".join(_rows_but(curve_file, name)))
+
+
+def _rows_but(curve_file: Path, name: str) -> list[str]:
+    keep = []
+    for line in curve_file.read_text().splitlines():
+        try:
+            if json.loads(line)["model"] != name:
+                keep.append(line + "\n")
+        except (json.JSONDecodeError, KeyError):
+            continue
+    return keep
 
 
 def watch_smol(spec: smol.SmolSpec, curve_file: Path, t0: float):
@@ -510,6 +532,7 @@ def copy_reused_curves(world: ToyWorld, curve_file: Path) -> None:
         twin = world.meta[name].get("reused_from")
         source = curve_file.parent / f"{twin}.curves.jsonl"
         if twin and source.is_file():
+            drop_curve(curve_file, name)  # a rebuild's second copy, or a killed build's rows
             rows = [x for x in source.read_text().splitlines() if json.loads(x)["model"] == name]
             with curve_file.open("a") as f:
                 f.writelines(x + "\n" for x in rows)

@@ -186,7 +186,8 @@ def test_build_reports_progress_and_curves_leave_it_unchanged(tmp_path):
         "views student: training": [2, 2],
         "views student: scoring": [4, 4],
     }
-    curves = tmp_path / "curves.jsonl"
+    curves = tmp_path / "curves.jsonl"  # a killed build's points and torn last line: replaced
+    curves.write_text('{"model": "teacher", "step": 0, "s": 9}\n{"model": "student", "st')
     train = [Prompt(e["id"], e["prompt"], e["answer"]) for e in TINY.examples(TINY.n_train)]
     watch = gates.watch_curves(TINY, curves, train, 0.0)
     watched = build_toy_world(tmp_path / "b", TINY, log=lambda m: None, watch=watch)
@@ -315,3 +316,18 @@ def test_a_candidate_temperature_is_the_smol_worlds_alone(tmp_path):
     with pytest.raises(SystemExit, match=r"error: --temperature: only the smol world's"):
         gates.main(["--world", "views", "--out", str(tmp_path), "--temperature", "0.5"])
     assert not (tmp_path / "toy").exists()
+
+
+def test_a_reused_models_curve_is_copied_once_however_often_the_build_runs(tmp_path):
+    """``--build`` on a built world copies the reused teacher's curve again: it replaces the
+    earlier copy instead of doubling M2's points."""
+    from types import SimpleNamespace
+
+    row = lambda model, step: json.dumps({"model": model, "step": step, "s": step})  # noqa: E731
+    (tmp_path / "views-a.curves.jsonl").write_text(f"{row('teacher', 0)}\n{row('student', 0)}\n")
+    curves = tmp_path / "views-b.curves.jsonl"
+    curves.write_text(row("student", 5) + "\n")
+    world = SimpleNamespace(meta={"teacher": {"reused_from": "views-a"}, "student": {}})
+    for _ in range(2):
+        gates.copy_reused_curves(world, curves)  # type: ignore[arg-type]
+    assert curves.read_text().splitlines() == [row("student", 5), row("teacher", 0)]
