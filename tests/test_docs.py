@@ -436,6 +436,27 @@ def test_smol_deeper_student_figures_match_their_json_and_the_spec():
     )
 
 
+def test_smol_10_layer_demo_figures_match_their_json():
+    """Both six-round demos on the current smol spec (the defaults, then ce by its rule), and
+    the share of their training samples right by task."""
+    demos = _json("smol-demo-10-layers.json")
+    arrow = lambda xs: f"{xs[0]:.1f} → " + ", ".join(f"{x:.1f}" for x in xs[1:])  # noqa: E731
+    default, ce = demos["default"], demos["ce"]
+    assert ce["rule_met"] == (ce["mean_last_three"] >= ce["start_score"]) and not ce["rule_met"]
+    right = lambda d, t: d["samples_right_by_task_and_round"][t]  # noqa: E731
+    _assert_quoted(
+        DOCS / "worlds.md",
+        f"{arrow(default['scores_by_round'])}.",
+        f"{default['wall_s'] / 60:.1f} min, peak RSS {default['peak_rss_mib'] / 1024:.1f} GB",
+        f"`train.loss=ce` went {arrow(ce['scores_by_round'])} (mean of the last three "
+        f"{ce['mean_last_three']:.1f}; {ce['wall_s'] / 60:.1f} min)",
+        *(
+            f"| {right(default, t)[0]}% | {right(default, t)[-1]}% | {right(ce, t)[-1]}% |"
+            for t in ("first_letter", "successor")
+        ),
+    )
+
+
 def _assert_temperature_row(run: dict) -> None:
     """A smol gates run's row: temperature, M3 drop, first-letter scores, M4."""
     m3, m4 = run["M3"], run["M4"]
