@@ -128,11 +128,7 @@ def test_bench_figures_match_their_json(world):
     page = RESULTS / BENCH_PAGES[world]
     v = bench["variants"]
     main = ["npd", "sft", "onpolicy", "trl"]
-    for name in main:
-        seeds = ", ".join(f"{s:.1f}" for s in v[name]["final_scores"])
-        ci = _ci(v[name]["final_score"], v[name]["final_score_ci95"])
-        _assert_quoted(page, ci, seeds)
-        _assert_quoted(README, f"| {ci} ")
+    _assert_main_rows(page, v, main)
     for name in set(v) - set(main):
         _assert_quoted(
             page,
@@ -181,6 +177,31 @@ def test_bench_figures_match_their_json(world):
             f"npd - sft = {d_sft:.1f} ({sft[0]:.1f} to {sft[1]:.1f})",
             f"npd - onpolicy = {d_on:.1f} ({on[0]:.1f} to {on[1]:.1f})",
         )
+
+
+def _assert_main_rows(page: Path, variants: dict, names: list[str]) -> None:
+    """Each main variant's final score with its 95% CI and per-seed scores on the page, and the
+    same CI in the README's results table."""
+    for name in names:
+        seeds = ", ".join(f"{s:.1f}" for s in variants[name]["final_scores"])
+        ci = _ci(variants[name]["final_score"], variants[name]["final_score_ci95"])
+        _assert_quoted(page, ci, seeds)
+        _assert_quoted(README, f"| {ci} ")
+
+
+def test_smol_bench_figures_match_their_json():
+    """The real-model comparison (npd and sft at 2 seeds, mix-teacher by the lever rule)."""
+    bench = _json("bench-smol.json")
+    page = RESULTS / "2026-12-07-bench-smol.md"
+    v = bench["variants"]
+    assert set(v) == {"npd", "sft", "mix-teacher"} and bench["budget_s"] == 480
+    _assert_main_rows(page, v, ["npd", "sft"])
+    for name, a in bench["ablations_vs_npd"].items():
+        row = f"| {name} | 1 | {_rule_cells(a)}"
+        assert row in _text(page), f"{page.name} lacks {row!r}"
+    d, ci = bench["npd_minus_sft_points"], bench["npd_minus_sft_points_ci95"]
+    for where in (page, README):
+        _assert_quoted(where, f"{d:+.1f} points ({ci[0]:+.1f} to {ci[1]:+.1f})")
 
 
 def test_views_ablation_figures_match_their_json():

@@ -147,7 +147,7 @@ class SmolSpec:
         """The metric and sizes for runs on this world (a config that sets them keeps its own):
         a round of 128 prompts and 4 steps of 8 rows of 256 tokens; scoring forwards of at
         most 4,096 tokens, whose logits over the 49,152-token vocabulary take 0.8 GB. A
-        six-round demo took 11.8 min on 2 cores, peak RSS 4.6 GB (docs/smol-demo.json)."""
+        six-round demo took 11.5 min on 2 cores, peak RSS 5.1 GB (docs/smol-demo-10-layers.json)."""
         return {
             "data": {"prompts_per_round": 128},
             "generate": {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature},
