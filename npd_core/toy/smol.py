@@ -118,6 +118,9 @@ class SmolSpec:
     # train and warm-up prompts a probe's student scored 7.3 / 23.3 / 37.3 after 50 / 100 / 150
     # of 300 steps, 97% of its samples finishing
     warm_steps: int = 300
+    # True: the warm-up trains on its own n_warm prompts only, none of the distillation ones;
+    # None: on the train prompts and its own (the first specs, whose digests it keeps)
+    warm_disjoint: bool | None = None
     warm_lr: float = 3e-4
     rows_per_step: int = 8  # the warm-up's packed rows a step
     max_seq_len: int = 256
@@ -200,6 +203,12 @@ def make_prompts(spec: SmolSpec, words: list[str]) -> list[list[Prompt]]:
     return sets
 
 
+def warm_prompts(spec: SmolSpec, train: list[Prompt], warm: list[Prompt]) -> list[Prompt]:
+    """The warm-up's prompts: its own, and the distillation (train) prompts before them unless
+    ``spec.warm_disjoint``, which leaves a round's prompts untaught by the warm-up."""
+    return warm if spec.warm_disjoint else train + warm
+
+
 def score(model, tok, prompts: list[Prompt], spec: SmolSpec) -> tuple[float, list[str]]:
     """Held-out points (greedy, through the chat template) and the responses."""
     ids = format_prompts(tok, [p.prompt for p in prompts], "auto")
@@ -264,7 +273,7 @@ def build_smol_world(
         student = pruned(teacher, list(range(spec.layers))).float()
         t1 = time.time()
         if spec.warm_steps:
-            warm = train + warm
+            warm = warm_prompts(spec, train, warm)
             ids = format_prompts(tok, [p.prompt for p in warm], "auto")
             answers = greedy_responses(
                 teacher, tok, ids, max_new_tokens=spec.max_new_tokens, batch_size=64, bf16=False

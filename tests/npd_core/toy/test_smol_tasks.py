@@ -5,15 +5,21 @@ would."""
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import re
 from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 
 from npd_core.method.evaluate import exact_match
-from npd_core.toy.smol import ANSWER_REGEX, TASKS, SmolSpec, make_prompts
+from npd_core.modelio import file_digest
+from npd_core.toy.smol import ANSWER_REGEX, TASKS, SmolSpec, make_prompts, warm_prompts
 
+OPTIONAL = ("common_words", "warm_disjoint")  # None by default: out of the digest
 WORDS = ["".join(w) for w in itertools.product("pencilarbo", repeat=5)][:3000]
 
 
@@ -47,6 +53,22 @@ def test_the_mix_draws_disjoint_sets_in_its_shares():
     assert len(set(questions)) == len(questions) == 2000
     assert len({p.id for s in sets for p in s}) == 2000
     assert make_prompts(spec, WORDS) == sets  # seeded
+
+
+def test_a_disjoint_warm_up_leaves_the_train_prompts_untaught():
+    """``warm_disjoint``: the warm-up trains on its own prompts alone; the next spec's 700 train
+    and 700 warm-up prompts fit the tasks' questions; unset, it keeps the first specs' digest."""
+    spec = SmolSpec(n_train=700, n_warm=700, warm_disjoint=True)
+    train, held, warm = make_prompts(spec, WORDS)
+    assert [len(s) for s in (train, held, warm)] == [700, 600, 700]
+    assert warm_prompts(spec, train, warm) == warm
+    assert not {p.prompt for p in warm} & {p.prompt for p in train + held}
+    assert warm_prompts(SmolSpec(), train, warm) == train + warm
+    gguf = Path(__file__)  # any file: the digest hashes it beside the spec's fields
+    before = {k: v for k, v in asdict(SmolSpec()).items() if k not in OPTIONAL}  # the 10-layer spec
+    text = json.dumps(before, sort_keys=True) + file_digest(gguf)
+    assert SmolSpec().digest(gguf) == hashlib.sha256(text.encode()).hexdigest()[:12]
+    assert spec.digest(gguf) != SmolSpec(n_train=700, n_warm=700).digest(gguf)
 
 
 def test_a_share_larger_than_its_task_is_refused():
