@@ -136,9 +136,7 @@ def test_bench_figures_match_their_json(world):
             if world == "long"
             else f"| {name} | 1 | {v[name]['final_score']:.1f} |",
         )
-    for name, a in bench.get("ablations_vs_npd", {}).items():  # the lever rule's call on each
-        row = f"| {name} | 1 | {_rule_cells(a)}"
-        assert row in _text(page), f"{page.name} lacks {row!r}"
+    _assert_rule_rows(page, bench.get("ablations_vs_npd", {}))
     sft, on = (bench[f"npd_minus_{b}_points_ci95"] for b in ("sft", "onpolicy"))
     if world in ("toy", "views"):
         for b, ci in (("sft", sft), ("onpolicy", on)):
@@ -189,6 +187,13 @@ def _assert_main_rows(page: Path, variants: dict, names: list[str]) -> None:
         _assert_quoted(README, f"| {ci} ")
 
 
+def _assert_rule_rows(page: Path, ablations: dict) -> None:
+    """Each one-seed ablation's row with the lever rule's call on it (``ablations_vs_npd``)."""
+    for name, a in ablations.items():
+        row = f"| {name} | 1 | {_rule_cells(a)}"
+        assert row in _text(page), f"{page.name} lacks {row!r}"
+
+
 def test_smol_bench_figures_match_their_json():
     """The real-model comparison (npd and sft at 2 seeds, mix-teacher by the lever rule)."""
     bench = _json("bench-smol.json")
@@ -196,9 +201,7 @@ def test_smol_bench_figures_match_their_json():
     v = bench["variants"]
     assert set(v) == {"npd", "sft", "mix-teacher"} and bench["budget_s"] == 480
     _assert_main_rows(page, v, ["npd", "sft"])
-    for name, a in bench["ablations_vs_npd"].items():
-        row = f"| {name} | 1 | {_rule_cells(a)}"
-        assert row in _text(page), f"{page.name} lacks {row!r}"
+    _assert_rule_rows(page, bench["ablations_vs_npd"])
     d, ci = bench["npd_minus_sft_points"], bench["npd_minus_sft_points_ci95"]
     for where in (page, README):
         _assert_quoted(where, f"{d:+.1f} points ({ci[0]:+.1f} to {ci[1]:+.1f})")
