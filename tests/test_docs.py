@@ -481,6 +481,43 @@ def test_smol_10_layer_demo_figures_match_their_json():
     )
 
 
+def test_smol_disjoint_warm_up_and_probe_figures_match_their_json():
+    """The disjoint warm-up's gates (M3 fails, so it is not adopted and SmolSpec keeps sharing
+    its warm-up), its diagnostic ce demo, and the passes and number-task probes' rows."""
+    from npd_core.toy.smol import SmolSpec
+
+    probe = _json("smol-disjoint.json")
+    for run in probe["runs"]:
+        _assert_temperature_row(run)
+    assert not any(r["passed"]["M3"] for r in probe["runs"]) and not probe["adopted"]
+    assert SmolSpec.warm_disjoint is None and probe["spec"]["warm_disjoint"]
+    demo = probe["diagnostic_demo"]
+    trained = demo["train_prompts_greedy"]
+    start, check = trained["warm_start"], trained["checkpoint"]
+    tasks = _json("smol-tasks.json")["tasks"]
+    _assert_quoted(
+        DOCS / "worlds.md",
+        f"{probe['build']['build_s'] / 60:.1f} min on an otherwise idle machine",
+        f"{demo['scores_by_round'][0]:.1f} → "
+        + ", ".join(f"{x:.1f}" for x in demo["scores_by_round"][1:]),
+        f"from {start['score']:.1f} at the warm start to {check['score']:.1f} at round 6",
+        *(
+            f"{t} {start['per_task'][k]:.1f} → {check['per_task'][k]:.1f}"
+            for t, k in (("first letter", "first_letter"), ("successor", "successor"))
+        ),
+        *(
+            f"| {r['passes']} | {r['taught']:.1f} | {r['taught_other_words']:.1f} | "
+            f"{r['not_taught']:.1f} |"
+            for r in _json("smol-passes.json")["runs"]
+        ),
+        *(
+            f"N {op} {tasks[k]['teacher']:.1f} ({tasks[k]['student']:.1f})"
+            for op, k in (("+ 2", "plus_two"), ("+ 0", "plus_zero"))
+        ),
+    )
+    assert demo["mean_last_three"] < demo["start_score"]
+
+
 def _assert_temperature_row(run: dict) -> None:
     """A smol gates run's row: temperature, M3 drop, first-letter scores, M4."""
     m3, m4 = run["M3"], run["M4"]

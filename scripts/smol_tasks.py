@@ -1,0 +1,81 @@
+"""Candidate number tasks for the smol world: the teacher's and the current student's greedy
+points on each (through the chat template, graded by the world's ``ANSWER_REGEX``).
+
+Number questions ask the student to restate a number, not a word, before its answer ("592 + 1 =
+593"), so a cut before the answer leaves the teacher a prefix it can finish (the successor
+task's M3 drop is about 1 point), and each is a rule rather than one fact per prompt, so what a
+round teaches can carry over to held-out prompts.
+
+    .venv-smol/bin/python scripts/smol_tasks.py --out npd-out/smol-deeper --json > smol-tasks.json
+
+A probe for choosing the smol world's next spec, not part of the pipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from npd_core.data import Prompt
+from npd_core.models import load_model, load_tokenizer
+from npd_core.toy import smol
+from npd_core.toy.world import build_toy_world, world_spec
+
+ONLY = smol.ONLY_NUMBER
+NUMBERS = range(10, 999)
+# task → (question, answer) of a number n (a second number m drawn where the task has one)
+CANDIDATES = {
+    "successor": lambda n, m: (f"What is {n} + 1?{ONLY}", n + 1),
+    "predecessor": lambda n, m: (f"What is {n} - 1?{ONLY}", n - 1),
+    "plus_two": lambda n, m: (f"What is {n} + 2?{ONLY}", n + 2),
+    "plus_ten": lambda n, m: (f"What is {n} + 10?{ONLY}", n + 10),
+    "minus_ten": lambda n, m: (f"What is {n} - 10?{ONLY}", n - 10),
+    "plus_zero": lambda n, m: (f"What is {n} + 0?{ONLY}", n),
+    "times_ten": lambda n, m: (f"What is {n} * 10?{ONLY}", n * 10),
+    "larger": lambda n, m: (f"Which is larger, {n} or {m}?{ONLY}", max(n, m)),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path("npd-out/smol"))
+    ap.add_argument("--n", type=int, default=200, help="prompts a task")
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args()
+    torch.set_num_threads(2)
+    t0 = time.time()
+    world = build_toy_world(
+        a.out / "toy", world_spec("smol"), log=lambda m: print(m, file=sys.stderr)
+    )
+    tok = load_tokenizer(world.student)
+    spec = smol.SmolSpec()
+    rng = random.Random(0)
+    prompts = {
+        name: [
+            Prompt(f"{name}-{i}", *map(str, make(n, rng.choice(NUMBERS))))
+            for i, n in enumerate(rng.sample(NUMBERS, a.n))
+        ]
+        for name, make in CANDIDATES.items()
+    }
+    report: dict = {"world": world.root.name, "prompts_a_task": a.n, "tasks": {}}
+    for role, path in (("teacher", world.teacher), ("student", world.student)):
+        model = load_model(path).eval()
+        for name, ps in prompts.items():
+            points, texts = smol.score(model, tok, ps, spec)
+            task = report["tasks"].setdefault(name, {"example": ps[0].prompt})
+            task[role] = round(points, 1)
+            task[f"{role}_says"] = texts[0]
+            print(f"{role:8} {name:12} {points:5.1f}  {texts[0]!r}", file=sys.stderr)
+        del model
+    report["probe_s"] = round(time.time() - t0, 1)
+    print(json.dumps(report, indent=1) if a.json else report)
+
+
+if __name__ == "__main__":
+    main()
