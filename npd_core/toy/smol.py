@@ -6,7 +6,8 @@ layers (``modelio.pruned``), warmed up by SFT on the teacher's greedy answers.
 The task (``TASKS``, mixed by ``SmolSpec.mix``) is short questions the teacher gets right at least
 half the time, answered in a sentence ("The first letter of the word "pencil" is "P".", "592 + 1
 = 593") and graded by the answer ``ANSWER_REGEX`` extracts (``eval.metric: regex``). Train,
-held-out and warm-up prompts are disjoint.
+held-out and warm-up prompts are disjoint; with ``SmolSpec.rephrase`` the held-out prompts ask
+about the train prompts' items (words, numbers, sums) in other words (``SECOND``).
 
 The warm-up rule, fixed before any method was compared on this world: ``warm_steps`` SFT steps
 (CE, ``rows_per_step`` packed rows a step, cosine schedule to peak lr ``warm_lr``) on the
@@ -47,6 +48,7 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ANSWER_REGEX = r"(?:\bis|\bequals|=)\s*:?\s*[\"'*]*(-?\d+|[A-Za-z])\b"
 # without it the teacher explains a sum and runs out of tokens ("What is 592 + 1?": 10% → 54.5%)
 ONLY_NUMBER = " Reply with only the number."
+QA = list[tuple[str, str]]  # a task's questions and answers; ``ask`` words its question
 
 
 def _words(tok: Any) -> list[str]:
@@ -59,21 +61,21 @@ def _words(tok: Any) -> list[str]:
     ]
 
 
-def first_letter(words: list[str]) -> list[tuple[str, str]]:
+def first_letter(words: list[str], ask: str = 'What is the first letter of the word "{w}"?') -> QA:
     """The teacher answers in capitals: 'The first letter of the word "pencil" is "P".'"""
-    return [(f'What is the first letter of the word "{w}"?', w[0].upper()) for w in words]
+    return [(ask.format(w=w), w[0].upper()) for w in words]
 
 
-def successor(words: list[str]) -> list[tuple[str, str]]:
+def successor(words: list[str], ask: str = "What is {n} + 1?" + ONLY_NUMBER) -> QA:
     """'What is 592 + 1? Reply with only the number.' → '592 + 1 = 593', N = 10–998 (989
     questions; the teacher's accuracy falls to 46.5% at four digits). No words needed."""
-    return [(f"What is {n} + 1?{ONLY_NUMBER}", str(n + 1)) for n in range(10, 999)]
+    return [(ask.format(n=n), str(n + 1)) for n in range(10, 999)]
 
 
-def addition(words: list[str]) -> list[tuple[str, str]]:
+def addition(words: list[str], ask: str = "What is {a} + {b}?" + ONLY_NUMBER) -> QA:
     """'What is 3 + 4? Reply with only the number.' → '3 + 4 = 7': the 100 one-digit sums (with
     a two-digit term the teacher falls to 46% or below). No words needed."""
-    return [(f"What is {a} + {b}?{ONLY_NUMBER}", str(a + b)) for a in range(10) for b in range(10)]
+    return [(ask.format(a=a, b=b), str(a + b)) for a in range(10) for b in range(10)]
 
 
 # task name → every (question, answer) it has (given the tokenizer's words); each ≥ 50% for the
@@ -83,6 +85,17 @@ TASKS: dict[str, Callable[[list[str]], list[tuple[str, str]]]] = {
     "first_letter": first_letter,  # 89.3% (on 600 held-out prompts)
     "successor": successor,  # 59.0% (54.5% before "equals" joined ANSWER_REGEX)
     "addition": addition,  # 75.0%
+}
+
+
+# task → its second phrasing, the same item asked in other words (``SmolSpec.rephrase``): of
+# scripts/smol_tasks.py --group phrasings's candidates, the one the teacher scores highest
+# among those at ≥ 50% on 200 prompts (docs/smol-phrasings.json: 86.5% and 73.0%; the sums'
+# swapped terms, 75.0%, ask another sum's question or, for 7 + 7, the same one); none of the
+# successor's reached 50% (24.0% at best), so a rephrased world leaves that task out
+SECOND = {
+    "first_letter": 'Tell me the first letter of the word "{w}".',
+    "addition": "What is {a} plus {b}?" + ONLY_NUMBER,
 }
 
 
@@ -121,6 +134,10 @@ class SmolSpec:
     # True: the warm-up trains on its own n_warm prompts only, none of the distillation ones;
     # None: on the train prompts and its own (the first specs, whose digests it keeps)
     warm_disjoint: bool | None = None
+    # True: the held-out set asks about the train prompts' own items (words, numbers, sums) in
+    # each task's second phrasing (``SECOND``), so what rounds teach can show there (n_eval is
+    # then n_train; needs warm_disjoint); None: held-out items of their own (the first specs)
+    rephrase: bool | None = None
     warm_lr: float = 3e-4
     rows_per_step: int = 8  # the warm-up's packed rows a step
     max_seq_len: int = 256
@@ -157,7 +174,13 @@ class SmolSpec:
             "score": {"batch_tokens": 4096},
             "pack": {"max_seq_len": self.max_seq_len},
             # a third of the warm-up's peak: the student starts SFT-trained
-            "train": {"lr": self.warm_lr / 3, "steps_per_round": 4, "rows_per_step": 8},
+            # a rephrased world trains a round's samples twice, so six rounds pass over each
+            # held-out item about 2.6 times (docs/worlds.md)
+            "train": {
+                "lr": self.warm_lr / 3,
+                "steps_per_round": 8 if self.rephrase else 4,
+                "rows_per_step": 8,
+            },
             # the pattern first: the config refuses metric regex without one
             "eval": {"answer_regex": ANSWER_REGEX, "metric": self.metric},
         }
@@ -183,6 +206,10 @@ def make_prompts(spec: SmolSpec, words: list[str]) -> list[list[Prompt]]:
     """Train, held-out and warm-up prompts: each task's share (``spec.mix``) of each set, drawn
     without replacement from the task's shuffled questions (so no question is in two sets),
     each set shuffled; first letters of the ``spec.common_words`` most common words only."""
+    if spec.rephrase and not (spec.warm_disjoint and spec.n_eval == spec.n_train):
+        raise ValueError("smol world: rephrase needs warm_disjoint and n_eval == n_train")
+    if spec.rephrase and (lacking := [n for n, _ in spec.mix if n not in SECOND]):
+        raise ValueError(f"smol world: rephrase: task {lacking[0]} has no second phrasing")
     rng = random.Random(spec.seed)
     words = words[: spec.common_words]
     pools = {}
@@ -190,7 +217,7 @@ def make_prompts(spec: SmolSpec, words: list[str]) -> list[list[Prompt]]:
         pools[name] = TASKS[name](words)
         rng.shuffle(pools[name])
     sets = []
-    for n in (spec.n_train, spec.n_eval, spec.n_warm):
+    for n in (spec.n_train, 0 if spec.rephrase else spec.n_eval, spec.n_warm):
         drawn: list[Prompt] = []
         for i, (name, share) in enumerate(spec.mix):
             want = n - len(drawn) if i == len(spec.mix) - 1 else round(n * share)
@@ -200,6 +227,20 @@ def make_prompts(spec: SmolSpec, words: list[str]) -> list[list[Prompt]]:
             drawn += [Prompt(f"{name}-{len(sets)}-{j}", q, a) for j, (q, a) in enumerate(taken)]
         rng.shuffle(drawn)
         sets.append(drawn)
+    if spec.rephrase:  # the held-out set: each train prompt's item in the second phrasing
+        again = {
+            name: dict(
+                zip(
+                    (q for q, _ in TASKS[name](words)),
+                    TASKS[name](words, SECOND[name]),
+                    strict=True,
+                )
+            )
+            for name, _ in spec.mix
+        }
+        sets[1] = [
+            Prompt(p.id.replace("-0-", "-1-", 1), *again[task_of(p)][p.prompt]) for p in sets[0]
+        ]
     return sets
 
 

@@ -10,16 +10,24 @@ import itertools
 import json
 import re
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
 
 from npd_core.method.evaluate import exact_match
 from npd_core.modelio import file_digest
-from npd_core.toy.smol import ANSWER_REGEX, TASKS, SmolSpec, make_prompts, warm_prompts
+from npd_core.toy.smol import (
+    ANSWER_REGEX,
+    SECOND,
+    TASKS,
+    SmolSpec,
+    make_prompts,
+    task_of,
+    warm_prompts,
+)
 
-OPTIONAL = ("common_words", "warm_disjoint")  # None by default: out of the digest
+OPTIONAL = ("common_words", "warm_disjoint", "rephrase")  # None by default: out of the digest
 WORDS = ["".join(w) for w in itertools.product("pencilarbo", repeat=5)][:3000]
 
 
@@ -69,6 +77,37 @@ def test_a_disjoint_warm_up_leaves_the_train_prompts_untaught():
     text = json.dumps(before, sort_keys=True) + file_digest(gguf)
     assert SmolSpec().digest(gguf) == hashlib.sha256(text.encode()).hexdigest()[:12]
     assert spec.digest(gguf) != SmolSpec(n_train=700, n_warm=700).digest(gguf)
+
+
+def test_rephrase_asks_the_held_out_set_about_the_train_items_in_other_words():
+    """``rephrase``: held-out prompt i asks about train prompt i's item (same answer, same task,
+    the task's second phrasing), no question in two sets, and the warm-up's items are its own;
+    without a disjoint warm-up (which would teach the held-out items) it is refused."""
+    mix = (("first_letter", 0.95), ("addition", 0.05))  # the successor has no second phrasing
+    spec = SmolSpec(600, 600, 1400, mix, warm_disjoint=True, rephrase=True)
+    train, held, warm = make_prompts(spec, WORDS)
+    assert [len(s) for s in (train, held, warm)] == [600, 600, 1400]
+    for t, h in zip(train, held, strict=True):
+        assert (task_of(h), h.answer) == (task_of(t), t.answer) and h.prompt != t.prompt
+        assert h.id == t.id.replace("-0-", "-1-")
+    asked = {
+        name: dict(zip(TASKS[name](WORDS, SECOND[name]), TASKS[name](WORDS), strict=True))
+        for name in SECOND
+    }
+    assert all(
+        asked[task_of(h)][(h.prompt, h.answer)][0] == t.prompt
+        for t, h in zip(train, held, strict=True)
+    )
+    questions = [p.prompt for s in (train, held, warm) for p in s]
+    assert (
+        len(set(questions)) == len(questions) and len({p.id for p in train + held + warm}) == 2600
+    )
+    assert warm_prompts(spec, train, warm) == warm
+    assert Counter(task_of(p) for p in warm)["addition"] == 70  # with the train's 30: all 100 sums
+    with pytest.raises(ValueError, match="rephrase needs warm_disjoint"):
+        make_prompts(replace(spec, warm_disjoint=None), WORDS)
+    with pytest.raises(ValueError, match="task successor has no second phrasing"):
+        make_prompts(replace(spec, mix=SmolSpec.mix), WORDS)
 
 
 def test_a_share_larger_than_its_task_is_refused():
