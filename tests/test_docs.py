@@ -481,23 +481,35 @@ def test_smol_10_layer_demo_figures_match_their_json():
     )
 
 
-def test_smol_disjoint_warm_up_and_probe_figures_match_their_json():
-    """The disjoint warm-up's gates (M3 fails, so it is not adopted and SmolSpec keeps sharing
-    its warm-up), its diagnostic ce demo, and the passes and number-task probes' rows."""
+def test_smol_probed_specs_and_probe_figures_match_their_json():
+    """The disjoint and rephrased specs' gates (M3 fails, so neither is adopted and SmolSpec
+    keeps the current spec), the phrasings chosen, the diagnostic ce demo on the disjoint build,
+    and the passes and number-task probes' rows."""
     from npd_core.toy.smol import SmolSpec
 
+    for name in ("smol-disjoint.json", "smol-rephrase.json"):
+        spec = _json(name)
+        for run in spec["runs"]:
+            _assert_temperature_row(run)
+        assert not any(r["passed"]["M3"] for r in spec["runs"]) and not spec["adopted"]
+        assert spec["spec"]["warm_disjoint"] and all(r["passed"]["M2"] for r in spec["runs"])
+        _assert_quoted(
+            DOCS / "worlds.md",
+            f"{spec['build']['build_s'] / 60:.1f} min on an otherwise idle machine",
+        )
+    assert SmolSpec.warm_disjoint is None and SmolSpec.rephrase is None
+    phrasings = _json("smol-phrasings.json")["tasks"]
+    chosen = ("first_letter_tell", "addition_plus")
+    assert all(phrasings[k]["teacher"] >= 50 for k in chosen)
+    assert max(v["teacher"] for k, v in phrasings.items() if k.startswith("successor")) < 50
     probe = _json("smol-disjoint.json")
-    for run in probe["runs"]:
-        _assert_temperature_row(run)
-    assert not any(r["passed"]["M3"] for r in probe["runs"]) and not probe["adopted"]
-    assert SmolSpec.warm_disjoint is None and probe["spec"]["warm_disjoint"]
     demo = probe["diagnostic_demo"]
     trained = demo["train_prompts_greedy"]
     start, check = trained["warm_start"], trained["checkpoint"]
     tasks = _json("smol-tasks.json")["tasks"]
     _assert_quoted(
         DOCS / "worlds.md",
-        f"{probe['build']['build_s'] / 60:.1f} min on an otherwise idle machine",
+        *(f"{phrasings[k]['teacher']:.1f}" for k in chosen),
         f"{demo['scores_by_round'][0]:.1f} → "
         + ", ".join(f"{x:.1f}" for x in demo["scores_by_round"][1:]),
         f"from {start['score']:.1f} at the warm start to {check['score']:.1f} at round 6",
