@@ -528,6 +528,23 @@ def test_smol_probed_specs_and_probe_figures_match_their_json():
         ),
     )
     assert demo["mean_last_three"] < demo["start_score"]
+    rephrased = _json("smol-rephrase.json")["diagnostic_demos"]
+    ce, fkl = rephrased["runs"]
+    assert (
+        ce["final_minus_start"]
+        > rephrased["half_width_95"]
+        > ce["mean_last_three"] - ce["start_score"]
+    )
+    _assert_quoted(
+        DOCS / "worlds.md",
+        *(
+            f"| {name} | "
+            + ", ".join(f"{x:.1f}" for x in r["scores_by_round"][1:])
+            + f" | {r['final_minus_start']:+.1f} | {r['mean_last_three']:.1f} | "
+            f"{r['wall_s'] / 60:.1f} min, {max(r['peak_rss_mib'].values()) / 1024:.1f} GB |"
+            for name, r in (("ce", ce), ("forward KL (the default)", fkl))
+        ),
+    )
 
 
 def _assert_temperature_row(run: dict) -> None:
