@@ -135,8 +135,9 @@ class SmolSpec:
     # None: on the train prompts and its own (the first specs, whose digests it keeps)
     warm_disjoint: bool | None = None
     # True: the held-out set asks about the train prompts' own items (words, numbers, sums) in
-    # each task's second phrasing (``SECOND``), so what rounds teach can show there (n_eval is
-    # then n_train; needs warm_disjoint); None: held-out items of their own (the first specs)
+    # each task's second phrasing (``SECOND``), so what rounds teach can show there; a task
+    # without one, on items of its own (n_eval is then n_train; needs warm_disjoint); None:
+    # held-out items of their own (the first specs)
     rephrase: bool | None = None
     warm_lr: float = 3e-4
     rows_per_step: int = 8  # the warm-up's packed rows a step
@@ -208,8 +209,6 @@ def make_prompts(spec: SmolSpec, words: list[str]) -> list[list[Prompt]]:
     each set shuffled; first letters of the ``spec.common_words`` most common words only."""
     if spec.rephrase and not (spec.warm_disjoint and spec.n_eval == spec.n_train):
         raise ValueError("smol world: rephrase needs warm_disjoint and n_eval == n_train")
-    if spec.rephrase and (lacking := [n for n, _ in spec.mix if n not in SECOND]):
-        raise ValueError(f"smol world: rephrase: task {lacking[0]} has no second phrasing")
     rng = random.Random(spec.seed)
     words = words[: spec.common_words]
     pools = {}
@@ -227,21 +226,29 @@ def make_prompts(spec: SmolSpec, words: list[str]) -> list[list[Prompt]]:
             drawn += [Prompt(f"{name}-{len(sets)}-{j}", q, a) for j, (q, a) in enumerate(taken)]
         rng.shuffle(drawn)
         sets.append(drawn)
-    if spec.rephrase:  # the held-out set: each train prompt's item in the second phrasing
-        again = {
-            name: dict(
-                zip(
-                    (q for q, _ in TASKS[name](words)),
-                    TASKS[name](words, SECOND[name]),
-                    strict=True,
-                )
-            )
-            for name, _ in spec.mix
-        }
-        sets[1] = [
-            Prompt(p.id.replace("-0-", "-1-", 1), *again[task_of(p)][p.prompt]) for p in sets[0]
-        ]
+    if spec.rephrase:
+        sets[1] = _rephrased(sets[0], pools, words)
     return sets
+
+
+def _rephrased(train: list[Prompt], pools: dict[str, QA], words: list[str]) -> list[Prompt]:
+    """The held-out set of ``SmolSpec.rephrase``: each train prompt's item asked again in its
+    task's second phrasing, or, for a task without one (a rule such as N + 1 carries over from
+    one item to the next), a question of the task's own from what ``pools`` has left."""
+    tasks = {task_of(p) for p in train}
+    again = {
+        t: dict(zip((q for q, _ in TASKS[t](words)), TASKS[t](words, SECOND[t]), strict=True))
+        for t in tasks & SECOND.keys()
+    }
+    for t in tasks - SECOND.keys():
+        if sum(task_of(p) == t for p in train) > len(pools[t]):
+            raise ValueError(f"smol world: task {t} has too few questions to hold out")
+    own = {t: iter(pools[t]) for t in tasks - SECOND.keys()}
+    return [
+        Prompt(p.id.replace("-0-", "-1-", 1), *(again[t][p.prompt] if t in again else next(own[t])))
+        for p in train
+        for t in [task_of(p)]
+    ]
 
 
 def warm_prompts(spec: SmolSpec, train: list[Prompt], warm: list[Prompt]) -> list[Prompt]:

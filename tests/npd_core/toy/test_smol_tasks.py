@@ -106,8 +106,26 @@ def test_rephrase_asks_the_held_out_set_about_the_train_items_in_other_words():
     assert Counter(task_of(p) for p in warm)["addition"] == 70  # with the train's 30: all 100 sums
     with pytest.raises(ValueError, match="rephrase needs warm_disjoint"):
         make_prompts(replace(spec, warm_disjoint=None), WORDS)
-    with pytest.raises(ValueError, match="task successor has no second phrasing"):
-        make_prompts(replace(spec, mix=SmolSpec.mix), WORDS)
+
+
+def test_rephrase_holds_out_a_task_without_a_second_phrasing_on_items_of_its_own():
+    """The next spec's mix: first letters held out as the train words asked again, successors
+    (no second phrasing) as numbers no other set asks about: 240 + 240 + 500 of its 989, so the
+    warm-up takes 1,250 prompts, not 1,400; too few left to hold out is refused."""
+    mix = (("first_letter", 0.6), ("successor", 0.4))
+    spec = SmolSpec(600, 600, 1250, mix, warm_disjoint=True, rephrase=True)
+    train, held, warm = make_prompts(spec, WORDS)
+    assert "successor" not in SECOND and len(held) == 600
+    for t, h in zip(train, held, strict=True):
+        assert task_of(h) == task_of(t) and h.prompt != t.prompt
+        if task_of(h) == "successor":
+            n = int(re.match(r"What is (\d+) \+ 1", h.prompt).group(1))
+            assert int(h.answer) == n + 1
+    succ = [{p.prompt for p in s if task_of(p) == "successor"} for s in (train, held, warm)]
+    assert [len(x) for x in succ] == [240, 240, 500] and not (succ[1] & (succ[0] | succ[2]))
+    assert {p.answer for p in held if task_of(p) == "first_letter"} <= set("PENCILARBO")
+    with pytest.raises(ValueError, match="task successor has too few questions to hold out"):
+        make_prompts(replace(spec, n_warm=1400), WORDS)  # 240 + 560 leave 189 of 989
 
 
 def test_a_share_larger_than_its_task_is_refused():
