@@ -11,22 +11,21 @@ A probe for choosing the smol world's next spec, not part of the pipeline.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
 import random
 import sys
 import time
-from pathlib import Path
 
 import torch
+from smol_probe import current_world, parser
 
 from npd_core.data import Prompt
 from npd_core.method.evaluate import greedy_responses
-from npd_core.models import format_prompts, load_model, load_tokenizer
+from npd_core.models import format_prompts, load_model
 from npd_core.toy import smol
-from npd_core.toy.world import build_toy_world, fit, fit_plan, world_spec
+from npd_core.toy.world import fit, fit_plan
 
 PASSES = (1, 2, 4, 8)
 OTHER_WORDS = 'Which letter does the word "{w}" start with?'
@@ -40,18 +39,12 @@ def _asked(words: list[str], template: str, tag: str) -> list[Prompt]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=Path("npd-out/smol"))
+    ap = parser(__doc__)
     ap.add_argument("--n", type=int, default=128, help="words taught (and as many not)")
-    ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
-    torch.set_num_threads(2)
     t0 = time.time()
     spec = smol.SmolSpec()
-    world = build_toy_world(
-        a.out / "toy", world_spec("smol"), log=lambda m: print(m, file=sys.stderr)
-    )
-    tok = load_tokenizer(world.student)
+    world, tok = current_world(a.out)
     words = smol._words(tok)
     used = {p.prompt for s in smol.make_prompts(spec, words) for p in s}
     fresh = [w for w in words if smol.first_letter([w])[0][0] not in used]

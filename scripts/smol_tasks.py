@@ -17,19 +17,16 @@ A probe for choosing the smol world's next spec, not part of the pipeline.
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import sys
 import time
-from pathlib import Path
 
-import torch
+from smol_probe import current_world, parser
 
 from npd_core.data import Prompt
-from npd_core.models import load_model, load_tokenizer
+from npd_core.models import load_model
 from npd_core.toy import smol
-from npd_core.toy.world import build_toy_world, world_spec
 
 ONLY = smol.ONLY_NUMBER
 NUMBERS = range(10, 999)
@@ -81,18 +78,12 @@ def _phrasing_prompts(n: int, words: list[str], rng: random.Random) -> dict[str,
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=Path("npd-out/smol"))
+    ap = parser(__doc__)
     ap.add_argument("--n", type=int, default=200, help="prompts a task")
     ap.add_argument("--group", choices=("numbers", "phrasings"), default="numbers")
-    ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
-    torch.set_num_threads(2)
     t0 = time.time()
-    world = build_toy_world(
-        a.out / "toy", world_spec("smol"), log=lambda m: print(m, file=sys.stderr)
-    )
-    tok = load_tokenizer(world.student)
+    world, tok = current_world(a.out)
     spec = smol.SmolSpec()
     rng = random.Random(0)
     if a.group == "phrasings":

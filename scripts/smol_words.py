@@ -12,23 +12,21 @@ A probe for choosing the smol world's next spec, not part of the pipeline.
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import re
 import statistics
 import sys
 import time
-from pathlib import Path
 
-import torch
+from smol_probe import current_world, parser
 
 from npd_core.data import Prompt
 from npd_core.method.answers import metric_fn
-from npd_core.models import format_prompts, load_model, load_tokenizer
+from npd_core.models import format_prompts, load_model
 from npd_core.toy import smol
 from npd_core.toy.gates import answer_cut, continue_greedily, sample
-from npd_core.toy.world import build_toy_world, world_spec
+from npd_core.toy.world import world_spec
 
 BANDS = (0, 1000, 2000, 4000, 8000, 16000)  # word ranks: [0, 1000), [1000, 2000), … , [16000, …)
 RESTATED = re.compile(r'word\s+"([^"]*)"')
@@ -41,17 +39,11 @@ def _acc(score, texts: list[str], prompts: list[Prompt]) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=Path("npd-out/smol"))
+    ap = parser(__doc__)
     ap.add_argument("--per-band", type=int, default=128, help="words drawn from each band")
-    ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
-    torch.set_num_threads(2)
     t0 = time.time()
-    world = build_toy_world(
-        a.out / "toy", world_spec("smol"), log=lambda m: print(m, file=sys.stderr)
-    )
-    tok = load_tokenizer(world.student)
+    world, tok = current_world(a.out)
     words = smol._words(tok)
     rng = random.Random(0)
     score = metric_fn("regex", smol.ANSWER_REGEX)
