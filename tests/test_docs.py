@@ -498,6 +498,14 @@ def test_smol_probed_specs_and_probe_figures_match_their_json():
             f"{spec['build']['build_s'] / 60:.1f} min on an otherwise idle machine",
         )
     assert SmolSpec.warm_disjoint is None and SmolSpec.rephrase is None
+    mixed = _json("smol-mixed.json")
+    (run,) = mixed["runs"]
+    _assert_temperature_row(run)
+    assert all(run["passed"].values()) and mixed["passing_temperature"] == run["temperature"]
+    assert mixed["spec"]["mix"] == [["first_letter", 0.6], ["successor", 0.4]]
+    _assert_quoted(
+        DOCS / "worlds.md", f"{mixed['build']['build_s'] / 60:.1f} min on an otherwise idle"
+    )
     phrasings = _json("smol-phrasings.json")["tasks"]
     chosen = ("first_letter_tell", "addition_plus")
     assert all(phrasings[k]["teacher"] >= 50 for k in chosen)
