@@ -81,7 +81,7 @@ def addition(words: list[str], ask: str = "What is {a} + {b}?" + ONLY_NUMBER) ->
 # task name → every (question, answer) it has (given the tokenizer's words); each ≥ 50% for the
 # teacher, measured greedily through the chat template on 200 prompts (on all 100 for addition)
 # before the world used it (world.json's per_task has it on the held-out set)
-TASKS: dict[str, Callable[[list[str]], list[tuple[str, str]]]] = {
+TASKS: dict[str, Callable[..., QA]] = {  # (words[, ask])
     "first_letter": first_letter,  # 89.3% (on 600 held-out prompts)
     "successor": successor,  # 59.0% (54.5% before "equals" joined ANSWER_REGEX)
     "addition": addition,  # 75.0%
@@ -92,7 +92,7 @@ TASKS: dict[str, Callable[[list[str]], list[tuple[str, str]]]] = {
 # scripts/smol_tasks.py --group phrasings's candidates, the one the teacher scores highest
 # among those at ≥ 50% on 200 prompts (docs/smol-phrasings.json: 86.5% and 73.0%; the sums'
 # swapped terms, 75.0%, ask another sum's question or, for 7 + 7, the same one); none of the
-# successor's reached 50% (24.0% at best), so a rephrased world leaves that task out
+# successor's reached 50% (24.0% at best): a rephrased world holds it out on its own items
 SECOND = {
     "first_letter": 'Tell me the first letter of the word "{w}".',
     "addition": "What is {a} plus {b}?" + ONLY_NUMBER,
@@ -166,8 +166,9 @@ class SmolSpec:
 
     def config_defaults(self) -> dict:
         """The metric and sizes for runs on this world (a config that sets them keeps its own):
-        a round of 128 prompts and 4 steps of 8 rows of 256 tokens; scoring forwards of at
-        most 4,096 tokens, whose logits over the 49,152-token vocabulary take 0.8 GB. A
+        a round of 128 prompts and 4 steps (8 when rephrased) of 8 rows of 256 tokens; scoring
+        forwards of at most 4,096 tokens, whose logits over the 49,152-token vocabulary take
+        0.8 GB. A
         six-round demo took 11.5 min on 2 cores, peak RSS 5.1 GB (docs/smol-demo-10-layers.json)."""
         return {
             "data": {"prompts_per_round": 128},
