@@ -19,14 +19,19 @@ try {
 
   // The artifact's page fetches the artifact from the API that /ui-settings names: with a wrong
   // api_url the page shows "Can't connect to Server API" and no table ever appears.
-  // The markdown's heading and its table render apart: wait for both, or the heading may read empty.
+  // The markdown's heading and its table render apart and the page may re-render between two
+  // reads (a fresh-clone CI once read the heading empty after waiting for it): read both in one
+  // snapshot of the DOM, taken once the heading and a table with rows are both there.
   await page.goto(`${prefect}/v2/artifacts/artifact/${artifactId}`);
-  await page.locator('h1', { hasText: 'npd run' }).first().waitFor();
-  const table = page.locator('table').first();
-  await table.waitFor();
-  const rows = await table.locator('tr').evaluateAll((trs) =>
-    trs.map((tr) => [...tr.querySelectorAll('th, td')].map((c) => c.innerText.trim())));
-  const heading = (await page.locator('h1').allInnerTexts()).map((t) => t.trim());
+  const snapshot = await page.waitForFunction(() => {
+    const heading = [...document.querySelectorAll('h1')].map((h) => h.innerText.trim());
+    const table = document.querySelector('table');
+    if (!heading.some((t) => t.startsWith('npd run')) || !table) return null;
+    const rows = [...table.querySelectorAll('tr')].map((tr) =>
+      [...tr.querySelectorAll('th, td')].map((c) => c.innerText.trim()));
+    return rows.length > 1 ? { heading, rows } : null;
+  });
+  const { heading, rows } = await snapshot.jsonValue();
   await page.screenshot({ path: `${shots}/summary.png`, fullPage: true });
   log('summary', { heading, rows });
 
