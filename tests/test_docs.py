@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -437,7 +438,8 @@ def test_smol_temperature_figures_match_their_json():
 
 def test_smol_deeper_student_figures_match_their_json_and_the_spec():
     """The 10-layer probe's rows, the rule's choice (the largest temperature whose gates all
-    pass) as ``SmolSpec`` has it, and the current spec's gate table from docs/smol-gates.json."""
+    pass) as ``SmolSpec`` has it, and the first gated spec's gate table
+    (docs/smol-gates-10-layers.json)."""
     from npd_core.toy.smol import SmolSpec
 
     probe = _json("smol-deeper.json")
@@ -446,7 +448,7 @@ def test_smol_deeper_student_figures_match_their_json_and_the_spec():
     passing = [r["temperature"] for r in probe["runs"] if all(r["passed"].values())]
     assert probe["chosen"] == {"layers": 10, "temperature": max(passing)}
     assert (SmolSpec.layers, SmolSpec.temperature) == (10, max(passing))
-    gates = _json("smol-gates.json")
+    gates = _json("smol-gates-10-layers.json")
     assert (gates["spec"]["layers"], gates["temperature"]) == (10, max(passing))
     m2, m3, m4 = gates["M2"], gates["M3"], gates["M4"]
     assert all(gates["passed"].values())
@@ -482,9 +484,9 @@ def test_smol_10_layer_demo_figures_match_their_json():
 
 
 def test_smol_probed_specs_and_probe_figures_match_their_json():
-    """The disjoint and rephrased specs' gates (M3 fails, so neither is adopted and SmolSpec
-    keeps the current spec), the phrasings chosen, the diagnostic ce demo on the disjoint build,
-    and the passes and number-task probes' rows."""
+    """The disjoint and rephrased specs' gates (M3 fails, so neither is adopted), the mixed
+    spec's (all pass: ``SmolSpec`` is it), the phrasings chosen, the diagnostic ce demo on the
+    disjoint build, and the passes and number-task probes' rows."""
     from npd_core.toy.smol import SmolSpec
 
     for name in ("smol-disjoint.json", "smol-rephrase.json"):
@@ -497,12 +499,14 @@ def test_smol_probed_specs_and_probe_figures_match_their_json():
             DOCS / "worlds.md",
             f"{spec['build']['build_s'] / 60:.1f} min on an otherwise idle machine",
         )
-    assert SmolSpec.warm_disjoint is None and SmolSpec.rephrase is None
     mixed = _json("smol-mixed.json")
     (run,) = mixed["runs"]
     _assert_temperature_row(run)
     assert all(run["passed"].values()) and mixed["passing_temperature"] == run["temperature"]
     assert mixed["spec"]["mix"] == [["first_letter", 0.6], ["successor", 0.4]]
+    current = json.loads(json.dumps(asdict(SmolSpec())))  # tuples read back as JSON's lists
+    assert {k: current[k] for k in mixed["spec"]} == mixed["spec"]
+    assert SmolSpec.temperature == run["temperature"]
     _assert_quoted(
         DOCS / "worlds.md", f"{mixed['build']['build_s'] / 60:.1f} min on an otherwise idle"
     )

@@ -27,7 +27,15 @@ from npd_core.toy.smol import (
     warm_prompts,
 )
 
-OPTIONAL = ("common_words", "warm_disjoint", "rephrase")  # None by default: out of the digest
+OPTIONAL = ("common_words", "warm_disjoint", "rephrase")  # out of the digest when None
+# the first specs' sets (the 10-layer spec, digest smol-40cd5fac163d): held-out items of their own
+FIRST = SmolSpec(
+    n_train=1000,
+    n_warm=400,
+    mix=(("first_letter", 0.55), ("successor", 0.4), ("addition", 0.05)),
+    warm_disjoint=None,
+    rephrase=None,
+)
 WORDS = ["".join(w) for w in itertools.product("pencilarbo", repeat=5)][:3000]
 
 
@@ -46,9 +54,9 @@ def test_each_task_answers_its_questions():
 
 
 def test_the_mix_draws_disjoint_sets_in_its_shares():
-    """The default mix: 55% first letters, 40% successors, 5% sums of 1,000 train, 600 held-out
-    and 400 warm-up prompts; all 100 sums used once, no question in two sets."""
-    spec = SmolSpec()
+    """The first specs' mix: 55% first letters, 40% successors, 5% sums of 1,000 train, 600
+    held-out and 400 warm-up prompts; all 100 sums used once, no question in two sets."""
+    spec = FIRST
     sets = make_prompts(spec, WORDS)
     assert [len(s) for s in sets] == [1000, 600, 400]
     counts = [Counter(p.id.split("-")[0] for p in s) for s in sets]
@@ -66,17 +74,17 @@ def test_the_mix_draws_disjoint_sets_in_its_shares():
 def test_a_disjoint_warm_up_leaves_the_train_prompts_untaught():
     """``warm_disjoint``: the warm-up trains on its own prompts alone; the next spec's 700 train
     and 700 warm-up prompts fit the tasks' questions; unset, it keeps the first specs' digest."""
-    spec = SmolSpec(n_train=700, n_warm=700, warm_disjoint=True)
+    spec = replace(FIRST, n_train=700, n_warm=700, warm_disjoint=True)
     train, held, warm = make_prompts(spec, WORDS)
     assert [len(s) for s in (train, held, warm)] == [700, 600, 700]
     assert warm_prompts(spec, train, warm) == warm
     assert not {p.prompt for p in warm} & {p.prompt for p in train + held}
-    assert warm_prompts(SmolSpec(), train, warm) == train + warm
+    assert warm_prompts(FIRST, train, warm) == train + warm
     gguf = Path(__file__)  # any file: the digest hashes it beside the spec's fields
-    before = {k: v for k, v in asdict(SmolSpec()).items() if k not in OPTIONAL}  # the 10-layer spec
+    before = {k: v for k, v in asdict(FIRST).items() if k not in OPTIONAL}  # the 10-layer spec
     text = json.dumps(before, sort_keys=True) + file_digest(gguf)
-    assert SmolSpec().digest(gguf) == hashlib.sha256(text.encode()).hexdigest()[:12]
-    assert spec.digest(gguf) != SmolSpec(n_train=700, n_warm=700).digest(gguf)
+    assert FIRST.digest(gguf) == hashlib.sha256(text.encode()).hexdigest()[:12]
+    assert spec.digest(gguf) != replace(spec, warm_disjoint=None).digest(gguf)
 
 
 def test_rephrase_asks_the_held_out_set_about_the_train_items_in_other_words():
@@ -84,7 +92,7 @@ def test_rephrase_asks_the_held_out_set_about_the_train_items_in_other_words():
     the task's second phrasing), no question in two sets, and the warm-up's items are its own;
     without a disjoint warm-up (which would teach the held-out items) it is refused."""
     mix = (("first_letter", 0.95), ("addition", 0.05))  # the successor has no second phrasing
-    spec = SmolSpec(600, 600, 1400, mix, warm_disjoint=True, rephrase=True)
+    spec = SmolSpec(600, 600, 1400, mix)
     train, held, warm = make_prompts(spec, WORDS)
     assert [len(s) for s in (train, held, warm)] == [600, 600, 1400]
     for t, h in zip(train, held, strict=True):
@@ -109,11 +117,13 @@ def test_rephrase_asks_the_held_out_set_about_the_train_items_in_other_words():
 
 
 def test_rephrase_holds_out_a_task_without_a_second_phrasing_on_items_of_its_own():
-    """The next spec's mix: first letters held out as the train words asked again, successors
-    (no second phrasing) as numbers no other set asks about: 240 + 240 + 500 of its 989, so the
-    warm-up takes 1,250 prompts, not 1,400; too few left to hold out is refused."""
+    """The current spec (the mixed one, gated): first letters held out as the train words asked
+    again, successors (no second phrasing) as numbers no other set asks about: 240 + 240 + 500
+    of its 989, so the warm-up takes 1,250 prompts, not 1,400; too few left to hold out is
+    refused."""
     mix = (("first_letter", 0.6), ("successor", 0.4))
-    spec = SmolSpec(600, 600, 1250, mix, warm_disjoint=True, rephrase=True)
+    spec = SmolSpec()
+    assert spec == SmolSpec(600, 600, 1250, mix, warm_disjoint=True, rephrase=True)
     train, held, warm = make_prompts(spec, WORDS)
     assert "successor" not in SECOND and len(held) == 600
     for t, h in zip(train, held, strict=True):
@@ -197,21 +207,22 @@ def test_the_smol_gate_splits_m3_by_task():
 
 def test_first_letters_can_be_limited_to_the_most_common_words():
     """``common_words``: K words from the front of the list (the lowest token ids)."""
-    spec = SmolSpec(mix=(("first_letter", 0.95), ("addition", 0.05)), common_words=2000)
+    spec = replace(FIRST, mix=(("first_letter", 0.95), ("addition", 0.05)), common_words=2000)
     sets = make_prompts(spec, WORDS)
     asked = {
         re.search(r'"(\w+)"', p.prompt).group(1) for s in sets for p in s if "letter" in p.prompt
     }
     assert len(asked) == 1900 and asked <= set(WORDS[:2000])
     with pytest.raises(ValueError, match="task first_letter has too few questions"):
-        make_prompts(SmolSpec(mix=spec.mix, common_words=1000), WORDS)
+        make_prompts(replace(spec, common_words=1000), WORDS)
 
 
 def test_the_worlds_sampling_temperature_reaches_runs_and_stays_out_of_the_digest(
     tmp_path, monkeypatch
 ):
     """``SmolSpec.temperature`` changes no built model, so a new one keeps the cached world;
-    a run's config takes it as ``generate.temperature`` unless the config sets its own."""
+    a run's config takes it as ``generate.temperature`` (and the world's loss as
+    ``train.loss``) unless the config sets its own."""
     from npd_core.config import NPDConfig
     from npd_core.pipeline.resolve import apply_world_defaults
 
@@ -223,6 +234,7 @@ def test_the_worlds_sampling_temperature_reaches_runs_and_stays_out_of_the_diges
     cfg = NPDConfig()
     apply_world_defaults(cfg, SmolSpec().config_defaults())
     assert cfg.generate.temperature == 0.5 and cfg.generate.max_new_tokens == 24
+    assert cfg.train.loss == SmolSpec.loss == "ce"  # the world's loss, by its demos' rule
     own = NPDConfig.model_validate({"generate": {"temperature": 0.9}})
     apply_world_defaults(own, SmolSpec().config_defaults())
     assert own.generate.temperature == 0.9
