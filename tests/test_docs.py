@@ -559,6 +559,46 @@ def test_smol_probed_specs_and_probe_figures_match_their_json():
     )
 
 
+def test_smol_current_spec_demos_match_their_json_and_the_rules():
+    """The mixed spec's demos: ce is the better loss and SmolSpec's; the lr whose last three
+    rounds average highest is the world's; `npd demo --world smol` is that demo, and whether it
+    clears the half-width is as the JSON and the page say."""
+    from npd_core.toy.smol import SmolSpec
+
+    mixed = _json("smol-mixed.json")
+    demos, demo = mixed["demos"], mixed["npd_demo"]
+    ce = [r for r in demos["runs"] if r["loss"] == "ce"]
+    (fkl,) = [r for r in demos["runs"] if r["loss"] == "forward_kl"]
+    best = max((r for r in ce if r["wall_s"] <= 900), key=lambda r: r["mean_last_three"])
+    assert best["mean_last_three"] > max(fkl["mean_last_three"], best["start_score"])
+    assert demos["chosen"] == {"loss": SmolSpec.loss, "lr": best["lr"]}
+    assert SmolSpec().config_defaults()["train"]["lr"] == pytest.approx(best["lr"])
+    assert demo["scores_by_round"] == best["scores_by_round"]
+    hw = demos["half_width_95"]
+    assert demos["fit"] == (
+        best["final_minus_start"] > hw and best["mean_last_three"] - best["start_score"] > hw
+    )
+    assert not demos["fit"] and demo["final_minus_start"] < hw  # as the page says: short of it
+    name = {"ce": "ce", "forward_kl": "forward KL"}
+    by_round = lambda r: ", ".join(f"{x:.1f}" for x in r["scores_by_round"][1:])  # noqa: E731
+    _assert_quoted(
+        DOCS / "worlds.md",
+        *(
+            f"| {name[r['loss']]}, {r['lr']:.0e} | {by_round(r)} | ".replace("e-0", "e-")
+            for r in demos["runs"]
+        ),
+        *(
+            f"{by_round(r)} | {r['final_minus_start']:+.1f} | {r['mean_last_three']:.1f} | "
+            f"{r['wall_s'] / 60:.1f} min, {max(r['peak_rss_mib'].values()) / 1024:.1f} GB |"
+            for r in demos["runs"]
+        ),
+        f"{demo['scores_by_round'][0]:.1f} → {by_round(demo)}",
+        f"{demo['wall_s'] / 60:.1f} min, peak RSS "
+        f"{max(demo['peak_rss_mib'].values()) / 1024:.1f} GB",
+        f"It ends {demo['final_minus_start']:.1f} points above its warm",
+    )
+
+
 def _assert_temperature_row(run: dict) -> None:
     """A smol gates run's row: temperature, M3 drop, first-letter scores, M4."""
     m3, m4 = run["M3"], run["M4"]
