@@ -596,6 +596,13 @@ def test_smol_current_spec_demos_match_their_json_and_the_rules():
         f"{demo['wall_s'] / 60:.1f} min, peak RSS "
         f"{max(demo['peak_rss_mib'].values()) / 1024:.1f} GB",
         f"It ends {demo['final_minus_start']:.1f} points above its warm",
+        *(
+            " → ".join(
+                f"{by_task[k]['per_task'][t]:.1f}" for k in ("warm_start", "round=3", "round=6")
+            )
+            for by_task in [demos["held_out_by_task"]]
+            for t in ("first_letter", "successor")
+        ),
     )
 
 
