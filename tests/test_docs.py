@@ -466,15 +466,14 @@ def test_smol_10_layer_demo_figures_match_their_json():
     """Both six-round demos on the current smol spec (the defaults, then ce by its rule), and
     the share of their training samples right by task."""
     demos = _json("smol-demo-10-layers.json")
-    arrow = lambda xs: f"{xs[0]:.1f} → " + ", ".join(f"{x:.1f}" for x in xs[1:])  # noqa: E731
     default, ce = demos["default"], demos["ce"]
     assert ce["rule_met"] == (ce["mean_last_three"] >= ce["start_score"]) and not ce["rule_met"]
     right = lambda d, t: d["samples_right_by_task_and_round"][t]  # noqa: E731
     _assert_quoted(
         DOCS / "worlds.md",
-        f"{arrow(default['scores_by_round'])}.",
+        f"{_arrow(default['scores_by_round'])}.",
         f"{default['wall_s'] / 60:.1f} min, peak RSS {default['peak_rss_mib'] / 1024:.1f} GB",
-        f"`train.loss=ce` went {arrow(ce['scores_by_round'])} (mean of the last three "
+        f"`train.loss=ce` went {_arrow(ce['scores_by_round'])} (mean of the last three "
         f"{ce['mean_last_three']:.1f}; {ce['wall_s'] / 60:.1f} min)",
         *(
             f"| {right(default, t)[0]}% | {right(default, t)[-1]}% | {right(ce, t)[-1]}% |"
@@ -522,8 +521,7 @@ def test_smol_probed_specs_and_probe_figures_match_their_json():
     _assert_quoted(
         DOCS / "worlds.md",
         *(f"{phrasings[k]['teacher']:.1f}" for k in chosen),
-        f"{demo['scores_by_round'][0]:.1f} → "
-        + ", ".join(f"{x:.1f}" for x in demo["scores_by_round"][1:]),
+        _arrow(demo["scores_by_round"]),
         f"from {start['score']:.1f} at the warm start to {check['score']:.1f} at round 6",
         *(
             f"{t} {start['per_task'][k]:.1f} → {check['per_task'][k]:.1f}"
@@ -550,10 +548,7 @@ def test_smol_probed_specs_and_probe_figures_match_their_json():
     _assert_quoted(
         DOCS / "worlds.md",
         *(
-            f"| {name} | "
-            + ", ".join(f"{x:.1f}" for x in r["scores_by_round"][1:])
-            + f" | {r['final_minus_start']:+.1f} | {r['mean_last_three']:.1f} | "
-            f"{r['wall_s'] / 60:.1f} min, {max(r['peak_rss_mib'].values()) / 1024:.1f} GB |"
+            f"| {name} | {_demo_cells(r)}"
             for name, r in (("ce", ce), ("forward KL (the default)", fkl))
         ),
     )
@@ -580,19 +575,16 @@ def test_smol_current_spec_demos_match_their_json_and_the_rules():
     )
     assert not demos["fit"] and demo["final_minus_start"] < hw  # as the page says: short of it
     name = {"ce": "ce", "forward_kl": "forward KL"}
-    by_round = lambda r: ", ".join(f"{x:.1f}" for x in r["scores_by_round"][1:])  # noqa: E731
+    by_task = demos["held_out_by_task"]
     _assert_quoted(
         DOCS / "worlds.md",
         *(
-            f"| {name[r['loss']]}, {r['lr']:.0e} | {by_round(r)} | ".replace("e-0", "e-")
+            f"| {name[r['loss']]}, {r['lr']:.0e} | ".replace("e-0", "e-")
+            + _rounds(r["scores_by_round"])
             for r in demos["runs"]
         ),
-        *(
-            f"{by_round(r)} | {r['final_minus_start']:+.1f} | {r['mean_last_three']:.1f} | "
-            f"{r['wall_s'] / 60:.1f} min, {max(r['peak_rss_mib'].values()) / 1024:.1f} GB |"
-            for r in demos["runs"]
-        ),
-        f"{demo['scores_by_round'][0]:.1f} → {by_round(demo)}",
+        *(_demo_cells(r) for r in demos["runs"]),
+        _arrow(demo["scores_by_round"]),
         f"{demo['wall_s'] / 60:.1f} min, peak RSS "
         f"{max(demo['peak_rss_mib'].values()) / 1024:.1f} GB",
         f"It ends {demo['final_minus_start']:.1f} points above its warm",
@@ -600,9 +592,28 @@ def test_smol_current_spec_demos_match_their_json_and_the_rules():
             " → ".join(
                 f"{by_task[k]['per_task'][t]:.1f}" for k in ("warm_start", "round=3", "round=6")
             )
-            for by_task in [demos["held_out_by_task"]]
             for t in ("first_letter", "successor")
         ),
+    )
+
+
+def _rounds(scores: list[float]) -> str:
+    """A demo's held-out scores after its start, as the pages list them: '51.8, 51.2, …'."""
+    return ", ".join(f"{x:.1f}" for x in scores[1:])
+
+
+def _arrow(scores: list[float]) -> str:
+    """The same with the start first: '49.7 → 51.8, 51.2, …'."""
+    return f"{scores[0]:.1f} → {_rounds(scores)}"
+
+
+def _demo_cells(r: dict) -> str:
+    """A smol demo row's cells after its name: scores by round, final − start, mean of the
+    last three, wall time and peak RSS."""
+    return (
+        f"{_rounds(r['scores_by_round'])} | {r['final_minus_start']:+.1f} | "
+        f"{r['mean_last_three']:.1f} | {r['wall_s'] / 60:.1f} min, "
+        f"{max(r['peak_rss_mib'].values()) / 1024:.1f} GB |"
     )
 
 
